@@ -1,0 +1,54 @@
+"""The ``svdkit`` command line.
+
+Each subcommand lives in its own module of this package, which defines
+``register(subparsers)`` (adding its parser, with ``set_defaults(run=...)``). Adding a command is
+one module plus one line in :data:`COMMANDS`; heavy imports belong inside the ``run`` functions
+so ``svdkit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from .. import __version__
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+COMMANDS = ("info",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="svdkit",
+        description="The singular value decomposition at work on deep networks: compress, adapt, diagnose.",
+    )
+    parser.add_argument("--version", action="version", version=f"svdkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name.replace('-', '_')}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``svdkit`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if getattr(args, "run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError, ImportError, KeyError) as exc:
+        print(f"svdkit {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Pure tensor math: decompositions, spectrum metrics and the rank vocabulary.
+
+NumPy arrays in give NumPy arrays out; tensors keep their device. Nothing here imports
+``torch.nn``.
+"""
+
+from .randomized import randomized_svd
+from .rank import Energy, ErrorTol, ParamRatio, RankLike, RankRatio, RankSpec, rank_from_dict, resolve_rank
+from .spectrum import (
+    CompressionSuitability,
+    break_even_rank,
+    compression_suitability,
+    condition_number,
+    effective_rank,
+    energy,
+    energy_rank,
+    explained_variance_ratio,
+    frobenius_norm,
+    nuclear_norm,
+    numerical_rank,
+    participation_ratio,
+    spectral_norm,
+    stable_rank,
+    tail_error,
+)
+from .svd import SVDFallbackWarning, SVDResult, svd, svd_flip, svdvals
+from .truncated import TruncationStats, truncated_svd
+
+__all__ = [
+    "CompressionSuitability",
+    "Energy",
+    "ErrorTol",
+    "ParamRatio",
+    "RankLike",
+    "RankRatio",
+    "RankSpec",
+    "SVDFallbackWarning",
+    "SVDResult",
+    "TruncationStats",
+    "break_even_rank",
+    "compression_suitability",
+    "condition_number",
+    "effective_rank",
+    "energy",
+    "energy_rank",
+    "explained_variance_ratio",
+    "frobenius_norm",
+    "nuclear_norm",
+    "numerical_rank",
+    "participation_ratio",
+    "randomized_svd",
+    "rank_from_dict",
+    "resolve_rank",
+    "spectral_norm",
+    "stable_rank",
+    "svd",
+    "svd_flip",
+    "svdvals",
+    "tail_error",
+    "truncated_svd",
+]
