@@ -1,0 +1,230 @@
+"""Stream per-layer input statistics from calibration data through forward hooks.
+
+For each target layer the hooks accumulate, over every input vector ``x`` the layer sees
+(tokens of a sequence, patches of a convolution):
+
+- the Gram matrix ``G = sum x x^T`` in float64, shape (d, d);
+- ``sum |x|`` per input feature, for ASVD-style channel scaling.
+
+Memory grows with the layers' input widths, never with the number of tokens. Padding tokens
+are left out when the batch carries an attention mask (a dict batch with ``attention_mask``, or
+any forward that wraps its call in :func:`token_mask`). Hooks are removed in ``finally``.
+
+What "input vector" means per layer kind:
+
+==============================  ==========================================================
+Linear, transformers Conv1D     the last axis of the input; leading axes are samples
+Conv2d                          each unfolded patch (``F.unfold`` with the layer's kernel,
+                                stride, padding and dilation), so ``d = C_in * kh * kw``
+                                matches :func:`svdkit.views.weight_matrix` columns
+==============================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .views import get_view
+
+__all__ = ["InputStats", "collect_input_stats", "layer_inputs", "run_batch", "token_mask"]
+
+logger = logging.getLogger(__name__)
+
+_TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("svdkit_token_mask", default=None)
+
+
+@contextlib.contextmanager
+def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
+    """Within this context, hooks keep only the tokens where ``mask`` (batch, seq) is nonzero."""
+    handle = _TOKEN_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _TOKEN_MASK.reset(handle)
+
+
+@dataclass
+class InputStats:
+    """Input statistics of one layer.
+
+    Attributes
+    ----------
+    gram : Tensor of shape (d, d), float64
+        ``sum x x^T`` over all input vectors.
+    abs_sum : Tensor of shape (d,), float64
+        ``sum |x|`` per input feature.
+    count : int
+        Number of input vectors seen.
+    """
+
+    gram: torch.Tensor
+    abs_sum: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, dim: int, device: torch.device | str = "cpu") -> "InputStats":
+        """Empty statistics for inputs of width ``dim``."""
+        return cls(
+            torch.zeros(dim, dim, dtype=torch.float64, device=device),
+            torch.zeros(dim, dtype=torch.float64, device=device),
+        )
+
+    def update(self, X: torch.Tensor) -> None:
+        """Add input vectors ``X`` of shape (N, d)."""
+        Xd = X.detach().to(self.gram.device, torch.float64)
+        self.gram.addmm_(Xd.T, Xd)
+        self.abs_sum += Xd.abs().sum(dim=0)
+        self.count += X.shape[0]
+
+    def merge(self, other: "InputStats") -> "InputStats":
+        """Statistics of both streams together (in place; returns self)."""
+        self.gram += other.gram.to(self.gram.device)
+        self.abs_sum += other.abs_sum.to(self.abs_sum.device)
+        self.count += other.count
+        return self
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        """Mean ``|x|`` per input feature, shape (d,)."""
+        return self.abs_sum / max(self.count, 1)
+
+
+def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input vectors a layer applies its weight matrix to, shape (N, d).
+
+    Parameters
+    ----------
+    module : nn.Module
+        A Linear, transformers Conv1D or Conv2d.
+    x : Tensor
+        The layer's input: (..., d) for Linear/Conv1D, (B, C, H, W) for Conv2d.
+    """
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            pad = module._reversed_padding_repeated_twice  # (left, right, top, bottom)
+            x = F.pad(x, pad, mode=module.padding_mode)
+            padding = 0
+        else:
+            padding = module.padding
+        if isinstance(padding, str):
+            raise ValueError(f"Conv2d with padding={padding!r} is not supported for calibration; use explicit padding")
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    mask = _TOKEN_MASK.get()
+    if mask is not None and x.ndim == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+        return x[mask.to(x.device).bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+def run_batch(model: nn.Module, batch: Any, forward: Callable[[Any], Any] | None = None) -> Any:
+    """Run one calibration batch: ``forward(batch)`` if given, else the model on it.
+
+    A dict batch is passed as keyword arguments (transformers style) with its
+    ``attention_mask`` applied to the hooks; a tensor is passed as is; a tuple or list whose
+    first item is a tensor (a ``DataLoader`` of (inputs, targets)) passes that first item.
+    """
+    if forward is not None:
+        return forward(batch)
+    if isinstance(batch, dict):
+        with token_mask(batch.get("attention_mask")):
+            return model(**batch)
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return model(batch[0])
+    raise TypeError(
+        f"cannot feed a calibration batch of type {type(batch).__name__} to the model; "
+        "pass tensors, dicts of tensors, or a forward= function (lists of strings need a model "
+        "loaded with svdkit.models.load_model, whose forward tokenizes them)"
+    )
+
+
+def collect_input_stats(
+    model: nn.Module,
+    targets: Iterable[tuple[str, nn.Module]],
+    batches: Iterable[Any],
+    forward: Callable[[Any], Any] | None = None,
+    *,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict[str, InputStats]:
+    """Stream input statistics of ``targets`` over ``batches``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    targets : iterable of (name, module)
+        Linear, Conv1D or Conv2d layers inside ``model``.
+    batches : iterable
+        Calibration batches (see :func:`run_batch`).
+    forward : callable, optional
+        ``forward(batch)`` runs the model on one batch.
+    progress : callable, optional
+        Wraps the batch iterable (e.g. ``tqdm``).
+
+    Returns
+    -------
+    dict of name -> InputStats
+
+    Raises
+    ------
+    ValueError
+        If no batch was given or some target never received an input; the message lists them.
+    """
+    targets = list(targets)
+    for name, module in targets:
+        view = get_view(module)
+        if view is None or view.kind == "embedding":
+            raise ValueError(f"cannot calibrate {name} ({type(module).__name__}): only Linear, Conv1D and Conv2d layers")
+    stats: dict[str, InputStats] = {}
+    # Layers fed the same tensor in one batch (query/key/value) share one Gram update.
+    increments: dict[tuple, tuple[weakref.ref, InputStats]] = {}
+
+    def make_hook(name: str):
+        def hook(module, inputs):
+            x = inputs[0]
+            key = (id(x), type(module), getattr(module, "kernel_size", None), getattr(module, "stride", None),
+                   getattr(module, "padding", None), getattr(module, "dilation", None))
+            cached = increments.get(key)
+            # A weak reference tells a live shared input from a new tensor that reused a freed id.
+            if cached is not None and cached[0]() is x:
+                increment = cached[1]
+            else:
+                rows = layer_inputs(module, x)
+                increment = InputStats.zeros(rows.shape[1], device=rows.device)
+                increment.update(rows)
+                increments[key] = (weakref.ref(x), increment)
+            if name not in stats:
+                stats[name] = InputStats.zeros(increment.gram.shape[0], device=increment.gram.device)
+            stats[name].merge(increment)
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in targets]
+    n_batches = 0
+    try:
+        with torch.no_grad():
+            for batch in progress(batches) if progress is not None else batches:
+                increments.clear()
+                run_batch(model, batch, forward)
+                n_batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        increments.clear()
+    if n_batches == 0:
+        raise ValueError("the calibration data held no batches")
+    missing = [name for name, _ in targets if name not in stats or stats[name].count == 0]
+    if missing:
+        raise ValueError(
+            f"the calibration data never reached {len(missing)} target layer(s): {', '.join(missing)}; "
+            "exclude them or check the forward function"
+        )
+    return stats
