@@ -23,6 +23,8 @@ def to_tensor(A: Array) -> tuple[torch.Tensor, bool]:
         return A, False
     if isinstance(A, np.ndarray) or np.isscalar(A) or isinstance(A, (list, tuple)):
         arr = np.asarray(A)
+        if arr.dtype.kind not in "biufc":
+            raise TypeError(f"expected a torch.Tensor or numpy.ndarray of numbers, got {type(A).__name__} of dtype {arr.dtype}")
         if arr.dtype.kind in "biu":
             arr = arr.astype(np.float64)
         return torch.from_numpy(np.ascontiguousarray(arr)), True

@@ -113,7 +113,7 @@ def _with_fallback(compute: Callable, A: torch.Tensor, driver: str | None, what:
     for label, route in routes:
         try:
             result = route()
-        except torch.linalg.LinAlgError:
+        except (torch.linalg.LinAlgError, np.linalg.LinAlgError):
             continue
         warnings.warn(
             f"{what} of a {tuple(A.shape)} {A.dtype} input did not converge ({first_error}); "
