@@ -27,7 +27,11 @@ def to_tensor(A: Array) -> tuple[torch.Tensor, bool]:
             raise TypeError(f"expected a torch.Tensor or numpy.ndarray of numbers, got {type(A).__name__} of dtype {arr.dtype}")
         if arr.dtype.kind in "biu":
             arr = arr.astype(np.float64)
-        return torch.from_numpy(np.ascontiguousarray(arr)), True
+        if not arr.flags.c_contiguous or any(stride < 0 for stride in arr.strides):
+            # A C-ordered copy. (np.ascontiguousarray would keep the negative stride of a reversed
+            # 1-element array, which torch rejects, and turn a 0-d array into a 1-d one.)
+            arr = np.array(arr, order="C")
+        return torch.from_numpy(arr), True
     raise TypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(A).__name__}")
 
 
