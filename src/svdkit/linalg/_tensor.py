@@ -44,15 +44,15 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
-def check_matrix(A: torch.Tensor, *, name: str = "A") -> None:
-    """Raise ``ValueError`` unless ``A`` is a finite, non-empty batch of matrices."""
+def check_matrix(A: torch.Tensor, *, name: str = "A", finite: bool = True) -> None:
+    """Raise ``ValueError`` unless ``A`` is a non-empty batch of matrices, finite unless ``finite=False``."""
     if A.ndim < 2:
         raise ValueError(f"{name} must have at least 2 dimensions (..., m, n); got shape {tuple(A.shape)}")
     if A.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(A.shape)}); a decomposition needs m, n >= 1")
     # A sum is a cheap single pass that NaN and Inf both poison; only a non-finite sum (which
     # overflow can also cause) pays for the exact, allocating check.
-    if A.dtype.is_floating_point and not bool(torch.isfinite(A.sum())) and not bool(torch.isfinite(A).all()):
+    if finite and A.dtype.is_floating_point and not bool(torch.isfinite(A.sum())) and not bool(torch.isfinite(A).all()):
         n_nan = int(torch.isnan(A).sum())
         n_inf = int(torch.isinf(A).sum())
         raise ValueError(
@@ -60,16 +60,18 @@ def check_matrix(A: torch.Tensor, *, name: str = "A") -> None:
         )
 
 
-def prepare(A: Array, *, name: str = "A") -> tuple[torch.Tensor, Callable[[torch.Tensor], Array]]:
+def prepare(A: Array, *, name: str = "A", check_finite: bool = True) -> tuple[torch.Tensor, Callable[[torch.Tensor], Array]]:
     """Validate ``A`` and return it in its working dtype with a function that restores outputs.
 
     The restore function casts a result back to the caller's dtype and, for NumPy input,
-    converts it to a NumPy array.
+    converts it to a NumPy array. With ``check_finite=False`` the caller takes over the NaN/Inf
+    check (for example on a sketch ``A @ Omega``, which any non-finite entry poisons) and calls
+    :func:`check_matrix` when it fails.
     """
     T, from_numpy = to_tensor(A)
     out_dtype = T.dtype if T.dtype.is_floating_point else torch.float64 if from_numpy else torch.float32
     work = working_dtype(T.dtype)
-    check_matrix(T, name=name)
+    check_matrix(T, name=name, finite=check_finite)
     T = T.to(work)
 
     def restore(X: torch.Tensor) -> Array:

@@ -1,0 +1,336 @@
+"""randomized_svd(): accuracy against the exact optimum, determinism, the exact path, every argument error."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from svdkit.linalg import randomized_svd, svd
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small matrices gain nothing from threads, and oversubscribed threads slow them badly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        yield
+    else:
+        with threadpool_limits(1):
+            yield
+    torch.set_num_threads(threads)
+
+
+def with_spectrum(s: np.ndarray, m: int, n: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """``U diag(s) V^T`` with Haar-random orthonormal U (m, r) and V (n, r)."""
+    rng = np.random.default_rng(seed)
+    r = len(s)
+    U = np.linalg.qr(rng.standard_normal((m, r)))[0]
+    V = np.linalg.qr(rng.standard_normal((n, r)))[0]
+    return torch.from_numpy((U * s) @ V.T).to(dtype)
+
+
+def power_law(r: int, alpha: float) -> np.ndarray:
+    return np.arange(1, r + 1, dtype=np.float64) ** -alpha
+
+
+def optimal_error(s: np.ndarray, k: int) -> float:
+    return float(np.sqrt(np.sum(np.asarray(s, dtype=np.float64)[k:] ** 2)))
+
+
+def frobenius_error(A: torch.Tensor, U, S, Vh) -> float:
+    return float(torch.linalg.matrix_norm((A - (U * S.unsqueeze(-2)) @ Vh).double()))
+
+
+def assert_orthonormal_columns(U: torch.Tensor, atol: float) -> None:
+    k = U.shape[-1]
+    eye = torch.eye(k, dtype=U.dtype).expand(*U.shape[:-2], k, k)
+    torch.testing.assert_close(U.mT @ U, eye, atol=atol, rtol=0)
+
+
+def assert_sign_convention(U: torch.Tensor) -> None:
+    assert bool((U.amax(dim=-2) >= U.abs().amax(dim=-2)).all())
+
+
+METHODS = [
+    ("krylov", "auto", "auto"),
+    ("krylov", "cholqr", "auto"),
+    ("krylov", "qr", "auto"),
+    ("subspace", "auto", "auto"),  # LU between steps, scikit-learn's n_iter rule (7 here)
+    ("subspace", "lu", "auto"),
+    ("subspace", "qr", "auto"),
+    ("subspace", "none", 2),  # unnormalised power steps are only stable for small n_iter
+]
+
+
+@pytest.mark.parametrize("method,normalizer,n_iter", METHODS)
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)], ids=["tall", "wide"])
+def test_accuracy_on_decaying_spectrum(method, normalizer, n_iter, shape):
+    m, n = shape
+    s = power_law(min(m, n), 1.0)
+    A = with_spectrum(s, m, n, seed=1)
+    k = 10
+    U, S, Vh = randomized_svd(A, k, method=method, normalizer=normalizer, n_iter=n_iter, seed=0)
+    assert U.shape == (m, k) and S.shape == (k,) and Vh.shape == (k, n)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    ratio = frobenius_error(A, U, S, Vh) / optimal_error(s, k)
+    assert 1 - 1e-4 <= ratio <= 1.01, ratio
+    np.testing.assert_allclose(S.double().numpy(), s[:k], rtol=0.03)
+    assert bool((S[:-1] >= S[1:]).all())
+    assert_orthonormal_columns(U, 1e-5)
+    assert_orthonormal_columns(Vh.mT, 1e-5)
+    assert_sign_convention(U)
+
+
+def test_krylov_default_is_near_optimal_on_slow_decay():
+    """Trained weights decay like i^-0.7; the default (block Krylov, two steps) stays within 0.5 %."""
+    m, n, k = 400, 600, 20
+    s = power_law(m, 0.7)
+    A = with_spectrum(s, m, n, seed=2)
+    U, S, Vh = randomized_svd(A, k, seed=0)
+    ratio = frobenius_error(A, U, S, Vh) / optimal_error(s, k)
+    assert ratio <= 1.005, ratio
+    np.testing.assert_allclose(S.double().numpy(), s[:k], rtol=0.02)
+    # One pass pair (n_iter=0) is measurably worse: the power steps do the work.
+    U0, S0, Vh0 = randomized_svd(A, k, seed=0, n_iter=0)
+    assert frobenius_error(A, U0, S0, Vh0) / optimal_error(s, k) > ratio + 0.005
+
+
+def test_singular_vectors_match_exact_where_separated():
+    m, n, k = 250, 180, 8
+    s = np.geomspace(1.0, 1e-6, min(m, n))  # fast decay: gaps between the top values are wide
+    A = with_spectrum(s, m, n, seed=3)
+    U, S, Vh = randomized_svd(A, k, seed=0)
+    Ue, Se, Vhe = svd(A)
+    torch.testing.assert_close(S, Se[:k], atol=1e-5, rtol=1e-4)
+    # The leading vectors converge fastest; the last ones feel the (unresolved) gap to s_{k+1}.
+    torch.testing.assert_close(U[:, :6], Ue[:, :6], atol=1e-4, rtol=0)
+    torch.testing.assert_close(Vh[:6], Vhe[:6], atol=1e-4, rtol=0)
+
+
+def test_float64_low_rank_is_exact():
+    rng = np.random.default_rng(4)
+    A = rng.standard_normal((120, 6)) @ rng.standard_normal((6, 90))
+    U, S, Vh = randomized_svd(A, 6, seed=0)
+    assert isinstance(U, np.ndarray) and U.dtype == np.float64
+    np.testing.assert_allclose((U * S) @ Vh, A, atol=1e-11)
+    np.testing.assert_allclose(S, np.linalg.svd(A, compute_uv=False)[:6], rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_in_same_dtype_out(dtype):
+    s = power_law(80, 1.0)
+    A = with_spectrum(s, 120, 80, seed=5).to(dtype)
+    U, S, Vh = randomized_svd(A, 5, seed=0)
+    assert U.dtype == S.dtype == Vh.dtype == dtype
+    ref = randomized_svd(A.float(), 5, seed=0)
+    torch.testing.assert_close(S, ref.S.to(dtype))
+
+
+def test_batched_and_per_matrix_accuracy():
+    s = power_law(60, 1.0)
+    mats = torch.stack([with_spectrum(s * (i + 1), 90, 60, seed=10 + i) for i in range(6)]).reshape(2, 3, 90, 60)
+    k = 6
+    U, S, Vh = randomized_svd(mats, k, seed=0)
+    assert U.shape == (2, 3, 90, k) and S.shape == (2, 3, k) and Vh.shape == (2, 3, k, 60)
+    assert_orthonormal_columns(U, 1e-5)
+    assert_sign_convention(U)
+    for idx in np.ndindex(2, 3):
+        scale = 3 * idx[0] + idx[1] + 1
+        ratio = frobenius_error(mats[idx], U[idx], S[idx], Vh[idx]) / (scale * optimal_error(s, k))
+        assert ratio <= 1.01, (idx, ratio)
+
+
+def test_wide_and_tall_share_the_short_side():
+    """The basis lives on the short side: A and A^T give the same spectrum for one seed."""
+    A = with_spectrum(power_law(70, 0.8), 70, 200, seed=6)
+    wide = randomized_svd(A, 12, seed=3)
+    tall = randomized_svd(A.T.contiguous(), 12, seed=3)
+    torch.testing.assert_close(wide.S, tall.S, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((wide.U * wide.S) @ wide.Vh, ((tall.U * tall.S) @ tall.Vh).T, atol=1e-5, rtol=0)
+
+
+def test_seed_determinism():
+    A = with_spectrum(power_law(150, 0.7), 200, 150, seed=7)
+    first = randomized_svd(A, 10, seed=123)
+    again = randomized_svd(A, 10, seed=123)
+    for x, y in zip(first, again):
+        assert torch.equal(x, y)
+    other = randomized_svd(A, 10, seed=124)
+    assert not torch.equal(first.S, other.S)
+    # Different sketches, both near the optimum: they differ, but only slightly.
+    torch.testing.assert_close(first.S, other.S, rtol=2e-2, atol=0)
+    gen = randomized_svd(A, 10, seed=torch.Generator().manual_seed(123))
+    assert torch.equal(gen.S, first.S)
+    torch.manual_seed(0)
+    g1 = randomized_svd(A, 10)
+    torch.manual_seed(0)
+    g2 = randomized_svd(A, 10)
+    assert torch.equal(g1.U, g2.U)
+
+
+def test_numpy_in_numpy_out_and_input_untouched():
+    A = np.asarray(with_spectrum(power_law(40, 1.0), 50, 40, seed=8), dtype=np.float32)
+    before = A.copy()
+    U, S, Vh = randomized_svd(A, 4, seed=0)
+    assert all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in (U, S, Vh))
+    np.testing.assert_array_equal(A, before)
+
+
+@pytest.mark.parametrize(
+    "method,k,oversamples",
+    [
+        ("krylov", 10, 10),  # l = 20, 2 l > 30: no room for a second Krylov block
+        ("subspace", 25, 10),  # l = 35 >= 30
+        ("krylov", 30, 0),  # k = min(m, n)
+    ],
+)
+def test_exact_path_when_sketch_is_as_large_as_matrix(method, k, oversamples):
+    A = torch.randn(45, 30, dtype=torch.float64)
+    got = randomized_svd(A, k, oversamples=oversamples, method=method, seed=0)
+    U, S, Vh = svd(A)
+    assert torch.equal(got.S, S[:k])
+    assert torch.equal(got.U, U[:, :k])
+    assert torch.equal(got.Vh, Vh[:k])
+
+
+def test_krylov_depth_is_capped_not_abandoned():
+    """l = 20 and r = 50: two Krylov blocks fit but not three; the result is still randomized."""
+    A = torch.from_numpy(np.random.default_rng(9).standard_normal((80, 50)))
+    got = randomized_svd(A, 10, seed=0)
+    exact = svd(A)
+    assert not torch.equal(got.S, exact.S[:10])
+    assert frobenius_error(A, *got) / float(exact.S[10:].norm()) < 1.05
+
+
+@pytest.mark.parametrize("method,normalizer", [("krylov", "auto"), ("krylov", "qr"), ("subspace", "auto")])
+@pytest.mark.parametrize(
+    "A",
+    [
+        torch.diag(torch.tensor([3.0, 2.0, 1.0] + [0.0] * 47)),  # exact zero blocks inside the iteration
+        torch.ones(60, 40),
+        torch.from_numpy(np.random.default_rng(10).standard_normal((70, 3)) @ np.random.default_rng(11).standard_normal((3, 55))).float(),
+    ],
+    ids=["diagonal", "ones", "rank3"],
+)
+@pytest.mark.parametrize("k", [2, 5, 12])
+def test_rank_deficient_with_k_above_rank(A, k, method, normalizer):
+    U, S, Vh = randomized_svd(A, k, method=method, normalizer=normalizer, seed=0)
+    exact = torch.linalg.svdvals(A.double())
+    scale = float(exact[0])
+    torch.testing.assert_close(S.double(), exact[:k], atol=3e-6 * scale, rtol=0)
+    assert_orthonormal_columns(U, 1e-5)
+    assert_orthonormal_columns(Vh.mT, 1e-5)
+    err = frobenius_error(A, U, S, Vh)
+    assert err <= float(exact[k:].norm()) + 1e-5 * scale
+
+
+@pytest.mark.parametrize("method", ["krylov", "subspace"])
+def test_zero_matrix(method):
+    U, S, Vh = randomized_svd(torch.zeros(40, 30), 4, method=method, seed=0)
+    assert torch.equal(S, torch.zeros(4))
+    assert_orthonormal_columns(U, 1e-6)
+    assert_orthonormal_columns(Vh.mT, 1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 40),
+    k_frac=st.floats(0.0, 1.0),
+    oversamples=st.integers(0, 12),
+    n_iter=st.sampled_from(["auto", 0, 1, 3]),
+    method=st.sampled_from(["krylov", "subspace"]),
+    seed=st.integers(0, 1000),
+)
+def test_any_shape_gives_valid_factors(m, n, k_frac, oversamples, n_iter, method, seed):
+    r = min(m, n)
+    k = max(1, round(k_frac * r))
+    A = torch.from_numpy(np.random.default_rng(seed).standard_normal((m, n)))
+    U, S, Vh = randomized_svd(A, k, oversamples=oversamples, n_iter=n_iter, method=method, seed=seed)
+    assert U.shape == (m, k) and S.shape == (k,) and Vh.shape == (k, n)
+    assert_orthonormal_columns(U, 1e-10)
+    assert_orthonormal_columns(Vh.mT, 1e-10)
+    exact = torch.linalg.svdvals(A)
+    # Ritz values never exceed the true ones (interlacing) and the error never beats Eckart-Young.
+    assert bool((S <= exact[:k] * (1 + 1e-10) + 1e-12).all())
+    assert frobenius_error(A, U, S, Vh) >= float(exact[k:].norm()) * (1 - 1e-9) - 1e-12
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(k=0), r"k must be an int in \[1, min\(m, n\)\] = \[1, 20\] for shape \(30, 20\), got 0"),
+        (dict(k=21), r"\[1, 20\].*got 21"),
+        (dict(k=2.0), "got 2.0"),
+        (dict(k=True), "got True"),
+        (dict(k=3, oversamples=-1), "oversamples must be a non-negative int, got -1"),
+        (dict(k=3, oversamples=1.5), "oversamples.*1.5"),
+        (dict(k=3, n_iter=-1), "n_iter must be 'auto' or a non-negative int, got -1"),
+        (dict(k=3, n_iter="many"), "n_iter.*'many'"),
+        (dict(k=3, n_iter=1.0), "n_iter.*1.0"),
+        (dict(k=3, method="lanczos"), "method must be 'krylov' or 'subspace', got 'lanczos'"),
+        (dict(k=3, method="krylov", normalizer="lu"), "normalizer 'lu' does not apply to method 'krylov'"),
+        (dict(k=3, method="subspace", normalizer="cholqr"), "normalizer 'cholqr' does not apply to method 'subspace'"),
+        (dict(k=3, normalizer="householder"), "normalizer 'householder'"),
+    ],
+)
+def test_argument_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        randomized_svd(torch.ones(30, 20), **kwargs)
+
+
+def test_numpy_integer_arguments_are_accepted():
+    A = torch.randn(30, 20)
+    a = randomized_svd(A, np.int64(4), oversamples=np.int32(5), seed=0)
+    b = randomized_svd(A, 4, oversamples=5, seed=0)
+    assert torch.equal(a.S, b.S)
+
+
+@pytest.mark.parametrize("method", ["krylov", "subspace"])
+@pytest.mark.parametrize("shape", [(60, 40), (40, 60), (2, 50, 45)])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_is_reported(shape, value, method):
+    """The NaN/Inf check runs on the first sketch; it must still name the counts and the shape."""
+    A = torch.randn(shape)
+    A[..., 7, 3] = value
+    nan, inf = (A.isnan().sum(), A.isinf().sum())
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tuple(shape)))}.*{nan} NaN and {inf} Inf"):
+        randomized_svd(A, 3, method=method, seed=0)
+
+
+def test_overflowing_sketch_of_finite_input_says_so():
+    A = torch.full((60, 40), 3e38)
+    with pytest.raises(ValueError, match=r"\(60, 40\) is finite but its sketch A @ Omega overflows torch.float32"):
+        randomized_svd(A, 2, seed=0)
+    randomized_svd(A.double(), 2, seed=0)  # float64 has the range
+
+
+def test_input_errors_are_shared_with_svd():
+    A = torch.ones(5, 4)
+    A[1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"\(5, 4\).*0 NaN and 1 Inf"):
+        randomized_svd(A, 2)
+    with pytest.raises(ValueError, match="empty"):
+        randomized_svd(torch.ones(0, 4), 1)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        randomized_svd(torch.ones(4), 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_stays_on_cuda_with_the_cpu_sketch():
+    A = with_spectrum(power_law(200, 0.7), 300, 200, seed=12)
+    cpu = randomized_svd(A, 16, seed=5)
+    gpu = randomized_svd(A.cuda(), 16, seed=5)
+    assert all(x.is_cuda for x in gpu)
+    torch.testing.assert_close(gpu.S.cpu(), cpu.S, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gpu.U.cpu()[:, :8], cpu.U[:, :8], atol=1e-2, rtol=0)
+    sub = randomized_svd(A.cuda(), 16, seed=5, method="subspace")
+    assert sub.U.is_cuda
