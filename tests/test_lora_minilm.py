@@ -71,11 +71,8 @@ def test_peft_round_trip_on_the_inner_bert(minilm, pissa_model, tmp_path):
     )
 
 
-def test_eva_with_builtin_sentences(minilm, reference):
-    from svdkit.data import builtin_sentences
-
-    sentences = builtin_sentences("topics")[:32]
-    batches = [sentences[:16], sentences[16:]]
+def test_eva_with_sentences(minilm, reference):
+    batches = [SENTENCES[:2], SENTENCES[2:]]  # ~50 tokens: enough for rank 8, cheap to run
     model = add_lora(
         minilm.module, ["query", "value"], rank=8, init="eva", calibration=batches, forward=minilm.batch_forward()
     )
