@@ -1,0 +1,3 @@
+"""Runnable examples: ``python -m svdkit.examples.<name> --help``."""
+
+__all__: list[str] = []
