@@ -1,5 +1,10 @@
 """Diagnose a network through spectra: weights, activations and the training trajectory."""
 
+from .activations import analyze_activations, compare_activations
+from .covariance import CovarianceAccumulator, linear_cka
+from .powerlaw import MPFit, PowerLawFit, fit_marchenko_pastur, fit_power_law
+from .table import AnalysisTable
+from .weights import analyze_weights
 from .training import (
     CSVSink,
     SpectralTracker,
@@ -11,6 +16,16 @@ from .training import (
 )
 
 __all__ = [
+    "AnalysisTable",
+    "CovarianceAccumulator",
+    "MPFit",
+    "PowerLawFit",
+    "analyze_activations",
+    "analyze_weights",
+    "compare_activations",
+    "fit_marchenko_pastur",
+    "fit_power_law",
+    "linear_cka",
     "CSVSink",
     "SpectralTracker",
     "TensorBoardSink",

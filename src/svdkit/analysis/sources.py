@@ -1,0 +1,241 @@
+"""Where weights come from: a module, a state dict, or safetensors files read one tensor at a time.
+
+Each source becomes a list of :class:`WeightItem` (a name, a kind, a shape and a ``load()`` that
+produces the tensor when it is needed) and a list of skips with their reasons. Nothing is read
+from a safetensors file until ``load()`` is called, so a checkpoint larger than memory can be
+walked tensor by tensor.
+
+==========================  ===============================================================
+source                      what is analysed
+==========================  ===============================================================
+``nn.Module``               every module with a weight view (:mod:`svdkit.views`): Linear,
+                            transformers Conv1D, Conv2d, Embedding; tied weights once
+state dict (name->tensor)   2-D tensors as matrices, 4-D tensors as Conv2d kernels
+``.safetensors`` file/dir   the same rules as a state dict, streamed
+==========================  ===============================================================
+
+In state dicts and files a trailing ``.weight`` is dropped from the key so names match module
+names; 1-D tensors (biases, norms), 3-D and 5-D+ tensors and integer tensors are skipped with a
+reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..surgery import TargetSpec, find_targets, matches_target
+from ..views import get_view
+
+__all__ = ["WeightItem", "collect_items", "open_safetensors"]
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
+
+
+@dataclass
+class WeightItem:
+    """One weight to analyse.
+
+    Attributes
+    ----------
+    name : str
+        Module name (or state-dict key without ``.weight``).
+    kind : str
+        ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"embedding"`` or ``"dense"`` (a 2-D tensor
+        of unknown role).
+    shape : tuple of int
+        Shape of the stored tensor (4-D for Conv2d).
+    dtype : torch.dtype
+    load : callable
+        ``() -> Tensor``: the matrix (2-D; for Conv2d the 4-D kernel), read when called.
+    device : str
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+    device: str = "cpu"
+
+
+def _strip(key: str) -> str:
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def _select(name: str, targets: TargetSpec, exclude: TargetSpec) -> bool:
+    if not matches_target(name, targets):
+        return False
+    return not (exclude and matches_target(name, exclude))
+
+
+def _classify(name: str, shape: tuple[int, ...], dtype: torch.dtype | None) -> tuple[str | None, str]:
+    """(kind, "") for an analysable tensor, else (None, reason)."""
+    if dtype is None or not dtype.is_floating_point:
+        return None, f"dtype {dtype} is not floating point"
+    if len(shape) == 2:
+        kind = "dense"
+    elif len(shape) == 4:
+        kind = "conv2d"
+    else:
+        return None, f"{len(shape)}-D tensor of shape {shape}: only 2-D matrices and 4-D Conv2d kernels are analysed"
+    if min(shape[:2]) < 1 or any(d < 1 for d in shape):
+        return None, f"empty tensor of shape {shape}"
+    return kind, ""
+
+
+def _from_module(model: nn.Module, targets, exclude, kinds) -> tuple[list[WeightItem], list[tuple[str, str]]]:
+    items, skipped = [], []
+    seen: dict[int, str] = {}
+    for name, module in find_targets(model, targets, exclude=exclude, kinds=kinds, include_embeddings=True, include_head=True):
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
+            skipped.append((name, "no materialised weight"))
+            continue
+        key = weight.data_ptr()
+        if key in seen:
+            skipped.append((name, f"shares its weight with {seen[key]}"))
+            continue
+        seen[key] = name
+        kind = get_view(module).kind
+        tensor = weight.detach()
+        if kind == "conv1d":
+            matrix = tensor.T  # (out, in), as svdkit.views reads it
+        elif kind == "conv2d":
+            matrix = tensor  # 4-D; the analysis makes both views
+        else:
+            matrix = tensor
+        items.append(WeightItem(name, kind, tuple(tensor.shape), tensor.dtype, (lambda m=matrix: m), str(tensor.device)))
+    return items, skipped
+
+
+def _from_mapping(state: Mapping[str, Any], targets, exclude, kinds) -> tuple[list[WeightItem], list[tuple[str, str]]]:
+    items, skipped = [], []
+    for key, value in state.items():
+        name = _strip(str(key))
+        if not isinstance(value, torch.Tensor):
+            skipped.append((name, f"not a tensor ({type(value).__name__})"))
+            continue
+        if not _select(name, targets, exclude):
+            continue
+        kind, reason = _classify(name, tuple(value.shape), value.dtype)
+        if kind is None:
+            skipped.append((name, reason))
+            continue
+        if kinds is not None and kind not in kinds:
+            continue
+        tensor = value.detach()
+        items.append(WeightItem(name, kind, tuple(tensor.shape), tensor.dtype, (lambda t=tensor: t), str(tensor.device)))
+    return items, skipped
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors files in the directory {str(path)!r}")
+        return files
+    raise FileNotFoundError(f"no safetensors file or directory at {str(path)!r}")
+
+
+def open_safetensors(path: str | os.PathLike, stack: contextlib.ExitStack, targets=None, exclude=(), kinds=None):
+    """Items of every tensor in a ``.safetensors`` file or a directory of them, read lazily.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    stack : contextlib.ExitStack
+        Keeps the files open; close it when the analysis is done.
+    targets, exclude, kinds
+        As for :func:`collect_items`.
+
+    Raises
+    ------
+    FileNotFoundError
+        For a path that does not exist or a directory without ``.safetensors`` files.
+    ValueError
+        For a file that safetensors cannot read (the message names it).
+    ImportError
+        Without the ``safetensors`` package.
+    """
+    try:
+        from safetensors import safe_open
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("reading .safetensors files needs safetensors: pip install 'svdkit[hf]'") from exc
+    items, skipped = [], []
+    for file in _safetensors_files(Path(path)):
+        try:
+            handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+            keys = list(handle.keys())
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"cannot read {str(file)!r} as a safetensors file: {exc}") from exc
+        for key in keys:
+            name = _strip(key)
+            if not _select(name, targets, exclude):
+                continue
+            view = handle.get_slice(key)
+            shape = tuple(int(d) for d in view.get_shape())
+            dtype = _ST_DTYPES.get(view.get_dtype())
+            kind, reason = _classify(name, shape, dtype)
+            if kind is None:
+                skipped.append((name, reason if dtype is not None else f"dtype {view.get_dtype()} is not floating point"))
+                continue
+            if kinds is not None and kind not in kinds:
+                continue
+            items.append(WeightItem(name, kind, shape, dtype, (lambda h=handle, k=key, f=file: _read(h, k, f))))
+    return items, skipped
+
+
+def _read(handle, key: str, file: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except Exception as exc:
+        raise ValueError(f"cannot read tensor {key!r} from {str(file)!r}: {exc}") from exc
+
+
+def collect_items(
+    source: Any,
+    stack: contextlib.ExitStack,
+    *,
+    targets: TargetSpec = None,
+    exclude: TargetSpec = (),
+    kinds: Iterable[str] | None = None,
+) -> tuple[list[WeightItem], list[tuple[str, str]], bool]:
+    """Items and skips of any supported source.
+
+    Parameters
+    ----------
+    source : nn.Module, mapping of str to Tensor, or path to a ``.safetensors`` file or directory
+    stack : contextlib.ExitStack
+        Holds open files.
+    targets, exclude : PEFT-style selection (see :func:`svdkit.surgery.find_targets`)
+    kinds : iterable of str, optional
+        Kinds to keep.
+
+    Returns
+    -------
+    items, skipped, streamed
+        ``streamed`` is True for files (read on demand).
+    """
+    kinds = set(kinds) if kinds is not None else None
+    if isinstance(source, nn.Module):
+        return (*_from_module(source, targets, exclude, kinds), False)
+    if isinstance(source, Mapping):
+        return (*_from_mapping(source, targets, exclude, kinds), False)
+    if isinstance(source, (str, os.PathLike)):
+        return (*open_safetensors(source, stack, targets, exclude, kinds), True)
+    raise TypeError(
+        f"cannot analyse a {type(source).__name__}: pass an nn.Module, a state dict, or the path of a "
+        ".safetensors file or directory"
+    )
