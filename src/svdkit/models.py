@@ -115,6 +115,11 @@ class LoadedModel:
         restored[torch.tensor(order)] = embeddings
         return restored
 
+    def run(self, module: nn.Module, batch: Any) -> Any:
+        """Run ``module`` (this model or a copy of it) on one batch: the ``forward`` that
+        :func:`svdkit.compress.compress` takes."""
+        return self.forward(batch, module=module)
+
     def batch_forward(self, module: nn.Module | None = None) -> Callable[[Any], Any]:
         """``forward`` bound to a module, for :func:`svdkit.calibrate.collect_input_stats`."""
         return lambda batch: self.forward(batch, module=module)

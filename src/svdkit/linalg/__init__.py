@@ -5,7 +5,7 @@ NumPy arrays in give NumPy arrays out; tensors keep their device. Nothing here i
 """
 
 from .randomized import randomized_svd
-from .rank import Energy, ErrorTol, ParamRatio, RankLike, RankRatio, RankSpec, rank_from_dict, resolve_rank
+from .rank import allocate_ranks, Energy, ErrorTol, ParamRatio, RankLike, RankRatio, RankSpec, rank_from_dict, resolve_rank
 from .spectrum import (
     CompressionSuitability,
     break_even_rank,
@@ -37,6 +37,7 @@ __all__ = [
     "SVDFallbackWarning",
     "SVDResult",
     "TruncationStats",
+    "allocate_ranks",
     "break_even_rank",
     "compression_suitability",
     "condition_number",

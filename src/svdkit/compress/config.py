@@ -1,0 +1,149 @@
+"""The configuration of a compression: a small frozen, validated, JSON-serialisable dataclass."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, Mapping
+
+from ..linalg import ParamRatio, RankLike, RankSpec, rank_from_dict
+
+__all__ = ["CompressConfig"]
+
+_KINDS = ("linear", "conv1d", "conv2d", "embedding")
+
+
+def _rank_to_json(rank: RankLike) -> Any:
+    return rank.to_dict() if isinstance(rank, RankSpec) else rank
+
+
+def _check_rank(field_name: str, rank: Any) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, (int, RankSpec)):
+        raise ValueError(f"{field_name}: expected an int or a rank spec (Energy, RankRatio, ParamRatio, ErrorTol), got {rank!r}")
+    if isinstance(rank, int) and rank < 1:
+        raise ValueError(f"{field_name}: a rank must be >= 1, got {rank}")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How to compress a model.
+
+    Parameters
+    ----------
+    rank : int or RankSpec
+        Rank of every target layer (unless ``budget`` is set): an int, ``Energy``, ``RankRatio``,
+        ``ParamRatio`` or ``ErrorTol``. Default: ``ParamRatio(0.6)``.
+    budget : float, optional
+        A global budget instead: keep this fraction of the targeted layers' parameters
+        (``budget_scope="targets"``) or of the whole model's (``"model"``), shared among layers
+        by :func:`svdkit.linalg.allocate_ranks` from their spectra.
+    budget_scope : {"targets", "model"}
+    overrides : mapping of str -> int or RankSpec
+        Per-layer ranks, keyed by PEFT-style names (exact or dotted suffix); they are honoured
+        with a budget too (their parameters are paid first).
+    method : str
+        A key of :data:`svdkit.compress.methods.METHODS`: ``"svd"``, ``"asvd"``, ``"whiten"`` or
+        ``"fisher"`` (the default; the best in the benchmarks).
+    target_modules, exclude : str, list of str, or None
+        PEFT-style selection (regex string, or names/suffixes).
+    kinds : tuple of str, optional
+        View kinds to target.
+    include_embeddings, include_head : bool
+        Embeddings and the output head are left dense unless asked for.
+    alpha : float
+        ASVD's exponent.
+    damping : float
+        Relative damping of the input Gram (raised tenfold until Cholesky succeeds).
+    output_damping : float
+        Relative damping of the output-gradient Gram (``fisher``).
+    probes : int
+        Random output directions per batch for the gradient statistics (``fisher``).
+    min_rank : int
+        Smallest rank the budget allocator gives a factorized layer.
+    refit : int
+        Closed-form refit passes (:mod:`svdkit.compress.refit`): each re-solves every factorized
+        layer for the inputs the compressed model actually feeds it.
+    seed : int
+    """
+
+    rank: RankLike = ParamRatio(0.6)
+    budget: float | None = None
+    budget_scope: Literal["targets", "model"] = "targets"
+    overrides: Mapping[str, RankLike] = field(default_factory=dict)
+    method: str = "fisher"
+    target_modules: str | tuple[str, ...] | None = None
+    exclude: str | tuple[str, ...] = ()
+    kinds: tuple[str, ...] | None = None
+    include_embeddings: bool = False
+    include_head: bool = False
+    alpha: float = 0.5
+    damping: float = 1e-6
+    output_damping: float = 1e-2
+    probes: int = 2
+    min_rank: int = 1
+    refit: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from .methods import METHODS
+
+        _check_rank("rank", self.rank)
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1):
+            raise ValueError(f"budget: the fraction of parameters kept must be in (0, 1], got {self.budget!r}")
+        if self.budget_scope not in ("targets", "model"):
+            raise ValueError(f"budget_scope: expected 'targets' or 'model', got {self.budget_scope!r}")
+        if not isinstance(self.overrides, Mapping):
+            raise ValueError(f"overrides: expected a mapping of layer name -> rank, got {self.overrides!r}")
+        for name, rank in self.overrides.items():
+            _check_rank(f"overrides[{name!r}]", rank)
+        object.__setattr__(self, "overrides", dict(self.overrides))
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown method {self.method!r}; choose one of {sorted(METHODS)}")
+        for name in ("target_modules", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if self.kinds is not None:
+            object.__setattr__(self, "kinds", tuple(self.kinds))
+            unknown = set(self.kinds) - set(_KINDS)
+            if unknown:
+                raise ValueError(f"kinds: unknown layer kinds {sorted(unknown)}; choose from {_KINDS}")
+        for name in ("alpha", "damping", "output_damping"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+        for name, low in (("probes", 1), ("min_rank", 1), ("refit", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        if self.refit and self.method not in ("whiten", "fisher"):
+            raise ValueError(f"refit: the closed-form refit works in the whitened metric; use method 'whiten' or 'fisher', not {self.method!r}")
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the method needs calibration data."""
+        return self.method != "svd"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (rank specs as ``{"kind", "value"}``)."""
+        out = asdict(self)
+        out["rank"] = _rank_to_json(self.rank)
+        out["overrides"] = {name: _rank_to_json(rank) for name, rank in self.overrides.items()}
+        for name in ("target_modules", "exclude", "kinds"):
+            if isinstance(out[name], tuple):
+                out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CompressConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown CompressConfig fields: {sorted(unknown)}")
+        values = dict(data)
+        if "rank" in values:
+            values["rank"] = rank_from_dict(values["rank"])
+        if "overrides" in values:
+            values["overrides"] = {name: rank_from_dict(rank) for name, rank in values["overrides"].items()}
+        return cls(**values)

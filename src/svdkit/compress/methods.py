@@ -1,0 +1,204 @@
+"""Compression methods: how a weight matrix is transformed before its SVD is truncated.
+
+Every method maps a weight ``W`` (m, n) and the layer's calibration statistics to a
+:class:`Factorization`: the SVD of a transformed matrix ``M = P W Q`` together with the maps
+that undo ``P`` and ``Q``. Truncating ``M`` at rank ``k`` gives ``W' = P^-1 M_k Q^-1``, and the
+singular values of ``M`` measure what truncation costs in the method's own metric:
+
+===========  =======================================  =========================================
+method       M                                        sum of dropped s_i**2 equals
+===========  =======================================  =========================================
+``svd``      ``W``                                    ``||W - W'||_F**2``
+``asvd``     ``W diag(mean|x|**alpha)``               (a heuristic; ASVD, arXiv:2312.05821)
+``whiten``   ``W L`` with ``L L^T = E[x x^T]``        mean squared output error on the data
+``fisher``   ``R W L`` with ``R^T R = E[g g^T]``      second-order estimate of the model-output
+                                                      error (``g``: gradients at the layer's
+                                                      output; Kronecker-factored)
+===========  =======================================  =========================================
+
+Adding a method is one function decorated with :func:`register_method`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..layers.lowrank import balanced_factors
+from ..linalg import svd, tail_error
+from .stats import LayerStats
+
+__all__ = ["Factorization", "METHODS", "cholesky_factor", "register_method"]
+
+
+@dataclass
+class Factorization:
+    """SVD of a transformed weight and the way back.
+
+    Attributes
+    ----------
+    U : Tensor of shape (m, r), float64
+    S : Tensor of shape (r,), float64
+    Vh : Tensor of shape (r, n), float64
+    undo_left : callable or None
+        ``X (m, k) -> P^-1 X``.
+    undo_right : callable or None
+        ``Y (k, n) -> Y Q^-1``.
+    method : str
+        Method that produced it (after any fallback).
+    note : str
+        Damping used, or why a fallback happened.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+    undo_left: Callable[[torch.Tensor], torch.Tensor] | None = None
+    undo_right: Callable[[torch.Tensor], torch.Tensor] | None = None
+    method: str = "svd"
+    note: str = ""
+
+    def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balanced rank-``k`` factors ``left`` (m, k), ``right`` (k, n) with ``W' = left @ right``."""
+        left, right = balanced_factors(self.U[:, :k], self.S[:k], self.Vh[:k])
+        if self.undo_left is not None:
+            left = self.undo_left(left)
+        if self.undo_right is not None:
+            right = self.undo_right(right)
+        return left, right
+
+    def predicted_error(self, k: int) -> float:
+        """Relative error of the rank-``k`` truncation in the method's metric (Eckart-Young)."""
+        return float(tail_error(self.S, k))
+
+
+Method = Callable[..., Factorization]
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str) -> Callable[[Method], Method]:
+    """Decorator adding ``fn(W, stats, **options) -> Factorization`` to :data:`METHODS`."""
+
+    def decorate(fn: Method) -> Method:
+        METHODS[name] = fn
+        return fn
+
+    return decorate
+
+
+def _svd64(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return svd(M.to(torch.float64))
+
+
+@register_method("svd")
+def plain_svd(W: torch.Tensor, stats: LayerStats | None = None, **_: object) -> Factorization:
+    """Plain truncated SVD of ``W``."""
+    return Factorization(*_svd64(W), method="svd")
+
+
+@register_method("asvd")
+def activation_scaled_svd(W: torch.Tensor, stats: LayerStats | None = None, *, alpha: float = 0.5, **_: object) -> Factorization:
+    """ASVD: scale input channel ``j`` by ``mean|x_j|**alpha + 1e-6`` before the SVD, unscale after."""
+    if stats is None:
+        raise ValueError("method 'asvd' needs calibration data")
+    scale = (stats.abs_mean.to(torch.float64) ** alpha + 1e-6).to(W.device)
+    factorization = Factorization(*_svd64(W.to(torch.float64) * scale), method="asvd")
+    factorization.undo_right = lambda Y: Y / scale
+    return factorization
+
+
+def cholesky_factor(G: torch.Tensor, *, damping: float, max_damping: float = 1e-1) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor of ``G + d * mean(diag G) * I`` with escalating damping ``d``.
+
+    Parameters
+    ----------
+    G : Tensor of shape (d, d)
+        Symmetric positive semi-definite (float64).
+    damping : float
+        First relative damping tried; multiplied by 10 after each failure.
+    max_damping : float
+        Give up above this.
+
+    Returns
+    -------
+    L : Tensor of shape (d, d), float64
+    damping : float
+        The damping that worked.
+
+    Raises
+    ------
+    torch.linalg.LinAlgError
+        If even ``max_damping`` does not make ``G`` positive definite.
+    """
+    G = G.to(torch.float64)
+    scale = float(G.diagonal().mean())
+    if not scale > 0:
+        raise torch.linalg.LinAlgError("the Gram matrix is zero: the layer saw only zero inputs")
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    d = damping
+    while d <= max_damping * (1 + 1e-9):
+        L, info = torch.linalg.cholesky_ex(G + d * scale * eye)
+        if int(info) == 0:
+            return L, d
+        d *= 10
+    raise torch.linalg.LinAlgError(f"Cholesky failed even with damping {max_damping:g}")
+
+
+@register_method("whiten")
+def whitened_svd(W: torch.Tensor, stats: LayerStats | None = None, *, damping: float = 1e-6, **_: object) -> Factorization:
+    """SVD-LLM truncation-aware whitening: SVD of ``W L``, ``L^-1`` folded into the right factor.
+
+    Falls back to plain SVD (with the reason in :attr:`Factorization.note`) if the input Gram
+    matrix cannot be factorized even with damping.
+    """
+    if stats is None:
+        raise ValueError("method 'whiten' needs calibration data")
+    try:
+        L, used = cholesky_factor(stats.input_gram(), damping=damping)
+    except torch.linalg.LinAlgError as exc:
+        fallback = plain_svd(W)
+        fallback.note = f"whitening failed ({exc}); plain SVD"
+        return fallback
+    L = L.to(W.device)
+    factorization = Factorization(*_svd64(W.to(torch.float64) @ L), method="whiten", note=_damping_note(used, damping))
+    factorization.undo_right = lambda Y: torch.linalg.solve_triangular(L, Y, upper=False, left=False)
+    return factorization
+
+
+@register_method("fisher")
+def fisher_whitened_svd(
+    W: torch.Tensor, stats: LayerStats | None = None, *, damping: float = 1e-6, output_damping: float = 1e-2, **_: object
+) -> Factorization:
+    """Two-sided whitening: SVD of ``R W L`` with ``L`` from the input Gram and ``R`` from the
+    Gram of the model-output gradients at the layer's output (Kronecker-factored Fisher).
+
+    Minimizes a second-order estimate of the change in the model's output rather than the
+    layer's, which is also what makes spectra of different layers comparable for a global budget.
+    Falls back to ``whiten`` without gradient statistics.
+    """
+    if stats is None:
+        raise ValueError("method 'fisher' needs calibration data")
+    if stats.output_gram() is None:
+        fallback = whitened_svd(W, stats, damping=damping)
+        fallback.note = (fallback.note + "; " if fallback.note else "") + "no gradient statistics: input whitening only"
+        return fallback
+    try:
+        L, used = cholesky_factor(stats.input_gram(), damping=damping)
+        C, _ = cholesky_factor(stats.output_gram(), damping=output_damping)
+    except torch.linalg.LinAlgError as exc:
+        fallback = plain_svd(W)
+        fallback.note = f"whitening failed ({exc}); plain SVD"
+        return fallback
+    L, C = L.to(W.device), C.to(W.device)
+    # E[g g^T] = C C^T, so ||C^T E L||_F is the error norm; M = C^T W L.
+    M = C.T @ W.to(torch.float64) @ L
+    factorization = Factorization(*_svd64(M), method="fisher", note=_damping_note(used, damping))
+    factorization.undo_left = lambda X: torch.linalg.solve_triangular(C.T, X, upper=True)
+    factorization.undo_right = lambda Y: torch.linalg.solve_triangular(L, Y, upper=False, left=False)
+    return factorization
+
+
+def _damping_note(used: float, requested: float) -> str:
+    return f"damping raised to {used:g}" if used > requested * (1 + 1e-9) else ""

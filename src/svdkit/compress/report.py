@@ -1,0 +1,151 @@
+"""What a compression did, per layer and in total, as data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["CompressionReport", "LayerReport"]
+
+
+@dataclass
+class LayerReport:
+    """One target layer.
+
+    Attributes
+    ----------
+    name, kind : str
+        Dotted module name; view kind (``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"embedding"``).
+    shape : tuple of int
+        The weight matrix (rows, cols) per group.
+    groups : int
+    rank : int or None
+        Kept rank per group; None when the layer stayed dense.
+    params_before, params_after : int
+        Weight parameters (biases excluded; they are unchanged).
+    macs_before, macs_after : int
+        Multiply-adds per input vector (per token, or per output pixel of a convolution).
+    predicted_error : float or None
+        Relative error predicted from the (transformed) spectrum: for ``whiten`` the relative
+        output error on the calibration data, for ``svd`` the relative weight error.
+    method : str
+        The method that produced the factors (may differ from the requested one after a fallback).
+    skip_reason : str
+        Why the layer stayed dense, or why the method fell back; empty otherwise.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    groups: int = 1
+    rank: int | None = None
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    predicted_error: float | None = None
+    method: str = ""
+    skip_reason: str = ""
+
+    @property
+    def compressed(self) -> bool:
+        return self.rank is not None
+
+
+@dataclass
+class CompressionReport:
+    """Per-layer rows and totals of one compression.
+
+    Attributes
+    ----------
+    layers : list of LayerReport
+    method : str
+        The requested method.
+    model_params_before, model_params_after : int
+        Parameters of the whole model.
+    seconds : float
+        Wall time of the compression.
+    quality : dict
+        Optional quality figures filled in by the caller (e.g. mean cosine on held-out text).
+    """
+
+    layers: list[LayerReport] = field(default_factory=list)
+    method: str = ""
+    model_params_before: int = 0
+    model_params_after: int = 0
+    seconds: float = 0.0
+    quality: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target_params_before(self) -> int:
+        return sum(layer.params_before for layer in self.layers)
+
+    @property
+    def target_params_after(self) -> int:
+        return sum(layer.params_after for layer in self.layers)
+
+    @property
+    def kept_fraction(self) -> float:
+        """Parameters of the targeted layers kept, as a fraction."""
+        return self.target_params_after / max(self.target_params_before, 1)
+
+    def totals(self) -> dict[str, Any]:
+        """Summary numbers."""
+        return {
+            "layers": len(self.layers),
+            "compressed": sum(layer.compressed for layer in self.layers),
+            "target_params_before": self.target_params_before,
+            "target_params_after": self.target_params_after,
+            "target_kept_fraction": self.kept_fraction,
+            "macs_before": sum(layer.macs_before for layer in self.layers),
+            "macs_after": sum(layer.macs_after for layer in self.layers),
+            "model_params_before": self.model_params_before,
+            "model_params_after": self.model_params_after,
+            "model_kept_fraction": self.model_params_after / max(self.model_params_before, 1),
+            "seconds": self.seconds,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: ``{"method", "layers": [...], "totals": {...}, "quality": {...}}``."""
+        return {
+            "method": self.method,
+            "layers": [dict(asdict(layer), shape=list(layer.shape)) for layer in self.layers],
+            "totals": self.totals(),
+            "quality": dict(self.quality),
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), indent=kwargs.pop("indent", 2), **kwargs)
+
+    def to_table(self) -> str:
+        """A plain-text table, one row per layer and a total row."""
+        header = ("layer", "shape", "rank", "params", "kept", "pred. err", "method", "note")
+        rows = []
+        for layer in self.layers:
+            rows.append((
+                layer.name,
+                "x".join(map(str, layer.shape)) + (f" x{layer.groups}g" if layer.groups > 1 else ""),
+                "dense" if layer.rank is None else str(layer.rank),
+                f"{layer.params_after:,}",
+                f"{layer.params_after / max(layer.params_before, 1):.0%}",
+                "" if layer.predicted_error is None else f"{layer.predicted_error:.3f}",
+                layer.method,
+                layer.skip_reason,
+            ))
+        t = self.totals()
+        rows.append((
+            f"total ({t['compressed']}/{t['layers']} factorized)", "", "",
+            f"{t['target_params_after']:,}", f"{t['target_kept_fraction']:.0%}", "", self.method,
+            f"model {t['model_params_before']:,} -> {t['model_params_after']:,} params",
+        ))
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        sep = "  ".join("-" * w for w in widths)
+        body = [line(header), sep, *map(line, rows[:-1]), sep, line(rows[-1])]
+        if self.quality:
+            body.append("quality: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.quality.items()))
+        return "\n".join(body)
+
+    def __str__(self) -> str:
+        return self.to_table()
