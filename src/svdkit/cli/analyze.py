@@ -1,0 +1,140 @@
+"""``svdkit analyze``: spectral diagnostics of a model's weights (and, optionally, its representations)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "analyze",
+        help="spectral diagnostics of weights and representations",
+        description=(
+            "Analyse the spectra of a model's weight matrices (ranks, norms, power-law alpha, compression "
+            "verdict) and, with --activations, of its representations on text. MODEL is any model spec "
+            "(minilm, a transformers or sentence-transformers directory, package.module:factory, a .pt file) "
+            "or a .safetensors file or directory, read one tensor at a time."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL")
+    parser.add_argument("--targets", nargs="+", help="module names (suffixes) to analyse; default: every matrix")
+    parser.add_argument("--exclude", nargs="+", default=(), help="module names (suffixes) to leave out")
+    parser.add_argument("--conv2d", choices=("matrix", "slices", "both"), default="matrix",
+                        help="Conv2d as the (out, in*kh*kw) matrix, as WeightWatcher's pooled slices, or both")
+    parser.add_argument("--mp-fit", action="store_true", help="add the Marchenko-Pastur bulk edge, spikes and soft rank")
+    parser.add_argument("--error-tol", type=float, default=0.05,
+                        help="relative Frobenius error for the compression verdict (default 0.05)")
+    parser.add_argument("--method", choices=("auto", "gram", "svd"), default="auto", help="eigenvalue route (default auto)")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="read the .safetensors files of a model directory instead of loading the model")
+    parser.add_argument("--activations", action="store_true", help="also analyse representations on --data")
+    parser.add_argument("--data", default="builtin", help="'builtin' (built-in English sentences) or a text file, one sentence per line")
+    parser.add_argument("--samples", type=int, default=512, help="sentences for --activations (default 512)")
+    parser.add_argument("--layers", nargs="+", help="modules to hook for --activations (default: the model's blocks)")
+    parser.add_argument("--cka", action="store_true", help="with --activations, linear CKA between the hooked layers")
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="terminal output format")
+    parser.add_argument("--output", "-o", help="write the --format output to this file instead of the terminal")
+    parser.add_argument("--plots", metavar="DIR", help="write PNG figures into DIR")
+    parser.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
+    parser.add_argument("--columns", nargs="+", help="columns of the terminal table")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(run=run)
+
+
+def _weight_source(spec: str, weights_only: bool):
+    """(source for analyze_weights, LoadedModel or None)."""
+    path = Path(spec)
+    if path.suffix == ".safetensors":
+        return str(path), None
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        if weights_only or not ((path / "config.json").exists() or (path / "modules.json").exists()):
+            return str(path), None
+    from ..models import load_model
+
+    loaded = load_model(spec)
+    return loaded.module, loaded
+
+
+def _sentences(data: str, n: int) -> list[str]:
+    if data == "builtin":
+        from ..data import builtin_sentences
+
+        sentences = builtin_sentences("topics")
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"no data file at {data!r} (use 'builtin' or a text file with one sentence per line)")
+        sentences = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not sentences:
+        raise ValueError(f"the data {data!r} holds no sentences")
+    return sentences[:n]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analysis.activations import analyze_activations
+    from ..analysis.weights import analyze_weights
+    from ..report.tables import print_table
+
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    progress = not args.no_progress and sys.stderr.isatty()
+    source, loaded = _weight_source(args.model, args.weights_only)
+    weights = analyze_weights(
+        source, targets=args.targets, exclude=args.exclude, conv2d=args.conv2d, mp_fit=args.mp_fit,
+        error_tol=args.error_tol, method=args.method, progress=progress,
+    )
+    activations = None
+    if args.activations:
+        if loaded is None:
+            raise ValueError("--activations needs a runnable model, not a weights-only .safetensors source")
+        activations = analyze_activations(loaded, _sentences(args.data, args.samples), args.layers, cka=args.cka, progress=progress)
+    _emit(args, weights, activations, print_table)
+    if args.plots or args.html:
+        from ..report.figures import save_figures
+
+        if args.plots:
+            figures = save_figures(args.plots, weights, activations)
+            print(f"wrote {len(figures)} figures to {args.plots}", file=sys.stderr)
+        if args.html:
+            from ..report.html import render_html, write_html
+
+            subtitle = f"model {args.model}"
+            if args.plots:
+                Path(args.html).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.html).write_text(render_html(weights, activations, figures, subtitle=subtitle), encoding="utf-8")
+            else:
+                write_html(args.html, weights, activations, subtitle=subtitle)
+            print(f"wrote the HTML report to {args.html}", file=sys.stderr)
+    return 0
+
+
+def _emit(args, weights, activations, print_table) -> None:
+    if args.format == "json":
+        import json
+
+        payload = {"weights": weights.to_dict()}
+        if activations is not None:
+            payload["activations"] = activations.to_dict()
+        text = json.dumps(payload, indent=2)
+    elif args.format == "csv":
+        text = weights.to_csv()
+        if activations is not None:
+            text += "\n" + activations.to_csv()
+    else:
+        text = None
+    if text is not None:
+        if args.output:
+            Path(args.output).write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")
+        else:
+            sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+        return
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        print_table(weights, args.columns, title=f"weights of {args.model} ({weights.meta['seconds']:.2f} s)", file=out)
+        if activations is not None:
+            print_table(activations, None, title=f"representations ({activations.meta['seconds']:.2f} s)", file=out)
+    finally:
+        if args.output:
+            out.close()
