@@ -32,6 +32,28 @@ def best_of(fn: Callable[[], Any], repeats: int, *, warmup: int = 1, device: str
     return best, out
 
 
+def best_of_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, *, warmup: int = 1, device: str = "cpu") -> dict[str, tuple[float, Any]]:
+    """Best time and last result of each function, timed round-robin.
+
+    On a machine shared with other jobs the load drifts; timing the candidates in turn, ``repeats``
+    rounds of one call each, gives every one of them the same chance at the quiet moments, so the
+    ratios between them stay meaningful.
+    """
+    out: dict[str, Any] = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            out[name] = fn()
+    sync(device)
+    best = {name: float("inf") for name in fns}
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            out[name] = fn()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: (best[name], out.get(name)) for name in fns}
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -56,6 +78,12 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "device": device,
     }
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas_threads"] = {f"{d['internal_api']} ({d.get('prefix', '')})": d["num_threads"] for d in threadpool_info()}
+    except ImportError:
+        pass
     try:
         info["load_average_1m"] = round(os.getloadavg()[0], 2)
     except OSError:

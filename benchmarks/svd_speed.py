@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from _common import best_of, format_table, machine_info, parse_ints, parse_shapes, sync, write_json
+from _common import best_of, best_of_interleaved, format_table, machine_info, parse_ints, parse_shapes, sync, write_json
 
 from svdkit.linalg import randomized_svd
 from svdkit.linalg.randomized import _plan
@@ -120,20 +120,21 @@ def bench_matrix(shape, spectrum, ranks, args) -> list[dict[str, Any]]:
             continue
         base = {"shape": f"{shape[0]}x{shape[1]}", "spectrum": spectrum, "k": k}
         floor_run, passes, width = floor_runner(A, k)
-        t_floor, _ = best_of(floor_run, args.repeats, device=device)
-        timed: dict[str, tuple[float, Any]] = {}
-        timed["svdkit"] = best_of(lambda: randomized_svd(A, k, seed=args.seed), args.repeats, device=device)
-        if A_np is not None:
-            from sklearn.utils.extmath import randomized_svd as sk_randomized_svd
-
-            timed["sklearn"] = best_of(lambda: sk_randomized_svd(A_np, k, random_state=args.seed), args.repeats)
 
         def lowrank():
             torch.manual_seed(args.seed)
             U, S, V = torch.svd_lowrank(A, q=k + OVERSAMPLES, niter=2)
             return U, S, V.mT
 
-        timed["svd_lowrank"] = best_of(lowrank, args.repeats, device=device)
+        fns: dict[str, Callable[[], Any]] = {"svdkit": lambda: randomized_svd(A, k, seed=args.seed)}
+        if A_np is not None:
+            from sklearn.utils.extmath import randomized_svd as sk_randomized_svd
+
+            fns["sklearn"] = lambda: sk_randomized_svd(A_np, k, random_state=args.seed)
+        fns["svd_lowrank"] = lowrank
+        fns["floor"] = floor_run
+        timed = best_of_interleaved(fns, args.repeats, device=device)
+        t_floor = timed.pop("floor")[0]
         timed["exact"] = (t_exact, (Ue, Se, Vhe))
         t_sklearn = timed["sklearn"][0] if "sklearn" in timed else None
         for method, (t, factors) in timed.items():
@@ -188,11 +189,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shapes", default=None, help=f"comma-separated MxN (default {DEFAULT_SHAPES})")
     parser.add_argument("--ranks", default=None, help=f"comma-separated ranks k (default {DEFAULT_RANKS})")
     parser.add_argument("--spectra", default="decay,gaussian", help="comma-separated: decay, gaussian")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per method; the best is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (one call of each method, in turn); the best is reported")
     parser.add_argument("--exact-repeats", type=int, default=1, help="timed calls of the exact SVD (slow)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device for svdkit, svd_lowrank, exact and floor")
     parser.add_argument("--no-sklearn", action="store_true", help="leave scikit-learn out")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and NumPy's BLAS (default: the libraries' own)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and the machine description here")
     parser.add_argument("--quick", action="store_true", help=f"small grid ({QUICK_SHAPES}; k {QUICK_RANKS}; 2 repeats)")
     args = parser.parse_args(argv)
@@ -210,6 +212,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads is None:
+        return run(args, argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            log("threadpoolctl is not installed: --threads applies to torch only")
+            return run(args, argv)
+        with threadpool_limits(args.threads):
+            return run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     shapes = parse_shapes(args.shapes)
     ranks = parse_ints(args.ranks)
     spectra = [s for s in args.spectra.split(",") if s]
