@@ -3,8 +3,9 @@
 :class:`LayerSpectra` holds the tracked weights and computes, on their own device and under
 ``torch.no_grad``:
 
-- :meth:`LayerSpectra.fast`: an estimate of ``sigma_max`` by block power (subspace) iteration on
-  ``W^T W``, warm-started from the previous call's block, and the exact Frobenius norm;
+- :meth:`LayerSpectra.fast`: an estimate of ``sigma_max`` by one block Krylov step on ``W^T W``
+  with Rayleigh-Ritz, warm-started from the previous call's top Ritz vectors, and the exact
+  Frobenius norm;
 - :meth:`LayerSpectra.full`: every metric from the singular values (:func:`svdkit.linalg.svdvals`
   and :mod:`svdkit.linalg.spectrum`).
 
@@ -13,8 +14,14 @@ A large weight (``>= 2**15`` elements) is iterated in place, since copying it wo
 as one iteration; small ones are copied, with one ``_foreach_copy_``, into a reused stacked
 buffer, and weights of different shapes share one zero-padded buffer while the padding stays
 cheap (zero padding adds only zero singular values). A step of fast mode thus costs, per
-buffer, ``2 * power_iters`` batched products of a (b x rows) block with the weight, a small QR
-every second product and one norm: a handful of kernel launches, no Python loop over entries.
+buffer, ``2 * power_iters + 1`` batched products of a block of at most ``(power_iters + 1) * b``
+rows with the weight, a small QR and eigendecomposition, and one norm: about a dozen kernel
+launches, no Python loop over entries.
+
+Why Krylov and Ritz rather than plain power iteration: when a new direction overtakes the top
+one (Adam's first steps add a large, nearly rank-one update to every weight), a warm-started
+power iteration trails it by several percent for tens of steps; the Krylov space with
+Rayleigh-Ritz follows it within a fraction of a percent at one extra pass over the weight.
 """
 
 from __future__ import annotations
@@ -57,13 +64,22 @@ _PAD_BUDGET = 1 << 18
 _PAD_WASTE = 1.25
 # Weights at least this large (elements) are iterated in place rather than copied into a stack.
 _DIRECT_NUMEL = 1 << 15
-# A vanishing multiple of the start block added to every iterate, so that a zero matrix (a
-# zero-initialised LoRA B, say) leaves a usable block instead of killing the iteration.
-_NUDGE = 1e-30
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched ``torch.linalg.eigh`` of (G, k, k); NaN for the matrices LAPACK refuses (non-finite input)."""
+    try:
+        return torch.linalg.eigh(A)
+    except torch.linalg.LinAlgError:
+        values, vectors = torch.full_like(A[..., 0], math.nan), torch.full_like(A, math.nan)
+        for g in range(A.shape[0]):
+            if bool(torch.isfinite(A[g]).all()):
+                values[g], vectors[g] = torch.linalg.eigh(A[g])
+        return values, vectors
 
 
 def host(tensors: Sequence[torch.Tensor]) -> np.ndarray:
@@ -96,7 +112,6 @@ class _Bucket:
     dst: list[torch.Tensor] = field(default_factory=list)
     v: torch.Tensor | None = None  # (G, b, C) warm-start blocks of orthonormal rows
     restart: torch.Tensor | None = None  # (G, b, C) fixed orthonormal start blocks
-    nudge: torch.Tensor | None = None  # restart * _NUDGE, added at every iteration
     warm: bool = False
 
 
@@ -202,7 +217,7 @@ class LayerSpectra:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         start = torch.randn(len(mats), C, min(self.block_size, C), generator=generator, dtype=torch.float64)
         start = torch.linalg.qr(start).Q.mT.to(device=device, dtype=dtype).contiguous()
-        return _Bucket(members, buffer, direct, dst, start.clone(), start, start * _NUDGE, False)
+        return _Bucket(members, buffer, direct, dst, start.clone(), start, False)
 
     def _matrix(self, i: int) -> torch.Tensor:
         layer = self.layers[i]
@@ -215,39 +230,53 @@ class LayerSpectra:
 
     # -- computation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def fast(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Per bucket: ``(e, f, p)`` with ``e`` of shape (G,) bounding ``sigma_max**(2p)`` from below, ``f = ||W||_F``.
+    def fast(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per bucket: ``(e, f)``, both of shape (G,): ``e <= sigma_max**2`` (a Ritz value) and ``f = ||W||_F``.
 
-        Block power iteration on ``W^T W`` with row blocks ``V`` of shape (G, b, C):
-        ``V -> V W^T W`` (row-block products run several times faster than matrix-column ones
-        on the CPU, and b rows cost little more than one), orthonormalised by QR every second
-        product and at the end. ``e = ||V (W^T W)**p||_2`` is the largest singular value of the
-        last QR's ``R``, ``p`` the products since the QR before it; the caller takes the root
-        on the host, so nothing here waits for the device.
+        One warm-started block Krylov step on ``A = W^T W`` (``power_iters`` = d products): from
+        the previous block ``V`` (G, b, C) of orthonormal rows, ``K = [V; V A; ...; V A^d]``
+        is orthonormalised (``K^T = Q R``), ``P = Q^T W^T`` takes one more pass, and the
+        eigenvalues of ``P P^T`` are the Ritz values of ``A`` on the Krylov space: the largest
+        bounds ``sigma_max**2`` from below, and the top ``b`` Ritz vectors are the next ``V``.
+        Row blocks keep every product in the fast layout (``(b, C) @ (C, R)``). The caller
+        takes the square root on the host, so nothing here waits for the device.
         """
-        out = []
         for bucket in self.buckets:
-            W = self._load(bucket)
-            Wt = W.mT
-            V = bucket.v
-            iters = self.power_iters if bucket.warm else self.warmup_iters
-            since = 0
-            for i in range(iters):
-                V = torch.baddbmm(bucket.nudge, torch.bmm(V, Wt), W)
-                since += 1
-                if since == 2 or i == iters - 1:
-                    Q, R = torch.linalg.qr(V.mT)
-                    V = Q.mT
-                    top, power = R, since
-                    since = 0
-            try:
-                estimate = torch.linalg.svdvals(top)[:, 0]
-            except torch.linalg.LinAlgError:  # non-finite weights (LAPACK refuses NaN)
-                estimate = torch.full(top.shape[:1], math.nan, dtype=top.dtype, device=top.device)
-            bucket.v = V
-            bucket.warm = True
-            out.append((estimate, torch.linalg.vector_norm(W, dim=(1, 2)), power))
+            if not bucket.warm:  # a new layout or a restart: restarted Krylov steps first
+                for _ in range(max(1, -(-self.warmup_iters // self.power_iters))):
+                    Q, P = self._krylov(bucket)
+                    ritz, vectors = _eigh(torch.bmm(P, P.mT))
+                    bucket.v = torch.bmm(vectors[..., -bucket.v.shape[1] :].mT, Q.mT)
+                bucket.warm = True
+        out = []
+        # The small Rayleigh-Ritz eigenproblems of all buckets on one device go in one batch.
+        spaces = [self._krylov(bucket) for bucket in self.buckets]
+        by_shape: dict[tuple, list[int]] = {}
+        for k, (Q, P) in enumerate(spaces):
+            by_shape.setdefault((P.device, P.dtype, P.shape[1]), []).append(k)
+        solved: list = [None] * len(spaces)
+        for ks in by_shape.values():
+            grams = [torch.bmm(spaces[k][1], spaces[k][1].mT) for k in ks]
+            ritz, vectors = _eigh(torch.cat(grams) if len(grams) > 1 else grams[0])
+            start = 0
+            for k in ks:
+                size = spaces[k][1].shape[0]
+                solved[k] = (ritz[start : start + size], vectors[start : start + size])
+                start += size
+        for bucket, (Q, _), (ritz, vectors) in zip(self.buckets, spaces, solved):
+            bucket.v = torch.bmm(vectors[..., -bucket.v.shape[1] :].mT, Q.mT)
+            out.append((ritz[:, -1], torch.linalg.vector_norm(bucket.buffer, dim=(1, 2))))
         return out
+
+    def _krylov(self, bucket: _Bucket) -> tuple[torch.Tensor, torch.Tensor]:
+        """Orthonormal Krylov basis ``Q`` (G, C, (d + 1) b) from the bucket's block, and ``P = Q^T W^T``."""
+        W = self._load(bucket)
+        Wt = W.mT
+        blocks = [bucket.v]
+        for _ in range(self.power_iters):
+            blocks.append(torch.bmm(torch.bmm(blocks[-1], Wt), W))
+        Q = torch.linalg.qr(torch.cat(blocks, dim=1).mT).Q
+        return Q, torch.bmm(Q.mT, Wt)
 
     @torch.no_grad()
     def full(self) -> list[torch.Tensor]:

@@ -13,11 +13,11 @@ metric              meaning                                                 mode
 ``effective_rank``  ``exp(H(s / sum(s)))`` (Roy & Vetterli)                 full
 ==================  ======================================================  =======================
 
-``mode="fast"`` estimates ``sigma_max`` by block power iteration on ``W^T W`` (a block of
-``block_size`` vectors, ``power_iters`` products per step), warm-started from the previous
-step's block, and computes the Frobenius norm exactly; their ratio gives the stable rank. The
-metrics in the last three rows need every singular value, which a few power vectors cannot
-give: asking fast mode for them is an error unless ``full_every`` is set, in which case they
+``mode="fast"`` estimates ``sigma_max`` by one block Krylov step on ``W^T W`` per step (a block
+of ``block_size`` vectors, ``power_iters`` products, then Rayleigh-Ritz), warm-started from the
+previous step's top Ritz vectors, and computes the Frobenius norm exactly; their ratio gives the
+stable rank. The metrics in the last three rows need every singular value, which a few Krylov
+vectors cannot give: asking fast mode for them is an error unless ``full_every`` is set, in which case they
 (and exact values of the first three) are computed from the full spectrum every ``full_every``
 steps and left empty (NaN) in between. ``mode="full"`` computes the singular values
 (:func:`svdkit.linalg.svdvals`) every ``every`` steps and every metric from them with
@@ -76,13 +76,15 @@ class SpectralTracker:
     exclude, kinds, include_embeddings, include_head
         Passed to :func:`~svdkit.surgery.find_targets`.
     power_iters : int
-        Products with ``W^T W`` per fast step (each reads the weight twice).
+        Krylov depth: products with ``W^T W`` per fast step (each reads the weight twice; the
+        Rayleigh-Ritz step reads it once more).
     block_size : int
-        Vectors in the power-iteration block (at most the weight's smaller dimension). A block
-        follows a top direction that overtakes another far sooner than one vector does, at
-        little extra cost: the products are memory-bound.
+        Vectors in the block (at most the weight's smaller dimension). A block follows a top
+        direction that overtakes another far sooner than one vector does, at little extra
+        cost: the products are memory-bound.
     warmup_iters : int
-        Products the first time a weight is seen, before warm starts take over.
+        Products the first time a weight is seen (restarted Krylov steps), before warm starts
+        take over.
     full_every : int, optional
         Fast mode only: also compute the full spectrum every ``full_every`` steps, which gives
         the full-spectrum metrics on that slower cadence.
@@ -92,15 +94,14 @@ class SpectralTracker:
     flush_every : int
         Records held on the device before they are moved to the host and written to the sinks.
     seed : int
-        Seed of the power iterations' start blocks.
+        Seed of the start blocks.
 
     Raises
     ------
     ValueError
         For ``every``, ``power_iters``, ``block_size``, ``warmup_iters``, ``full_every`` or
-        ``flush_every`` below 1, an unknown
-        mode or metric, a fast-mode metric that needs the full spectrum without ``full_every``,
-        or targets that select no layer.
+        ``flush_every`` below 1, an unknown mode or metric, a fast-mode metric that needs the
+        full spectrum without ``full_every``, or targets that select no layer.
 
     Notes
     -----
@@ -109,12 +110,10 @@ class SpectralTracker:
     transformers ``Trainer``. The step counter counts calls to :meth:`step` (the first is step
     1); :meth:`record` records now, e.g. step 0 before training.
 
-    The fast ``sigma_max`` is a lower bound of the exact value that tightens with every
-    iteration; the warm start carries the iterations over from step to step, so while the
-    weights drift it stays within a fraction of a percent. The first few optimizer steps on a
-    freshly initialised network can reshape a spectrum faster than that (Adam at a learning
-    rate of 3e-3 on the digits CNN: up to ~2.5 % low at steps 2-4, below 1 % from step 5 on).
-    Raise ``power_iters`` or ``block_size`` for a tighter estimate there.
+    The fast ``sigma_max`` is a Ritz value, a lower bound of the exact value; the warm start
+    carries the work over from step to step. Measured against ``torch.linalg.svdvals`` it stays
+    within a fraction of a percent, also through Adam's first steps on a fresh network, which
+    add a large, nearly rank-one update to every weight (``benchmarks/tracker_overhead.py``).
 
     Examples
     --------
@@ -136,7 +135,7 @@ class SpectralTracker:
         include_embeddings: bool = False,
         include_head: bool = False,
         power_iters: int = 2,
-        block_size: int = 4,
+        block_size: int = 2,
         warmup_iters: int = 50,
         full_every: int | None = None,
         sinks: Sequence[Sink] = (),
@@ -291,13 +290,10 @@ class SpectralTracker:
         if not picked or not columns:
             return
         # One transfer per flush: every estimate and norm, record-major then bucket by bucket.
-        estimates = host([e for _, record in picked for e, _, _ in record[1]])
-        frobs = host([f for _, record in picked for _, f, _ in record[1]])
-        exponents = np.concatenate(
-            [np.full(e.shape[0], 0.5 / p) for _, record in picked for e, _, p in record[1]]
-        )
-        zero = frobs == 0  # a zero matrix: its sigma is 0, not the nudge's trace
-        sigma = np.where(zero, 0.0, estimates**exponents)
+        ritz = host([e for _, record in picked for e, _ in record[1]])
+        frobs = host([f for _, record in picked for _, f in record[1]])
+        zero = frobs == 0  # a zero matrix: sigma 0, whatever rounding left in the Ritz value
+        sigma = np.where(zero, 0.0, np.sqrt(np.maximum(ritz, 0.0)))
         with np.errstate(divide="ignore", invalid="ignore"):
             stable = np.where(zero, 0.0, np.square(frobs / sigma))
         values = np.stack([sigma, frobs, stable], axis=1)
