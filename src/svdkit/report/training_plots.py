@@ -37,6 +37,11 @@ def _pyplot():
     return plt
 
 
+def _few_decades(ax) -> bool:
+    low, high = ax.get_ylim()
+    return low > 0 and high / low < 30
+
+
 def _save(fig, path: str | os.PathLike | None) -> None:
     if path is not None:
         path = Path(path)
@@ -98,7 +103,12 @@ def plot_spectral_history(
         ax.set_title(metric.replace("_", " "), fontsize=10)
         ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=9)
         if metric in _LOG_METRICS:
+            from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_locator(LogLocator(subs="all"))
+            ax.yaxis.set_minor_formatter(ScalarFormatter() if _few_decades(ax) else NullFormatter())
         ax.grid(True, alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("training step (optimizer steps)")
@@ -154,7 +164,10 @@ def plot_trajectory(analysis, path: str | os.PathLike | None = None, *, title: s
     ax.grid(True, alpha=0.3)
     if panels == 3:
         ax = axes[2]
-        ax.plot(analysis.overlap_steps, analysis.overlaps, ".-", ms=3, lw=1, color="C2")
+        ax.plot(analysis.overlap_steps, analysis.overlaps, ".-", ms=3, lw=1, color="C2", label="gradient")
+        chance = min(analysis.top_k, len(S)) / analysis.dim
+        ax.axhline(chance, color="grey", ls="--", lw=1, label=f"random direction ({chance:.2g})")
+        ax.legend(fontsize=8, loc="upper right")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("training step (optimizer steps)")
         ax.set_ylabel(r"$\|P_k g\|^2 / \|g\|^2$")
