@@ -35,7 +35,7 @@ from torch import nn
 
 from .views import get_view
 
-__all__ = ["InputStats", "collect_input_stats", "layer_inputs", "run_batch", "token_mask"]
+__all__ = ["InputStats", "collect_input_stats", "current_token_mask", "layer_inputs", "run_batch", "token_mask"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,11 @@ def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
         yield
     finally:
         _TOKEN_MASK.reset(handle)
+
+
+def current_token_mask() -> torch.Tensor | None:
+    """The mask set by the innermost :func:`token_mask`, or None."""
+    return _TOKEN_MASK.get()
 
 
 @dataclass

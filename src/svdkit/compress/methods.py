@@ -50,6 +50,9 @@ class Factorization:
         Method that produced it (after any fallback).
     note : str
         Damping used, or why a fallback happened.
+    importance : float
+        Factor on ``S`` when spectra are compared across layers for a budget (0 for a layer the
+        model's output does not depend on).
     """
 
     U: torch.Tensor
@@ -59,6 +62,7 @@ class Factorization:
     undo_right: Callable[[torch.Tensor], torch.Tensor] | None = None
     method: str = "svd"
     note: str = ""
+    importance: float = 1.0
 
     def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Balanced rank-``k`` factors ``left`` (m, k), ``right`` (k, n) with ``W' = left @ right``."""
@@ -180,9 +184,15 @@ def fisher_whitened_svd(
     """
     if stats is None:
         raise ValueError("method 'fisher' needs calibration data")
-    if stats.output_gram() is None:
+    output_gram = stats.output_gram()
+    if output_gram is None or not bool((output_gram.diagonal() > 0).any()):
         fallback = whitened_svd(W, stats, damping=damping)
-        fallback.note = (fallback.note + "; " if fallback.note else "") + "no gradient statistics: input whitening only"
+        if output_gram is None:
+            reason = "no gradient statistics: input whitening only"
+        else:
+            reason = "the model output does not depend on this layer on the calibration data"
+            fallback.importance = 0.0
+        fallback.note = (fallback.note + "; " if fallback.note else "") + reason
         return fallback
     try:
         L, used = cholesky_factor(stats.input_gram(), damping=damping)

@@ -147,7 +147,7 @@ def compress(
     for plan, k in zip(plans, ranks):
         report.layers.append(_apply(out, plan, k, config))
     for _ in range(config.refit):
-        plans = refit(model, out, plans, [row.rank for row in report.layers], calibration, run, damping=config.damping)
+        plans = refit(model, out, plans, [row.rank for row in report.layers], calibration, run, damping=config.damping, progress=progress)
         for row, plan in zip(report.layers, plans):
             if row.rank is not None:
                 row.method = plan.factorizations[0].method

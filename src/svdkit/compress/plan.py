@@ -52,10 +52,10 @@ class LayerPlan:
 
     def spectrum(self) -> torch.Tensor:
         """Combined spectrum over groups: ``sqrt(sum_g s_gj**2)`` per rank ``j``, shape (r,)."""
-        return torch.stack([f.S for f in self.factorizations]).square().sum(0).sqrt()
+        return torch.stack([f.S * f.importance for f in self.factorizations]).square().sum(0).sqrt()
 
     def predicted_error(self, k: int) -> float:
-        power = self.spectrum().square()
+        power = torch.stack([f.S for f in self.factorizations]).square().sum(0)
         total = float(power.sum())
         return (float(power[k:].sum()) / total) ** 0.5 if total > 0 else 0.0
 

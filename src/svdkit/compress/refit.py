@@ -47,42 +47,84 @@ class _PairStats:
         self.count += Xc.shape[0]
 
 
+class _StageDone(Exception):
+    """Raised from a hook once every layer of the stage has its input: the rest of the forward is not needed."""
+
+
+def _call_order(compressed: nn.Module, plans: list[LayerPlan], batch: Any, forward: Callable[[nn.Module, Any], Any]) -> list[list[LayerPlan]]:
+    """Plans in the order the compressed model calls them, grouped into stages of layers that
+    read the same input tensor (such as query, key and value)."""
+    calls: list[tuple[str, int]] = []
+    handles = [
+        compressed.get_submodule(plan.name).register_forward_pre_hook(
+            lambda module, inputs, name=plan.name: calls.append((name, id(inputs[0]))))
+        for plan in plans
+    ]
+    try:
+        with torch.no_grad():
+            forward(compressed, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    by_name = {plan.name: plan for plan in plans}
+    stages: list[list[LayerPlan]] = []
+    last_input = None
+    placed: set[str] = set()
+    for name, input_id in calls:
+        if name in placed:
+            continue
+        placed.add(name)
+        if stages and input_id == last_input:
+            stages[-1].append(by_name[name])
+        else:
+            stages.append([by_name[name]])
+        last_input = input_id
+    return stages
+
+
 def _collect_pairs(
     original: nn.Module,
     compressed: nn.Module,
-    plans: list[LayerPlan],
+    stage: list[LayerPlan],
     batches: Iterable[Any],
     forward: Callable[[nn.Module, Any], Any],
 ) -> dict[str, _PairStats]:
+    """Input statistics of one stage, with both forwards stopped as soon as the stage is reached."""
     seen: dict[str, torch.Tensor] = {}
     pairs: dict[str, _PairStats] = {}
+    done: set[str] = set()
+    names = {plan.name for plan in stage}
     handles = []
-    for plan in plans:
+    for plan in stage:
         def keep_original(module, inputs, name=plan.name):
             seen[name] = layer_inputs(module, inputs[0])
+            if names <= seen.keys():
+                raise _StageDone
 
         def pair(module, inputs, name=plan.name, dense=plan.module):
             rows = layer_inputs(dense, inputs[0])
             if name not in pairs:
                 pairs[name] = _PairStats(rows.shape[1], rows.device)
-            pairs[name].update(rows, seen.pop(name))
+            pairs[name].update(rows, seen[name])
+            done.add(name)
+            if names <= done:
+                raise _StageDone
 
         handles.append(plan.module.register_forward_pre_hook(keep_original))
         handles.append(compressed.get_submodule(plan.name).register_forward_pre_hook(pair))
-    modes = original.training, compressed.training
-    original.eval()
-    compressed.eval()
     try:
         with torch.no_grad():
             for batch in batches:
-                forward(original, batch)
-                forward(compressed, batch)
+                for model in (original, compressed):
+                    try:
+                        forward(model, batch)
+                    except _StageDone:
+                        pass
                 seen.clear()
+                done.clear()
     finally:
         for handle in handles:
             handle.remove()
-        original.train(modes[0])
-        compressed.train(modes[1])
     return pairs
 
 
@@ -107,12 +149,16 @@ def refit(
     compressed: nn.Module,
     plans: list[LayerPlan],
     ranks: list[int | None],
-    batches: Iterable[Any],
+    batches: list[Any],
     forward: Callable[[nn.Module, Any], Any],
     *,
     damping: float = 1e-6,
+    progress: Callable[[Iterable], Iterable] | None = None,
 ) -> list[LayerPlan]:
-    """One refit pass over the factorized layers of ``compressed`` (modified in place).
+    """Refit the factorized layers of ``compressed`` one stage at a time, in call order (in place).
+
+    Each stage (the layers that read one input tensor) is refitted on the inputs that the
+    already-refitted earlier stages produce, so corrections do not compound.
 
     Parameters
     ----------
@@ -122,35 +168,56 @@ def refit(
         The plans that built the compressed layers (their ``module`` is the original layer).
     ranks : list of int or None
         The rank of each plan; None (dense) plans are left alone.
-    batches : iterable
-        Calibration batches; re-iterable.
+    batches : list
+        Calibration batches.
     forward : callable
         ``forward(module, batch)`` runs ``module`` on a batch.
     damping : float
         Relative damping of ``A~``.
+    progress : callable, optional
+        Wraps the iterable of stages.
 
     Returns
     -------
     list of LayerPlan
         Updated plans (the refitted factorizations), in the same order.
+
+    Notes
+    -----
+    Each stage costs one pass over the calibration data through both models, stopped as soon as
+    the stage's layers have their inputs.
     """
-    active = [(plan, k) for plan, k in zip(plans, ranks) if k is not None and plan.kind in ("linear", "conv1d", "conv2d")
+    rank_of = {plan.name: k for plan, k in zip(plans, ranks)}
+    active = [plan for plan in plans if rank_of[plan.name] is not None and plan.kind in ("linear", "conv1d", "conv2d")
               and not isinstance(compressed.get_submodule(plan.name), type(plan.module))]
-    pairs = _collect_pairs(original, compressed, [p for p, _ in active], batches, forward)
-    updated = {}
-    for plan, k in active:
-        stats = pairs[plan.name]
-        groups = plan.groups
-        blocks = weight_matrix(plan.module).detach().reshape(groups, plan.shape[0], plan.shape[1])
-        size = plan.shape[1]
-        factorizations = []
-        for g in range(groups):
-            part = slice(g * size, (g + 1) * size)
-            factorizations.append(_refit_factorization(
-                blocks[g], stats.gram[part, part] / stats.count, stats.cross[part, part] / stats.count,
-                plan.factorizations[g], damping,
-            ))
-        new_plan = LayerPlan(plan.name, plan.module, plan.kind, factorizations, plan.shape)
-        replace_module(compressed, plan.name, new_plan.build(k))
-        updated[plan.name] = new_plan
+    if not active or not batches:
+        return plans
+    modes = original.training, compressed.training
+    original.eval()
+    compressed.eval()
+    updated: dict[str, LayerPlan] = {}
+    try:
+        stages = _call_order(compressed, active, batches[0], forward)
+        for stage in progress(stages) if progress is not None else stages:
+            pairs = _collect_pairs(original, compressed, stage, batches, forward)
+            for plan in stage:
+                new_plan = _refit_plan(plan, pairs[plan.name], damping)
+                replace_module(compressed, plan.name, new_plan.build(rank_of[plan.name]))
+                updated[plan.name] = new_plan
+    finally:
+        original.train(modes[0])
+        compressed.train(modes[1])
     return [updated.get(plan.name, plan) for plan in plans]
+
+
+def _refit_plan(plan: LayerPlan, stats: _PairStats, damping: float) -> LayerPlan:
+    blocks = weight_matrix(plan.module).detach().reshape(plan.groups, plan.shape[0], plan.shape[1])
+    size = plan.shape[1]
+    factorizations = []
+    for g in range(plan.groups):
+        part = slice(g * size, (g + 1) * size)
+        factorizations.append(_refit_factorization(
+            blocks[g], stats.gram[part, part] / stats.count, stats.cross[part, part] / stats.count,
+            plan.factorizations[g], damping,
+        ))
+    return LayerPlan(plan.name, plan.module, plan.kind, factorizations, plan.shape)

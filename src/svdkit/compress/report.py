@@ -137,7 +137,7 @@ class CompressionReport:
         rows.append((
             f"total ({t['compressed']}/{t['layers']} factorized)", "", "",
             f"{t['target_params_after']:,}", f"{t['target_kept_fraction']:.0%}", "", self.method,
-            f"model {t['model_params_before']:,} -> {t['model_params_after']:,} params",
+            f"model {t['model_params_before']:,} -> {t['model_params_after']:,} params in {self.seconds:.1f} s",
         ))
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..calibrate import InputStats, collect_input_stats, layer_inputs, run_batch
+from ..calibrate import InputStats, collect_input_stats, current_token_mask, layer_inputs, run_batch, token_mask
 
 __all__ = ["LayerStats", "collect_layer_stats", "model_output"]
 
@@ -76,6 +76,11 @@ def model_output(result: Any) -> torch.Tensor:
     raise TypeError(f"cannot find an output tensor in a {type(result).__name__}")
 
 
+def _with_mask(mask, record, module, grad) -> None:
+    with token_mask(mask):
+        record(module, grad)
+
+
 def _collect_gradient_stats(
     model: nn.Module,
     targets: list[tuple[str, nn.Module]],
@@ -89,19 +94,23 @@ def _collect_gradient_stats(
     stats: dict[str, InputStats] = {}
 
     def make_hook(name: str):
-        def hook(module, grad_input, grad_output):
-            rows = layer_inputs(module, grad_output[0]) if not isinstance(module, nn.Conv2d) else (
-                grad_output[0].permute(0, 2, 3, 1).reshape(-1, grad_output[0].shape[1])
-            )
+        def record(module, grad):
+            rows = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1]) if isinstance(module, nn.Conv2d) else layer_inputs(module, grad)
             if name not in stats:
                 stats[name] = InputStats.zeros(rows.shape[1], device=rows.device)
             stats[name].update(rows)
+
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                # The token mask of this batch is bound now; the gradient arrives later.
+                mask = current_token_mask()
+                output.register_hook(lambda grad: _with_mask(mask, record, module, grad))
         return hook
 
     params = [p for p in model.parameters()]
     saved = [(p.grad, p.requires_grad) for p in params]
     generator = torch.Generator().manual_seed(seed)
-    handles = [module.register_full_backward_hook(make_hook(name)) for name, module in targets]
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in targets]
     try:
         for p in params:
             p.requires_grad_(True)
