@@ -76,9 +76,11 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_factors(cls, left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None) -> "LowRankLinear":
         """Build from ``left`` (out, r) and ``right`` (r, in); dtype and device follow ``left``."""
-        (out_features, rank), in_features = left.shape, right.shape[1]
-        if right.shape[0] != rank:
+        if left.ndim != 2 or right.ndim != 2 or right.shape[0] != left.shape[1]:
             raise ValueError(f"factor shapes do not chain: left {tuple(left.shape)}, right {tuple(right.shape)}")
+        (out_features, rank), in_features = left.shape, right.shape[1]
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} does not match left {tuple(left.shape)}: expected ({out_features},)")
         layer = cls(in_features, out_features, rank, bias is not None, device=left.device, dtype=left.dtype)
         with torch.no_grad():
             layer.u.copy_(left)
@@ -194,11 +196,16 @@ class LowRankConv2d(nn.Module):
         g = conv.groups
         if left.ndim == 2:
             left, right = left.unsqueeze(0), right.unsqueeze(0)
-        if left.shape[0] != g or right.shape[0] != g:
-            raise ValueError(f"expected factors for {g} groups, got left {tuple(left.shape)}, right {tuple(right.shape)}")
-        rank = left.shape[-1]
-        layer = cls(conv, rank)
         kh, kw = conv.kernel_size
+        rank = left.shape[-1]
+        expected_left = (g, conv.out_channels // g, rank)
+        expected_right = (g, rank, conv.in_channels // g * kh * kw)
+        if tuple(left.shape) != expected_left or tuple(right.shape) != expected_right:
+            raise ValueError(
+                f"expected factors of shapes {expected_left} and {expected_right} for this convolution "
+                f"({g} groups), got left {tuple(left.shape)}, right {tuple(right.shape)}"
+            )
+        layer = cls(conv, rank)
         with torch.no_grad():
             layer.reduce.weight.copy_(right.reshape(g * rank, conv.in_channels // g, kh, kw))
             layer.expand.weight.copy_(left.reshape(conv.out_channels, rank, 1, 1))
@@ -280,6 +287,8 @@ class LowRankEmbedding(nn.Module):
     @classmethod
     def from_factors(cls, left: torch.Tensor, right: torch.Tensor, padding_idx: int | None = None) -> "LowRankEmbedding":
         """Build from ``left`` (num_embeddings, r) and ``right`` (r, embedding_dim)."""
+        if left.ndim != 2 or right.ndim != 2 or right.shape[0] != left.shape[1]:
+            raise ValueError(f"factor shapes do not chain: left {tuple(left.shape)}, right {tuple(right.shape)}")
         layer = cls(left.shape[0], right.shape[1], left.shape[1], padding_idx, device=left.device, dtype=left.dtype)
         with torch.no_grad():
             layer.u.copy_(left)
