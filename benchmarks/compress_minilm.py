@@ -1,0 +1,112 @@
+"""Compress the pretrained all-MiniLM-L6-v2 at several parameter ratios with every method.
+
+Calibration: 256 even-indexed sentences of ``pydoc_data.topics``. Evaluation: 512 odd-indexed
+sentences of the same source, and 512 sentences of IDLE's manual and change log, a domain never
+used for calibration. Quality is the mean cosine between the original and the compressed
+sentence embeddings, and the overlap of each sentence's 10 nearest neighbours.
+
+    python benchmarks/compress_minilm.py                       # the full table
+    python benchmarks/compress_minilm.py --ratios 0.7 0.5 --configs whiten fisher-budget
+    python benchmarks/compress_minilm.py --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from svdkit.compress import CompressConfig, compress, embedding_agreement
+from svdkit.data import builtin_sentences
+from svdkit.linalg import ParamRatio
+from svdkit.models import load_model
+
+# name -> (method, global budget?, refit passes)
+CONFIGS = {
+    "svd": ("svd", False, 0),
+    "asvd": ("asvd", False, 0),
+    "whiten": ("whiten", False, 0),
+    "fisher": ("fisher", False, 0),
+    "whiten-budget": ("whiten", True, 0),
+    "fisher-budget": ("fisher", True, 0),
+    "fisher-budget-refit": ("fisher", True, 1),
+}
+# The encoder's 36 Linear layers shape the sentence embedding; the BERT pooler does not.
+TARGETS = r".*encoder.*"
+
+
+def config_for(name: str, ratio: float) -> CompressConfig:
+    method, budget, refit = CONFIGS[name]
+    if budget:
+        return CompressConfig(method=method, budget=ratio, target_modules=TARGETS, refit=refit)
+    return CompressConfig(method=method, rank=ParamRatio(ratio), target_modules=TARGETS, refit=refit)
+
+
+def latency(loaded, module, texts: list[str], repeats: int) -> float:
+    """Median seconds to embed ``texts`` in batches of 64."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        loaded.encode(texts, batch_size=64, module=module)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--calibration", type=int, default=256)
+    parser.add_argument("--evaluation", type=int, default=512)
+    parser.add_argument("--latency-repeats", type=int, default=3)
+    parser.add_argument("--latency-config", default="fisher-budget", choices=list(CONFIGS))
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    loaded = load_model("minilm")
+    calibration = builtin_sentences("topics", split="even")[: args.calibration]
+    batches = [calibration[i:i + 32] for i in range(0, len(calibration), 32)]
+    held_out = builtin_sentences("topics", split="odd")[: args.evaluation]
+    other = builtin_sentences("idle")[: args.evaluation]
+    reference = {"held-out": loaded.encode(held_out), "other domain": loaded.encode(other)}
+    dense_latency = latency(loaded, loaded.module, held_out, args.latency_repeats)
+
+    rows = []
+    header = f"{'ratio':>5}  {'config':<20} {'kept':>5}  {'cos':>6}  {'top10':>6}  {'cos other':>9}  {'top10 other':>11}  {'secs':>6}  {'latency':>8}"
+    print(header)
+    print("-" * len(header))
+    for ratio in args.ratios:
+        for name in args.configs:
+            start = time.perf_counter()
+            compressed, report = compress(loaded.module, config_for(name, ratio), batches, forward=loaded.run)
+            seconds = time.perf_counter() - start
+            quality = {}
+            for label, texts in (("held-out", held_out), ("other domain", other)):
+                quality[label] = embedding_agreement(reference[label], loaded.encode(texts, module=compressed))
+            row = {
+                "ratio": ratio, "config": name, "kept": report.kept_fraction, "seconds": seconds,
+                "mean_cosine": quality["held-out"]["mean_cosine"], "top10_overlap": quality["held-out"]["neighbour_overlap"],
+                "mean_cosine_other": quality["other domain"]["mean_cosine"],
+                "top10_overlap_other": quality["other domain"]["neighbour_overlap"],
+            }
+            if name == args.latency_config:
+                row["latency_ratio"] = latency(loaded, compressed, held_out, args.latency_repeats) / dense_latency
+            rows.append(row)
+            lat = f"{row['latency_ratio']:.2f}x" if "latency_ratio" in row else ""
+            print(f"{ratio:>5.2f}  {name:<20} {row['kept']:>5.2f}  {row['mean_cosine']:>6.4f}  {row['top10_overlap']:>6.3f}  "
+                  f"{row['mean_cosine_other']:>9.4f}  {row['top10_overlap_other']:>11.3f}  {seconds:>6.1f}  {lat:>8}", flush=True)
+    print(f"\ndense latency: {dense_latency:.2f} s for {len(held_out)} sentences in batches of 64; "
+          f"latency column = compressed / dense for {args.latency_config}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"rows": rows, "dense_latency_seconds": dense_latency, "threads": torch.get_num_threads()}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
