@@ -346,3 +346,18 @@ def test_report_table_and_json():
     data = json.loads(report.to_json())
     assert data["totals"]["target_params_after"] == report.target_params_after
     assert len(data["layers"]) == 3
+
+
+def test_heal_lowers_the_output_error_and_only_trains_the_factorized_layers():
+    model = mlp(2)
+    batches = correlated_batches(3)
+    X = torch.cat(batches)
+    config = dict(method="whiten", rank=3, target_modules=["0", "2"])
+    plain, _ = compress(model, CompressConfig(**config), batches)
+    healed, report = compress(model, CompressConfig(**config, heal_steps=60, heal_lr=3e-3), batches)
+    assert (healed(X) - model(X)).norm() < (plain(X) - model(X)).norm()
+    torch.testing.assert_close(healed[4].weight, model[4].weight)  # dense layer untouched
+    assert "heal loss" in " ".join(report.quality)
+    assert all(p.requires_grad for p in healed.parameters()) and all(p.grad is None for p in healed.parameters())
+    with pytest.raises(ValueError, match="needs calibration data"):
+        compress(model, CompressConfig(method="svd", heal_steps=5))

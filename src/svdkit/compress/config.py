@@ -62,7 +62,11 @@ class CompressConfig:
         Smallest rank the budget allocator gives a factorized layer.
     refit : int
         Closed-form refit passes (:mod:`svdkit.compress.refit`): each re-solves every factorized
-        layer for the inputs the compressed model actually feeds it.
+        layer, stage by stage, for the inputs the compressed model actually feeds it.
+    heal_steps : int
+        Distillation steps toward the original after compression (:mod:`svdkit.compress.heal`); 0: none.
+    heal_lr : float
+        Learning rate of the distillation (Adam).
     seed : int
     """
 
@@ -82,6 +86,8 @@ class CompressConfig:
     probes: int = 2
     min_rank: int = 1
     refit: int = 0
+    heal_steps: int = 0
+    heal_lr: float = 1e-4
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -108,11 +114,13 @@ class CompressConfig:
             unknown = set(self.kinds) - set(_KINDS)
             if unknown:
                 raise ValueError(f"kinds: unknown layer kinds {sorted(unknown)}; choose from {_KINDS}")
+        if isinstance(self.heal_lr, bool) or not isinstance(self.heal_lr, (int, float)) or not self.heal_lr > 0:
+            raise ValueError(f"heal_lr: expected a number > 0, got {self.heal_lr!r}")
         for name in ("alpha", "damping", "output_damping"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-        for name, low in (("probes", 1), ("min_rank", 1), ("refit", 0)):
+        for name, low in (("probes", 1), ("min_rank", 1), ("refit", 0), ("heal_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
@@ -122,7 +130,7 @@ class CompressConfig:
     @property
     def needs_data(self) -> bool:
         """Whether the method needs calibration data."""
-        return self.method != "svd"
+        return self.method != "svd" or self.refit > 0 or self.heal_steps > 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (rank specs as ``{"kind", "value"}``)."""

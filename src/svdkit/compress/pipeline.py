@@ -16,6 +16,7 @@ from ..surgery import find_targets, matches_target, replace_module
 from ..views import get_view
 from .config import CompressConfig
 from .plan import LayerPlan, plan_layers
+from .heal import heal
 from .refit import refit
 from .report import CompressionReport, LayerReport
 from .stats import LayerStats, collect_layer_stats
@@ -128,13 +129,16 @@ def compress(
         )
     _check_weights(targets)
     run = forward if forward is not None else (lambda module, batch: run_batch(module, batch))
-    if config.refit or config.method == "fisher":
+    if config.refit or config.heal_steps or config.method == "fisher":
         calibration = list(calibration) if calibration is not None else None
     stats: dict[str, LayerStats] = {}
     data_targets = [(n, m) for n, m in targets if get_view(m).kind != "embedding"]
-    if config.needs_data and data_targets:
-        if calibration is None:
-            raise ValueError(f"method {config.method!r} needs calibration data; pass calibration= or use method='svd'")
+    if config.needs_data and calibration is None:
+        raise ValueError(
+            f"method {config.method!r} (refit={config.refit}, heal_steps={config.heal_steps}) needs calibration data; "
+            "pass calibration= or use method='svd' alone"
+        )
+    if config.method != "svd" and data_targets:
         stats = collect_layer_stats(
             model, data_targets, calibration, lambda batch: run(model, batch),
             gradients=config.method == "fisher", probes=config.probes, seed=config.seed, progress=progress,
@@ -151,6 +155,9 @@ def compress(
         for row, plan in zip(report.layers, plans):
             if row.rank is not None:
                 row.method = plan.factorizations[0].method
+    if config.heal_steps:
+        losses = heal(model, out, calibration, run, steps=config.heal_steps, lr=config.heal_lr, progress=progress)
+        report.quality["heal loss first/last"] = f"{losses[0]:.4g} -> {losses[-1]:.4g}"
     report.model_params_after = sum(p.numel() for p in out.parameters())
     report.seconds = time.perf_counter() - start
     return out, report

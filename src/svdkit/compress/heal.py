@@ -1,0 +1,109 @@
+"""Heal a compressed model: a short distillation of its factors toward the original model.
+
+Each step runs both models on one calibration batch and minimizes, over the parameters of the
+low-rank layers only (factors and biases), the relative squared error of every factorized layer's output against the
+original layer's output (layer-wise targets keep each layer close to the function it replaces,
+which overfits the calibration data less than an end-to-end loss alone) plus the relative error
+of the model's output. Both models run in eval mode, so dropout stays off.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..layers.lowrank import LowRankConv2d, LowRankEmbedding, LowRankLinear
+from .stats import model_output
+
+__all__ = ["heal"]
+
+_LOW_RANK = (LowRankLinear, LowRankConv2d, LowRankEmbedding)
+
+
+def _capture_outputs(model: nn.Module, names: list[str], store: dict[str, torch.Tensor]) -> list:
+    def hook(module, inputs, output, name):
+        store[name] = output
+
+    return [model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name)) for name in names]
+
+
+def _relative(error: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return error.square().mean() / target.square().mean().clamp_min(1e-12)
+
+
+def heal(
+    original: nn.Module,
+    compressed: nn.Module,
+    batches: list[Any],
+    forward: Callable[[nn.Module, Any], Any],
+    *,
+    steps: int = 100,
+    lr: float = 1e-4,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> list[float]:
+    """Distil ``compressed`` toward ``original`` on ``batches`` (in place).
+
+    Parameters
+    ----------
+    original, compressed : nn.Module
+        The dense model (left unchanged) and its compressed copy.
+    batches : list
+        Calibration batches, cycled.
+    forward : callable
+        ``forward(module, batch) -> output``.
+    steps : int
+        Optimizer steps (Adam).
+    lr : float
+        Learning rate.
+    progress : callable, optional
+        Wraps the range of steps (e.g. ``tqdm``).
+
+    Returns
+    -------
+    list of float
+        The loss at each step.
+    """
+    if steps < 1 or lr <= 0:
+        raise ValueError(f"heal needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+    names = [name for name, module in compressed.named_modules() if isinstance(module, _LOW_RANK)]
+    if not names:
+        raise ValueError("the model has no factorized layers to heal")
+    factors = [p for name in names for p in compressed.get_submodule(name).parameters()]
+    flags = {p: p.requires_grad for p in compressed.parameters()}
+    modes = original.training, compressed.training
+    targets: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    handles = _capture_outputs(original, names, targets) + _capture_outputs(compressed, names, outputs)
+    losses = []
+    try:
+        original.eval()
+        compressed.eval()
+        for p in compressed.parameters():
+            p.requires_grad_(False)
+        for p in factors:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(factors, lr=lr)
+        cycle = itertools.cycle(batches)
+        for _ in progress(range(steps)) if progress is not None else range(steps):
+            batch = next(cycle)
+            with torch.no_grad():
+                reference = model_output(forward(original, batch))
+            result = model_output(forward(compressed, batch))
+            layer_loss = sum(_relative(outputs[n] - targets[n], targets[n]) for n in names) / len(names)
+            loss = layer_loss + _relative(result - reference, reference)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        original.train(modes[0])
+        compressed.train(modes[1])
+    return losses
