@@ -97,7 +97,7 @@ def heal(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     finally:
         for handle in handles:
             handle.remove()
