@@ -143,6 +143,24 @@ def test_svd_float32_tensor_matches_numpy(shape, kind, seed):
     torch.testing.assert_close(S, res.S, atol=2e-5 * max(1.0, float(np.abs(A).max())), rtol=0)
 
 
+@SETTINGS
+@given(
+    batch=st.lists(st.integers(1, 3), min_size=1, max_size=2).map(tuple),
+    shape=shapes,
+    kind=kinds,
+    seed=seeds,
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_batched_svd_matches_numpy(batch, shape, kind, seed, dtype):
+    count = int(np.prod(batch))
+    A = np.stack([make_matrix(kind, *shape, seed + i) for i in range(count)]).reshape(*batch, *shape).astype(dtype)
+    res = svd(A)
+    assert res.U.dtype == dtype
+    atol = 2e-5 if dtype == np.float32 else 1e-10
+    check_thin_svd(A.astype(np.float64), SVDResult(*(x.astype(np.float64) for x in res)), atol=atol)
+    np.testing.assert_allclose(svdvals(A), res.S, atol=atol * max(1.0, float(np.abs(A).max(initial=0.0))), rtol=0)
+
+
 def test_ill_conditioned_float64():
     """cond(A) = 1e12: the small singular values are still resolved in float64."""
     A = make_matrix("ill_conditioned", 60, 40, seed=3)
