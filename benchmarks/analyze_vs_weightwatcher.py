@@ -170,7 +170,11 @@ def main(argv=None) -> int:
     limits = contextlib.nullcontext()
     workers = None
     if args.threads:
+        import scipy.linalg  # noqa: F401  (load every BLAS first: threadpoolctl limits the ones loaded)
         from threadpoolctl import threadpool_limits
+
+        if not args.no_ww:
+            import weightwatcher  # noqa: F401
 
         torch.set_num_threads(args.threads)
         limits = threadpool_limits(args.threads)

@@ -225,11 +225,20 @@ def test_table_conversions(tmp_path):
         table["nope"]
 
 
-def test_parallel_workers_give_the_same_table():
-    model = _mlp()
+def test_parallel_workers_and_stacked_batches_give_the_same_table():
+    model = nn.Sequential(_mlp(), nn.Linear(24, 24), nn.Linear(24, 24))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")  # a bad matrix inside a stacked batch is found and skipped
     one = analyze_weights(model, workers=1)
     two = analyze_weights(model, workers=2)
+    stacked = analyze_weights(model, stack=True)
+    assert stacked.meta["stacked"] and not one.meta["stacked"]
     assert one.to_records() == two.to_records()
+    assert [r["name"] for r in stacked] == one.names == ["0.0", "0.2", "0.4", "1"]
+    for a, b in zip(one, stacked):
+        assert a["alpha"] == pytest.approx(b["alpha"], rel=1e-9)
+        assert a["stable_rank"] == pytest.approx(b["stable_rank"], rel=1e-12)
+    assert [n for n, _ in stacked.skipped] == ["2"] and "NaN" in stacked.skipped[0][1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

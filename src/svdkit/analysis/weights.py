@@ -208,6 +208,7 @@ def analyze_weights(
     method: str = "auto",
     min_evals: int = 8,
     workers: int | None = None,
+    stack: bool | None = None,
     keep_spectra: bool = True,
     progress: bool = False,
 ) -> AnalysisTable:
@@ -236,6 +237,9 @@ def analyze_weights(
         Layers with fewer eigenvalues get no power-law fit.
     workers : int, optional
         CPU worker threads; default torch's thread count, or 1 for files (one tensor in memory).
+    stack : bool, optional
+        Decompose same-shape matrices as one batch (up to 256 MiB of float64 each); default: when
+        the weights are on a GPU, where batching pays. Never for files.
     keep_spectra : bool
         Keep each layer's eigenvalues in ``table.spectra`` (for figures).
     progress : bool
@@ -266,8 +270,8 @@ def analyze_weights(
         raise ValueError(f"error_tol must be in [0, 1), got {error_tol}")
     resolve_method(method, torch.float32)  # validates the name
     start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        items, skipped, streamed = collect_items(source, stack, targets=targets, exclude=exclude, kinds=kinds)
+    with contextlib.ExitStack() as files:
+        items, skipped, streamed = collect_items(source, files, targets=targets, exclude=exclude, kinds=kinds)
         if not items:
             detail = "; ".join(f"{n}: {r}" for n, r in skipped[:10]) or "the source holds no matrices"
             raise ValueError(f"no analysable layers in the {type(source).__name__} source ({detail})")
@@ -275,7 +279,8 @@ def analyze_weights(
         if workers is None:
             workers = 1 if streamed else torch.get_num_threads()
         options = {"fit": fit, "mp_fit": mp_fit, "error_tol": error_tol, "min_evals": min_evals}
-        jobs = _jobs(items, on_cpu, conv2d, method, options)
+        batched = (not on_cpu) if stack is None else bool(stack)
+        jobs = _jobs(items, batched and not streamed, conv2d, method, options)
         results: dict[int, Any] = {}
         for job, result in _progress(iter_eigenvalues(jobs, _run_job, workers=workers, on_cpu=on_cpu), len(jobs), progress, "spectra"):
             for index, outcome in zip(job[0], result if isinstance(result, list) else [result] * len(job[0])):
@@ -292,14 +297,14 @@ def analyze_weights(
     if not records:
         detail = "; ".join(f"{n}: {r}" for n, r in skipped[:10])
         raise ValueError(f"no analysable layers: every candidate was skipped ({detail})")
-    meta = {"method": method, "workers": workers, "streamed": streamed, "conv2d": conv2d,
+    meta = {"method": method, "workers": workers, "streamed": streamed, "conv2d": conv2d, "stacked": batched and not streamed,
             "seconds": time.perf_counter() - start, "error_tol": error_tol}
     return AnalysisTable(records, skipped, spectra, SUMMARY_COLUMNS, meta)
 
 
-def _jobs(items: list[WeightItem], on_cpu: bool, conv2d: str, method: str, options: dict) -> list[tuple]:
-    """Work units: one item each on the CPU; on a GPU, same-shape 2-D weights stacked into batches."""
-    if on_cpu:
+def _jobs(items: list[WeightItem], batched: bool, conv2d: str, method: str, options: dict) -> list[tuple]:
+    """Work units: one item each, or same-shape 2-D weights stacked into batches."""
+    if not batched:
         return [([i], [item], conv2d, method, options) for i, item in enumerate(items)]
     single = [i for i, it in enumerate(items) if it.kind == "conv2d"]
     dense = [i for i, it in enumerate(items) if it.kind != "conv2d"]
