@@ -36,6 +36,9 @@ Parallelism
 On the CPU, LAPACK's symmetric eigensolver spends half its time in memory-bound matrix-vector
 products that do not scale with threads, so independent matrices go to a pool of worker threads,
 each running its BLAS/LAPACK calls on one thread (``workers``; default: torch's thread count).
+While the pool runs, torch's intra-op thread count is set to 1 process-wide (and NumPy's BLAS is
+limited through ``threadpoolctl`` when it is installed); both are restored afterwards. Besides
+scaling, this avoids the stalls of spinning BLAS/OpenMP threads on a busy machine.
 """
 
 from __future__ import annotations

@@ -134,6 +134,8 @@ _DEPTH_METRICS = (
 
 def plot_metrics_by_depth(table, metrics: Sequence[tuple[str, str]] = _DEPTH_METRICS, *, title: str = "Metrics by depth"):
     """Selected metrics against layer index, one panel each, marker shape by layer kind."""
+    from matplotlib.ticker import MaxNLocator
+
     present = [(m, label) for m, label in metrics if m in table.columns]
     ncols = 2 if len(present) > 1 else 1
     nrows = max(1, math.ceil(len(present) / ncols))
@@ -152,6 +154,7 @@ def plot_metrics_by_depth(table, metrics: Sequence[tuple[str, str]] = _DEPTH_MET
             ax.scatter(idx[sel], values[sel], marker=markers[kind], s=22, label=kind or "layer", zorder=2)
         ax.set_ylabel(label, fontsize=9)
         ax.set_xlabel("layer index (model order)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         if k == 0:
             ax.legend(fontsize=8, loc="best")
