@@ -40,6 +40,8 @@ import time
 from typing import Any
 
 import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch import nn
 
 from _common import format_table, machine_info, write_json
@@ -114,9 +116,6 @@ def load_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
     X_test : Tensor of shape (540, 1, 8, 8)
     y_test : Tensor of shape (540,)
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     X, y = load_digits(return_X_y=True)
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.3, random_state=0)
 
