@@ -156,6 +156,21 @@ def test_conv2d_with_stride_dilation_and_groups():
     assert report.layers[1].shape == (16, 8 * 9)
 
 
+@pytest.mark.parametrize("conv", [
+    dict(padding="same", dilation=2), dict(padding="valid"), dict(padding=2, padding_mode="reflect"),
+    dict(padding=1, padding_mode="circular", stride=2),
+])
+def test_calibration_patches_match_the_convolution(conv):
+    from svdkit.calibrate import layer_inputs
+
+    layer = nn.Conv2d(3, 5, 3, **conv)
+    x = torch.randn(2, 3, 9, 9)
+    rows = layer_inputs(layer, x)  # (N * L, C * kh * kw)
+    y = layer(x)
+    expected = y.permute(0, 2, 3, 1).reshape(-1, 5)
+    torch.testing.assert_close(rows @ layer.weight.reshape(5, -1).T + layer.bias, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_conv_whitening_uses_patches():
     model = cnn()
     batches = [torch.randn(8, 3, 12, 12) for _ in range(2)]
@@ -223,7 +238,7 @@ def test_refit_of_a_single_layer_with_unchanged_inputs_equals_whiten():
     plain, _ = compress(model, CompressConfig(**config), batches)
     refitted, report = compress(model, CompressConfig(**config, refit=1), batches)
     X = torch.cat(batches)
-    torch.testing.assert_close(refitted[0](X), plain[0](X), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(refitted[0](X), plain[0](X), rtol=1e-3, atol=1e-3)
     assert report.layers[0].method == "whiten+refit"
 
 

@@ -114,14 +114,11 @@ def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         The layer's input: (..., d) for Linear/Conv1D, (B, C, H, W) for Conv2d.
     """
     if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros":
-            pad = module._reversed_padding_repeated_twice  # (left, right, top, bottom)
-            x = F.pad(x, pad, mode=module.padding_mode)
-            padding = 0
-        else:
-            padding = module.padding
-        if isinstance(padding, str):
-            raise ValueError(f"Conv2d with padding={padding!r} is not supported for calibration; use explicit padding")
+        # Pad explicitly (as Conv2d does: (left, right, top, bottom)), then unfold without padding;
+        # this covers every padding mode and padding="same"/"valid".
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        padding = 0
         patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
     mask = _TOKEN_MASK.get()
