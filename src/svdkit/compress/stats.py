@@ -101,10 +101,15 @@ def _collect_gradient_stats(
             stats[name].update(rows)
 
         def hook(module, inputs, output):
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                # The token mask of this batch is bound now; the gradient arrives later.
-                mask = current_token_mask()
-                output.register_hook(lambda grad: _with_mask(mask, record, module, grad))
+            if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+                return
+            if not output.requires_grad:
+                # Parameters are frozen, so the first target's output is a leaf: make it one
+                # that asks for its gradient, and everything downstream follows.
+                output.requires_grad_(True)
+            # The token mask of this batch is bound now; the gradient arrives later.
+            mask = current_token_mask()
+            output.register_hook(lambda grad: _with_mask(mask, record, module, grad))
         return hook
 
     params = [p for p in model.parameters()]
@@ -112,16 +117,17 @@ def _collect_gradient_stats(
     generator = torch.Generator().manual_seed(seed)
     handles = [module.register_forward_hook(make_hook(name)) for name, module in targets]
     try:
+        # No weight gradients are needed: only the gradients at the targets' outputs.
         for p in params:
-            p.requires_grad_(True)
+            p.requires_grad_(False)
         with torch.enable_grad():
             for batch in batches:
                 output = model_output(run_batch(model, batch, forward))
+                if not output.requires_grad:
+                    raise ValueError("the model output does not depend on any target layer's output")
                 for probe in range(probes):
                     z = torch.randn(output.shape, generator=generator, dtype=output.dtype).to(output.device)
                     (output * z).sum().backward(retain_graph=probe < probes - 1)
-                for p in params:
-                    p.grad = None
     finally:
         for handle in handles:
             handle.remove()
