@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["minilm", "gpt2"], choices=["minilm", "gpt2"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-ww", action="store_true", help="time svdkit alone")
-    parser.add_argument("--method", default="auto", choices=["auto", "gram", "gram32", "svd"], help="svdkit's eigenvalue route")
+    parser.add_argument("--method", default="auto", choices=["auto", "gram", "svd"], help="svdkit's eigenvalue route")
     parser.add_argument("--activations", action="store_true", help="also time MiniLM activation analysis on 512 sentences")
     parser.add_argument("--threads", type=int, help="limit torch and BLAS to this many threads (1: both tools single-threaded, svdkit with one worker)")
     parser.add_argument("--json", help="write the results here")

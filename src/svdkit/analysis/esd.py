@@ -10,13 +10,6 @@ Two routes give the same eigenvalues:
 ``"svd"``
     ``svdvals`` of the matrix in float64, squared: the reference, two to four times slower.
 
-``"gram32"``
-    The float64 Gram matrix, its eigenvalues in float32 (the memory-bound tridiagonal reduction
-    runs about twice as fast), accepted only when an a-posteriori bound guarantees every
-    eigenvalue to ``1e-3`` relative: ``4 sqrt(M) eps32 lambda_max <= 1e-3 lambda_min``. Matrices
-    that fail the bound (square or ill-conditioned ones) are redone in float64. Opt-in: it trades
-    the last digits of the smallest eigenvalues for speed.
-
 ``"auto"`` (the default) takes ``"gram"`` for float32 and half-precision weights and ``"svd"``
 for float64 weights.
 
@@ -53,9 +46,8 @@ from ..linalg import svdvals
 
 __all__ = ["Method", "eigenvalues", "iter_eigenvalues", "resolve_method", "single_threaded"]
 
-Method = Literal["auto", "gram", "gram32", "svd"]
-_METHODS = ("auto", "gram", "gram32", "svd")
-_GRAM32_RTOL = 1e-3
+Method = Literal["auto", "gram", "svd"]
+_METHODS = ("auto", "gram", "svd")
 T = TypeVar("T")
 
 
@@ -65,7 +57,7 @@ def resolve_method(method: str, dtype: torch.dtype) -> str:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if method != "auto":
         return method
-    return "svd" if dtype == torch.float64 else "gram"  # "gram32" only when asked for
+    return "svd" if dtype == torch.float64 else "gram"
 
 
 def _gram_cpu(W: torch.Tensor) -> torch.Tensor:
@@ -83,7 +75,7 @@ def eigenvalues(W: torch.Tensor, method: str = "auto") -> torch.Tensor:
     ----------
     W : Tensor of shape (..., m, n)
         Any real dtype and device; it is not modified.
-    method : {"auto", "gram", "gram32", "svd"}
+    method : {"auto", "gram", "svd"}
         See the module docstring.
 
     Returns
@@ -112,16 +104,7 @@ def eigenvalues(W: torch.Tensor, method: str = "auto") -> torch.Tensor:
     if not bool(torch.isfinite(G).all()):
         n_nan, n_inf = int(torch.isnan(W).sum()), int(torch.isinf(W).sum())
         raise ValueError(f"matrix of shape {tuple(W.shape)} has non-finite entries: {n_nan} NaN and {n_inf} Inf")
-    if route == "gram32":
-        lam = torch.linalg.eigvalsh(G.float()).double()  # ascending
-        M = G.shape[-1]
-        bound = 4 * M**0.5 * torch.finfo(torch.float32).eps * lam[..., -1:].abs()
-        redo = ~(bound <= _GRAM32_RTOL * lam[..., :1]).squeeze(-1)
-        if bool(redo.any()):
-            lam = lam.clone()
-            lam[redo] = torch.linalg.eigvalsh(G[redo])
-    else:
-        lam = torch.linalg.eigvalsh(G)  # ascending
+    lam = torch.linalg.eigvalsh(G)  # ascending
     return lam.flip(-1).clamp_min_(0.0)
 
 

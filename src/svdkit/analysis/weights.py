@@ -231,7 +231,7 @@ def analyze_weights(
         Power-law fit (default on); Marchenko-Pastur bulk (off).
     error_tol : float or None
         Relative Frobenius error for the compression verdict; None leaves those columns out.
-    method : {"auto", "gram", "gram32", "svd"}
+    method : {"auto", "gram", "svd"}
         Eigenvalue route (:mod:`svdkit.analysis.esd`).
     min_evals : int
         Layers with fewer eigenvalues get no power-law fit.

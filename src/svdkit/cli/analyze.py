@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--mp-fit", action="store_true", help="add the Marchenko-Pastur bulk edge, spikes and soft rank")
     parser.add_argument("--error-tol", type=float, default=0.05,
                         help="relative Frobenius error for the compression verdict (default 0.05)")
-    parser.add_argument("--method", choices=("auto", "gram", "gram32", "svd"), default="auto", help="eigenvalue route (default auto)")
+    parser.add_argument("--method", choices=("auto", "gram", "svd"), default="auto", help="eigenvalue route (default auto)")
     parser.add_argument("--weights-only", action="store_true",
                         help="read the .safetensors files of a model directory instead of loading the model")
     parser.add_argument("--activations", action="store_true", help="also analyse representations on --data")
