@@ -98,6 +98,16 @@ def test_transformers_conv1d_is_read_transposed():
     assert record["kind"] == "conv1d" and (record["rows"], record["cols"]) == (12, 20)
 
 
+def test_half_precision_weights():
+    torch.manual_seed(7)
+    W = torch.randn(64, 48)
+    full = analyze_weights({"w": W})[0]
+    for dtype in (torch.bfloat16, torch.float16):
+        half = analyze_weights({"w": W.to(dtype)})[0]
+        assert half["dtype"] == str(dtype).replace("torch.", "") and half["rank"] == 48
+        assert half["stable_rank"] == pytest.approx(full["stable_rank"], rel=0.02)
+
+
 def test_tied_weights_are_analysed_once():
     emb = nn.Embedding(30, 8)
     head = nn.Linear(8, 30, bias=False)

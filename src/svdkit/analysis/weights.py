@@ -6,7 +6,8 @@ Each layer's matrix ``W`` (:mod:`svdkit.views`) gives its eigenvalues ``lambda_i
 ==========================  =====================================================================
 column                      meaning
 ==========================  =====================================================================
-rank                        numerical rank, tolerance ``max(m, n) * eps(weight dtype) * s_max``
+rank                        numerical rank, tolerance ``max(m, n) * eps * s_max``, ``eps`` of the
+                            weight's dtype (float32's for 16-bit weights)
 sigma_max, sigma_min        largest / smallest singular value; condition_number their ratio
 frobenius_norm ...          ``||W||_F``, ``||W||_2``, ``||W||_*`` and their ``log10_*``
 stable_rank                 ``sum(lambda) / lambda_max``
@@ -151,6 +152,15 @@ def spectrum_metrics(
     return out
 
 
+def _rank_eps(dtype: torch.dtype) -> float:
+    """Machine epsilon for the numerical-rank tolerance: the weight's own for float32/float64.
+
+    16-bit and 8-bit floats use float32's: their own epsilon (``2**-8`` for bfloat16) times
+    ``max(m, n)`` exceeds 1, which would call every such matrix rank 0.
+    """
+    return torch.finfo(dtype if dtype in (torch.float32, torch.float64) else torch.float32).eps
+
+
 def _views(item: WeightItem, tensor: torch.Tensor, conv2d: str) -> list[tuple[str, torch.Tensor]]:
     if item.kind != "conv2d":
         return [("matrix", tensor)]
@@ -167,7 +177,7 @@ def _views(item: WeightItem, tensor: torch.Tensor, conv2d: str) -> list[tuple[st
 def _compute(item: WeightItem, conv2d: str, method: str) -> list[tuple[str, tuple[int, int], np.ndarray, int | None]]:
     """Eigenvalues of each view of one weight: (view, shape, lam descending, pooled rank or None)."""
     tensor = item.load()
-    eps = torch.finfo(item.dtype).eps
+    eps = _rank_eps(item.dtype)
     results = []
     try:
         for view, W in _views(item, tensor, conv2d):
@@ -321,7 +331,7 @@ def _jobs(items: list[WeightItem], batched: bool, conv2d: str, method: str, opti
 
 
 def _records(item: WeightItem, views: list, options: dict) -> list[tuple[dict, np.ndarray]]:
-    eps = torch.finfo(item.dtype).eps
+    eps = _rank_eps(item.dtype)
     out = []
     for view, shape, lam, pooled_rank in views:
         record = {"name": item.name, "kind": item.kind, "view": view, "shape": list(item.shape),
