@@ -213,7 +213,9 @@ def test_table_conversions(tmp_path):
     assert {"stable_rank", "mp_softrank", "log_norm"} <= set(summary)
     csv_text = table.to_csv(tmp_path / "t.csv")
     assert csv_text.splitlines()[0].startswith("name,kind,view,shape")
-    assert len(csv_text.splitlines()) == 4
+    lines = csv_text.splitlines()
+    assert len(lines) == 5 and lines[-1].startswith("(mean),")
+    assert len(table.to_csv(summary=False).splitlines()) == 4
     data = __import__("json").loads(table.to_json(tmp_path / "t.json"))
     assert [r["name"] for r in data["layers"]] == ["0", "2", "4"]
     pd = pytest.importorskip("pandas")

@@ -154,13 +154,18 @@ class AnalysisTable:
                 fh.write(text + "\n")
         return text
 
-    def to_csv(self, path: str | os.PathLike | None = None, columns: Sequence[str] | None = None) -> str:
-        """CSV text, one row per record (lists joined by spaces); written to ``path`` when given."""
+    def to_csv(self, path: str | os.PathLike | None = None, columns: Sequence[str] | None = None, *, summary: bool = True) -> str:
+        """CSV text, one row per record (lists joined by spaces), then the :meth:`summary` means as a
+        row named ``(mean)`` (``summary=False`` leaves it out); written to ``path`` when given."""
         columns = list(columns) if columns is not None else self.columns
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(columns)
-        for record in self.to_records():
+        rows = self.to_records()
+        means = self.summary() if summary else {}
+        if means:
+            rows.append({"name": "(mean)", **means})
+        for record in rows:
             row = []
             for col in columns:
                 value = record.get(col)
