@@ -33,6 +33,15 @@ from svdkit.linalg import (
 )
 from svdkit.views import weight_matrix
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread avoids OpenMP stalls when the cores are shared (and is as fast)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 DIRECT = {
     "sigma_max": spectral_norm,
     "frobenius_norm": frobenius_norm,
