@@ -194,6 +194,8 @@ def test_fast_mode_refuses_full_spectrum_metrics_without_full_every():
         SpectralTracker(Mixed(), metrics=("sigma_max", "effective_rank"), mode="fast")
     tracker = SpectralTracker(Mixed(), metrics=("effective_rank",), mode="fast", full_every=10)
     assert tracker.metrics == ("effective_rank",)
+    assert [tracker.step() for _ in range(20)].count(True) == 2  # only the full-spectrum cadence
+    assert list(tracker.history.steps) == [10, 20] and not np.isnan(tracker.history.array()).any()
 
 
 @pytest.mark.parametrize(

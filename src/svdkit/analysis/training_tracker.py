@@ -156,6 +156,8 @@ class SpectralTracker:
             raise ValueError(f"full_every={full_every!r} is for mode='fast'; in mode='full' every={every} sets the cadence")
         self.mode = mode
         self.metrics = self._resolve_metrics(metrics)
+        # Fast mode asked only for full-spectrum metrics computes them on their cadence alone.
+        self._fast_wanted = mode == "fast" and any(m in FAST_METRICS for m in self.metrics)
         selected = find_targets(
             model, targets, exclude=exclude, kinds=kinds, include_embeddings=include_embeddings, include_head=include_head
         )
@@ -250,11 +252,11 @@ class SpectralTracker:
         if self.mode == "full":
             fast, full = False, due
         else:
-            fast, full = due, self.full_every is not None and s % self.full_every == 0
+            fast, full = due and self._fast_wanted, self.full_every is not None and s % self.full_every == 0
         if not (fast or full) or s == self._last_recorded:
             return False
         # Fast mode also iterates at a full step, so the warm start carries on.
-        self._compute(s, fast or (full and self.mode == "fast"), full)
+        self._compute(s, fast or (full and self._fast_wanted), full)
         return True
 
     def record(self, step: int | None = None) -> None:
@@ -265,7 +267,7 @@ class SpectralTracker:
         """
         if step is not None:
             self._step = int(step)
-        self._compute(self._step, self.mode == "fast", self.mode == "full" or self.full_every is not None)
+        self._compute(self._step, self._fast_wanted, self.mode == "full" or self.full_every is not None)
 
     def flush(self) -> None:
         """Move pending records to the host and write them to the history and the sinks."""
