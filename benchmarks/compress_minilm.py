@@ -64,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluation", type=int, default=512)
     parser.add_argument("--latency-repeats", type=int, default=3)
     parser.add_argument("--latency-config", default="fisher-budget", choices=list(CONFIGS))
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     loaded = load_model("minilm")

@@ -159,6 +159,9 @@ def _transformers_dir(path: Path, spec: str, device: str) -> LoadedModel:
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            # Decoder-only tokenizers (GPT-2) have no padding token; the attention mask hides it anyway.
+            tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(module, spec, "transformers", tokenizer, getattr(module.config, "max_position_embeddings", None))
 
 
