@@ -46,10 +46,14 @@ class LoRAConfig:
     svd : {"auto", "exact", "randomized"}
         Decomposition for the SVD inits; ``"auto"`` is randomized when ``rank <= min(m, n) / 10``.
     n_iter : int or "auto"
-        Krylov steps of the randomized SVD (4 by default: ``2 * (4 + 1)`` passes over ``W``, as
-        many as PEFT's ``pissa_niter_4``).
+        Krylov steps of the randomized SVD.
     oversamples : int
-        Extra sketch columns of the randomized SVD.
+        Extra sketch columns of the randomized SVD. The defaults (``n_iter=4``,
+        ``oversamples=0``) make the same work as PEFT's ``pissa_niter_4``: ``2 * (4 + 1)`` passes
+        over ``W`` with blocks of ``r`` columns; the block Krylov Rayleigh-Ritz step then uses all
+        ``5 r`` columns it saw rather than the last ``r`` (Musco & Musco 2015, arXiv:1504.05477,
+        run block Krylov at block size ``k``). More oversampling buys accuracy at a cost that
+        grows with ``r + oversamples``.
     seed : int
         Seed of every random draw (layer ``i`` in model order uses ``seed`` and ``i``).
     rank_pattern, alpha_pattern : dict of str -> number
@@ -65,7 +69,7 @@ class LoRAConfig:
     use_rslora: bool = False
     svd: Literal["auto", "exact", "randomized"] = "auto"
     n_iter: int | Literal["auto"] = 4
-    oversamples: int = 10
+    oversamples: int = 0
     seed: int = 0
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)

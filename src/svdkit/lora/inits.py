@@ -77,7 +77,7 @@ class InitContext:
     seed: int = 0
     svd: SVDMethod = "auto"
     n_iter: int | Literal["auto"] = 4
-    oversamples: int = 10
+    oversamples: int = 0
     delta: torch.Tensor | None = None
     input_stats: InputStats | None = None
 

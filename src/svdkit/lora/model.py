@@ -201,7 +201,7 @@ def add_lora(
     exclude: str | Iterable[str] = (),
     svd: Literal["auto", "exact", "randomized"] = "auto",
     n_iter: int | Literal["auto"] = 4,
-    oversamples: int = 10,
+    oversamples: int = 0,
     seed: int = 0,
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
