@@ -25,25 +25,25 @@ from svdkit.data import builtin_sentences
 from svdkit.linalg import ParamRatio
 from svdkit.models import load_model
 
-# name -> (method, global budget?, refit passes)
+# name -> (method, global budget?, refit passes, heal steps)
 CONFIGS = {
-    "svd": ("svd", False, 0),
-    "asvd": ("asvd", False, 0),
-    "whiten": ("whiten", False, 0),
-    "fisher": ("fisher", False, 0),
-    "whiten-budget": ("whiten", True, 0),
-    "fisher-budget": ("fisher", True, 0),
-    "fisher-budget-refit": ("fisher", True, 1),
+    "svd": ("svd", False, 0, 0),
+    "asvd": ("asvd", False, 0, 0),
+    "whiten": ("whiten", False, 0, 0),
+    "fisher": ("fisher", False, 0, 0),
+    "whiten-budget": ("whiten", True, 0, 0),
+    "fisher-budget": ("fisher", True, 0, 0),
+    "fisher-budget-refit": ("fisher", True, 1, 0),
+    "fisher-budget-heal": ("fisher", True, 0, 100),
 }
 # The encoder's 36 Linear layers shape the sentence embedding; the BERT pooler does not.
 TARGETS = r".*encoder.*"
 
 
 def config_for(name: str, ratio: float) -> CompressConfig:
-    method, budget, refit = CONFIGS[name]
-    if budget:
-        return CompressConfig(method=method, budget=ratio, target_modules=TARGETS, refit=refit)
-    return CompressConfig(method=method, rank=ParamRatio(ratio), target_modules=TARGETS, refit=refit)
+    method, budget, refit, heal_steps = CONFIGS[name]
+    size = {"budget": ratio} if budget else {"rank": ParamRatio(ratio)}
+    return CompressConfig(method=method, target_modules=TARGETS, refit=refit, heal_steps=heal_steps, **size)
 
 
 def latency_ratio(loaded, module, texts: list[str], repeats: int) -> tuple[float, float]:
