@@ -13,6 +13,15 @@ from svdkit.cli import main
 peft = pytest.importorskip("peft")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: the tensors here are small, and OpenMP barriers stall on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     from transformers import GPT2Config, GPT2Model

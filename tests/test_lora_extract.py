@@ -23,6 +23,15 @@ from svdkit.lora import (
 from svdkit.views import weight_matrix
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: the tensors here are small, and OpenMP barriers stall on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pair():
     """A tiny GPT-2 and a 'fine-tuned' copy whose changes have known ranks (c_fc unchanged)."""

