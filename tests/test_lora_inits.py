@@ -24,7 +24,6 @@ from svdkit.lora import (
     register_init,
     unmerge_lora,
 )
-from svdkit.views import weight_matrix
 
 
 @pytest.fixture(autouse=True, scope="module")
