@@ -143,13 +143,12 @@ def bench_matrix(shape, spectrum, ranks, args) -> list[dict[str, Any]]:
             row.update(accuracy(A, *factors, s_ref, k))
             rows.append(row)
         rows.append(dict(base, method=f"floor ({passes} x {width})", time_s=t_floor, floor_ratio=1.0))
-        svdkit_row = next(r for r in rows if r["k"] == k and r["method"] == "svdkit" and r["shape"] == base["shape"] and r["spectrum"] == spectrum)
+        svdkit_row = next(r for r in rows if r["k"] == k and r["method"] == "svdkit")
         log(
             f"[{shape[0]}x{shape[1]} {spectrum} k={k}] svdkit {svdkit_row['time_s']:.3f} s, "
             f"floor {t_floor:.3f} s, sklearn {t_sklearn if t_sklearn is not None else float('nan'):.3f} s, "
             f"error ratio {svdkit_row['error_ratio']:.5f}"
         )
-    del A, A_np, Ue, Se, Vhe
     return rows
 
 
