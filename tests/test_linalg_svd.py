@@ -13,19 +13,7 @@ from hypothesis import strategies as st
 
 from svdkit.linalg import SVDFallbackWarning, SVDResult, svd, svd_flip, svdvals
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices gain nothing from threads, and oversubscribed threads slow them badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        yield
-    else:
-        with threadpool_limits(1):
-            yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

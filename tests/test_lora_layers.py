@@ -13,13 +13,7 @@ from svdkit.layers.lora import LoRAConv1D, LoRAConv2d, LoRALinear, lora_wrapper_
 from svdkit.views import set_weight_matrix, weight_matrix
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the tensors here are small, and OpenMP barriers stall on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _conv1d(nx: int, nf: int) -> nn.Module:

@@ -13,13 +13,7 @@ from svdkit.lora import add_lora, export_peft, extract_lora, find_root, import_p
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the tensors here are small, and OpenMP barriers stall on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gpt2(n_embd: int = 64, n_layer: int = 2):

@@ -48,13 +48,7 @@ CONV_CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These layers are tiny: threads gain nothing, and oversubscribed ones slow them badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _conv(case: str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> tuple[nn.Conv2d, torch.Tensor]:
