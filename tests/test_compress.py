@@ -182,14 +182,13 @@ def test_conv_whitening_uses_patches():
 
 
 def brute_force(spectra, costs, dense_costs, budget):
-    best, best_err = None, float("inf")
+    best_err = float("inf")
     for ks in itertools.product(*[range(1, len(s) + 1) for s in spectra]):
         spent = sum(min(k * c, d) for k, c, d in zip(ks, costs, dense_costs))
         if spent > budget:
             continue
         err = sum(float((s[k:] ** 2).sum()) if k * c < d else 0.0 for s, k, c, d in zip(spectra, ks, costs, dense_costs))
-        if err < best_err:
-            best, best_err = ks, err
+        best_err = min(best_err, err)
     return best_err
 
 

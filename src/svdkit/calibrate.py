@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import logging
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -36,8 +35,6 @@ from torch import nn
 from .views import get_view
 
 __all__ = ["InputStats", "collect_input_stats", "current_token_mask", "layer_inputs", "run_batch", "token_mask"]
-
-logger = logging.getLogger(__name__)
 
 _TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("svdkit_token_mask", default=None)
 

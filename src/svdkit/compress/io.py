@@ -161,7 +161,8 @@ def _skeleton(dense: nn.Module, name: str, spec: dict[str, Any]) -> nn.Module:
         return LowRankConv2d(dense, spec["rank"])
     if kind == "LowRankEmbedding":
         if not isinstance(dense, nn.Embedding) or (dense.num_embeddings, dense.embedding_dim) != (spec["num_embeddings"], spec["embedding_dim"]):
-            raise ValueError(mismatch.format(saved=f"{spec['num_embeddings']} x {spec['embedding_dim']}", base=str(getattr(dense, "weight", None) is not None and tuple(dense.weight.shape))))
+            base = tuple(dense.weight.shape) if isinstance(dense, nn.Embedding) else "not an Embedding"
+            raise ValueError(mismatch.format(saved=f"{spec['num_embeddings']} x {spec['embedding_dim']}", base=base))
         return LowRankEmbedding(spec["num_embeddings"], spec["embedding_dim"], spec["rank"], spec.get("padding_idx"),
                                 device=dense.weight.device, dtype=dense.weight.dtype)
     raise ValueError(f"saved layer {name} has unknown type {kind!r}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from typing import Any, Callable, Iterable
 
@@ -15,16 +14,13 @@ from ..linalg import allocate_ranks, resolve_rank
 from ..surgery import find_targets, matches_target, replace_module
 from ..views import get_view
 from .config import CompressConfig
-from .plan import LayerPlan, plan_layers
 from .heal import heal
+from .plan import LayerPlan, plan_layers
 from .refit import refit
 from .report import CompressionReport, LayerReport
 from .stats import LayerStats, collect_layer_stats
 
 __all__ = ["compress"]
-
-logger = logging.getLogger(__name__)
-
 
 def _check_weights(targets: list[tuple[str, nn.Module]]) -> None:
     for name, module in targets:
@@ -96,7 +92,7 @@ def compress(
     calibration : iterable of batches, optional
         Needed by every method but ``svd``: tensors, dicts of tensors (transformers), or lists of
         strings together with a ``forward`` that tokenizes them
-        (``svdkit.models.LoadedModel.batch_forward()``).
+        (``forward=svdkit.models.LoadedModel.run``).
     forward : callable, optional
         ``forward(module, batch) -> output`` runs a model (the original or the compressed copy)
         on one batch; defaults to :func:`svdkit.calibrate.run_batch`.
