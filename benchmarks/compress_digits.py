@@ -6,7 +6,7 @@ fixed split (``train_test_split(random_state=0, test_size=0.3)``: 1,257 training
 images) until its test accuracy is at least 97 %.
 
 Every Conv2d and Linear is then factorized, the last Linear (the output layer) included: this
-CNN has no ``get_output_embeddings``, so :func:`svdkit.compress.compress` does not treat ``fc2``
+CNN has no ``get_output_embeddings``, so :func:`svdkit.compress` does not treat ``fc2``
 as a head, and at half its parameters it still gets rank 4. Two ways to spend the parameters:
 
 - ``uniform``: ``rank=ParamRatio(0.5)`` per layer, ``k = floor(0.5 * m * n / (m + n))``;
@@ -46,7 +46,7 @@ from torch import nn
 
 from _common import format_table, machine_info, write_json
 
-from svdkit.compress import CompressConfig, compress
+from svdkit.compression import CompressConfig, compress
 from svdkit.linalg import ParamRatio
 
 METHODS = ("svd", "asvd", "whiten", "fisher")

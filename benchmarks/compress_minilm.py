@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from svdkit.compress import CompressConfig, compress, embedding_agreement
+from svdkit.compression import CompressConfig, compress, embedding_agreement
 from svdkit.data import builtin_sentences
 from svdkit.linalg import ParamRatio
 from svdkit.models import load_model

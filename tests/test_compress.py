@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from svdkit.compress import CompressConfig, compress, decompress, load_compressed, save_compressed
-from svdkit.compress.methods import cholesky_factor
+from svdkit.compression import CompressConfig, compress, decompress, load_compressed, save_compressed
+from svdkit.compression.methods import cholesky_factor
 from svdkit.layers import LowRankConv2d, LowRankLinear
 from svdkit.linalg import Energy, ParamRatio, allocate_ranks
 

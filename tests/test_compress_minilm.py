@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from svdkit.cli import main
-from svdkit.compress import CompressConfig, compress, embedding_agreement, load_compressed, save_compressed
+from svdkit.compression import CompressConfig, compress, embedding_agreement, load_compressed, save_compressed
 from svdkit.data import builtin_sentences
 from svdkit.layers import LowRankLinear
 from svdkit.linalg import ParamRatio

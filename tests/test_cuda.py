@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from svdkit.compress import CompressConfig, compress, load_compressed, save_compressed
+from svdkit.compression import CompressConfig, compress, load_compressed, save_compressed
 from svdkit.layers import LowRankConv2d, LowRankLinear
 from svdkit.linalg import ParamRatio, randomized_svd, svd, svdvals, truncated_svd
 
@@ -46,7 +46,7 @@ def test_randomized_svd_stays_on_cuda_and_matches_cpu_for_a_seed():
     torch.testing.assert_close(S.cpu(), Sc, rtol=1e-3, atol=1e-6)
     # Sign-fixed: the leading (well separated) vectors agree across devices.
     torch.testing.assert_close(U[:, :8].cpu(), Uc[:, :8], rtol=1e-2, atol=1e-3)
-    _, stats = truncated_svd(A, 32, method="randomized")
+    _, stats = truncated_svd(A, 32, svd_method="randomized")
     assert 0 < stats.relative_error < 1
 
 

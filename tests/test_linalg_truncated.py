@@ -64,7 +64,7 @@ def test_rank_specs(spec):
 
 def test_randomized_route_stats_match_its_factors():
     A = torch.from_numpy(decaying(200, 150, seed=3, alpha=0.7)).float()
-    (U, S, Vh), stats = truncated_svd(A, 10, method="randomized", seed=4)
+    (U, S, Vh), stats = truncated_svd(A, 10, svd_method="randomized", seed=4)
     ref = randomized_svd(A, 10, seed=4)
     assert torch.equal(S, ref.S) and torch.equal(U, ref.U)
     direct = float(torch.linalg.matrix_norm((A - (U * S) @ Vh).double()) / torch.linalg.matrix_norm(A.double()))
@@ -76,11 +76,11 @@ def test_randomized_route_stats_match_its_factors():
 
 def test_auto_picks_randomized_only_for_small_int_ranks():
     A = torch.from_numpy(decaying(200, 150, seed=5)).float()
-    (_, S_auto, _), _ = truncated_svd(A, 10, method="auto", seed=0)  # 10 < 0.1 * 150
+    (_, S_auto, _), _ = truncated_svd(A, 10, svd_method="auto", seed=0)  # 10 < 0.1 * 150
     assert torch.equal(S_auto, randomized_svd(A, 10, seed=0).S)
-    (_, S_big, _), _ = truncated_svd(A, 20, method="auto")  # 20 >= 15: exact
+    (_, S_big, _), _ = truncated_svd(A, 20, svd_method="auto")  # 20 >= 15: exact
     assert torch.equal(S_big, svd(A).S[:20])
-    (_, S_spec, _), stats = truncated_svd(A, Energy(0.5), method="auto")  # a spec needs the full spectrum
+    (_, S_spec, _), stats = truncated_svd(A, Energy(0.5), svd_method="auto")  # a spec needs the full spectrum
     assert torch.equal(S_spec, svd(A).S[: stats.rank])
 
 
@@ -93,7 +93,7 @@ def test_batched_stats_are_tensors():
         err, energy = numpy_stats(A[idx].numpy(), 4)
         assert float(stats.relative_error[idx]) == pytest.approx(err, abs=1e-12)
         assert float(stats.retained_energy[idx]) == pytest.approx(energy, abs=1e-12)
-    (_, _, _), rstats = truncated_svd(A.float(), 4, method="randomized")
+    (_, _, _), rstats = truncated_svd(A.float(), 4, svd_method="randomized")
     assert rstats.relative_error.shape == (2, 2)
 
 
@@ -121,7 +121,7 @@ def test_errors():
     with pytest.raises(ValueError, match=r"rank spec Energy\(value=0.9\) needs a single matrix, got shape \(2, 10, 8\)"):
         truncated_svd(np.stack([A, A]), Energy(0.9))
     with pytest.raises(ValueError, match="method must be 'exact', 'randomized' or 'auto', got 'fast'"):
-        truncated_svd(A, 2, method="fast")
+        truncated_svd(A, 2, svd_method="fast")
     with pytest.raises(ValueError, match=r"rank 0 for a 10x8 matrix"):
         truncated_svd(A, 0)
     with pytest.raises(ValueError, match="unknown rank spec"):

@@ -117,7 +117,7 @@ class LoadedModel:
 
     def run(self, module: nn.Module, batch: Any) -> Any:
         """Run ``module`` (this model or a copy of it) on one batch: the ``forward`` that
-        :func:`svdkit.compress.compress` takes."""
+        :func:`svdkit.compress` takes."""
         return self.forward(batch, module=module)
 
     def batch_forward(self, module: nn.Module | None = None) -> Callable[[Any], Any]:

@@ -1,20 +1,38 @@
-"""Select modules by name or type, the way PEFT users know, and replace them.
+r"""Select modules by name or type, the way PEFT users know, and replace them.
 
-Targets follow PEFT's ``target_modules`` rules: a string is a regular expression that must match
-a module's full dotted name; a list matches a name exactly or as a dotted suffix (``"query"``
-matches ``"encoder.layer.0.attention.self.query"``).
+This module is the one place where svdkit matches module names, with PEFT's documented rules:
+
+- **targets** (``target_modules``, ``exclude``): a string is a regular expression that must match
+  a module's full dotted name; a list matches a name exactly or as a dotted suffix (``"query"``
+  matches ``"encoder.layer.0.attention.self.query"``).
+- **patterns** (``rank_pattern``, ``alpha_pattern``): each key is a regular expression matched
+  against the end of the name at a dot boundary (PEFT's ``get_pattern_key``:
+  ``re.match(rf"(.*\.)?({key})$", name)``), so a plain suffix such as ``"q_proj"`` and a regex
+  such as ``"layers\.[0-3]\.mlp\..*"`` both work; the first matching key, in the mapping's
+  order, wins.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from torch import nn
 
 from .views import get_view
 
-__all__ = ["find_targets", "get_module", "matches_target", "output_head_names", "replace_module"]
+__all__ = [
+    "TargetSpec",
+    "check_patterns",
+    "find_targets",
+    "get_module",
+    "matches_target",
+    "output_head_names",
+    "pattern_key",
+    "pattern_value",
+    "replace_module",
+]
 
 TargetSpec = str | Sequence[str] | None
 
@@ -26,6 +44,55 @@ def matches_target(name: str, targets: TargetSpec) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def pattern_key(patterns: Iterable[str], name: str) -> str | None:
+    """The first key of ``patterns`` that matches ``name`` (PEFT's pattern rule), or None."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """``patterns[key]`` for the first key matching ``name`` (see :func:`pattern_key`), else ``default``."""
+    key = pattern_key(patterns, name)
+    return default if key is None else patterns[key]
+
+
+def check_patterns(patterns: Iterable[str], names: Sequence[str], *, field: str) -> None:
+    """Raise if a pattern key matches none of ``names``: a typo must not be ignored silently.
+
+    Parameters
+    ----------
+    patterns : iterable of str
+        The keys of a ``rank_pattern``-style mapping.
+    names : sequence of str
+        The module names the patterns apply to (the selected layers).
+    field : str
+        The option's name, for the message (e.g. ``"rank_pattern"``).
+
+    Raises
+    ------
+    ValueError
+        Naming every unmatched key and the closest layer names.
+    """
+    unused = [key for key in patterns if not any(pattern_key([key], name) for name in names)]
+    if not unused:
+        return
+    suffixes = sorted({part for name in names for part in _suffixes(name)})
+    hints = []
+    for key in unused:
+        close = difflib.get_close_matches(key, suffixes, n=3, cutoff=0.5)
+        hints.append(f"{key!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+    raise ValueError(
+        f"{field}: {len(unused)} key(s) match none of the {len(names)} selected layers: {'; '.join(hints)}"
+    )
+
+
+def _suffixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
 
 
 def output_head_names(model: nn.Module) -> set[str]:

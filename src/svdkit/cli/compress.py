@@ -43,7 +43,7 @@ def register(subparsers) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from ..compress import CompressConfig
+    from ..compression import CompressConfig
     from ..linalg import Energy, ErrorTol, ParamRatio
 
     fields: dict[str, Any] = {"method": args.method, "refit": args.refit, "exclude": tuple(args.exclude)}
@@ -97,7 +97,7 @@ def _progress():
 
 
 def _evaluate(loaded, compressed) -> dict[str, float]:
-    from ..compress import embedding_agreement
+    from ..compression import embedding_agreement
     from ..data import builtin_sentences
 
     quality = {}
@@ -109,7 +109,7 @@ def _evaluate(loaded, compressed) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compress import compress, save_compressed
+    from ..compression import compress, save_compressed
     from ..models import load_model
 
     config = _config(args)
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         report.quality.update(_evaluate(loaded, compressed))
     save_compressed(compressed, output, source=args.model, config=config, overwrite=args.overwrite)
     print(report.to_table())
-    print(f"saved to {output} (load with svdkit.compress.load_compressed({str(output)!r}))")
+    print(f"saved to {output} (load with svdkit.load_compressed({str(output)!r}))")
     if args.json:
         Path(args.json).write_text(report.to_json())
     return 0

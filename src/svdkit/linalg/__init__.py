@@ -24,7 +24,7 @@ from .spectrum import (
     tail_error,
 )
 from .svd import SVDFallbackWarning, SVDResult, svd, svd_flip, svdvals
-from .truncated import TruncationStats, truncated_svd
+from .truncated import SVD_METHODS, TruncationStats, split_factors, truncated_svd
 
 __all__ = [
     "CompressionSuitability",
@@ -35,6 +35,7 @@ __all__ = [
     "RankRatio",
     "RankSpec",
     "SVDFallbackWarning",
+    "SVD_METHODS",
     "SVDResult",
     "TruncationStats",
     "allocate_ranks",
@@ -53,6 +54,7 @@ __all__ = [
     "rank_from_dict",
     "resolve_rank",
     "spectral_norm",
+    "split_factors",
     "stable_rank",
     "svd",
     "svd_flip",

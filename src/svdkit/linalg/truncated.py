@@ -12,7 +12,49 @@ from .randomized import randomized_svd
 from .rank import RankLike, resolve_rank
 from .svd import SVDResult, svd
 
-__all__ = ["TruncationStats", "truncated_svd"]
+__all__ = ["SVD_METHODS", "TruncationStats", "split_factors", "truncated_svd"]
+
+SVD_METHODS = ("exact", "randomized", "auto")
+Balance = Literal["sqrt", "left", "right"]
+
+
+def split_factors(
+    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, *, balance: Balance = "sqrt", scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``U diag(S) Vh / scale`` into two factors ``left @ right``.
+
+    Every factorized layer, compression method and LoRA init of svdkit splits its SVD here.
+
+    Parameters
+    ----------
+    U : Tensor of shape (..., m, k)
+    S : Tensor of shape (..., k)
+        Non-negative (negative rounding noise is clamped to 0).
+    Vh : Tensor of shape (..., k, n)
+    balance : {"sqrt", "left", "right"}
+        Where the singular values go: ``"sqrt"`` (default) gives each factor ``sqrt(S)``, so both
+        are equally scaled; ``"left"`` gives ``(U S, Vh)``; ``"right"`` gives ``(U, S Vh)``.
+    scale : float
+        Divide the product by this (``> 0``). LoRA's update is ``s * B @ A``, so
+        ``B, A = split_factors(U, S, Vh, scale=s)`` gives ``s * B @ A = U diag(S) Vh``.
+
+    Returns
+    -------
+    left : Tensor of shape (..., m, k)
+    right : Tensor of shape (..., k, n)
+        In the dtype of the inputs.
+    """
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}")
+    values = S.clamp_min(0) / scale
+    if balance == "sqrt":
+        root = values.sqrt()
+        return U * root.unsqueeze(-2), root.unsqueeze(-1) * Vh
+    if balance == "left":
+        return U * values.unsqueeze(-2), Vh
+    if balance == "right":
+        return U, values.unsqueeze(-1) * Vh
+    raise ValueError(f"balance must be 'sqrt', 'left' or 'right', got {balance!r}")
 
 
 @dataclass(frozen=True)
@@ -40,8 +82,10 @@ def truncated_svd(
     A: Array,
     rank: RankLike,
     *,
-    method: Literal["exact", "randomized", "auto"] = "exact",
+    svd_method: Literal["exact", "randomized", "auto"] = "exact",
     seed: int | None = 0,
+    n_iter: int | Literal["auto"] = "auto",
+    oversamples: int = 10,
 ) -> tuple[SVDResult, TruncationStats]:
     """Rank-``k`` factors of ``A`` and the statistics of the truncation.
 
@@ -50,10 +94,12 @@ def truncated_svd(
     A : Tensor or ndarray of shape (..., m, n)
     rank : int or RankSpec
         A spec (``Energy``, ``ErrorTol``, ...) needs the full spectrum and a single matrix.
-    method : {"exact", "randomized", "auto"}
-        ``"auto"`` uses :func:`randomized_svd` when an int rank is below a tenth of ``min(m, n)``.
+    svd_method : {"exact", "randomized", "auto"}
+        The decomposition; ``"auto"`` uses :func:`randomized_svd` when an int rank is below a tenth of ``min(m, n)``.
     seed : int or None
         Seed for the randomized method.
+    n_iter, oversamples
+        Passed to :func:`randomized_svd` (ignored by the exact method).
 
     Returns
     -------
@@ -72,12 +118,12 @@ def truncated_svd(
     is_int = isinstance(rank, int) and not isinstance(rank, bool)
     if not is_int and T.ndim != 2:
         raise ValueError(f"rank spec {rank!r} needs a single matrix, got shape {tuple(T.shape)}; pass an int rank for batches")
-    if method not in ("exact", "randomized", "auto"):
-        raise ValueError(f"method must be 'exact', 'randomized' or 'auto', got {method!r}")
-    randomized = is_int and (method == "randomized" or (method == "auto" and rank < 0.1 * min(m, n)))
+    if svd_method not in SVD_METHODS:
+        raise ValueError(f"svd_method must be 'exact', 'randomized' or 'auto', got {svd_method!r}")
+    randomized = is_int and (svd_method == "randomized" or (svd_method == "auto" and rank < 0.1 * min(m, n)))
     if randomized:
         k = resolve_rank(None, rank, (m, n))
-        U, S, Vh = randomized_svd(T, k, seed=seed)
+        U, S, Vh = randomized_svd(T, k, seed=seed, n_iter=n_iter, oversamples=oversamples)
         total = T.double().square().sum(dim=(-2, -1))
         lost = (total - S.double().square().sum(dim=-1)).clamp_min(0)
     else:

@@ -72,7 +72,7 @@ def save_compressed(
     Parameters
     ----------
     model : nn.Module
-        A model with factorized layers (from :func:`svdkit.compress.compress`).
+        A model with factorized layers (from :func:`svdkit.compress`).
     directory : path
     source : str, optional
         The model spec of the dense original (e.g. ``"minilm"``), so the directory can be loaded

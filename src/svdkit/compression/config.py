@@ -42,7 +42,7 @@ class CompressConfig:
         Per-layer ranks, keyed by PEFT-style names (exact or dotted suffix); they are honoured
         with a budget too (their parameters are paid first).
     method : str
-        A key of :data:`svdkit.compress.methods.METHODS`: ``"svd"``, ``"asvd"``, ``"whiten"`` or
+        A key of :data:`svdkit.compression.methods.METHODS`: ``"svd"``, ``"asvd"``, ``"whiten"`` or
         ``"fisher"`` (the default; the best in the benchmarks).
     target_modules, exclude : str, list of str, or None
         PEFT-style selection (regex string, or names/suffixes).
@@ -61,10 +61,10 @@ class CompressConfig:
     min_rank : int
         Smallest rank the budget allocator gives a factorized layer.
     refit : int
-        Closed-form refit passes (:mod:`svdkit.compress.refit`): each re-solves every factorized
+        Closed-form refit passes (:mod:`svdkit.compression.refit`): each re-solves every factorized
         layer, stage by stage, for the inputs the compressed model actually feeds it.
     heal_steps : int
-        Distillation steps toward the original after compression (:mod:`svdkit.compress.heal`); 0: none.
+        Distillation steps toward the original after compression (:mod:`svdkit.compression.heal`); 0: none.
     heal_lr : float
         Learning rate of the distillation (Adam).
     seed : int
