@@ -23,3 +23,50 @@ def one_thread():
         with threadpool_limits(1):
             yield
     torch.set_num_threads(threads)
+
+
+def build_decoder(
+    family: str = "llama",
+    *,
+    causal: bool = False,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 112,
+    vocab: int = 100,
+    tied: bool = False,
+    seed: int = 0,
+):
+    """A small transformers decoder with random weights, in eval mode.
+
+    Parameters
+    ----------
+    family : {"llama", "qwen2"}
+        LLaMA-style (no attention biases) or Qwen2-style (q/k/v biases); both with grouped-query
+        attention when ``kv_heads < heads``.
+    causal : bool
+        ``...ForCausalLM`` (with the LM head) instead of the bare ``...Model``.
+    tied : bool
+        Tie the LM head to the input embedding (``tie_word_embeddings``).
+    """
+    import transformers
+
+    configs = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
+    classes = {
+        ("llama", False): transformers.LlamaModel, ("llama", True): transformers.LlamaForCausalLM,
+        ("qwen2", False): transformers.Qwen2Model, ("qwen2", True): transformers.Qwen2ForCausalLM,
+    }
+    torch.manual_seed(seed)
+    config = configs[family](
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=128, bos_token_id=0,
+        eos_token_id=0, pad_token_id=0, tie_word_embeddings=tied,
+    )
+    return classes[family, causal](config).eval()
+
+
+@pytest.fixture(scope="session")
+def make_decoder():
+    """The :func:`build_decoder` factory, for tests that build small LLaMA/Qwen2 models."""
+    return build_decoder

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from svdkit.compression import CompressConfig, compress, decompress, load_compressed, save_compressed
-from svdkit.compression.methods import cholesky_factor
+from svdkit.linalg import cholesky_factor
 from svdkit.layers import LowRankConv2d, LowRankLinear
 from svdkit.linalg import Energy, ParamRatio, allocate_ranks
 

@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 
 from ..layers.lowrank import balanced_factors
-from ..linalg import svd, tail_error
+from ..linalg import cholesky_factor, svd, tail_error
 from .stats import LayerStats
 
-__all__ = ["Factorization", "METHODS", "cholesky_factor", "register_method"]
+__all__ = ["Factorization", "METHODS", "register_method"]
 
 
 @dataclass
@@ -111,43 +111,6 @@ def activation_scaled_svd(W: torch.Tensor, stats: LayerStats | None = None, *, a
     factorization = Factorization(*_svd64(W.to(torch.float64) * scale), method="asvd")
     factorization.undo_right = lambda Y: Y / scale
     return factorization
-
-
-def cholesky_factor(G: torch.Tensor, *, damping: float, max_damping: float = 1e-1) -> tuple[torch.Tensor, float]:
-    """Lower Cholesky factor of ``G + d * mean(diag G) * I`` with escalating damping ``d``.
-
-    Parameters
-    ----------
-    G : Tensor of shape (d, d)
-        Symmetric positive semi-definite (float64).
-    damping : float
-        First relative damping tried; multiplied by 10 after each failure.
-    max_damping : float
-        Give up above this.
-
-    Returns
-    -------
-    L : Tensor of shape (d, d), float64
-    damping : float
-        The damping that worked.
-
-    Raises
-    ------
-    torch.linalg.LinAlgError
-        If even ``max_damping`` does not make ``G`` positive definite.
-    """
-    G = G.to(torch.float64)
-    scale = float(G.diagonal().mean())
-    if not scale > 0:
-        raise torch.linalg.LinAlgError("the Gram matrix is zero: the layer saw only zero inputs")
-    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    d = damping
-    while d <= max_damping * (1 + 1e-9):
-        L, info = torch.linalg.cholesky_ex(G + d * scale * eye)
-        if int(info) == 0:
-            return L, d
-        d *= 10
-    raise torch.linalg.LinAlgError(f"Cholesky failed even with damping {max_damping:g}")
 
 
 @register_method("whiten")

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from ..calibrate import layer_inputs
-from ..linalg import svd
+from ..linalg import cholesky_factor, svd
 from ..surgery import replace_module
 from ..views import weight_matrix
-from .methods import Factorization, cholesky_factor
+from .methods import Factorization
 from .plan import LayerPlan
 
 __all__ = ["refit"]

@@ -24,6 +24,7 @@ from .spectrum import (
     tail_error,
 )
 from .svd import SVDFallbackWarning, SVDResult, svd, svd_flip, svdvals
+from .whiten import cholesky_factor
 from .truncated import SVD_METHODS, TruncationStats, split_factors, truncated_svd
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "TruncationStats",
     "allocate_ranks",
     "break_even_rank",
+    "cholesky_factor",
     "compression_suitability",
     "condition_number",
     "effective_rank",
