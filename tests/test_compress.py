@@ -88,7 +88,7 @@ def test_whiten_predicted_error_is_the_calibration_output_error():
     X = torch.cat(batches)
     out, report = compress(model, CompressConfig(method="whiten", rank=6, target_modules=["0"], damping=1e-10), batches)
     W = model[0].weight.double()
-    actual = ((out[0].weight().double() - W) @ X.double().T).norm() / (W @ X.double().T).norm()
+    actual = ((out[0].dense_weight().double() - W) @ X.double().T).norm() / (W @ X.double().T).norm()
     assert report.layers[0].predicted_error == pytest.approx(actual.item(), rel=1e-3)
 
 
@@ -127,9 +127,9 @@ def test_whiten_falls_back_to_svd_when_a_layer_only_sees_zeros():
     assert report.layers[0].method == "svd" and "whitening failed" in report.layers[0].skip_reason
 
 
-def test_energy_spec_and_overrides():
+def test_energy_spec_and_rank_pattern():
     model = mlp()
-    _, report = compress(model, CompressConfig(method="svd", rank=Energy(0.5), overrides={"2": 7}))
+    _, report = compress(model, CompressConfig(method="svd", rank=Energy(0.5), rank_pattern={"2": 7}))
     ranks = {row.name: row.rank for row in report.layers}
     assert ranks["2"] == 7
     S = torch.linalg.svdvals(model[0].weight.double())
@@ -266,7 +266,7 @@ def test_save_load_reproduces_outputs(tmp_path):
     config = CompressConfig(method="whiten", rank=ParamRatio(0.5))
     save_compressed(out, tmp_path / "c", config=config)
     meta = json.loads((tmp_path / "c" / "svdkit_compressed.json").read_text())
-    assert meta["format_version"] == 1 and meta["config"]["method"] == "whiten"
+    assert meta["format_version"] == 2 and meta["config"]["method"] == "whiten"
     loaded = load_compressed(tmp_path / "c", base=cnn(seed=5))
     x = torch.randn(3, 3, 12, 12)
     torch.testing.assert_close(loaded(x), out(x))
@@ -301,8 +301,10 @@ def test_load_errors(tmp_path):
         load_compressed(tmp_path / "c", base=mlp())
     meta_path.write_text(json.dumps(meta))
     (tmp_path / "c" / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="cannot read|do not fit"):
+    with pytest.raises(ValueError, match="SHA-256"):
         load_compressed(tmp_path / "c", base=mlp())
+    with pytest.raises(ValueError, match="cannot read"):
+        load_compressed(tmp_path / "c", base=mlp(), verify=False)
     (tmp_path / "c" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_compressed(tmp_path / "c", base=mlp())
@@ -346,7 +348,7 @@ def test_calibration_that_never_reaches_a_layer_is_an_error():
 
 
 def test_config_json_round_trip():
-    config = CompressConfig(rank=Energy(0.9), overrides={"q": ParamRatio(0.3)}, target_modules=["a", "b"], budget=None)
+    config = CompressConfig(rank=Energy(0.9), rank_pattern={"q": ParamRatio(0.3)}, target_modules=["a", "b"], budget=None)
     again = CompressConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
     with pytest.raises(ValueError, match="unknown CompressConfig fields"):

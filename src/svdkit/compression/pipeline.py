@@ -11,7 +11,7 @@ from torch import nn
 
 from ..calibrate import run_batch
 from ..linalg import allocate_ranks, resolve_rank
-from ..surgery import find_targets, matches_target, replace_module
+from ..surgery import check_patterns, find_targets, pattern_value, replace_module
 from ..views import get_view
 from .config import CompressConfig
 from .heal import heal
@@ -30,18 +30,12 @@ def _check_weights(targets: list[tuple[str, nn.Module]]) -> None:
             raise ValueError(f"layer {name} ({type(module).__name__}, weight {tuple(W.shape)}) has {bad} non-finite weights")
 
 
-def _override_for(name: str, overrides: dict) -> Any:
-    for key, rank in overrides.items():
-        if matches_target(name, [key]):
-            return rank
-    return None
-
-
 def _choose_ranks(plans: list[LayerPlan], config: CompressConfig, model: nn.Module) -> list[int | None]:
-    """Rank per plan (None: keep dense), from per-layer specs, overrides or the global budget."""
+    """Rank per plan (None: keep dense), from per-layer specs, ``rank_pattern`` or the global budget."""
+    check_patterns(config.rank_pattern, [plan.name for plan in plans], field="rank_pattern")
     fixed: dict[int, int] = {}
     for i, plan in enumerate(plans):
-        spec = _override_for(plan.name, config.overrides)
+        spec = pattern_value(config.rank_pattern, plan.name, None)
         if spec is not None or config.budget is None:
             spec = config.rank if spec is None else spec
             fixed[i] = resolve_rank(plan.factorizations[0].S, spec, plan.shape)
@@ -58,7 +52,7 @@ def _choose_ranks(plans: list[LayerPlan], config: CompressConfig, model: nn.Modu
     if budget <= 0:
         raise ValueError(
             f"budget {config.budget} of the {config.budget_scope} parameters leaves nothing for the targeted layers "
-            "once the other parameters and the overrides are paid"
+            "once the other parameters and the rank_pattern layers are paid"
         )
     allocated = allocate_ranks(
         [plans[i].spectrum() for i in free], [plans[i].rank_cost for i in free], [plans[i].dense_params for i in free],

@@ -8,8 +8,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..layers.lowrank import LowRankConv2d, LowRankEmbedding, LowRankLinear
-from ..views import get_view, is_conv1d, weight_matrix
+from ..layers.lowrank import LowRankLayer, grouped_matrices, low_rank_class
+from ..views import get_view
 from .config import CompressConfig
 from .methods import METHODS, Factorization, plain_svd
 from .stats import LayerStats
@@ -59,20 +59,13 @@ class LayerPlan:
         total = float(power.sum())
         return (float(power[k:].sum()) / total) ** 0.5 if total > 0 else 0.0
 
-    def build(self, k: int) -> nn.Module:
+    def build(self, k: int) -> LowRankLayer:
         """The factorized replacement at rank ``k``, in the layer's dtype and device."""
         weight = self.module.weight
         lefts, rights = zip(*(f.factors(k) for f in self.factorizations))
         left = torch.stack(lefts).to(weight.device, weight.dtype)
         right = torch.stack(rights).to(weight.device, weight.dtype)
-        if self.kind == "conv2d":
-            return LowRankConv2d.from_factors(self.module, left, right)
-        if self.kind == "embedding":
-            return LowRankEmbedding.from_factors(left[0], right[0], self.module.padding_idx)
-        bias = self.module.bias.detach() if getattr(self.module, "bias", None) is not None else None
-        layer = LowRankLinear.from_factors(left[0], right[0], bias)
-        layer.source_kind = "conv1d" if is_conv1d(self.module) else "linear"
-        return layer
+        return low_rank_class(self.module).from_factors(self.module, left, right)
 
 
 def plan_layers(
@@ -87,9 +80,8 @@ def plan_layers(
     plans = []
     for name, module in progress(targets) if progress is not None else targets:
         kind = get_view(module).kind
-        W = weight_matrix(module).detach()
-        groups = int(module.groups) if kind == "conv2d" else 1
-        blocks = W.reshape(groups, W.shape[0] // groups, W.shape[1])
+        blocks = grouped_matrices(module)
+        groups = blocks.shape[0]
         layer_stats = stats.get(name)
         factorizations = []
         for g in range(groups):

@@ -1,51 +1,212 @@
-"""Factorized layers: a dense weight ``W ~= U V`` applied as two thin products.
+"""Factorized layers: a dense weight ``W ~= left @ right`` applied as two thin products.
 
-``LowRankLinear`` replaces ``nn.Linear`` or transformers' ``Conv1D``; ``LowRankConv2d`` replaces
-``nn.Conv2d``. Both convert both ways (``from_dense`` / ``to_dense``), run the factors in
-``forward`` without rebuilding ``W``, and keep bias, dtype and device.
+One registry maps each view kind (:mod:`svdkit.views`) to the class that factorizes it:
+
+=================================  ===================  ==========================================
+dense layer (view kind)            low-rank class       forward
+=================================  ===================  ==========================================
+``nn.Linear``, transformers        ``LowRankLinear``    ``(x V^T) U^T + b``
+``Conv1D`` (linear, conv1d)
+``nn.Conv2d`` (conv2d)             ``LowRankConv2d``    ``kh x kw`` conv to ``r`` channels per
+                                                        group, then a 1x1 conv
+``nn.Embedding`` (embedding)       ``LowRankEmbedding`` look up a row of ``U``, map it by ``V``
+=================================  ===================  ==========================================
+
+Every class follows one contract, so compression, saving and loading never branch on types:
+
+- ``from_factors(dense, left, right)`` builds the layer that replaces ``dense`` from factors of
+  its weight matrix, ``left`` (m, k) and ``right`` (k, n) (or (groups, m, k) and
+  (groups, k, n) for a grouped convolution);
+- ``from_dense(dense, rank)`` is the truncated SVD of ``dense`` (:func:`svdkit.linalg.truncated_svd`,
+  split by :func:`svdkit.linalg.split_factors`);
+- ``spec()`` is the JSON geometry of the layer and ``from_spec(spec, dense)`` an empty layer of
+  that geometry for ``dense`` (checked against it), to load saved factors into;
+- ``to_dense()`` gives back the equivalent dense layer; ``forward`` runs the factors and never
+  rebuilds ``W``.
+
+A module type registered with :func:`svdkit.views.register_view` under an existing kind is
+factorized by that kind's class; a new kind needs a class registered with
+:func:`register_low_rank`.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..linalg import RankLike, resolve_rank, svd
-from ..views import is_conv1d, weight_matrix
+from ..linalg import RankLike, split_factors, truncated_svd
+from ..views import get_view, is_conv1d, weight_matrix
 
-__all__ = ["LowRankConv2d", "LowRankEmbedding", "LowRankLinear", "balanced_factors", "grouped_matrices"]
-
-
-def balanced_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ``U diag(S) Vh`` as ``(U sqrt(S)) (sqrt(S) Vh)`` so both factors are equally scaled.
-
-    Parameters
-    ----------
-    U : Tensor of shape (..., m, k)
-    S : Tensor of shape (..., k)
-    Vh : Tensor of shape (..., k, n)
-
-    Returns
-    -------
-    left : Tensor of shape (..., m, k)
-    right : Tensor of shape (..., k, n)
-    """
-    root = S.clamp_min(0).sqrt()
-    return U * root.unsqueeze(-2), root.unsqueeze(-1) * Vh
+__all__ = [
+    "LowRankConv2d",
+    "LowRankEmbedding",
+    "LowRankLayer",
+    "LowRankLinear",
+    "grouped_matrices",
+    "low_rank_class",
+    "low_rank_from_spec",
+    "low_rank_types",
+    "register_low_rank",
+]
 
 
 def _saving(dense: int, factored: int) -> str:
     return f"{1 - factored / dense:+.0%}".replace("+", "-", 1) if factored <= dense else f"+{factored / dense - 1:.0%}"
 
 
-class LowRankLinear(nn.Module):
-    """``y = (x V^T) U^T + b``: a rank-``r`` stand-in for a dense ``out x in`` Linear.
+def grouped_matrices(module: nn.Module) -> torch.Tensor:
+    """A layer's weight matrix as one block per group, shape (groups, m, n).
+
+    ``groups`` is 1 for everything but a grouped convolution, whose matrix view stacks the
+    per-group blocks (see :mod:`svdkit.views`).
+    """
+    view = get_view(module)
+    if view is None:
+        raise TypeError(f"{type(module).__name__} has no weight view")
+    W = weight_matrix(module).detach()
+    groups = view.groups(module)
+    return W.reshape(groups, W.shape[0] // groups, W.shape[1])
+
+
+class LowRankLayer(nn.Module):
+    """Base class of the factorized layers (see the module docstring for the contract).
+
+    Attributes
+    ----------
+    rank : int
+        Rank per group.
+    kinds : tuple of str
+        The view kinds this class replaces (set by :func:`register_low_rank`).
+    """
+
+    kinds: ClassVar[tuple[str, ...]] = ()
+    accepts: ClassVar[str] = ""
+    rank: int
+
+    @classmethod
+    def from_factors(cls, dense: nn.Module, left: torch.Tensor, right: torch.Tensor) -> "LowRankLayer":
+        raise NotImplementedError(f"{cls.__name__} must implement from_factors")  # pragma: no cover - abstract
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], dense: nn.Module) -> "LowRankLayer":
+        raise NotImplementedError(f"{cls.__name__} must implement from_spec")  # pragma: no cover - abstract
+
+    def spec(self) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement spec")  # pragma: no cover - abstract
+
+    def to_dense(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must implement to_dense")  # pragma: no cover - abstract
+
+    @classmethod
+    def _check_dense(cls, dense: nn.Module) -> None:
+        view = get_view(dense)
+        if view is None or view.kind not in cls.kinds:
+            raise TypeError(f"{cls.__name__} replaces {cls.accepts or ' or '.join(cls.kinds)}, got {type(dense).__name__}")
+
+    @classmethod
+    def from_dense(cls, dense: nn.Module, rank: RankLike) -> "LowRankLayer":
+        """Truncated SVD of the layer's weight matrix (each group's block), computed in float64.
+
+        Parameters
+        ----------
+        dense : nn.Module
+            A layer of one of the class's kinds.
+        rank : int or RankSpec
+            Resolved against the singular values (a grouped convolution: the first group's).
+        """
+        cls._check_dense(dense)
+        blocks = grouped_matrices(dense).double()
+        (U, S, Vh), stats = truncated_svd(blocks[0], rank)
+        if blocks.shape[0] > 1:
+            (U, S, Vh), _ = truncated_svd(blocks, stats.rank)
+        left, right = split_factors(U, S, Vh)
+        dtype = dense.weight.dtype
+        return cls.from_factors(dense, left.to(dtype), right.to(dtype))
+
+
+_REGISTRY: dict[str, type[LowRankLayer]] = {}
+
+
+def register_low_rank(*kinds: str) -> Callable[[type[LowRankLayer]], type[LowRankLayer]]:
+    """Class decorator: ``cls`` factorizes layers of these view kinds."""
+
+    def decorate(cls: type[LowRankLayer]) -> type[LowRankLayer]:
+        cls.kinds = tuple(kinds)
+        for kind in kinds:
+            _REGISTRY[kind] = cls
+        return cls
+
+    return decorate
+
+
+def low_rank_class(dense: nn.Module) -> type[LowRankLayer]:
+    """The class that factorizes ``dense`` (by its view kind)."""
+    view = get_view(dense)
+    if view is None or view.kind not in _REGISTRY:
+        kinds = ", ".join(sorted(_REGISTRY))
+        raise TypeError(f"no low-rank layer for {type(dense).__name__}; supported kinds: {kinds}")
+    return _REGISTRY[view.kind]
+
+
+def low_rank_types() -> tuple[type[LowRankLayer], ...]:
+    """Every registered low-rank class."""
+    return tuple(dict.fromkeys(_REGISTRY.values()))
+
+
+def low_rank_from_spec(spec: Mapping[str, Any], dense: nn.Module, *, name: str = "") -> LowRankLayer:
+    """An empty factorized layer of the saved geometry ``spec`` for the dense layer ``dense``.
+
+    Raises
+    ------
+    ValueError
+        An unknown type, a missing or mistyped field, or a geometry that does not fit ``dense``;
+        the message names the layer.
+    """
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"saved layer {name}: expected a JSON object, got {type(spec).__name__}")
+    by_name = {cls.__name__: cls for cls in low_rank_types()}
+    cls = by_name.get(spec.get("type"))  # type: ignore[arg-type]
+    if cls is None:
+        raise ValueError(f"saved layer {name} has unknown type {spec.get('type')!r}; known: {sorted(by_name)}")
+    try:
+        cls._check_dense(dense)
+    except TypeError as exc:
+        raise ValueError(f"saved layer {name} ({cls.__name__}) does not fit the base model: {exc}") from None
+    return cls.from_spec(spec, dense, name=name)
+
+
+def _field(spec: Mapping[str, Any], key: str, kind: type | tuple[type, ...], name: str) -> Any:
+    if key not in spec:
+        raise ValueError(f"saved layer {name} ({spec.get('type')}): missing field {key!r}")
+    value = spec[key]
+    if isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"saved layer {name} ({spec.get('type')}): field {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ValueError(f"saved layer {name} ({spec.get('type')}): field {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    if key == "rank" and value < 1:
+        raise ValueError(f"saved layer {name} ({spec.get('type')}): rank must be >= 1, got {value}")
+    return value
+
+
+def _mismatch(name: str, spec: Mapping[str, Any], saved: Any, base: Any, dense: nn.Module) -> ValueError:
+    return ValueError(
+        f"saved layer {name} ({spec.get('type')}, {saved}) does not fit the base model's {type(dense).__name__} ({base})"
+    )
+
+
+@register_low_rank("linear", "conv1d")
+class LowRankLinear(LowRankLayer):
+    """``y = (x V^T) U^T + b``: a rank-``r`` stand-in for a dense ``out x in`` Linear (or Conv1D).
 
     Parameters
     ----------
     in_features, out_features, rank : int
     bias : bool
+    source_kind : {"linear", "conv1d"}
+        What :meth:`to_dense` rebuilds.
     device, dtype : optional
 
     Attributes
@@ -53,71 +214,80 @@ class LowRankLinear(nn.Module):
     u : Parameter of shape (out_features, rank)
     v : Parameter of shape (rank, in_features)
     bias : Parameter of shape (out_features,) or None
-    source_kind : {"linear", "conv1d"}
-        What :meth:`to_dense` rebuilds.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *, device=None, dtype=None) -> None:
+    accepts = "nn.Linear or Conv1D"
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, bias: bool = True, *, source_kind: str = "linear", device=None, dtype=None
+    ) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
+        if source_kind not in ("linear", "conv1d"):
+            raise ValueError(f"source_kind must be 'linear' or 'conv1d', got {source_kind!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.source_kind = source_kind
         self.u = nn.Parameter(torch.empty(out_features, rank, **factory))
         self.v = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
-        self.source_kind = "linear"
-        nn.init.normal_(self.u, std=rank ** -0.5)
-        nn.init.normal_(self.v, std=in_features ** -0.5)
+        if self.u.device.type != "meta":
+            nn.init.normal_(self.u, std=rank ** -0.5)
+            nn.init.normal_(self.v, std=in_features ** -0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.v), self.u, self.bias)
 
     @classmethod
-    def from_factors(cls, left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None) -> "LowRankLinear":
-        """Build from ``left`` (out, r) and ``right`` (r, in); dtype and device follow ``left``."""
+    def from_factors(cls, dense: nn.Module, left: torch.Tensor, right: torch.Tensor) -> "LowRankLinear":
+        """Replace ``dense`` by ``left`` (out, r) @ ``right`` (r, in), with its bias; dtype and
+        device follow ``left``."""
+        cls._check_dense(dense)
+        if left.ndim == 3 and right.ndim == 3 and left.shape[0] == right.shape[0] == 1:
+            left, right = left[0], right[0]
         if left.ndim != 2 or right.ndim != 2 or right.shape[0] != left.shape[1]:
             raise ValueError(f"factor shapes do not chain: left {tuple(left.shape)}, right {tuple(right.shape)}")
+        expected = tuple(weight_matrix(dense).shape)
         (out_features, rank), in_features = left.shape, right.shape[1]
-        if bias is not None and tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias of shape {tuple(bias.shape)} does not match left {tuple(left.shape)}: expected ({out_features},)")
-        layer = cls(in_features, out_features, rank, bias is not None, device=left.device, dtype=left.dtype)
+        if (out_features, in_features) != expected:
+            raise ValueError(f"factors of shapes {tuple(left.shape)} and {tuple(right.shape)} give a {out_features}x{in_features} matrix, the {type(dense).__name__} has {expected[0]}x{expected[1]}")
+        bias = getattr(dense, "bias", None)
+        kind = "conv1d" if is_conv1d(dense) else "linear"
+        layer = cls(in_features, out_features, rank, bias is not None, source_kind=kind, device=left.device, dtype=left.dtype)
         with torch.no_grad():
             layer.u.copy_(left)
             layer.v.copy_(right.to(left))
             if bias is not None:
-                layer.bias.copy_(bias.to(left))
+                layer.bias.copy_(bias.detach().to(left))
         return layer
 
+    def spec(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "rank": self.rank, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None, "source_kind": self.source_kind}
+
     @classmethod
-    def from_dense(cls, layer: nn.Module, rank: RankLike) -> "LowRankLinear":
-        """Truncated SVD of a Linear (or Conv1D) weight, computed in float64.
+    def from_spec(cls, spec: Mapping[str, Any], dense: nn.Module, *, name: str = "") -> "LowRankLinear":
+        rank = _field(spec, "rank", int, name)
+        saved = (_field(spec, "out_features", int, name), _field(spec, "in_features", int, name))
+        base = tuple(weight_matrix(dense).shape)
+        if saved != base:
+            raise _mismatch(name, spec, f"out, in = {saved}", f"out, in = {base}", dense)
+        has_bias = _field(spec, "bias", bool, name)
+        if has_bias != (getattr(dense, "bias", None) is not None):
+            raise _mismatch(name, spec, f"bias={has_bias}", f"bias={not has_bias}", dense)
+        W = dense.weight
+        return cls(saved[1], saved[0], rank, has_bias, source_kind="conv1d" if is_conv1d(dense) else "linear",
+                   device=W.device, dtype=W.dtype)
 
-        Parameters
-        ----------
-        layer : nn.Linear or transformers Conv1D
-        rank : int or RankSpec
-            Resolved against the weight's singular values.
-        """
-        if not (isinstance(layer, nn.Linear) or is_conv1d(layer)):
-            raise TypeError(f"LowRankLinear.from_dense takes nn.Linear or Conv1D, got {type(layer).__name__}")
-        W = weight_matrix(layer).detach()
-        U, S, Vh = svd(W.double())
-        k = resolve_rank(S, rank, tuple(W.shape))
-        left, right = balanced_factors(U[:, :k], S[:k], Vh[:k])
-        bias = layer.bias.detach() if layer.bias is not None else None
-        out = cls.from_factors(left.to(W.dtype), right.to(W.dtype), bias)
-        out.source_kind = "conv1d" if is_conv1d(layer) else "linear"
-        return out
-
-    def weight(self) -> torch.Tensor:
+    def dense_weight(self) -> torch.Tensor:
         """The dense matrix ``U V``, shape (out_features, in_features), computed in float32 or wider."""
         work = torch.promote_types(self.u.dtype, torch.float32)
         return (self.u.to(work) @ self.v.to(work)).to(self.u.dtype)
 
     def to_dense(self) -> nn.Module:
         """The equivalent dense layer: ``nn.Linear``, or transformers ``Conv1D`` if that was the source."""
-        W = self.weight().detach()
+        W = self.dense_weight().detach()
         if self.source_kind == "conv1d":
             from transformers.pytorch_utils import Conv1D
 
@@ -142,7 +312,12 @@ class LowRankLinear(nn.Module):
         )
 
 
-class LowRankConv2d(nn.Module):
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+@register_low_rank("conv2d")
+class LowRankConv2d(LowRankLayer):
     """A ``kh x kw`` convolution to ``rank`` channels (per group) followed by a 1x1 convolution.
 
     The first convolution keeps the original stride, padding, dilation and padding mode, so the
@@ -155,6 +330,8 @@ class LowRankConv2d(nn.Module):
     reduce : nn.Conv2d, weight of shape (groups * rank, C_in / groups, kh, kw)
     expand : nn.Conv2d, weight of shape (C_out, rank, 1, 1), with the bias
     """
+
+    accepts = "nn.Conv2d"
 
     def __init__(self, conv: nn.Conv2d, rank: int) -> None:
         super().__init__()
@@ -183,16 +360,18 @@ class LowRankConv2d(nn.Module):
         return self.expand.out_channels
 
     @classmethod
-    def from_factors(cls, conv: nn.Conv2d, left: torch.Tensor, right: torch.Tensor) -> "LowRankConv2d":
-        """Build from per-group factors of ``conv``'s matrix view.
+    def from_factors(cls, dense: nn.Conv2d, left: torch.Tensor, right: torch.Tensor) -> "LowRankConv2d":
+        """Build from per-group factors of ``dense``'s matrix view.
 
         Parameters
         ----------
-        conv : nn.Conv2d
+        dense : nn.Conv2d
             The dense layer (geometry and bias are taken from it).
         left : Tensor of shape (groups, C_out / groups, r)
         right : Tensor of shape (groups, r, C_in / groups * kh * kw)
         """
+        cls._check_dense(dense)
+        conv = dense
         g = conv.groups
         if left.ndim == 2:
             left, right = left.unsqueeze(0), right.unsqueeze(0)
@@ -213,19 +392,19 @@ class LowRankConv2d(nn.Module):
                 layer.expand.bias.copy_(conv.bias)
         return layer
 
-    @classmethod
-    def from_dense(cls, conv: nn.Conv2d, rank: RankLike) -> "LowRankConv2d":
-        """Truncated SVD of each group's ``(C_out/g, C_in/g * kh * kw)`` matrix, in float64.
+    def spec(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "rank": self.rank, "groups": self.groups, "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "kernel_size": list(self.reduce.kernel_size)}
 
-        A rank spec is resolved on the first group's spectrum and applied to every group.
-        """
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"LowRankConv2d.from_dense takes nn.Conv2d, got {type(conv).__name__}")
-        blocks = grouped_matrices(conv)
-        U, S, Vh = svd(blocks.double())
-        k = resolve_rank(S[0], rank, tuple(blocks.shape[1:]))
-        left, right = balanced_factors(U[..., :k], S[..., :k], Vh[..., :k, :])
-        return cls.from_factors(conv, left.to(conv.weight.dtype), right.to(conv.weight.dtype))
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], dense: nn.Conv2d, *, name: str = "") -> "LowRankConv2d":
+        rank = _field(spec, "rank", int, name)
+        saved = (_field(spec, "in_channels", int, name), _field(spec, "out_channels", int, name),
+                 tuple(_field(spec, "kernel_size", list, name)), _field(spec, "groups", int, name))
+        base = (dense.in_channels, dense.out_channels, tuple(dense.kernel_size), dense.groups)
+        if saved != base:
+            raise _mismatch(name, spec, f"in, out, kernel, groups = {saved}", f"{base}", dense)
+        return cls(dense, rank)
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent dense ``nn.Conv2d``."""
@@ -251,17 +430,8 @@ class LowRankConv2d(nn.Module):
         return f"rank={self.rank}, groups={self.groups}, params={factored:,} vs {dense:,} dense ({_saving(dense, factored)})"
 
 
-def _pair(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
-def grouped_matrices(conv: nn.Conv2d) -> torch.Tensor:
-    """A Conv2d weight as one matrix per group, shape (groups, C_out / groups, C_in / groups * kh * kw)."""
-    W = weight_matrix(conv).detach()
-    return W.reshape(conv.groups, conv.out_channels // conv.groups, W.shape[1])
-
-
-class LowRankEmbedding(nn.Module):
+@register_low_rank("embedding")
+class LowRankEmbedding(LowRankLayer):
     """``E ~= U V``: each token looks up a rank-``r`` row of ``U`` and maps it through ``V``.
 
     Attributes
@@ -271,6 +441,8 @@ class LowRankEmbedding(nn.Module):
     padding_idx : int or None
         Kept from the dense embedding (its row of ``U`` receives no gradient).
     """
+
+    accepts = "nn.Embedding"
 
     def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None, *, device=None, dtype=None) -> None:
         super().__init__()
@@ -285,28 +457,38 @@ class LowRankEmbedding(nn.Module):
         return F.embedding(ids, self.u, self.padding_idx) @ self.v
 
     @classmethod
-    def from_factors(cls, left: torch.Tensor, right: torch.Tensor, padding_idx: int | None = None) -> "LowRankEmbedding":
-        """Build from ``left`` (num_embeddings, r) and ``right`` (r, embedding_dim)."""
+    def _check_dense(cls, dense: nn.Module) -> None:
+        super()._check_dense(dense)
+        if dense.max_norm is not None or dense.sparse:
+            raise ValueError("embeddings with max_norm or sparse gradients cannot be factorized")
+
+    @classmethod
+    def from_factors(cls, dense: nn.Embedding, left: torch.Tensor, right: torch.Tensor) -> "LowRankEmbedding":
+        """Replace ``dense`` by ``left`` (num_embeddings, r) @ ``right`` (r, embedding_dim)."""
+        cls._check_dense(dense)
+        if left.ndim == 3 and right.ndim == 3 and left.shape[0] == right.shape[0] == 1:
+            left, right = left[0], right[0]
         if left.ndim != 2 or right.ndim != 2 or right.shape[0] != left.shape[1]:
             raise ValueError(f"factor shapes do not chain: left {tuple(left.shape)}, right {tuple(right.shape)}")
-        layer = cls(left.shape[0], right.shape[1], left.shape[1], padding_idx, device=left.device, dtype=left.dtype)
+        if (left.shape[0], right.shape[1]) != tuple(dense.weight.shape):
+            raise ValueError(f"factors give a {left.shape[0]}x{right.shape[1]} table, the embedding is {tuple(dense.weight.shape)}")
+        layer = cls(left.shape[0], right.shape[1], left.shape[1], dense.padding_idx, device=left.device, dtype=left.dtype)
         with torch.no_grad():
             layer.u.copy_(left)
             layer.v.copy_(right.to(left))
         return layer
 
+    def spec(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "rank": self.rank, "num_embeddings": self.num_embeddings,
+                "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx}
+
     @classmethod
-    def from_dense(cls, embedding: nn.Embedding, rank: RankLike) -> "LowRankEmbedding":
-        """Truncated SVD of the embedding table, in float64."""
-        if not isinstance(embedding, nn.Embedding):
-            raise TypeError(f"LowRankEmbedding.from_dense takes nn.Embedding, got {type(embedding).__name__}")
-        if embedding.max_norm is not None or embedding.sparse:
-            raise ValueError("embeddings with max_norm or sparse gradients cannot be factorized")
-        E = embedding.weight.detach()
-        U, S, Vh = svd(E.double())
-        k = resolve_rank(S, rank, tuple(E.shape))
-        left, right = balanced_factors(U[:, :k], S[:k], Vh[:k])
-        return cls.from_factors(left.to(E.dtype), right.to(E.dtype), embedding.padding_idx)
+    def from_spec(cls, spec: Mapping[str, Any], dense: nn.Embedding, *, name: str = "") -> "LowRankEmbedding":
+        rank = _field(spec, "rank", int, name)
+        saved = (_field(spec, "num_embeddings", int, name), _field(spec, "embedding_dim", int, name))
+        if saved != tuple(dense.weight.shape):
+            raise _mismatch(name, spec, f"{saved[0]} x {saved[1]}", tuple(dense.weight.shape), dense)
+        return cls(saved[0], saved[1], rank, dense.padding_idx, device=dense.weight.device, dtype=dense.weight.dtype)
 
     def to_dense(self) -> nn.Embedding:
         """The equivalent ``nn.Embedding``."""
