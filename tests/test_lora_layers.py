@@ -28,8 +28,9 @@ def _conv1d(nx: int, nf: int) -> nn.Module:
 
 def _filled(layer, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    A, B = layer.factors()
-    layer.set_factors(torch.randn(A.shape, generator=g), torch.randn(B.shape, generator=g))
+    B, A = layer.factors()
+    A0 = torch.randn(A.shape, generator=g)
+    layer.set_factors(torch.randn(B.shape, generator=g), A0)
     return layer
 
 
@@ -66,7 +67,7 @@ def test_forward_adds_scaled_low_rank_update(case):
     _, base, x = case
     layer = _filled(wrap_lora(base, 2, 3.0))
     assert layer.scaling == pytest.approx(1.5)
-    A, B = layer.factors()
+    B, A = layer.factors()
     reference = copy.deepcopy(base)
     set_weight_matrix(reference, weight_matrix(base).detach() + 1.5 * B.detach() @ A.detach())
     torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
@@ -112,7 +113,7 @@ def test_safe_merge_refuses_non_finite_and_leaves_the_base(case):
 def test_safe_merge_catches_overflow_of_a_half_weight():
     base = nn.Linear(4, 4).to(torch.float16)
     layer = wrap_lora(base, 1, 1.0)
-    layer.set_factors(torch.full((1, 4), 300.0), torch.full((4, 1), 300.0))  # 9e4 > fp16 max
+    layer.set_factors(torch.full((4, 1), 300.0), torch.full((1, 4), 300.0))  # 9e4 > fp16 max
     with pytest.raises(ValueError, match="overflows"):
         layer.merge(safe=True)
 
@@ -155,7 +156,7 @@ def test_dropout_only_touches_the_adapter_path():
     layer.train()
     y_train = layer(x)
     assert not torch.allclose(y_eval, y_train)
-    layer.set_factors(torch.zeros(2, 10), torch.zeros(10, 2))
+    layer.set_factors(torch.zeros(10, 2), torch.zeros(2, 10))
     torch.testing.assert_close(layer(x), base(x))
 
 
@@ -185,7 +186,7 @@ def test_unsupported_layers_raise():
 def test_set_factors_checks_shapes():
     layer = wrap_lora(nn.Linear(6, 5), 2, 2.0)
     with pytest.raises(ValueError, match="factors for a rank-2 adapter"):
-        layer.set_factors(torch.zeros(2, 5), torch.zeros(5, 2))
+        layer.set_factors(torch.zeros(2, 5), torch.zeros(5, 2))  # (A, B): the wrong order
 
 
 def test_conv2d_adapter_matches_its_matrix_view():

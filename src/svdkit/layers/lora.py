@@ -84,6 +84,12 @@ class LoRALayer(nn.Module):
     -----
     Adapters live on the base weight's device, in its dtype, except that float16/bfloat16 bases get
     float32 adapters (the input is cast for the adapter path and the result cast back).
+
+    A new wrapper takes the training mode of the layer it wraps, so an adapter added to a model
+    in ``eval()`` mode applies no dropout until the model is put back in training mode.
+
+    :meth:`factors` and :meth:`set_factors` use svdkit's factor order ``(left, right)``, which
+    for LoRA is ``(B, A)``: the update is ``s * B @ A``.
     """
 
     kind: ClassVar[str] = ""
@@ -94,7 +100,7 @@ class LoRALayer(nn.Module):
         view = get_view(base_layer)
         if view is None or view.kind != self.kind:
             raise TypeError(f"{type(self).__name__} wraps a {self.kind} layer, got {type(base_layer).__name__}")
-        self._check_base(base_layer)
+        self.check_base(base_layer)
         out_features, in_features = weight_matrix(base_layer).shape
         if rank > min(out_features, in_features):
             raise ValueError(
@@ -118,10 +124,15 @@ class LoRALayer(nn.Module):
         self.register_buffer("lora_A_init", None)
         self.register_buffer("lora_B_init", None)
         self.merged = False
+        # A wrapper joins the model in the mode of the layer it replaces: an eval() model gets
+        # eval wrappers (no adapter dropout), a training model training ones.
+        self.train(base_layer.training)
 
     # -- subclass hooks ---------------------------------------------------------------------
-    def _check_base(self, base_layer: nn.Module) -> None:
-        """Raise for base-layer configurations the wrapper cannot express."""
+    @classmethod
+    def check_base(cls, base_layer: nn.Module) -> None:
+        """Raise ``ValueError`` for base-layer configurations the wrapper cannot express
+        (nothing is modified; callers validate a whole selection with it before wrapping any)."""
 
     def _make_adapters(self, base_layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
         raise NotImplementedError
@@ -143,37 +154,43 @@ class LoRALayer(nn.Module):
         return self.lora_A_init is not None
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The adapter factors as matrices.
+        """The adapter factors as matrices, ``(left, right) = (B, A)``.
+
+        The order is that of every factorization in svdkit (``left @ right``, as the
+        compression methods' factors): the update is ``s * left @ right``.
 
         Returns
         -------
-        A : Tensor of shape (rank, d)
         B : Tensor of shape (out, rank)
-            Views of the parameters, so ``s * B @ A`` is the update of the weight matrix.
+            The left factor, a view of ``lora_B``'s weight.
+        A : Tensor of shape (rank, d)
+            The right factor, a view of ``lora_A``'s weight.
         """
-        return self.lora_A.weight.reshape(self.rank, -1), self.lora_B.weight.reshape(-1, self.rank)
+        return self.lora_B.weight.reshape(-1, self.rank), self.lora_A.weight.reshape(self.rank, -1)
 
-    def set_factors(self, A: torch.Tensor, B: torch.Tensor) -> None:
+    def set_factors(self, B: torch.Tensor, A: torch.Tensor) -> None:
         """Copy matrices into the adapter parameters (cast to the adapter's dtype).
 
         Parameters
         ----------
-        A : Tensor of shape (rank, d)
         B : Tensor of shape (out, rank)
+            The left factor, for ``lora_B``.
+        A : Tensor of shape (rank, d)
+            The right factor, for ``lora_A``.
         """
         out_features, d = self.matrix_shape
-        if tuple(A.shape) != (self.rank, d) or tuple(B.shape) != (out_features, self.rank):
+        if tuple(B.shape) != (out_features, self.rank) or tuple(A.shape) != (self.rank, d):
             raise ValueError(
-                f"factors for a rank-{self.rank} adapter of a {out_features}x{d} matrix must be A "
-                f"({self.rank}, {d}) and B ({out_features}, {self.rank}); got {tuple(A.shape)} and {tuple(B.shape)}"
+                f"factors for a rank-{self.rank} adapter of a {out_features}x{d} matrix must be B "
+                f"({out_features}, {self.rank}) and A ({self.rank}, {d}); got {tuple(B.shape)} and {tuple(A.shape)}"
             )
         with torch.no_grad():
-            self.lora_A.weight.copy_(A.reshape(self.lora_A.weight.shape))
             self.lora_B.weight.copy_(B.reshape(self.lora_B.weight.shape))
+            self.lora_A.weight.copy_(A.reshape(self.lora_A.weight.shape))
 
     def delta_weight(self) -> torch.Tensor:
         """The update ``s * B @ A``, Tensor of shape (out, d) in float32 (float64 for float64 adapters)."""
-        A, B = self.factors()
+        B, A = self.factors()
         dtype = _compute_dtype(A.dtype)
         return (B.detach().to(dtype) @ A.detach().to(dtype)) * self.scaling
 
@@ -186,31 +203,54 @@ class LoRALayer(nn.Module):
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(adapter_dtype))))
         return result + (update * self.scaling).to(result.dtype)
 
-    def _add_to_base(self, sign: float, A: torch.Tensor, B: torch.Tensor, *, safe: bool, what: str) -> None:
+    def _updated_weight(self, sign: float, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """``W + sign * s * B @ A`` out of place, in float32 (float64 for float64 weights)."""
+        W = weight_matrix(self.base_layer)
+        dtype = _compute_dtype(W.dtype)
+        B_, A_ = B.detach().to(W.device, dtype), A.detach().to(W.device, dtype)
+        return W.detach().to(dtype).addmm(B_, A_, alpha=sign * self.scaling)
+
+    def _weight_problem(self, new: torch.Tensor, what: str) -> str | None:
+        """Why writing ``new`` into the base weight would damage it, or None."""
+        bad = ~torch.isfinite(new)
+        if bool(bad.any()):
+            return f"{what} would write non-finite values ({int(bad.sum())} NaN/Inf) into the {type(self.base_layer).__name__} weight"
+        dtype = self.base_layer.weight.dtype
+        if not bool(torch.isfinite(new.to(dtype)).all()):
+            return f"{what} overflows {dtype} for the {type(self.base_layer).__name__} weight"
+        return None
+
+    def check_merge(self, *, what: str = "merging the adapter") -> None:
+        """Raise ``ValueError`` if merging would write NaN/Inf (or overflow the weight's dtype).
+
+        Nothing is modified; :func:`svdkit.lora.merge_lora` checks every layer this way before
+        merging any, so a safe merge is all or nothing.
+
+        Parameters
+        ----------
+        what : str
+            How the message names the operation (e.g. ``"merging layer 'fc1'"``).
+        """
+        if self.merged:
+            return
+        problem = self._weight_problem(self._updated_weight(1.0, *self.factors()), what)
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _add_to_base(self, sign: float, B: torch.Tensor, A: torch.Tensor, *, safe: bool, what: str) -> None:
         """``W <- W + sign * s * B @ A`` computed in float32/float64 and written back in W's dtype."""
         W = weight_matrix(self.base_layer)
         dtype = _compute_dtype(W.dtype)
-        weight = self.base_layer.weight
         with torch.no_grad():
-            A_, B_ = A.detach().to(W.device, dtype), B.detach().to(W.device, dtype)
-            in_place = W.dtype == dtype and not safe and W.data_ptr() == weight.data_ptr()
+            in_place = W.dtype == dtype and not safe and W.data_ptr() == self.base_layer.weight.data_ptr()
             if in_place:
-                W.addmm_(B_, A_, alpha=sign * self.scaling)
+                W.addmm_(B.detach().to(W.device, dtype), A.detach().to(W.device, dtype), alpha=sign * self.scaling)
                 return
-            new = W.to(dtype).addmm(B_, A_, alpha=sign * self.scaling)
+            new = self._updated_weight(sign, B, A)
             if safe:
-                bad = ~torch.isfinite(new)
-                if bool(bad.any()):
-                    raise ValueError(
-                        f"{what} would write {int(bad.sum())} non-finite value(s) into the "
-                        f"{type(self.base_layer).__name__} weight; the base weight was left unchanged"
-                    )
-                cast = new.to(W.dtype)
-                if not bool(torch.isfinite(cast).all()):
-                    raise ValueError(
-                        f"{what} overflows {W.dtype} for the {type(self.base_layer).__name__} weight; "
-                        "the base weight was left unchanged"
-                    )
+                problem = self._weight_problem(new, what)
+                if problem is not None:
+                    raise ValueError(problem + "; the base weight was left unchanged")
             set_weight_matrix(self.base_layer, new)
 
     def merge(self, *, safe: bool = False) -> None:
@@ -224,16 +264,14 @@ class LoRALayer(nn.Module):
         """
         if self.merged:
             return
-        A, B = self.factors()
-        self._add_to_base(1.0, A, B, safe=safe, what="merging the adapter")
+        self._add_to_base(1.0, *self.factors(), safe=safe, what="merging the adapter")
         self.merged = True
 
     def unmerge(self) -> None:
         """Subtract ``s * B @ A`` from the base weight again; no-op if not merged."""
         if not self.merged:
             return
-        A, B = self.factors()
-        self._add_to_base(-1.0, A, B, safe=False, what="unmerging the adapter")
+        self._add_to_base(-1.0, *self.factors(), safe=False, what="unmerging the adapter")
         self.merged = False
 
     def merge_and_unload(self, *, safe: bool = False) -> nn.Module:
@@ -241,28 +279,52 @@ class LoRALayer(nn.Module):
         self.merge(safe=safe)
         return self.base_layer
 
-    def move_into_adapter(self, A: torch.Tensor, B: torch.Tensor) -> None:
+    def move_into_adapter(self, B: torch.Tensor, A: torch.Tensor, *, residual: torch.Tensor | None = None) -> None:
         """Set the factors and subtract ``s * B @ A`` from the base weight (PiSSA-style inits).
 
         The residual ``W - s * B @ A`` is computed from the factors as stored (after the cast to
         the adapter dtype), so ``base + adapter`` reproduces ``W`` up to float32 rounding however
-        approximate the decomposition that produced ``A`` and ``B`` was. The stored factors are
-        kept in ``lora_A_init`` / ``lora_B_init``.
+        approximate the decomposition that produced ``B`` and ``A`` was. The stored factors are
+        kept in ``lora_B_init`` / ``lora_A_init``.
 
         Parameters
         ----------
-        A : Tensor of shape (rank, d)
         B : Tensor of shape (out, rank)
+            The left factor.
+        A : Tensor of shape (rank, d)
+            The right factor.
+        residual : Tensor of shape (out, d), optional
+            The base matrix to write instead of computing ``W - s * B @ A`` here; for
+            reproducing another library's rounding (PEFT's load-time PiSSA/OLoRA).
         """
         if self.merged:
             raise RuntimeError("unmerge the adapter before re-initialising it")
         if self.moved_weight:
             raise RuntimeError("this adapter already moved part of the base weight; wrap a fresh layer instead")
-        self.set_factors(A, B)
-        A_, B_ = self.factors()
-        self._add_to_base(-1.0, A_, B_, safe=False, what="moving the principal part into the adapter")
+        if residual is not None and tuple(residual.shape) != self.matrix_shape:
+            raise ValueError(f"the residual must have the weight matrix's shape {self.matrix_shape}, got {tuple(residual.shape)}")
+        self.set_factors(B, A)
+        B_, A_ = self.factors()
+        if residual is None:
+            self._add_to_base(-1.0, B_, A_, safe=False, what="moving the principal part into the adapter")
+        else:
+            with torch.no_grad():
+                set_weight_matrix(self.base_layer, residual.detach())
         self.lora_A_init = A_.detach().clone()
         self.lora_B_init = B_.detach().clone()
+
+    def restore_moved_weight(self) -> None:
+        """Undo :meth:`move_into_adapter`: add ``s * B_init @ A_init`` back into the base weight
+        (to float rounding) and forget the init factors; no-op if nothing was moved."""
+        if not self.moved_weight:
+            return
+        if self.merged:
+            raise RuntimeError("unmerge the adapter before restoring its base weight")
+        B0 = self.lora_B_init.reshape(-1, self.rank)
+        A0 = self.lora_A_init.reshape(self.rank, -1)
+        self._add_to_base(1.0, B0, A0, safe=False, what="restoring the base weight")
+        self.lora_A_init = None
+        self.lora_B_init = None
 
     def extra_repr(self) -> str:
         return (
@@ -300,7 +362,8 @@ class LoRAConv2d(LoRALayer):
 
     kind = "conv2d"
 
-    def _check_base(self, base_layer: nn.Module) -> None:
+    @classmethod
+    def check_base(cls, base_layer: nn.Module) -> None:
         if base_layer.groups != 1:
             raise ValueError(f"LoRA on a grouped Conv2d (groups={base_layer.groups}) is not supported")
 
