@@ -23,6 +23,7 @@ from svdkit.lora import (
     merge_lora,
     register_init,
     unmerge_lora,
+    unregister_init,
 )
 
 
@@ -66,15 +67,8 @@ def gpt2():
 
 
 @pytest.fixture(scope="module")
-def llama():
-    from transformers import LlamaConfig, LlamaModel
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=100, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-    return LlamaModel(config).eval()
+def llama(make_decoder):
+    return make_decoder("llama")
 
 
 def _ids():
@@ -101,7 +95,7 @@ def test_inits_leave_outputs_unchanged(request, model_name, init, svd):
     ids = _ids()
     with torch.no_grad():
         y0 = model(ids).last_hidden_state
-        lora_model = add_lora(model, None, rank=4, alpha=8, init=init, svd=svd)
+        lora_model = add_lora(model, None, rank=4, alpha=8, init=init, svd_method=svd)
         y = lora_model(ids).last_hidden_state
     assert len(lora_layers(lora_model)) == (8 if model_name == "gpt2" else 14)
     assert _rel_dev(y, y0) <= 1e-5
@@ -109,14 +103,14 @@ def test_inits_leave_outputs_unchanged(request, model_name, init, svd):
 
 def test_pissa_adapter_is_the_principal_part(mlp):
     W = mlp.fc2.weight.detach().clone()
-    lora_model = add_lora(mlp, ["fc2"], rank=5, alpha=10, init="pissa", svd="exact")
+    lora_model = add_lora(mlp, ["fc2"], rank=5, alpha=10, init="pissa", svd_method="exact")
     layer = lora_model.fc2
     U, S, Vh = torch.linalg.svd(W.double())
     principal = (U[:, :5] * S[:5]) @ Vh[:5]
     torch.testing.assert_close(layer.delta_weight().double(), principal, rtol=0, atol=1e-5)
     torch.testing.assert_close(layer.base_layer.weight.detach().double(), W.double() - principal, rtol=0, atol=1e-5)
     # A = sqrt(S/s) Vh has orthogonal rows with norms sqrt(S/s)
-    A, B = layer.factors()
+    B, A = layer.factors()
     torch.testing.assert_close((A @ A.T).diag().double(), S[:5] / layer.scaling, rtol=1e-5, atol=1e-6)
     assert layer.moved_weight
     torch.testing.assert_close(layer.lora_A_init, A.detach())
@@ -130,8 +124,8 @@ def test_randomized_pissa_captures_the_exact_subspace_on_a_decaying_spectrum():
     model = nn.Sequential(nn.Linear(200, 300, bias=False))
     with torch.no_grad():
         model[0].weight.copy_((U[:, :200] * S) @ V.T)
-    exact = add_lora(model, None, rank=8, init="pissa", svd="exact")[0]
-    fast = add_lora(model, None, rank=8, init="pissa", svd="randomized")[0]
+    exact = add_lora(model, None, rank=8, init="pissa", svd_method="exact")[0]
+    fast = add_lora(model, None, rank=8, init="pissa", svd_method="randomized")[0]
     torch.testing.assert_close(fast.delta_weight(), exact.delta_weight(), rtol=0, atol=1e-4)
 
 
@@ -145,8 +139,8 @@ def test_milora_adapter_is_the_minor_part(mlp):
 
 
 def test_milora_refuses_randomized_svd():
-    with pytest.raises(ValueError, match="svd='randomized' does not apply to init 'milora'"):
-        LoRAConfig(init="milora", svd="randomized")
+    with pytest.raises(ValueError, match="svd_method='randomized' does not apply to init 'milora'"):
+        LoRAConfig(init="milora", svd_method="randomized")
 
 
 def test_gaussian_init_is_seeded_with_zero_b(mlp):
@@ -305,13 +299,15 @@ def test_targets_follow_peft_semantics(gpt2):
     "kwargs, match",
     [
         ({"rank": 40}, "rank 40 exceeds min\\(out, in\\) = 24 of layer 'fc1'"),
-        ({"rank": 4, "alpha": 0}, "LoRAConfig.alpha must be a finite number > 0"),
-        ({"rank": 4, "alpha": -2.0}, "LoRAConfig.alpha"),
-        ({"rank": 0}, "LoRAConfig.rank must be an int >= 1, got 0"),
-        ({"rank": 4, "dropout": 1.5}, "LoRAConfig.dropout"),
-        ({"rank": 4, "svd": "fast"}, "LoRAConfig.svd must be one of"),
+        ({"rank": 4, "alpha": 0}, r"LoRAConfig.lora_alpha \(alpha\) must be a finite number > 0"),
+        ({"rank": 4, "alpha": -2.0}, "LoRAConfig.lora_alpha"),
+        ({"rank": 0}, r"LoRAConfig.r \(rank\) must be an int >= 1 or a rank spec such as Energy\(0.9\), got 0"),
+        ({"rank": 4, "dropout": 1.5}, "LoRAConfig.lora_dropout"),
+        ({"rank": 4, "svd_method": "fast"}, "LoRAConfig.svd_method must be one of"),
         ({"rank": 4, "init": "olora"}, "unknown LoRA init 'olora'"),
         ({"rank": 4, "rank_pattern": {"fc1": 0}}, r"LoRAConfig.rank_pattern\['fc1'\]"),
+        ({"rank": 4, "rank_pattern": {"fc_1": 2}}, r"rank_pattern: 1 key\(s\) match none of the 3 selected layers: 'fc_1' \(did you mean 'fc1'"),
+        ({"rank": 4, "alpha_pattern": {"heads": 2.0}}, r"alpha_pattern: .*'heads' \(did you mean 'head'"),
     ],
 )
 def test_bad_input_gives_clear_errors_and_modifies_nothing(mlp, kwargs, match):
@@ -340,11 +336,11 @@ def test_config_round_trips_through_json():
     import json
 
     config = LoRAConfig(rank=4, alpha=8, init="pissa", targets=["q", "v"], rank_pattern={"q": 2})
-    assert config.targets == ("q", "v")
+    assert config.target_modules == ("q", "v")
     again = LoRAConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
     with pytest.raises(ValueError, match="unknown LoRAConfig field"):
-        LoRAConfig.from_dict({"rank": 4, "lora_alpha": 8})
+        LoRAConfig.from_dict({"rank": 4, "lora_alpah": 8})
 
 
 def test_apply_lora_with_a_config_object(mlp):
@@ -355,11 +351,24 @@ def test_apply_lora_with_a_config_object(mlp):
         apply_lora(mlp, {"rank": 3})
 
 
-def test_custom_init_is_one_registered_function(mlp):
+@pytest.fixture
+def ones_init():
+    """A test init, registered for one test and removed from the registry afterwards."""
+
     @register_init("test_ones")
     def ones(layer, ctx):
-        A, B = layer.factors()
-        layer.set_factors(torch.ones_like(A), torch.zeros_like(B))
+        B, A = layer.factors()
+        layer.set_factors(torch.zeros_like(B), torch.ones_like(A))
 
-    lora_model = add_lora(mlp, None, rank=2, init="test_ones")
+    yield "test_ones"
+    unregister_init("test_ones")
+
+
+def test_custom_init_is_one_registered_function(mlp, ones_init):
+    lora_model = add_lora(mlp, None, rank=2, init=ones_init)
     assert torch.all(lora_model.fc1.lora_A.weight == 1)
+    assert ones_init in available_inits()
+
+
+def test_the_test_init_left_the_registry():
+    assert "test_ones" not in available_inits()

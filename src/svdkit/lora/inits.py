@@ -5,6 +5,8 @@ name                  what the adapter starts as                                
 ====================  ========================================================  ===============
 ``gaussian``          ``A ~ N(0, 1/r^2)`` (std ``1/r``, PEFT's "gaussian"),      untouched
                       ``B = 0``: classic LoRA, output unchanged
+``kaiming``           ``A`` kaiming-uniform (``U(-1/sqrt(d), 1/sqrt(d))``,       untouched
+                      PEFT's default ``init_lora_weights=True``), ``B = 0``
 ``pissa``             the principal ``r`` singular triplets of ``W``             ``W - s B A``
                       (arXiv:2404.02948), output unchanged
 ``milora``            the minor ``r`` singular triplets of ``W``                 ``W - s B A``
@@ -16,8 +18,14 @@ name                  what the adapter starts as                                
                       layer's inputs (arXiv:2410.07170), ``B = 0``
 ====================  ========================================================  ===============
 
-Every SVD-based init splits ``sigma`` evenly: ``A = sqrt(S/s) Vh``, ``B = U sqrt(S/s)``, so
-``s * B @ A = U S Vh``. Adding an init is one decorated function::
+Every SVD-based init splits ``sigma`` evenly with :func:`svdkit.linalg.split_factors`:
+``B = U sqrt(S/s)``, ``A = sqrt(S/s) Vh``, so ``s * B @ A = U S Vh``.
+
+Each init also names its *spectrum source*, the matrix whose singular values a typed rank
+(``Energy(0.9)``, ``ErrorTol(0.1)``, ...) is resolved on: the weight for ``gaussian``,
+``kaiming``, ``pissa`` and ``milora``, the target change for ``svd_delta``, the layer's inputs
+(the square roots of the input Gram's eigenvalues) for ``eva``. Adding an init is one decorated
+function::
 
     @register_init("mine", needs=("delta",))
     def mine(layer: LoRALayer, ctx: InitContext) -> None:
@@ -26,24 +34,30 @@ Every SVD-based init splits ``sigma`` evenly: ``A = sqrt(S/s) Vh``, ``B = U sqrt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
 
 import torch
+from torch import nn
 
 from ..calibrate import InputStats
 from ..layers.lora import LoRALayer
-from ..linalg import randomized_svd, svd, svd_flip
+from ..linalg import split_factors, svd, svd_flip, svdvals, truncated_svd
 from ..views import weight_matrix
 
 __all__ = [
     "InitContext",
     "LoRAInit",
     "SVDMethod",
+    "SVD_METHODS",
     "available_inits",
+    "check_init_inputs",
     "get_init",
+    "init_spectrum",
     "register_init",
     "top_triplets",
+    "unregister_init",
 ]
 
 SVDMethod = Literal["auto", "exact", "randomized"]
@@ -61,8 +75,9 @@ class InitContext:
         The layer's dotted name in the model (for error messages).
     seed : int
         Seed for this layer's random draws (Gaussian factors, randomized SVD sketches).
-    svd : {"auto", "exact", "randomized"}
-        How to decompose. ``"auto"`` is randomized when ``rank <= min(m, n) / 10``.
+    svd_method : {"auto", "exact", "randomized"}
+        How to decompose (:func:`svdkit.linalg.truncated_svd`); ``"auto"`` is randomized when
+        the rank is below a tenth of ``min(m, n)``.
     n_iter : int or "auto"
         Krylov steps of :func:`svdkit.linalg.randomized_svd`.
     oversamples : int
@@ -75,7 +90,7 @@ class InitContext:
 
     name: str = ""
     seed: int = 0
-    svd: SVDMethod = "auto"
+    svd_method: SVDMethod = "auto"
     n_iter: int | Literal["auto"] = 4
     oversamples: int = 0
     delta: torch.Tensor | None = None
@@ -97,6 +112,8 @@ class LoRAInit:
         Whether the init subtracts the adapter from the base weight (outputs stay unchanged).
     randomized : bool
         Whether a randomized SVD can serve it (the minor triplets need the exact SVD).
+    spectrum : {"weight", "delta", "inputs"}
+        Whose singular values a typed rank is resolved on (see the module docstring).
     """
 
     name: str
@@ -104,25 +121,80 @@ class LoRAInit:
     needs: tuple[str, ...] = ()
     moves_weight: bool = False
     randomized: bool = True
+    spectrum: str = "weight"
+
+    @property
+    def reads_source(self) -> bool:
+        """Whether the init decomposes its spectrum source (then it must be finite)."""
+        return self.moves_weight or bool(self.needs)
 
 
 _INITS: dict[str, LoRAInit] = {}
 
 
+def _weight_spectrum(module: nn.Module, delta: torch.Tensor | None, stats: InputStats | None) -> torch.Tensor:
+    return svdvals(_working(weight_matrix(module).detach()))
+
+
+def _delta_spectrum(module: nn.Module, delta: torch.Tensor | None, stats: InputStats | None) -> torch.Tensor:
+    return svdvals(_working(delta.detach()))
+
+
+def _input_spectrum(module: nn.Module, delta: torch.Tensor | None, stats: InputStats | None) -> torch.Tensor:
+    eigenvalues = torch.linalg.eigvalsh(stats.gram.double()).flip(-1)
+    return eigenvalues.clamp_min(0).sqrt()
+
+
+# spectrum source -> singular values of that matrix, descending
+_SPECTRA: dict[str, Callable[[nn.Module, torch.Tensor | None, InputStats | None], torch.Tensor]] = {
+    "weight": _weight_spectrum,
+    "delta": _delta_spectrum,
+    "inputs": _input_spectrum,
+}
+
+
 def register_init(
-    name: str, *, needs: Iterable[str] = (), moves_weight: bool = False, randomized: bool = True
+    name: str,
+    *,
+    needs: Iterable[str] = (),
+    moves_weight: bool = False,
+    randomized: bool = True,
+    spectrum: str | None = None,
 ) -> Callable[[Callable[[LoRALayer, InitContext], None]], Callable[[LoRALayer, InitContext], None]]:
-    """Decorator adding an init function to the registry under ``name``."""
+    """Decorator adding an init function to the registry under ``name``.
+
+    Parameters
+    ----------
+    name : str
+    needs : iterable of str
+        ``"delta"`` and/or ``"input_stats"``.
+    moves_weight : bool
+        The init subtracts its adapter from the base weight.
+    randomized : bool
+        A randomized SVD can serve it.
+    spectrum : {"weight", "delta", "inputs"}, optional
+        Whose singular values a typed rank is resolved on; default ``"delta"`` when the init
+        needs a delta, ``"inputs"`` when it needs input statistics, else ``"weight"``.
+    """
     needs = tuple(needs)
     unknown = [n for n in needs if n not in _NEEDS]
     if unknown:
         raise ValueError(f"init {name!r}: unknown needs {unknown}; choose from {_NEEDS}")
+    if spectrum is None:
+        spectrum = "delta" if "delta" in needs else "inputs" if "input_stats" in needs else "weight"
+    if spectrum not in _SPECTRA:
+        raise ValueError(f"init {name!r}: unknown spectrum {spectrum!r}; choose from {sorted(_SPECTRA)}")
 
     def decorate(fn: Callable[[LoRALayer, InitContext], None]) -> Callable[[LoRALayer, InitContext], None]:
-        _INITS[name] = LoRAInit(name, fn, needs, moves_weight, randomized)
+        _INITS[name] = LoRAInit(name, fn, needs, moves_weight, randomized, spectrum)
         return fn
 
     return decorate
+
+
+def unregister_init(name: str) -> None:
+    """Remove an init from the registry (for tests and plug-ins); unknown names are ignored."""
+    _INITS.pop(name, None)
 
 
 def available_inits() -> list[str]:
@@ -134,14 +206,59 @@ def get_init(name: str) -> LoRAInit:
     """The registered init called ``name``; ``ValueError`` listing the choices otherwise."""
     try:
         return _INITS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown LoRA init {name!r}; choose one of {available_inits()}") from None
 
 
-def _use_randomized(method: str, rank: int, shape: tuple[int, int]) -> bool:
-    if method not in SVD_METHODS:
-        raise ValueError(f"svd must be one of {SVD_METHODS}, got {method!r}")
-    return method == "randomized" or (method == "auto" and rank <= 0.1 * min(shape))
+def init_spectrum(init: LoRAInit, module: nn.Module, *, delta: torch.Tensor | None = None,
+                  input_stats: InputStats | None = None) -> torch.Tensor:
+    """The singular values a typed rank is resolved on for ``init`` on ``module``.
+
+    Returns
+    -------
+    Tensor of shape (k,)
+        Descending: of the weight matrix (``k = min(out, d)``), of the target change, or of the
+        layer's stacked inputs (``k = d``, from the input Gram).
+    """
+    return _SPECTRA[init.spectrum](module, delta, input_stats)
+
+
+def check_init_inputs(init: LoRAInit, name: str, module: nn.Module, *, delta: torch.Tensor | None = None,
+                      input_stats: InputStats | None = None, spectrum_needed: bool = False) -> None:
+    """Raise ``ValueError`` naming the layer if what ``init`` decomposes has the wrong shape or is
+    not finite (checked before any layer is modified).
+
+    Parameters
+    ----------
+    spectrum_needed : bool
+        The rank is a typed spec, so the spectrum source is decomposed even by inits that do not
+        read it (``gaussian``).
+    """
+    out_features, d = weight_matrix(module).shape
+    if delta is not None and tuple(delta.shape) != (out_features, d):
+        raise ValueError(
+            f"the weight change for layer {name!r} has shape {tuple(delta.shape)}, "
+            f"but the layer's weight matrix is {(out_features, d)}"
+        )
+    if input_stats is not None and tuple(input_stats.gram.shape) != (d, d):
+        raise ValueError(
+            f"the input statistics for layer {name!r} are {tuple(input_stats.gram.shape)}, expected ({d}, {d}): "
+            "they were collected for another layer or model"
+        )
+    if not (init.reads_source or spectrum_needed):
+        return
+    source = {"weight": weight_matrix(module), "delta": delta,
+              "inputs": input_stats.gram if input_stats is not None else None}[init.spectrum]
+    if source is None:
+        return
+    bad = int((~torch.isfinite(source.detach())).sum())
+    if bad:
+        what = {
+            "weight": f"its weight holds {bad} non-finite value(s) (NaN/Inf)",
+            "delta": f"its target weight change holds {bad} non-finite value(s) (NaN/Inf)",
+            "inputs": "its input statistics hold NaN/Inf: a calibration batch that reaches it is not finite",
+        }[init.spectrum]
+        raise ValueError(f"layer {name!r}: {what}; init {init.name!r} needs it finite")
 
 
 def top_triplets(M: torch.Tensor, rank: int, ctx: InitContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,39 +277,45 @@ def top_triplets(M: torch.Tensor, rank: int, ctx: InitContext) -> tuple[torch.Te
     Vh : Tensor of shape (rank, n)
         In ``M``'s working dtype (float32, or float64 for float64 input).
     """
-    if _use_randomized(ctx.svd, rank, tuple(M.shape)):
-        U, S, Vh = randomized_svd(M, rank, n_iter=ctx.n_iter, oversamples=ctx.oversamples, seed=ctx.seed)
-        return U, S, Vh
-    U, S, Vh = svd(M)
-    return U[:, :rank], S[:rank], Vh[:rank]
+    factors, _ = truncated_svd(
+        M, rank, svd_method=ctx.svd_method, seed=ctx.seed, n_iter=ctx.n_iter, oversamples=ctx.oversamples
+    )
+    return factors.U, factors.S, factors.Vh
 
 
-def _split_sigma(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A = sqrt(S/s) Vh``, ``B = U sqrt(S/s)``, so that ``s * B @ A = U diag(S) Vh``."""
-    root = (S.clamp_min(0) / scaling).sqrt()
-    return root.unsqueeze(-1) * Vh, U * root
+def _working(M: torch.Tensor) -> torch.Tensor:
+    return M.float() if M.dtype != torch.float64 else M
 
 
 def _matrix(layer: LoRALayer) -> torch.Tensor:
-    W = weight_matrix(layer.base_layer).detach()
-    return W.float() if W.dtype != torch.float64 else W
+    return _working(weight_matrix(layer.base_layer).detach())
 
 
 @register_init("gaussian")
 def gaussian(layer: LoRALayer, ctx: InitContext) -> None:
     """Classic LoRA: ``A`` Gaussian with std ``1/r`` (PEFT's ``"gaussian"``), ``B = 0``."""
-    A, B = layer.factors()
+    B, A = layer.factors()
     generator = torch.Generator().manual_seed(int(ctx.seed))
     A0 = torch.randn(A.shape, generator=generator, dtype=torch.float64) / layer.rank
-    layer.set_factors(A0, torch.zeros_like(B))
+    layer.set_factors(torch.zeros_like(B), A0)
+
+
+@register_init("kaiming")
+def kaiming(layer: LoRALayer, ctx: InitContext) -> None:
+    """PEFT's default (``init_lora_weights=True``): ``A`` kaiming-uniform with ``a = sqrt(5)``,
+    i.e. ``U(-1/sqrt(d), 1/sqrt(d))`` as ``nn.Linear`` initialises its weight; ``B = 0``."""
+    B, A = layer.factors()
+    generator = torch.Generator().manual_seed(int(ctx.seed))
+    bound = 1.0 / math.sqrt(A.shape[1])
+    A0 = (torch.rand(A.shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+    layer.set_factors(torch.zeros_like(B), A0)
 
 
 @register_init("pissa", moves_weight=True)
 def pissa(layer: LoRALayer, ctx: InitContext) -> None:
     """PiSSA: the principal ``r`` triplets of ``W`` move into the adapter; the base keeps the residual."""
     U, S, Vh = top_triplets(_matrix(layer), layer.rank, ctx)
-    A, B = _split_sigma(U, S, Vh, layer.scaling)
-    layer.move_into_adapter(A, B)
+    layer.move_into_adapter(*split_factors(U, S, Vh, scale=layer.scaling))
 
 
 @register_init("milora", moves_weight=True, randomized=False)
@@ -200,8 +323,7 @@ def milora(layer: LoRALayer, ctx: InitContext) -> None:
     """MiLoRA: the minor ``r`` triplets of ``W`` move into the adapter (exact SVD)."""
     U, S, Vh = svd(_matrix(layer))
     r = layer.rank
-    A, B = _split_sigma(U[:, -r:], S[-r:], Vh[-r:], layer.scaling)
-    layer.move_into_adapter(A, B)
+    layer.move_into_adapter(*split_factors(U[:, -r:], S[-r:], Vh[-r:], scale=layer.scaling))
 
 
 @register_init("svd_delta", needs=("delta",))
@@ -215,11 +337,8 @@ def svd_delta(layer: LoRALayer, ctx: InitContext) -> None:
             f"the weight change for layer {ctx.name!r} has shape {tuple(delta.shape)}, "
             f"but the layer's weight matrix is {layer.matrix_shape}"
         )
-    D = delta.detach()
-    D = D.float() if D.dtype != torch.float64 else D
-    U, S, Vh = top_triplets(D, layer.rank, ctx)
-    A, B = _split_sigma(U, S, Vh, layer.scaling)
-    layer.set_factors(A, B)
+    U, S, Vh = top_triplets(_working(delta.detach()), layer.rank, ctx)
+    layer.set_factors(*split_factors(U, S, Vh, scale=layer.scaling))
 
 
 @register_init("eva", needs=("input_stats",))
@@ -235,5 +354,5 @@ def eva(layer: LoRALayer, ctx: InitContext) -> None:
     _, vectors = torch.linalg.eigh(stats.gram.double())
     V = vectors[:, -layer.rank:].flip(-1)  # (d, r), descending eigenvalues
     V, _ = svd_flip(V, V.mT)
-    A, B = layer.factors()
-    layer.set_factors(V.mT, torch.zeros_like(B))
+    B, _ = layer.factors()
+    layer.set_factors(torch.zeros_like(B), V.mT)
