@@ -16,7 +16,6 @@ from svdkit.lora import (
     analyze_deltas,
     delta_spectrum,
     extract_lora,
-    format_delta_table,
     lora_layers,
     weight_deltas,
 )
@@ -89,7 +88,7 @@ def test_truncated_extraction_reports_energy_and_needed_ranks(pair):
         curve = torch.cumsum(S.square(), 0) / S.square().sum()
         assert entry.rank_90 == int((curve < 0.9 - 1e-12).sum()) + 1
     assert report.adapter_parameters == sum(2 * (e.shape[0] + e.shape[1]) for e in report.layers)
-    assert "energy" in report.format_table()
+    assert "energy" in report.to_table()
     assert report.to_dict()["layers"][0]["name"] == report.layers[0].name
 
 
@@ -111,7 +110,7 @@ def test_randomized_extraction_matches_exact(pair):
     fast, report = extract_lora(base, tuned, rank=5, svd_method="randomized")
     for (name, a), (_, b) in zip(lora_layers(exact), lora_layers(fast)):
         torch.testing.assert_close(a.delta_weight(), b.delta_weight(), rtol=0, atol=1e-5)
-    assert report.svd == "randomized"
+    assert report.svd_method == "randomized"
     with pytest.raises(ValueError, match="needs each layer's full spectrum"):
         extract_lora(base, tuned, rank=Energy(0.9), svd_method="randomized")
 
@@ -187,13 +186,13 @@ def test_delta_spectrum_matches_numpy():
 
 def test_analyze_deltas_table(pair):
     base, tuned, ranks = pair
-    spectra = analyze_deltas(base, tuned, targets=["c_attn", "c_proj"], ranks=(1, 2, 3, 5, 16))
+    spectra = analyze_deltas(base, tuned, target_modules=["c_attn", "c_proj"], ranks=(1, 2, 3, 5, 16))
     assert [s.name for s in spectra] == ["h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_proj",
                                          "h.1.attn.c_attn", "h.1.attn.c_proj", "h.1.mlp.c_proj"]
     for s in spectra:
         assert s.rank_99 <= ranks[s.name]
         assert s.rank_errors[ranks[s.name]] < 1e-6
         assert s.top_energy_share == pytest.approx(1.0)
-    table = format_delta_table(spectra)
+    table = spectra.to_table()
     assert "err@16" in table and "h.1.mlp.c_proj" in table and "r99" in table
     assert spectra[0].to_dict()["rank_errors"]["1"] == spectra[0].rank_errors[1]

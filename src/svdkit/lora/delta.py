@@ -3,13 +3,13 @@
 How low-rank is a fine-tune? :func:`delta_spectrum` answers for one ``delta = W_ft - W_base``:
 its singular values, the relative Frobenius error of its best rank-1/4/8/16/32 approximations,
 the energy share of its top 10 singular values and the ranks that keep 90 % and 99 % of its
-energy. :func:`analyze_deltas` does it for every layer of a model pair.
+energy. :func:`analyze_deltas` does it for every layer of a model pair and returns a
+:class:`svdkit.lora.DeltaReport` (``to_table()``, ``to_dict()``, ``to_json()``, ``to_pandas()``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -17,71 +17,15 @@ from torch import nn
 
 from ..layers.lora import LoRALayer
 from ..linalg import energy_rank, svdvals, tail_error
+from ..progress import ProgressLike, track
 from ..surgery import find_targets
 from ..views import get_view, weight_matrix
+from .config import merge_aliases
+from .report import DeltaReport, DeltaSpectrum
 
-__all__ = [
-    "DeltaSpectrum",
-    "analyze_deltas",
-    "delta_spectrum",
-    "format_delta_table",
-    "weight_deltas",
-]
+__all__ = ["analyze_deltas", "delta_spectrum", "weight_deltas"]
 
 DEFAULT_RANKS = (1, 4, 8, 16, 32)
-
-
-@dataclass(frozen=True)
-class DeltaSpectrum:
-    """The spectrum of one weight change and how well low ranks capture it.
-
-    Attributes
-    ----------
-    name : str
-    shape : (int, int)
-        Shape (out, d) of the weight matrix.
-    singular_values : tuple of float
-        All singular values of ``delta``, descending.
-    rank_errors : dict of int -> float
-        ``||delta - [delta]_k||_F / ||delta||_F`` for each requested ``k`` (0 once ``k`` reaches
-        the full rank).
-    top : int
-        How many leading singular values ``top_energy_share`` covers.
-    top_energy_share : float
-        ``sum_{i<=top} s_i**2 / sum s_i**2``.
-    rank_90, rank_99 : int
-        Smallest ranks keeping 90 % / 99 % of ``||delta||_F**2`` (0 for a zero change).
-    delta_norm : float
-        ``||delta||_F``.
-    relative_change : float or None
-        ``||delta||_F / ||W_base||_F`` when the base weight is known.
-    """
-
-    name: str
-    shape: tuple[int, int]
-    singular_values: tuple[float, ...] = field(repr=False)
-    rank_errors: dict[int, float]
-    top: int
-    top_energy_share: float
-    rank_90: int
-    rank_99: int
-    delta_norm: float
-    relative_change: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (rank keys become strings)."""
-        return {
-            "name": self.name,
-            "shape": list(self.shape),
-            "singular_values": list(self.singular_values),
-            "rank_errors": {str(k): v for k, v in self.rank_errors.items()},
-            "top": self.top,
-            "top_energy_share": self.top_energy_share,
-            "rank_90": self.rank_90,
-            "rank_99": self.rank_99,
-            "delta_norm": self.delta_norm,
-            "relative_change": self.relative_change,
-        }
 
 
 def delta_spectrum(
@@ -151,9 +95,10 @@ def weight_deltas(
     base_model: nn.Module,
     finetuned_model: nn.Module,
     *,
-    targets: str | Iterable[str] | None = None,
+    target_modules: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] = (),
     dtype: torch.dtype = torch.float64,
+    **aliases: Any,
 ) -> dict[str, torch.Tensor]:
     """``W_finetuned - W_base`` for every selected layer, after checking the architectures match.
 
@@ -161,10 +106,12 @@ def weight_deltas(
     ----------
     base_model, finetuned_model : nn.Module
         Two models of the same architecture.
-    targets, exclude
+    target_modules, exclude
         PEFT-style selection (default: every Linear, Conv1D and Conv2d but the output head).
     dtype : torch.dtype
         Precision of the difference (float64 by default, so a float32 change is exact).
+    **aliases
+        ``targets`` for ``target_modules``.
 
     Returns
     -------
@@ -173,9 +120,11 @@ def weight_deltas(
     Raises
     ------
     ValueError
-        If the models differ in type, in the layers selected, or in a layer's shape; the
-        message names the first differences.
+        If the models differ in type, in the layers selected, or in a layer's shape (the
+        message names the first differences), or if a selected weight holds NaN/Inf (the
+        message names the layer and the model).
     """
+    target_modules = merge_aliases("weight_deltas", aliases, {"target_modules": (target_modules, None)})["target_modules"]
     if type(base_model) is not type(finetuned_model):
         raise ValueError(
             f"base and fine-tuned models have different architectures: "
@@ -184,7 +133,7 @@ def weight_deltas(
     for which, model in (("base", base_model), ("fine-tuned", finetuned_model)):
         if any(isinstance(m, LoRALayer) for m in model.modules()):
             raise ValueError(f"the {which} model has LoRA layers; merge_and_unload() it before comparing weights")
-    spec = targets if targets is None or isinstance(targets, str) else tuple(targets)
+    spec = target_modules if target_modules is None or isinstance(target_modules, str) else tuple(target_modules)
     excl = exclude if isinstance(exclude, str) else tuple(exclude)
     kinds = ("linear", "conv1d", "conv2d")
     base_layers = dict(find_targets(base_model, spec, exclude=excl, kinds=kinds))
@@ -198,7 +147,7 @@ def weight_deltas(
             f"only in the fine-tuned model: {only_ft[:5]}{' ...' if len(only_ft) > 5 else ''}"
         )
     if not base_layers:
-        raise ValueError(f"no Linear, Conv1D or Conv2d layer matches targets={targets!r}")
+        raise ValueError(f"no Linear, Conv1D or Conv2d layer matches target_modules={target_modules!r}")
     deltas: dict[str, torch.Tensor] = {}
     for name, base in base_layers.items():
         ft = ft_layers[name]
@@ -209,6 +158,10 @@ def weight_deltas(
                 f"base and fine-tuned models have different architectures: layer {name!r} is a "
                 f"{kb} {tuple(Wb.shape)} in the base and a {kf} {tuple(Wf.shape)} in the fine-tuned model"
             )
+        for which, W in (("base", Wb), ("fine-tuned", Wf)):
+            bad = int((~torch.isfinite(W)).sum())
+            if bad:
+                raise ValueError(f"layer {name!r}: the {which} model's weight holds {bad} non-finite value(s) (NaN/Inf)")
         deltas[name] = Wf.to(device=Wb.device, dtype=dtype) - Wb.to(dtype)
     return deltas
 
@@ -217,45 +170,41 @@ def analyze_deltas(
     base_model: nn.Module,
     finetuned_model: nn.Module,
     *,
-    targets: str | Iterable[str] | None = None,
+    target_modules: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] = (),
     ranks: Sequence[int] = DEFAULT_RANKS,
     top: int = 10,
-) -> list[DeltaSpectrum]:
+    progress: ProgressLike = False,
+    **aliases: Any,
+) -> DeltaReport:
     """:func:`delta_spectrum` of every layer's weight change, in model order.
+
+    Parameters
+    ----------
+    base_model, finetuned_model : nn.Module
+    target_modules, exclude
+        PEFT-style selection (see :func:`weight_deltas`).
+    ranks, top
+        See :func:`delta_spectrum`.
+    progress : bool or callable
+        Progress over the layers (:func:`svdkit.progress.track`).
+    **aliases
+        ``targets`` for ``target_modules``.
+
+    Returns
+    -------
+    DeltaReport
+        One :class:`DeltaSpectrum` per layer; iterate it or call ``to_table()``.
 
     Raises
     ------
     ValueError
-        If the architectures differ (see :func:`weight_deltas`).
+        If the architectures differ or a weight is not finite (see :func:`weight_deltas`).
     """
-    deltas = weight_deltas(base_model, finetuned_model, targets=targets, exclude=exclude)
+    target_modules = merge_aliases("analyze_deltas", aliases, {"target_modules": (target_modules, None)})["target_modules"]
+    deltas = weight_deltas(base_model, finetuned_model, target_modules=target_modules, exclude=exclude)
     out = []
-    for name, delta in deltas.items():
+    for name, delta in track(list(deltas.items()), progress, desc="weight-change spectra"):
         base_weight = weight_matrix(base_model.get_submodule(name))
         out.append(delta_spectrum(delta, ranks=ranks, top=top, name=name, base_weight=base_weight))
-    return out
-
-
-def format_delta_table(spectra: Sequence[DeltaSpectrum]) -> str:
-    """A plain-text table: one row per layer with its shape, ``||dW||/||W||``, the relative error at
-    each rank, the top-``k`` energy share and the ranks for 90 % / 99 % of the energy."""
-    if not spectra:
-        return "(no layers)"
-    ranks = list(spectra[0].rank_errors)
-    top = spectra[0].top
-    header = ["layer", "shape", "|dW|/|W|"] + [f"err@{k}" for k in ranks] + [f"top{top} E", "r90", "r99"]
-    rows = []
-    for s in spectra:
-        rel = "-" if s.relative_change is None else f"{s.relative_change:.3g}"
-        rows.append(
-            [s.name, f"{s.shape[0]}x{s.shape[1]}", rel]
-            + [f"{s.rank_errors[k]:.3f}" for k in ranks]
-            + [f"{100 * s.top_energy_share:.1f}%", str(s.rank_90), str(s.rank_99)]
-        )
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    for r in rows:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    return "\n".join(lines)
+    return DeltaReport(tuple(out))
