@@ -24,23 +24,9 @@ def _gpt2(n_embd: int = 64, n_layer: int = 2):
     return GPT2Model(config).eval()
 
 
-def _llama():
-    from transformers import LlamaConfig, LlamaModel
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=100, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-    return LlamaModel(config).eval()
-
-
-MODELS = {"gpt2": _gpt2, "llama": _llama}
-
-
-@pytest.fixture(scope="module", params=sorted(MODELS))
-def base(request):
-    return request.param, MODELS[request.param]()
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def base(request, make_decoder):
+    return request.param, _gpt2() if request.param == "gpt2" else make_decoder("llama")
 
 
 def _ids():
@@ -85,7 +71,7 @@ def test_round_trip_through_peft(tmp_path, base, init):
 @pytest.mark.parametrize("init", ["pissa", "milora"])
 def test_weight_moving_adapters_export_as_rank_2r_plain_lora(tmp_path, base, init):
     _, model = base
-    lora_model = _train_a_little(add_lora(model, None, rank=3, alpha=6, init=init, svd="exact"))
+    lora_model = _train_a_little(add_lora(model, None, rank=3, alpha=6, init=init, svd_method="exact"))
     export_peft(lora_model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["r"] == 6 and config["lora_alpha"] == 12  # scaling alpha / r unchanged
@@ -93,10 +79,10 @@ def test_weight_moving_adapters_export_as_rank_2r_plain_lora(tmp_path, base, ini
     torch.testing.assert_close(_out(peft_model), _out(lora_model), rtol=0, atol=1e-5)
 
 
-def test_rslora_conversion_keeps_the_scaling(tmp_path):
-    model = _llama()
+def test_rslora_conversion_keeps_the_scaling(tmp_path, make_decoder):
+    model = make_decoder("llama")
     lora_model = _train_a_little(add_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8, init="pissa", use_rslora=True))
-    A, B, rank, alpha = peft_factors(lora_model.layers[0].self_attn.q_proj)
+    B, A, rank, alpha = peft_factors(lora_model.layers[0].self_attn.q_proj)
     assert rank == 8 and alpha == pytest.approx(8 * 2**0.5)
     export_peft(lora_model, tmp_path)
     torch.testing.assert_close(_out(_peft_load(model, tmp_path)), _out(lora_model), rtol=0, atol=1e-5)
@@ -141,11 +127,11 @@ def test_import_peft_reads_what_peft_writes(tmp_path, base):
     torch.testing.assert_close(_out(_peft_load(model, tmp_path / "again")), _out(ours), rtol=0, atol=1e-5)
 
 
-def test_import_refuses_an_adapter_for_another_model(tmp_path):
+def test_import_refuses_an_adapter_for_another_model(tmp_path, make_decoder):
     small = _gpt2()
     export_peft(_train_a_little(add_lora(small, None, rank=2)), tmp_path / "gpt2", base_model_name_or_path="gpt2-tiny")
     with pytest.raises(ValueError, match="made for 'gpt2-tiny'.*does not fit this model: it targets 'h.0.attn.c_attn'"):
-        import_peft(tmp_path / "gpt2", _llama())
+        import_peft(tmp_path / "gpt2", make_decoder("llama"))
     wider = _gpt2(n_embd=32)
     with pytest.raises(ValueError, match="does not fit layer 'h.0.attn.c_attn' of this model: it has lora_A \\(2, 64\\)"):
         import_peft(tmp_path / "gpt2", wider)

@@ -13,6 +13,10 @@ Adapters whose init moved part of the base weight (PiSSA, MiLoRA) describe an up
 *residual* base. They are exported as plain LoRA for the unmodified base, at rank ``2r``
 (PEFT's conversion): ``A' = [A ; A_init]``, ``B' = [B | -B_init]`` and ``alpha' = 2 alpha``
 (``sqrt(2) alpha`` with rsLoRA), so that ``W + s B' A' = (W - s B_init A_init) + s B A``.
+
+Adapters that PEFT saved with ``init_lora_weights="pissa"`` or ``"olora"`` are imported as PEFT
+loads them: the base's residual is rebuilt first (:mod:`svdkit.lora.peft_inits`); inits whose
+residual cannot be rebuilt exactly are refused with the way to convert them.
 """
 
 from __future__ import annotations
@@ -21,16 +25,20 @@ import collections
 import copy
 import json
 import math
+import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..layers.lora import LoRALayer, lora_wrapper_class, wrap_lora
-from ..surgery import replace_module
-from .model import lora_layers, mark_only_lora_trainable
+from ..surgery import pattern_key, pattern_value, replace_module
+from ..views import get_view
+from .config import PEFT_BOOKKEEPING, is_neutral
+from .peft_inits import peft_load_init
+from .state import lora_layers, mark_only_lora_trainable, unwrap_lora_layers
 
 __all__ = ["export_peft", "find_root", "import_peft", "peft_factors"]
 
@@ -39,6 +47,14 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+_ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)
+# adapter_config.json keys the import reads, or may ignore because the tensors decide (which
+# layers) or because they only matter while PEFT initialises (the init's own config)
+_IMPORT_KEYS = PEFT_BOOKKEEPING | {
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "init_lora_weights",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "eva_config", "corda_config", "loftq_config", "lora_ga_config",
+}
 
 
 def _safetensors():
@@ -88,8 +104,10 @@ def peft_factors(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor, int, flo
 
     Returns
     -------
-    A : Tensor of shape (r', in) or (r', C_in, kh, kw)
     B : Tensor of shape (out, r') or (C_out, r', 1, 1)
+        ``lora_B``'s weight, the left factor.
+    A : Tensor of shape (r', in) or (r', C_in, kh, kw)
+        ``lora_A``'s weight, the right factor.
     rank : int
         ``r' = r``, or ``2 r`` for a weight-moving init (see the module docstring).
     alpha : float
@@ -98,11 +116,11 @@ def peft_factors(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor, int, flo
     A = layer.lora_A.weight.detach()
     B = layer.lora_B.weight.detach()
     if not layer.moved_weight:
-        return A.clone(), B.clone(), layer.rank, layer.alpha
+        return B.clone(), A.clone(), layer.rank, layer.alpha
     A0 = layer.lora_A_init.reshape(A.shape).to(A.dtype)
     B0 = layer.lora_B_init.reshape(B.shape).to(B.dtype)
     factor = math.sqrt(2.0) if layer.use_rslora else 2.0
-    return torch.cat([A, A0], dim=0), torch.cat([B, -B0], dim=1), 2 * layer.rank, layer.alpha * factor
+    return torch.cat([B, -B0], dim=1), torch.cat([A, A0], dim=0), 2 * layer.rank, layer.alpha * factor
 
 
 def _most_common(values: list[Any]) -> Any:
@@ -122,6 +140,7 @@ def export_peft(
     task_type: str | None = None,
     revision: str | None = None,
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a model's LoRA adapters as a PEFT adapter directory.
 
@@ -141,11 +160,19 @@ def export_peft(
     revision : str, optional
     dtype : torch.dtype, optional
         Dtype of the saved tensors (default: the adapters' own).
+    overwrite : bool
+        Replace an adapter already in ``directory`` (its config and weights, a legacy
+        ``adapter_model.bin`` included). Without it an existing adapter is never touched.
 
     Returns
     -------
     Path
         The directory.
+
+    Raises
+    ------
+    FileExistsError
+        If ``directory`` already holds a PEFT adapter and ``overwrite`` is False.
 
     Notes
     -----
@@ -155,6 +182,12 @@ def export_peft(
     keyed by the escaped full module path.
     """
     st = _safetensors()
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot write the adapter to {str(out)!r}: it exists and is not a directory")
+    existing = [name for name in _ADAPTER_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{str(out)!r} already holds a PEFT adapter ({', '.join(existing)}); pass overwrite=True to replace it")
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to export")
@@ -168,7 +201,7 @@ def export_peft(
     fan_in_fan_out = False
     for name, layer in layers:
         path = _relative(name, root_name)
-        A, B, rank, alpha = peft_factors(layer)
+        B, A, rank, alpha = peft_factors(layer)
         if dtype is not None:
             A, B = A.to(dtype), B.to(dtype)
         tensors[f"{_PREFIX}{path}.lora_A.weight"] = A.contiguous().cpu()
@@ -202,26 +235,46 @@ def export_peft(
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    st.save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    _write_adapter(out, json.dumps(config, indent=2, sort_keys=True) + "\n", tensors, st, replace_legacy=overwrite)
     return out
 
 
-def _pattern_value(pattern: Mapping[str, Any], path: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key``: the first key ``k`` with ``re.match(r"(.*\\.)?(k)$", path)``."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
+def _write_adapter(out: Path, config_text: str, tensors: dict[str, torch.Tensor], st, *, replace_legacy: bool) -> None:
+    """Write both files beside their final names, then move them into place, so a failure
+    leaves an existing adapter as it was (and removes a directory this call created)."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_config, tmp_weights = out / f".{CONFIG_NAME}.partial", out / f".{WEIGHTS_NAME}.partial"
+    try:
+        tmp_config.write_text(config_text)
+        st.save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+        os.replace(tmp_weights, out / WEIGHTS_NAME)
+        os.replace(tmp_config, out / CONFIG_NAME)
+    except BaseException:
+        for tmp in (tmp_config, tmp_weights):
+            tmp.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    if replace_legacy and (out / LEGACY_WEIGHTS_NAME).exists():
+        (out / LEGACY_WEIGHTS_NAME).unlink()  # a stale .bin beside the new weights would be ambiguous
 
 
 def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    if (directory / WEIGHTS_NAME).exists():
-        return dict(_safetensors().load_file(str(directory / WEIGHTS_NAME)))
-    if (directory / LEGACY_WEIGHTS_NAME).exists():
-        return dict(torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True))
+    """The adapter's tensors, with an error naming the file when it cannot be read."""
+    path = directory / WEIGHTS_NAME
+    if path.exists():
+        st = _safetensors()
+        try:
+            return dict(st.load_file(str(path)))
+        except Exception as exc:  # safetensors raises its own SafetensorError for corrupt files
+            raise ValueError(f"cannot read the adapter weights {str(path)!r} (truncated or not a safetensors file): {exc}") from None
+    path = directory / LEGACY_WEIGHTS_NAME
+    if path.exists():
+        try:
+            return dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:
+            raise ValueError(f"cannot read the adapter weights {str(path)!r} (truncated or not a torch file): {exc}") from None
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {str(directory)!r}")
 
 
@@ -229,17 +282,17 @@ def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {str(directory)!r}: not a PEFT adapter directory")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"cannot read the adapter config {str(path)!r}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"the adapter config {str(path)!r} is not a JSON object")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{str(directory)!r} holds a {config.get('peft_type')!r} adapter; only LORA adapters can be imported")
     unsupported = [
-        key for key, bad in (
-            ("use_dora", bool(config.get("use_dora"))),
-            ("lora_bias", bool(config.get("lora_bias"))),
-            ("modules_to_save", bool(config.get("modules_to_save"))),
-            ("layer_replication", bool(config.get("layer_replication"))),
-            ("bias", config.get("bias", "none") != "none"),
-        ) if bad
+        f"{key}={config[key]!r}" for key in sorted(config)
+        if key not in _IMPORT_KEYS and not is_neutral(config[key])
     ]
     if unsupported:
         raise ValueError(f"the adapter in {str(directory)!r} uses {', '.join(unsupported)}, which svdkit cannot import")
@@ -277,22 +330,38 @@ def import_peft(
     Raises
     ------
     ValueError
-        If the adapter is not plain LoRA, or does not fit the model (a module it targets is
-        missing or has other shapes); nothing is modified then.
+        If a file cannot be read (the message names it), the adapter is not plain LoRA, its
+        tensors disagree with its config (a rank other than ``r`` / ``rank_pattern`` says) or
+        hold NaN/Inf, it does not fit the model (a module it targets is missing or has other
+        shapes), or PEFT saved it with an init whose load-time rewrite of the base svdkit cannot
+        redo exactly (``pissa_niter_K``, CorDA, LoftQ, LoRA-GA; the message says how to convert
+        it). Nothing is modified then.
     FileNotFoundError
         If the directory lacks the config or the weights.
+
+    Notes
+    -----
+    An adapter PEFT saved with ``init_lora_weights="pissa"`` or ``"olora"`` is only meaningful
+    on the base PEFT rebuilds at load time, ``W - s B0 A0``; the import rebuilds that residual
+    exactly as PEFT does (:mod:`svdkit.lora.peft_inits`), so outputs match PEFT's, and keeps
+    ``B0, A0`` as the layers' init factors. The new wrappers take the training mode of the
+    layers they wrap.
     """
     directory = Path(directory)
     config = _read_config(directory)
-    tensors = _load_tensors(directory)
     root_name, root_module = find_root(model, root)
     origin = config.get("base_model_name_or_path")
-    for_model = f" (made for {origin!r})" if origin else ""
+    where = f"{str(directory)!r}" + (f" (made for {origin!r})" if origin else "")
+    load_init = peft_load_init(config.get("init_lora_weights", True), where)
+    tensors = _load_tensors(directory)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
         if match is None:
             raise ValueError(f"unsupported tensor {key!r} in the adapter at {str(directory)!r}: only lora_A/lora_B weights can be imported")
+        bad = int((~torch.isfinite(value)).sum()) if value.is_floating_point() else 0
+        if bad:
+            raise ValueError(f"the adapter at {str(directory)!r} is damaged: tensor {key!r} holds {bad} non-finite value(s) (NaN/Inf)")
         pairs.setdefault(match["path"], {})[match["which"]] = value
     if not pairs:
         raise ValueError(f"the adapter at {str(directory)!r} holds no LoRA tensors")
@@ -301,11 +370,14 @@ def import_peft(
     for path, pair in pairs.items():
         if set(pair) != {"lora_A", "lora_B"}:
             raise ValueError(f"the adapter at {str(directory)!r} has only {sorted(pair)} for {path!r}")
+        A, B = pair["lora_A"], pair["lora_B"]
+        rank = int(A.shape[0])
+        _check_config_rank(config, path, A, B, where)
         try:
             module = root_module.get_submodule(path)
         except AttributeError:
             raise ValueError(
-                f"the adapter at {str(directory)!r}{for_model} does not fit this model: it targets "
+                f"the adapter at {where} does not fit this model: it targets "
                 f"{path!r}, which the model lacks (root {root_name or '<model>'!r})"
             ) from None
         if isinstance(module, LoRALayer):
@@ -314,30 +386,66 @@ def import_peft(
             lora_wrapper_class(module)
         except TypeError as exc:
             raise ValueError(f"the adapter at {str(directory)!r} targets {path!r}: {exc}") from None
-        A, B = pair["lora_A"], pair["lora_B"]
-        rank = int(A.shape[0])
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8)))
+        alpha = float(_config_value(config, "alpha_pattern", path, config.get("lora_alpha", 8), where))
+        load_init.check_layer(get_view(module).kind, module.weight, path, where)
         plans.append((path, module, rank, alpha, A, B))
 
     use_rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout") or 0.0)
     for path, module, rank, alpha, A, B in plans:
-        _check_shapes(module, rank, alpha, dropout, use_rslora, A, B, path, f"{str(directory)!r}{for_model}")
+        _check_shapes(module, rank, alpha, dropout, use_rslora, A, B, path, where)
 
     target = model if inplace else copy.deepcopy(model)
     _, target_root = find_root(target, root_name)
-    for path, _, rank, alpha, A, B in plans:
-        layer = wrap_lora(target_root.get_submodule(path), rank, alpha, dropout=dropout, use_rslora=use_rslora)
-        with torch.no_grad():
-            layer.lora_A.weight.copy_(A)
-            layer.lora_B.weight.copy_(B)
-        replace_module(target_root, path, layer)
+    placed: list[tuple[str, LoRALayer]] = []
+    layer = None
+    try:
+        for path, _, rank, alpha, A, B in plans:
+            layer = wrap_lora(target_root.get_submodule(path), rank, alpha, dropout=dropout, use_rslora=use_rslora)
+            if load_init.residual is not None:  # the base PEFT rebuilds before loading A and B
+                B0, A0, residual = load_init.residual(layer)
+                layer.move_into_adapter(B0, A0, residual=residual)
+            with torch.no_grad():
+                layer.lora_A.weight.copy_(A)
+                layer.lora_B.weight.copy_(B)
+            replace_module(target_root, path, layer)
+            placed.append((path, layer))
+            layer = None
+    except BaseException:
+        if inplace:  # give the caller's model back as it was
+            if layer is not None:
+                layer.restore_moved_weight()
+            unwrap_lora_layers(target_root, placed)
+        raise
     if trainable:
         mark_only_lora_trainable(target)
     else:
         for p in target.parameters():
             p.requires_grad_(False)
     return target
+
+
+def _config_value(config: dict[str, Any], field: str, path: str, default: Any, where: str) -> Any:
+    """PEFT's per-module value: the first ``config[field]`` key matching ``path``, else ``default``."""
+    try:
+        return pattern_value(config.get(field) or {}, path, default)
+    except re.error as exc:
+        raise ValueError(f"the adapter config at {where} has a {field} key that is not a valid regex: {exc}") from None
+
+
+def _check_config_rank(config: dict[str, Any], path: str, A: torch.Tensor, B: torch.Tensor, where: str) -> None:
+    """Raise when the tensors' rank is not the one the config gives the module (PEFT would build
+    layers of the config's rank and fail to load them, or load something else)."""
+    r = config.get("r", 8)
+    expected = _config_value(config, "rank_pattern", path, r, where)
+    ranks = {int(A.shape[0]), int(B.shape[1]) if B.ndim >= 2 else -1}
+    if ranks != {int(expected)}:
+        key = pattern_key(config.get("rank_pattern") or {}, path)
+        source = f"rank_pattern[{key!r}]" if key is not None else f"r={r}"
+        raise ValueError(
+            f"the adapter at {where} does not match its config: {path!r} should have rank {expected} ({source}), "
+            f"but its tensors have lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}"
+        )
 
 
 def _check_shapes(module, rank, alpha, dropout, use_rslora, A, B, path, where) -> None:
