@@ -5,34 +5,55 @@
     svdkit lora extract BASE FINETUNED -o DIR --rank 16     # writes a PEFT adapter directory
     svdkit lora extract BASE FINETUNED -o DIR --energy 0.9  # per-layer ranks keeping 90 % energy
     svdkit lora analyze BASE FINETUNED                      # the weight-change spectrum table
+
+``--json FILE`` also writes the result as JSON (``--json -``: to standard output instead of the
+table). Output paths are checked before the models are loaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from ._common import (
+    add_output_options,
+    add_rank_options,
+    add_target_options,
+    check_outputs,
+    progress_option,
+    rank_from_options,
+    target_spec,
+    write_json,
+)
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+DEFAULT_RANK = 16
+DEFAULT_RANKS = (1, 4, 8, 16, 32)
 
 
 def _ranks(value: str) -> list[int]:
     try:
-        ranks = [int(v) for v in _csv(value)]
+        ranks = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected integers, got {value!r}") from None
     if not ranks or any(r < 1 for r in ranks):
         raise argparse.ArgumentTypeError(f"ranks must be integers >= 1, got {value!r}")
     return ranks
 
 
-def _add_selection(parser: argparse.ArgumentParser) -> None:
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return number
+
+
+def _add_models(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("base", metavar="BASE", help="base model spec (a transformers or sentence-transformers directory, minilm, pkg.mod:factory, file.pt)")
     parser.add_argument("finetuned", metavar="FINETUNED", help="fine-tuned model spec of the same architecture")
-    parser.add_argument("--targets", type=_csv, default=None, help="comma-separated layer names or suffixes (default: every Linear/Conv1D/Conv2d but the output head)")
-    parser.add_argument("--exclude", type=_csv, default=[], help="comma-separated layer names or suffixes to skip")
+    add_target_options(parser, what="layers to compare (default: every Linear/Conv1D/Conv2d but the output head)")
 
 
 def register(subparsers) -> None:
@@ -40,64 +61,72 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="lora_command", metavar="ACTION", required=True)
 
     extract = sub.add_parser("extract", help="per-layer SVD of W_ft - W_base -> a PEFT LoRA adapter directory")
-    _add_selection(extract)
+    _add_models(extract)
     extract.add_argument("-o", "--output", required=True, help="adapter directory to write (PEFT format)")
-    size = extract.add_mutually_exclusive_group()
-    size.add_argument("--rank", type=int, default=None, help="rank of every adapter (default 16)")
-    size.add_argument("--energy", type=float, default=None, help="per-layer rank keeping this fraction of the change's energy, e.g. 0.9")
-    size.add_argument("--error-tol", type=float, default=None, help="per-layer rank with relative error at most this, e.g. 0.1")
+    add_rank_options(extract, params=False, rank_help=f"rank of every adapter (default {DEFAULT_RANK})")
     extract.add_argument("--alpha", type=float, default=None, help="lora_alpha of every adapter (default: alpha = rank, scaling 1)")
-    extract.add_argument("--svd", choices=("exact", "randomized"), default="exact", help="decomposition (randomized needs --rank)")
+    extract.add_argument("--svd-method", choices=("exact", "randomized"), default="exact", help="decomposition (randomized needs --rank)")
     extract.add_argument("--base-name", default=None, help="base_model_name_or_path to record (default: BASE)")
-    extract.add_argument("--json", action="store_true", help="print the report as JSON")
+    extract.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_output_options(extract, json_help="also write the extraction report as JSON to FILE ('-': standard output, instead of the table)")
     extract.set_defaults(run=run_extract)
 
     analyze = sub.add_parser("analyze", help="spectrum of each layer's weight change and its low-rank errors")
-    _add_selection(analyze)
-    analyze.add_argument("--ranks", type=_ranks, default=[1, 4, 8, 16, 32], help="ranks whose relative error to show (default 1,4,8,16,32)")
-    analyze.add_argument("--top", type=int, default=10, help="leading singular values for the energy share (default 10)")
-    analyze.add_argument("--json", action="store_true", help="print the spectra as JSON")
+    _add_models(analyze)
+    analyze.add_argument("--ranks", type=_ranks, nargs="+", default=[list(DEFAULT_RANKS)], metavar="K",
+                         help="ranks whose relative error to show, e.g. --ranks 1 4 8 (default 1 4 8 16 32)")
+    analyze.add_argument("--top", type=_positive, default=10, help="leading singular values for the energy share (default 10)")
+    add_output_options(analyze, json_help="also write the spectra as JSON to FILE ('-': standard output, instead of the table)")
     analyze.set_defaults(run=run_analyze)
 
 
-def _load_pair(args: argparse.Namespace):
+def _load(spec: str, which: str):
     from ..models import load_model
 
-    return load_model(args.base), load_model(args.finetuned)
+    try:
+        return load_model(spec)
+    except (ImportError, FileNotFoundError):
+        raise
+    except Exception as exc:  # a damaged file or an unloadable spec is a user error, not a traceback
+        raise ValueError(f"cannot load the {which} model {spec!r}: {exc}") from exc
+
+
+def _load_pair(args: argparse.Namespace):
+    return _load(args.base, "base"), _load(args.finetuned, "fine-tuned")
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from ..linalg import Energy, ErrorTol
     from ..lora import export_peft, extract_lora
 
-    if args.energy is not None:
-        rank = Energy(args.energy)
-    elif args.error_tol is not None:
-        rank = ErrorTol(args.error_tol)
-    else:
-        rank = 16 if args.rank is None else args.rank
+    check_outputs(directories=(args.output,), files=(args.json,), overwrite=args.overwrite)
+    rank = rank_from_options(args)
     base, finetuned = _load_pair(args)
     model, report = extract_lora(
-        base.module, finetuned.module, rank, targets=args.targets, exclude=args.exclude, alpha=args.alpha, svd_method=args.svd
+        base.module, finetuned.module, DEFAULT_RANK if rank is None else rank,
+        target_modules=target_spec(args.targets), exclude=tuple(args.exclude), lora_alpha=args.alpha,
+        svd_method=args.svd_method, progress=progress_option(args),
     )
     name = args.base_name or (str(Path(args.base).resolve()) if Path(args.base).exists() else args.base)
-    out = export_peft(model, args.output, base_model_name_or_path=name)
-    (out / "extraction_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(report.format_table())
+    out = export_peft(model, args.output, base_model_name_or_path=name, overwrite=args.overwrite)
+    report.to_json(out / "extraction_report.json")
+    write_json(args.json, report.to_json())
+    if args.json != "-":
+        print(report.to_table())
         print(f"wrote {out / 'adapter_config.json'} and {out / 'adapter_model.safetensors'}")
     return 0
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from ..lora import analyze_deltas, format_delta_table
+    from ..lora import analyze_deltas
 
+    check_outputs(files=(args.json,))
+    ranks = sorted({k for group in args.ranks for k in group})
     base, finetuned = _load_pair(args)
-    spectra = analyze_deltas(base.module, finetuned.module, targets=args.targets, exclude=args.exclude, ranks=args.ranks, top=args.top)
-    if args.json:
-        print(json.dumps([s.to_dict() for s in spectra], indent=2))
-    else:
-        print(format_delta_table(spectra))
+    spectra = analyze_deltas(
+        base.module, finetuned.module, target_modules=target_spec(args.targets), exclude=tuple(args.exclude),
+        ranks=ranks, top=args.top, progress=progress_option(args),
+    )
+    write_json(args.json, spectra.to_json())
+    if args.json != "-":
+        print(spectra.to_table())
     return 0
