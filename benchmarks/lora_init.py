@@ -96,7 +96,7 @@ def run_digits(args, out: Path) -> dict:
         for init in INITS:
             curves, accs = [], []
             for seed in range(3):
-                model = add_lora(base, None, rank=rank, alpha=rank, init=init, seed=seed, calibration=[Xtr[new_tr]])
+                model = add_lora(base, None, r=rank, lora_alpha=rank, init_lora_weights=init, seed=seed, calibration=[Xtr[new_tr]])
                 curves.append(_train(model, Xtr[new_tr], ytr[new_tr], args.steps, args.lr, seed))
                 accs.append(_accuracy(model, Xte[new_te], yte[new_te]))
             results["runs"][f"r{rank}/{init}"] = {"curves": curves, "accuracy": accs}
@@ -143,13 +143,13 @@ def _exact_energies(weights: dict[str, torch.Tensor], rank: int) -> dict[str, to
     return {n: torch.linalg.svdvals(W.double())[:rank].square().sum() for n, W in weights.items()}
 
 
-def _svdkit_pissa(model: nn.Module, rank: int, svd: str) -> tuple[nn.Module, float, dict[str, torch.Tensor]]:
+def _svdkit_pissa(model: nn.Module, rank: int, svd_method: str) -> tuple[nn.Module, float, dict[str, torch.Tensor]]:
     target = copy.deepcopy(model)
     gc.collect()
     t = time.perf_counter()
-    add_lora(target, None, rank=rank, alpha=rank, init="pissa", svd=svd, inplace=True)
+    add_lora(target, None, r=rank, lora_alpha=rank, init_lora_weights="pissa", svd_method=svd_method, inplace=True)
     elapsed = time.perf_counter() - t
-    return target, elapsed, {n: layer.factors()[1] for n, layer in lora_layers(target)}
+    return target, elapsed, {n: layer.factors()[0] for n, layer in lora_layers(target)}  # B, the left factor
 
 
 def _peft_pissa(model: nn.Module, rank: int, init: str, targets: list[str]) -> tuple[nn.Module, float, dict[str, torch.Tensor]]:
