@@ -77,7 +77,7 @@ def plot_spectral_history(
     Metrics computed on a slower cadence than the others (fast mode's full-spectrum metrics)
     are drawn with markers at the steps where they exist. Condition numbers use a log axis.
     """
-    from ..analysis.training_sinks import TrackerHistory, read_tracker_csv
+    from ..analysis.training.sinks import TrackerHistory, read_tracker_csv
 
     if not isinstance(history, TrackerHistory):
         history = read_tracker_csv(history)

@@ -12,10 +12,10 @@
 Figures live in :mod:`svdkit.report.training_plots`.
 """
 
-from .training_callbacks import trainer_callback
-from .training_sinks import CSVSink, Sink, TensorBoardSink, TrackerHistory, read_tracker_csv
-from .training_tracker import FAST_METRICS, FULL_SPECTRUM_METRICS, METRICS, SpectralTracker
-from .training_trajectory import TrajectoryAnalysis, TrajectoryRecorder
+from .callbacks import trainer_callback
+from .sinks import CSVSink, Sink, TensorBoardSink, TrackerHistory, read_tracker_csv
+from .tracker import FAST_METRICS, FULL_SPECTRUM_METRICS, METRICS, SpectralTracker
+from .trajectory import TrajectoryAnalysis, TrajectoryRecorder
 
 __all__ = [
     "CSVSink",

@@ -1,10 +1,18 @@
-"""Drive trackers and recorders from a transformers ``Trainer`` (imported lazily)."""
+"""Drive trackers and recorders from a transformers ``Trainer`` (imported lazily).
+
+The callback knows its observers only by the methods it calls (:data:`OBSERVER_METHODS`), so this
+module imports neither the tracker nor the recorder: they import it, for their
+``trainer_callback()`` shortcut, and nothing imports back.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["trainer_callback"]
+__all__ = ["OBSERVER_METHODS", "trainer_callback"]
+
+#: What the callback calls on each observer, with the Trainer's ``global_step``.
+OBSERVER_METHODS = ("train_begin", "pre_optimizer_step", "step", "flush")
 
 _CALLBACK_CLASS = None
 
@@ -21,32 +29,23 @@ def _callback_class():
     class SVDTrainingCallback(TrainerCallback):
         """Records spectra and trajectories at the Trainer's optimizer steps.
 
-        ``on_train_begin`` records the starting point (``state.global_step``),
-        ``on_pre_optimizer_step`` records gradients for the trajectory recorders (after
-        clipping, before the update), ``on_step_end`` steps every observer with
-        ``state.global_step``, and ``on_train_end`` flushes. Remove it with
-        ``trainer.remove_callback(callback)``.
+        ``on_train_begin`` calls each observer's ``train_begin(state.global_step)`` (record the
+        starting point unless one is recorded), ``on_pre_optimizer_step`` its
+        ``pre_optimizer_step(step)`` (gradients, after clipping, before the update),
+        ``on_step_end`` its ``step(state.global_step)`` and ``on_train_end`` its ``flush()``.
+        Remove it with ``trainer.remove_callback(callback)``.
         """
 
         def __init__(self, observers: tuple) -> None:
             self.observers = observers
 
         def on_train_begin(self, args, state, control, **kwargs):
-            from .training_tracker import SpectralTracker
-
             for obs in self.observers:
-                if isinstance(obs, SpectralTracker):
-                    if obs._last_recorded is None:
-                        obs.record(state.global_step)
-                else:
-                    obs.snapshot(state.global_step)
+                obs.train_begin(state.global_step)
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            from .training_trajectory import TrajectoryRecorder
-
             for obs in self.observers:
-                if isinstance(obs, TrajectoryRecorder) and state.global_step % obs.every == 0:
-                    obs.record_gradient(state.global_step)
+                obs.pre_optimizer_step(state.global_step)
 
         def on_step_end(self, args, state, control, **kwargs):
             for obs in self.observers:
@@ -54,9 +53,7 @@ def _callback_class():
 
         def on_train_end(self, args, state, control, **kwargs):
             for obs in self.observers:
-                flush = getattr(obs, "flush", None)
-                if flush is not None:
-                    flush()
+                obs.flush()
 
     _CALLBACK_CLASS = SVDTrainingCallback
     return _CALLBACK_CLASS
@@ -68,7 +65,7 @@ def trainer_callback(*observers: Any):
     Parameters
     ----------
     *observers : SpectralTracker or TrajectoryRecorder
-        At least one.
+        At least one; any object with the methods of :data:`OBSERVER_METHODS` will do.
 
     Returns
     -------
@@ -83,12 +80,13 @@ def trainer_callback(*observers: Any):
     TypeError
         For an observer that is neither a tracker nor a recorder.
     """
-    from .training_tracker import SpectralTracker
-    from .training_trajectory import TrajectoryRecorder
-
     if not observers:
         raise ValueError("trainer_callback needs at least one SpectralTracker or TrajectoryRecorder")
     for obs in observers:
-        if not isinstance(obs, (SpectralTracker, TrajectoryRecorder)):
-            raise TypeError(f"observers must be SpectralTracker or TrajectoryRecorder, got {type(obs).__name__}")
+        missing = [m for m in OBSERVER_METHODS if not callable(getattr(obs, m, None))]
+        if missing:
+            raise TypeError(
+                f"observers must be SpectralTracker or TrajectoryRecorder (objects with {', '.join(OBSERVER_METHODS)} "
+                f"methods), got {type(obs).__name__}, which lacks {', '.join(missing)}"
+            )
     return _callback_class()(tuple(observers))

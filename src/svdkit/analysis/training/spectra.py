@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..linalg import (
+from ...linalg import (
     condition_number,
     effective_rank,
     frobenius_norm,
@@ -44,7 +44,7 @@ from ..linalg import (
     stable_rank,
     svdvals,
 )
-from ..views import get_view
+from ...views import get_view
 
 __all__ = ["FULL_FUNCTIONS", "LayerSpectra", "host"]
 

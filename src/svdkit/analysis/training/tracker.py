@@ -24,7 +24,7 @@ steps and left empty (NaN) in between. ``mode="full"`` computes the singular val
 :mod:`svdkit.linalg.spectrum`.
 
 Fast mode batches equal shapes into reused buffers and costs a handful of kernel launches per
-step (see :mod:`svdkit.analysis.training_spectra`). Everything runs under ``torch.no_grad`` on
+step (see :mod:`svdkit.analysis.training.spectra`). Everything runs under ``torch.no_grad`` on
 the weights' own device; values reach the host only when records are flushed to the sinks,
 every ``flush_every`` records, when :attr:`SpectralTracker.history` is read, and on
 :meth:`~SpectralTracker.flush` / :meth:`~SpectralTracker.close`.
@@ -38,10 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..surgery import TargetSpec, find_targets
-from ..views import get_view
-from .training_sinks import Sink, TrackerHistory
-from .training_spectra import LayerSpectra, host
+from ...surgery import TargetSpec, find_targets
+from ...views import get_view
+from ._checks import positive_int
+from .callbacks import trainer_callback
+from .sinks import Sink, TrackerHistory
+from .spectra import LayerSpectra, host
 
 __all__ = ["FAST_METRICS", "FULL_SPECTRUM_METRICS", "METRICS", "SpectralTracker"]
 
@@ -49,13 +51,6 @@ FAST_METRICS = ("sigma_max", "frobenius_norm", "stable_rank")
 FULL_SPECTRUM_METRICS = ("nuclear_norm", "condition_number", "effective_rank")
 METRICS = FAST_METRICS + FULL_SPECTRUM_METRICS
 
-
-def _positive_int(value, name: str, *, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
 
 class SpectralTracker:
     """Track per-layer spectral metrics of a model's weights against the training step.
@@ -144,12 +139,12 @@ class SpectralTracker:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.every = _positive_int(every, "every")
-        self.power_iters = _positive_int(power_iters, "power_iters")
-        self.block_size = _positive_int(block_size, "block_size")
-        self.warmup_iters = _positive_int(warmup_iters, "warmup_iters")
-        self.full_every = _positive_int(full_every, "full_every", allow_none=True)
-        self.flush_every = _positive_int(flush_every, "flush_every")
+        self.every = positive_int(every, "every")
+        self.power_iters = positive_int(power_iters, "power_iters")
+        self.block_size = positive_int(block_size, "block_size")
+        self.warmup_iters = positive_int(warmup_iters, "warmup_iters")
+        self.full_every = positive_int(full_every, "full_every", allow_none=True)
+        self.flush_every = positive_int(flush_every, "flush_every")
         if mode not in ("fast", "full"):
             raise ValueError(f"mode must be 'fast' or 'full', got {mode!r}")
         if mode == "full" and full_every is not None:
@@ -360,10 +355,20 @@ class SpectralTracker:
         """Whether an optimizer hook is registered."""
         return self._hook is not None
 
+    def train_begin(self, step: int = 0) -> None:
+        """Record the starting point as ``step``, unless something is recorded already.
+
+        Called by :func:`~svdkit.analysis.training.trainer_callback` when training begins, so a
+        tracker attached with :meth:`attach` (which records at once) is not recorded twice.
+        """
+        if self._last_recorded is None:
+            self.record(step)
+
+    def pre_optimizer_step(self, step: int) -> None:
+        """Nothing to do before an update: the tracker reads weights, not gradients."""
+
     def trainer_callback(self):
         """A transformers ``TrainerCallback`` that drives this tracker (see :func:`trainer_callback`)."""
-        from .training_callbacks import trainer_callback
-
         return trainer_callback(self)
 
     def close(self) -> None:

@@ -41,8 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..linalg import effective_rank, energy, energy_rank
-from .training_tracker import _positive_int
+from ...linalg import effective_rank, energy, energy_rank
+from ._checks import positive_int
+from .callbacks import trainer_callback
 
 __all__ = ["TrajectoryAnalysis", "TrajectoryRecorder"]
 
@@ -194,13 +195,13 @@ class TrajectoryRecorder:
         top_k: int = 10,
         seed: int = 0,
     ) -> None:
-        self.every = _positive_int(every, "every")
-        max_snapshots = _positive_int(max_snapshots, "max_snapshots")
+        self.every = positive_int(every, "every")
+        max_snapshots = positive_int(max_snapshots, "max_snapshots")
         if max_snapshots < 2:
             raise ValueError(f"max_snapshots must be >= 2 (updates are differences of snapshots), got {max_snapshots}")
         self.max_snapshots = max_snapshots
-        self.max_dim = _positive_int(max_dim, "max_dim")
-        self.top_k = _positive_int(top_k, "top_k")
+        self.max_dim = positive_int(max_dim, "max_dim")
+        self.top_k = positive_int(top_k, "top_k")
         self.seed = int(seed)
         self.params = _parameters(params)
         self.device = self.params[0].device
@@ -434,10 +435,20 @@ class TrajectoryRecorder:
         """Whether optimizer hooks are registered."""
         return bool(self._hooks)
 
+    def train_begin(self, step: int = 0) -> None:
+        """Snapshot the starting point as ``step`` (a no-op if that step is stored already)."""
+        self.snapshot(step)
+
+    def pre_optimizer_step(self, step: int) -> None:
+        """Record the gradient before the update of ``step``, on the snapshot cadence."""
+        if int(step) % self.every == 0:
+            self.record_gradient(step)
+
+    def flush(self) -> None:
+        """Nothing is buffered: present so that every observer can be flushed alike."""
+
     def trainer_callback(self):
         """A transformers ``TrainerCallback`` that drives this recorder."""
-        from .training_callbacks import trainer_callback
-
         return trainer_callback(self)
 
     def __enter__(self) -> "TrajectoryRecorder":
