@@ -32,9 +32,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .progress import ProgressLike, track
 from .views import get_view
 
-__all__ = ["InputStats", "collect_input_stats", "current_token_mask", "layer_inputs", "run_batch", "token_mask"]
+__all__ = [
+    "GradientRecorder",
+    "InputRecorder",
+    "InputStats",
+    "NonFiniteCalibration",
+    "collect_input_stats",
+    "current_token_mask",
+    "layer_inputs",
+    "run_batch",
+    "token_mask",
+]
 
 _TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("svdkit_token_mask", default=None)
 
@@ -147,13 +158,153 @@ def run_batch(model: nn.Module, batch: Any, forward: Callable[[Any], Any] | None
     )
 
 
+class NonFiniteCalibration(ValueError):
+    """Calibration produced NaN or infinite values: the batch and the first layer they reached."""
+
+
+def _check_finite(increment: "InputStats", name: str, what: str, batch: int | None) -> None:
+    if not bool(torch.isfinite(increment.gram).all()):
+        where = f"calibration batch {batch}" if batch is not None else "a calibration batch"
+        raise NonFiniteCalibration(
+            f"{where}: the {what} of layer {name} holds NaN or infinite values (the first target layer they reach); "
+            "check that batch's data, or the model's weights upstream of that layer"
+        )
+
+
+class InputRecorder:
+    """Forward hooks that accumulate each target's input statistics while the model runs.
+
+    Use as a context manager around forwards (hooks are removed on exit), and call
+    :meth:`next_batch` before each batch: layers fed the same tensor in one batch (query, key and
+    value) share one Gram update, and the batch index names the batch in errors.
+
+    Attributes
+    ----------
+    stats : dict of name -> InputStats
+    """
+
+    def __init__(self, targets: Iterable[tuple[str, nn.Module]]) -> None:
+        self.targets = list(targets)
+        for name, module in self.targets:
+            view = get_view(module)
+            if view is None or view.kind == "embedding":
+                raise ValueError(f"cannot calibrate {name} ({type(module).__name__}): only Linear, Conv1D and Conv2d layers")
+        self.stats: dict[str, InputStats] = {}
+        self.batch: int | None = None
+        self._increments: dict[tuple, tuple[weakref.ref, InputStats]] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "InputRecorder":
+        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in self.targets]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._increments.clear()
+
+    def next_batch(self, index: int | None = None) -> None:
+        """Start a new batch (``index`` names it in errors)."""
+        self._increments.clear()
+        self.batch = index
+
+    def _hook(self, name: str):
+        def hook(module, inputs):
+            x = inputs[0]
+            key = (id(x), type(module), getattr(module, "kernel_size", None), getattr(module, "stride", None),
+                   getattr(module, "padding", None), getattr(module, "dilation", None))
+            cached = self._increments.get(key)
+            # A weak reference tells a live shared input from a new tensor that reused a freed id.
+            if cached is not None and cached[0]() is x:
+                increment = cached[1]
+            else:
+                rows = layer_inputs(module, x)
+                increment = InputStats.zeros(rows.shape[1], device=rows.device)
+                increment.update(rows)
+                _check_finite(increment, name, "input", self.batch)
+                self._increments[key] = (weakref.ref(x), increment)
+            if name not in self.stats:
+                self.stats[name] = InputStats.zeros(increment.gram.shape[0], device=increment.gram.device)
+            self.stats[name].merge(increment)
+        return hook
+
+    def check_reached(self) -> None:
+        """Raise if some target never received an input, listing them."""
+        missing = [name for name, _ in self.targets if name not in self.stats or self.stats[name].count == 0]
+        if missing:
+            raise ValueError(
+                f"the calibration data never reached {len(missing)} target layer(s): {', '.join(missing)}; "
+                "exclude them or check the forward function"
+            )
+
+
+class GradientRecorder:
+    """Forward hooks that accumulate the Gram of the gradient at each target's output.
+
+    Inside the context, every floating-point output of a target that requires a gradient gets a
+    tensor hook; when a backward pass reaches it, the rows of the gradient (tokens, or pixels of
+    a convolution) are added to the target's statistics, with the token mask of the batch that
+    produced the output.
+
+    Attributes
+    ----------
+    stats : dict of name -> InputStats
+        ``gram`` is ``sum g g^T`` over output vectors, shape (d_out, d_out).
+    """
+
+    def __init__(self, targets: Iterable[tuple[str, nn.Module]], *, make_leaves: bool = False) -> None:
+        self.targets = list(targets)
+        self.make_leaves = make_leaves
+        self.stats: dict[str, InputStats] = {}
+        self.batch: int | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> "GradientRecorder":
+        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in self.targets]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def next_batch(self, index: int | None = None) -> None:
+        self.batch = index
+
+    def _hook(self, name: str):
+        def record(module: nn.Module, grad: torch.Tensor, mask: torch.Tensor | None, batch: int | None) -> None:
+            with token_mask(mask):
+                rows = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1]) if isinstance(module, nn.Conv2d) else layer_inputs(module, grad)
+            increment = InputStats.zeros(rows.shape[1], device=rows.device)
+            increment.update(rows)
+            _check_finite(increment, name, "output gradient", batch)
+            if name not in self.stats:
+                self.stats[name] = InputStats.zeros(rows.shape[1], device=rows.device)
+            self.stats[name].merge(increment)
+
+        def hook(module, inputs, output):
+            if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+                return
+            if not output.requires_grad:
+                if not self.make_leaves:
+                    return
+                # Parameters are frozen, so the first target's output is a leaf: make it one
+                # that asks for its gradient, and everything downstream follows.
+                output.requires_grad_(True)
+            # The token mask and index of this batch are bound now; the gradient arrives later.
+            mask, batch = current_token_mask(), self.batch
+            output.register_hook(lambda grad: record(module, grad, mask, batch))
+        return hook
+
+
 def collect_input_stats(
     model: nn.Module,
     targets: Iterable[tuple[str, nn.Module]],
     batches: Iterable[Any],
     forward: Callable[[Any], Any] | None = None,
     *,
-    progress: Callable[[Iterable], Iterable] | None = None,
+    progress: ProgressLike = None,
 ) -> dict[str, InputStats]:
     """Stream input statistics of ``targets`` over ``batches``.
 
@@ -166,8 +317,8 @@ def collect_input_stats(
         Calibration batches (see :func:`run_batch`).
     forward : callable, optional
         ``forward(batch)`` runs the model on one batch.
-    progress : callable, optional
-        Wraps the batch iterable (e.g. ``tqdm``).
+    progress : bool or callable, optional
+        See :mod:`svdkit.progress`.
 
     Returns
     -------
@@ -175,55 +326,19 @@ def collect_input_stats(
 
     Raises
     ------
+    NonFiniteCalibration
+        A batch made some target's input NaN or infinite (the message names the batch and the
+        first such layer).
     ValueError
         If no batch was given or some target never received an input; the message lists them.
     """
-    targets = list(targets)
-    for name, module in targets:
-        view = get_view(module)
-        if view is None or view.kind == "embedding":
-            raise ValueError(f"cannot calibrate {name} ({type(module).__name__}): only Linear, Conv1D and Conv2d layers")
-    stats: dict[str, InputStats] = {}
-    # Layers fed the same tensor in one batch (query/key/value) share one Gram update.
-    increments: dict[tuple, tuple[weakref.ref, InputStats]] = {}
-
-    def make_hook(name: str):
-        def hook(module, inputs):
-            x = inputs[0]
-            key = (id(x), type(module), getattr(module, "kernel_size", None), getattr(module, "stride", None),
-                   getattr(module, "padding", None), getattr(module, "dilation", None))
-            cached = increments.get(key)
-            # A weak reference tells a live shared input from a new tensor that reused a freed id.
-            if cached is not None and cached[0]() is x:
-                increment = cached[1]
-            else:
-                rows = layer_inputs(module, x)
-                increment = InputStats.zeros(rows.shape[1], device=rows.device)
-                increment.update(rows)
-                increments[key] = (weakref.ref(x), increment)
-            if name not in stats:
-                stats[name] = InputStats.zeros(increment.gram.shape[0], device=increment.gram.device)
-            stats[name].merge(increment)
-        return hook
-
-    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in targets]
     n_batches = 0
-    try:
-        with torch.no_grad():
-            for batch in progress(batches) if progress is not None else batches:
-                increments.clear()
-                run_batch(model, batch, forward)
-                n_batches += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        increments.clear()
+    with InputRecorder(targets) as recorder, torch.no_grad():
+        for index, batch in enumerate(track(batches, progress, desc="calibration batches")):
+            recorder.next_batch(index)
+            run_batch(model, batch, forward)
+            n_batches += 1
     if n_batches == 0:
         raise ValueError("the calibration data held no batches")
-    missing = [name for name, _ in targets if name not in stats or stats[name].count == 0]
-    if missing:
-        raise ValueError(
-            f"the calibration data never reached {len(missing)} target layer(s): {', '.join(missing)}; "
-            "exclude them or check the forward function"
-        )
-    return stats
+    recorder.check_reached()
+    return recorder.stats

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from torch import nn
 
 from .progress import ProgressLike, track
 
-__all__ = ["PerplexityResult", "greedy_continuation", "perplexity"]
+__all__ = ["PerplexityResult", "greedy_continuation", "language_model_quality", "perplexity"]
 
 
 @dataclass(frozen=True)
@@ -185,3 +185,45 @@ def greedy_continuation(model: nn.Module, tokenizer: Any, prompt: str, *, max_ne
     finally:
         model.train(was_training)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def language_model_quality(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    domains: Sequence[str] = ("in-domain", "other-domain"),
+    max_tokens: int = 24 * 512,
+    seq_len: int = 512,
+    stride: int | None = None,
+    progress: ProgressLike = False,
+) -> dict[str, float]:
+    """Perplexity on svdkit's held-out texts (see :mod:`svdkit.tokens`): calibration never sees them.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A causal language model.
+    tokenizer : transformers tokenizer
+    domains : sequence of str
+        ``"in-domain"`` (the odd pydoc topics), ``"other-domain"`` (IDLE's documentation), or
+        paths of ``.txt`` / ``.pt`` files.
+    max_tokens : int
+        Tokens of each text (the default, 24 windows of 512, is the field's usual size).
+    seq_len, stride : int
+        Window and step of :func:`perplexity`.
+    progress : bool or callable
+
+    Returns
+    -------
+    dict of domain -> perplexity
+    """
+    from .tokens import evaluation_tokens
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return {
+        str(domain): perplexity(
+            model, evaluation_tokens(domain, tokenizer, max_tokens=max_tokens, vocab_size=vocab),
+            seq_len=seq_len, stride=stride, progress=progress,
+        ).perplexity
+        for domain in domains
+    }

@@ -1,15 +1,45 @@
-"""``svdkit compress``: compress a model, print the report, save it, and measure its quality."""
+"""``svdkit compress``: compress a model, print the report, save it, and measure its quality.
+
+What calibrates a model and what measures it depends on the model:
+
+=========================  =========================================  ===================================
+model                      calibration (``--calib builtin``)          quality (before -> after)
+=========================  =========================================  ===================================
+causal language model      ``--calib-seqs`` windows of ``--seq-len``  perplexity in-domain and on another
+                           tokens of built-in text                    domain, and a greedy continuation
+sentence-transformers      ``--calib-seqs`` built-in sentences        mean cosine and top-10 neighbours
+anything else              ``--calib FILE.pt`` (a tensor of inputs)   (none)
+=========================  =========================================  ===================================
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from ._common import (
+    add_output_options,
+    add_rank_options,
+    add_target_options,
+    check_outputs,
+    progress_option,
+    rank_from_options,
+    target_spec,
+    write_json,
+)
+
 DEFAULT_PARAMS = 0.6
-CALIBRATION_SENTENCES = 256
-BATCH_SIZE = 32
+DEFAULT_LM_PARAMS = 0.8
+SENTENCES = 256
+SENTENCE_BATCH = 32
+LM_SEQS, LM_SEQ_LEN, LM_BATCH = 128, 256, 4
+GRADIENT_SEQS = 32
+PROMPT = "The for statement in Python"
+
+logger = logging.getLogger("svdkit")
 
 
 def register(subparsers) -> None:
@@ -17,86 +47,135 @@ def register(subparsers) -> None:
         "compress",
         help="compress a model into low-rank factors",
         description=(
-            "Compress a model's Linear/Conv1D/Conv2d layers into low-rank factors and save it. "
-            "Default: the fisher method (input whitening plus model-output sensitivity) with a global "
-            f"budget of {DEFAULT_PARAMS:.0%} of the targeted parameters, calibrated on built-in English text."
+            "Compress a model's Linear/Conv1D/Conv2d layers into low-rank factors and save it. Default: the fisher "
+            "method (input whitening plus the curvature of the model's objective at each layer's output) with a "
+            f"global budget of {DEFAULT_LM_PARAMS:.0%} of the targeted parameters for a causal language model (its "
+            f"decoder blocks, compressed block by block) and {DEFAULT_PARAMS:.0%} otherwise, calibrated on built-in "
+            "English text."
         ),
     )
-    parser.add_argument("model", help="minilm, a transformers or sentence-transformers directory, a .pt file, or package.module:factory")
+    parser.add_argument("model", help="minilm, smollm2, a .gguf file, a transformers or sentence-transformers directory, a .pt file, or package.module:factory")
     parser.add_argument("-o", "--output", required=True, help="directory to write the compressed model to")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--params", type=float, help=f"fraction of the targeted parameters to keep (default {DEFAULT_PARAMS})")
-    size.add_argument("--energy", type=float, help="per layer: keep this fraction of the (whitened) spectral energy")
-    size.add_argument("--rank", type=int, help="per layer: this rank")
-    size.add_argument("--error", type=float, help="per layer: largest relative error of the (whitened) truncation")
+    add_rank_options(parser, params=True)
     parser.add_argument("--uniform", action="store_true", help="with --params: the same fraction in every layer instead of a global budget")
     parser.add_argument("--method", default="fisher", help="svd, asvd, whiten or fisher (default: fisher)")
-    parser.add_argument("--calib", default="builtin", help="'builtin' (English text shipped with Python), a .txt file (one text per line) or a .pt tensor of inputs")
-    parser.add_argument("--calib-size", type=int, default=CALIBRATION_SENTENCES, help="calibration texts to use (default %(default)s)")
-    parser.add_argument("--targets", nargs="+", help="layer names or suffixes to compress (PEFT style); one argument is taken as a regex")
-    parser.add_argument("--exclude", nargs="+", default=(), help="layer names or suffixes to leave dense")
-    parser.add_argument("--refit", type=int, default=0, help="closed-form refit passes after compression")
+    parser.add_argument("--calib", default="builtin",
+                        help="'builtin' (English text shipped with Python), a .txt file, or a .pt tensor (token ids for a language model, inputs otherwise)")
+    parser.add_argument("--calib-seqs", type=int, default=None,
+                        help=f"calibration sequences: windows for a language model (default {LM_SEQS}), sentences for a sentence model (default {SENTENCES})")
+    parser.add_argument("--seq-len", type=int, default=None, help=f"tokens per calibration window of a language model (default {LM_SEQ_LEN}, at most its context)")
+    parser.add_argument("--gradient-seqs", type=int, default=None,
+                        help=f"calibration windows of a language model used for the curvature (backward passes; default {GRADIENT_SEQS})")
+    parser.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"calibration batch size (default {LM_BATCH} windows or {SENTENCE_BATCH} sentences)")
+    add_target_options(parser, what="layers to compress (default: every Linear/Conv1D/Conv2d but the output head)")
+    parser.add_argument("--pipeline", choices=("auto", "model", "blocks"), default="auto",
+                        help="block by block (decoder LLMs; the default for them) or the whole model at once")
+    parser.add_argument("--device", default=None, help="compute device of the block pipeline (e.g. cuda); the model stays where it is loaded")
+    parser.add_argument("--refit", type=int, default=0, help="closed-form refit passes after compression (whole-model pipeline)")
     parser.add_argument("--no-eval", action="store_true", help="skip the quality check on held-out text")
-    parser.add_argument("--json", help="also write the report as JSON to this file")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing svdkit output directory")
+    add_output_options(parser, json_help="also write the report as JSON to FILE ('-': standard output)")
     parser.set_defaults(run=run)
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace, loaded) -> Any:
     from ..compression import CompressConfig
-    from ..linalg import Energy, ErrorTol, ParamRatio
+    from ..linalg import ParamRatio
 
-    fields: dict[str, Any] = {"method": args.method, "refit": args.refit, "exclude": tuple(args.exclude)}
-    if args.targets:
-        fields["target_modules"] = args.targets[0] if len(args.targets) == 1 and any(c in args.targets[0] for c in ".*[]()|^$+?\\") else tuple(args.targets)
-    if args.energy is not None:
-        fields["rank"] = Energy(args.energy)
-    elif args.rank is not None:
-        fields["rank"] = args.rank
-    elif args.error is not None:
-        fields["rank"] = ErrorTol(args.error)
+    fields: dict[str, Any] = {"method": args.method, "refit": args.refit, "exclude": tuple(args.exclude), "pipeline": args.pipeline}
+    targets = target_spec(args.targets)
+    if targets is not None:
+        fields["target_modules"] = targets
+    if args.device is not None:
+        fields["device"] = args.device
+    rank = rank_from_options(args)
+    if rank is not None:
+        fields["rank"] = rank
     else:
-        params = DEFAULT_PARAMS if args.params is None else args.params
+        params = args.params or ((DEFAULT_LM_PARAMS if loaded.is_causal_lm else DEFAULT_PARAMS),)
+        if len(params) > 1:
+            raise ValueError(f"--params takes one fraction here, got {', '.join(map(str, params))}")
         if args.uniform:
-            fields["rank"] = ParamRatio(params)
+            fields["rank"] = ParamRatio(params[0])
         else:
-            fields["budget"] = params
+            fields["budget"] = params[0]
+    if loaded.is_causal_lm:
+        batch = args.batch_size or LM_BATCH
+        seqs = args.gradient_seqs or min(GRADIENT_SEQS, args.calib_seqs or LM_SEQS)
+        fields["gradient_batches"] = max(1, -(-seqs // batch))
     return CompressConfig(**fields)
 
 
-def _calibration(spec: str, size: int, loaded) -> list:
+def _lm_calibration(args: argparse.Namespace, loaded) -> list:
+    from ..tokens import calibration_tokens
+
+    context = loaded.context_length or LM_SEQ_LEN
+    seq_len = args.seq_len or min(LM_SEQ_LEN, context)
+    if seq_len > context:
+        raise ValueError(f"--seq-len {seq_len} is longer than the model's context ({context} tokens)")
+    ids = calibration_tokens(
+        args.calib if args.calib == "builtin" else Path(args.calib), loaded.tokenizer,
+        n_seqs=args.calib_seqs or LM_SEQS, seq_len=seq_len, seed=args.calib_seed, vocab_size=loaded.vocab_size,
+    )
+    return list(ids.split(args.batch_size or LM_BATCH))
+
+
+def _calibration(args: argparse.Namespace, loaded) -> list:
     import torch
 
     from ..data import calibration_sentences
 
-    if spec == "builtin":
-        if loaded.kind not in ("sentence-transformers", "transformers") or (loaded.kind == "transformers" and loaded.tokenizer is None):
+    size = args.calib_seqs or SENTENCES
+    batch = args.batch_size or SENTENCE_BATCH
+    for name, value in (("--calib-seqs", size), ("--batch-size", batch), ("--seq-len", args.seq_len or 1)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if loaded.is_causal_lm:
+        return _lm_calibration(args, loaded)
+    if args.calib == "builtin":
+        if not loaded.is_sentence_model and loaded.tokenizer is None:
             raise ValueError(f"built-in calibration text needs a text model with a tokenizer; {loaded.spec!r} is a {loaded.kind} model: pass --calib FILE.pt")
         texts = calibration_sentences(size)
     else:
-        path = Path(spec)
-        if not path.exists():
-            raise FileNotFoundError(f"no calibration file at {spec!r}")
+        path = Path(args.calib)
+        if not path.is_file():
+            raise FileNotFoundError(f"no calibration file at {args.calib!r}")
         if path.suffix in (".pt", ".pth"):
-            inputs = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(inputs, torch.Tensor):
-                raise ValueError(f"{spec} must hold one tensor of inputs (batch first)")
-            return list(inputs[:size].split(BATCH_SIZE))
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:size]
+            try:
+                inputs = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise ValueError(f"cannot read the calibration tensor {path}: {exc}") from exc
+            if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or len(inputs) == 0:
+                raise ValueError(f"{path} must hold one non-empty tensor of inputs (batch first)")
+            if loaded.is_sentence_model:
+                return _sentence_features(inputs[:size], batch, loaded, path)
+            return list(inputs[:size].split(batch))
+        if not loaded.is_sentence_model and loaded.tokenizer is None:
+            raise ValueError(f"a text calibration file needs a text model; {loaded.spec!r} is a {loaded.kind} model: pass --calib FILE.pt")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}): pass one text per line, or a .pt tensor") from exc
+        texts = [line.strip() for line in lines if line.strip()][:size]
         if not texts:
-            raise ValueError(f"{spec} holds no text")
-    return [texts[i:i + BATCH_SIZE] for i in range(0, len(texts), BATCH_SIZE)]
+            raise ValueError(f"{path} holds no text")
+    return [texts[i:i + batch] for i in range(0, len(texts), batch)]
 
 
-def _progress():
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return lambda iterable: tqdm(iterable, leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
+def _sentence_features(ids, batch: int, loaded, path: Path) -> list:
+    """Token ids for a sentence-transformers model, fed as its features (ids and a full mask)."""
+    import torch
+
+    from ..tokens import check_token_ids
+
+    if ids.ndim != 2:
+        raise ValueError(f"{path} holds a tensor of shape {tuple(ids.shape)}; a sentence model takes token ids of shape (N, L)")
+    ids = check_token_ids(ids, loaded.vocab_size, where=str(path))
+    return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in ids.split(batch)]
 
 
-def _evaluate(loaded, compressed) -> dict[str, float]:
+def _sentence_quality(loaded, compressed) -> dict[str, float]:
     from ..compression import embedding_agreement
     from ..data import builtin_sentences
 
@@ -108,24 +187,46 @@ def _evaluate(loaded, compressed) -> dict[str, float]:
     return quality
 
 
+def _lm_quality(loaded, module, progress: bool) -> dict[str, Any]:
+    from ..eval import greedy_continuation, language_model_quality
+
+    quality: dict[str, Any] = {
+        f"ppl {domain}": value for domain, value in language_model_quality(module, loaded.tokenizer, progress=progress).items()
+    }
+    quality["continuation"] = greedy_continuation(module, loaded.tokenizer, PROMPT)
+    return quality
+
+
 def run(args: argparse.Namespace) -> int:
     from ..compression import compress, save_compressed
     from ..models import load_model
 
-    config = _config(args)
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise ValueError(f"{output} exists; pass --overwrite to replace it")
+    check_outputs(directories=(args.output,), files=(args.json,), overwrite=args.overwrite)
+    progress = progress_option(args)
     print(f"loading {args.model} ...", file=sys.stderr)
     loaded = load_model(args.model)
-    calibration = _calibration(args.calib, args.calib_size, loaded) if config.needs_data else None
+    config = _config(args, loaded)
+    calibration = _calibration(args, loaded) if config.needs_data else None
+    before = _lm_quality(loaded, loaded.module, progress) if loaded.is_causal_lm and not args.no_eval else None
     print(f"compressing with {config.method} ...", file=sys.stderr)
-    compressed, report = compress(loaded.module, config, calibration, forward=loaded.run, progress=_progress())
-    if loaded.is_sentence_model and not args.no_eval:
-        report.quality.update(_evaluate(loaded, compressed))
-    save_compressed(compressed, output, source=args.model, config=config, overwrite=args.overwrite)
+    forward = loaded.run if loaded.is_sentence_model else None
+    compressed, report = compress(loaded.module, config, calibration, forward=forward, progress=progress)
+    if not args.no_eval:
+        if loaded.is_sentence_model:
+            report.quality.update(_sentence_quality(loaded, compressed))
+        elif before is not None:
+            after = _lm_quality(loaded, compressed, progress)
+            for key in before:
+                report.quality[f"{key} (dense -> compressed)"] = _before_after(before[key], after[key])
+    save_compressed(compressed, output, source=args.model, config=config, tokenizer=loaded.tokenizer, report=report, overwrite=args.overwrite)
     print(report.to_table())
-    print(f"saved to {output} (load with svdkit.load_compressed({str(output)!r}))")
-    if args.json:
-        Path(args.json).write_text(report.to_json())
+    print(f"saved to {output} (load with svdkit.load_model({str(output)!r}))")
+    write_json(args.json, report.to_json())
     return 0
+
+
+def _before_after(before: Any, after: Any) -> str:
+    if isinstance(before, float):
+        return f"{before:.3f} -> {after:.3f} ({after / before:.2f}x)"
+    return f"{before!r} -> {after!r}"

@@ -7,6 +7,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Mapping
 
+import torch
+
 from ..linalg import ParamRatio, RankLike, RankSpec, rank_from_dict
 
 __all__ = ["CompressConfig"]
@@ -59,8 +61,26 @@ class CompressConfig:
         Relative damping of the input Gram (raised tenfold until Cholesky succeeds).
     output_damping : float
         Relative damping of the output-gradient Gram (``fisher``).
+    curvature : {"auto", "probes", "labels", "sampled"}
+        The output-side statistics of ``fisher`` (see
+        :func:`svdkit.compression.stats.output_objectives`): random probes of the model output,
+        or the gradients of a causal LM's log-likelihood at the true next tokens (the empirical
+        Fisher) or at tokens sampled from the model (the true Fisher). ``"auto"``: ``"labels"``
+        for causal language models, ``"probes"`` otherwise.
     probes : int
-        Random output directions per batch for the gradient statistics (``fisher``).
+        Random output directions (or sampled tokens) per batch for the gradient statistics.
+    gradient_batches : int, optional
+        Use the first this many calibration batches for the output-gradient statistics of
+        ``fisher`` (backward passes cost twice a forward); None: every batch.
+    pipeline : {"auto", "model", "blocks"}
+        ``"blocks"``: block by block (:mod:`svdkit.compression.sequential`; memory of one block's
+        statistics, each block fitted to the inputs the compressed blocks before it produce);
+        ``"model"``: the whole model at once (small models; needed by ``refit`` and ``heal``);
+        ``"auto"``: blocks for causal language models whose layers sit in a stack of blocks,
+        the whole model otherwise. The report says which ran.
+    device : str, optional
+        Compute device of the block pipeline: each block visits it while it is processed and
+        goes back to where it was (e.g. ``"cuda"`` for a model kept on the CPU).
     min_rank : int
         Smallest rank the budget allocator gives a factorized layer.
     refit : int
@@ -86,7 +106,11 @@ class CompressConfig:
     alpha: float = 0.5
     damping: float = 1e-6
     output_damping: float = 1e-2
+    curvature: Literal["auto", "probes", "labels", "sampled"] = "auto"
     probes: int = 2
+    gradient_batches: int | None = None
+    pipeline: Literal["auto", "model", "blocks"] = "auto"
+    device: str | None = None
     min_rank: int = 1
     refit: int = 0
     heal_steps: int = 0
@@ -99,6 +123,21 @@ class CompressConfig:
         _check_rank("rank", self.rank)
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1):
             raise ValueError(f"budget: the fraction of parameters kept must be in (0, 1], got {self.budget!r}")
+        if self.curvature not in ("auto", "probes", "labels", "sampled"):
+            raise ValueError(f"curvature: expected 'auto', 'probes', 'labels' or 'sampled', got {self.curvature!r}")
+        if self.pipeline not in ("auto", "model", "blocks"):
+            raise ValueError(f"pipeline: expected 'auto', 'model' or 'blocks', got {self.pipeline!r}")
+        if self.pipeline == "blocks" and (self.refit or self.heal_steps):
+            raise ValueError("refit and heal_steps work on the whole model: use pipeline='model' (or 'auto') with them")
+        if self.gradient_batches is not None and (isinstance(self.gradient_batches, bool) or not isinstance(self.gradient_batches, int) or self.gradient_batches < 1):
+            raise ValueError(f"gradient_batches: expected an int >= 1 or None, got {self.gradient_batches!r}")
+        if self.device is not None:
+            if not isinstance(self.device, str):
+                raise ValueError(f"device: expected a device name such as 'cuda' or 'cpu', got {self.device!r}")
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"device: {exc}") from None
         if self.budget_scope not in ("targets", "model"):
             raise ValueError(f"budget_scope: expected 'targets' or 'model', got {self.budget_scope!r}")
         if not isinstance(self.rank_pattern, Mapping):

@@ -10,10 +10,12 @@ of the model's output. Both models run in eval mode, so dropout stays off.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from ..progress import ProgressLike, track
 
 from ..layers.lowrank import low_rank_types
 from .stats import model_output
@@ -39,7 +41,7 @@ def heal(
     *,
     steps: int = 100,
     lr: float = 1e-4,
-    progress: Callable[[Iterable], Iterable] | None = None,
+    progress: ProgressLike = None,
 ) -> list[float]:
     """Distil ``compressed`` toward ``original`` on ``batches`` (in place).
 
@@ -55,8 +57,8 @@ def heal(
         Optimizer steps (Adam).
     lr : float
         Learning rate.
-    progress : callable, optional
-        Wraps the range of steps (e.g. ``tqdm``).
+    progress : bool or callable, optional
+        Progress over the steps (see :mod:`svdkit.progress`).
 
     Returns
     -------
@@ -84,7 +86,7 @@ def heal(
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(factors, lr=lr)
         cycle = itertools.cycle(batches)
-        for _ in progress(range(steps)) if progress is not None else range(steps):
+        for _ in track(range(steps), progress, desc="heal steps"):
             batch = next(cycle)
             with torch.no_grad():
                 reference = model_output(forward(original, batch))

@@ -172,9 +172,8 @@ def save_compressed(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         st.torch.save_model(model, str(staging / WEIGHTS_NAME))
-        hf_config = getattr(model, "config", None)
         if _is_transformers_model(model):
-            hf_config.save_pretrained(str(staging))
+            _saved_config(model).save_pretrained(str(staging))
             generation = getattr(model, "generation_config", None)
             if generation is not None and hasattr(generation, "save_pretrained"):
                 generation.save_pretrained(str(staging))
@@ -201,6 +200,18 @@ def _is_transformers_model(model: nn.Module) -> bool:
     """A transformers ``PreTrainedModel`` (checked by duck typing, without importing transformers)."""
     config = getattr(model, "config", None)
     return hasattr(model, "base_model_prefix") and hasattr(config, "save_pretrained") and hasattr(config, "to_json_string")
+
+
+def _saved_config(model: nn.Module) -> Any:
+    """The transformers config to save: naming the model's class (as ``save_pretrained`` does),
+    without a GGUF quantization entry (the weights were dequantized when loaded)."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if quantization is not None and str(method) == "gguf":
+        delattr(config, "quantization_config")
+    return config
 
 
 def read_description(directory: str | os.PathLike) -> dict[str, Any]:
@@ -279,6 +290,9 @@ def _transformers_skeleton(directory: Path) -> nn.Module:
     else:
         with empty_parameters():
             model = cls(config)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):  # tied weights are saved once: the skeleton must know which they are
+        tie()
     generation = directory / "generation_config.json"
     if generation.exists() and hasattr(model, "generation_config"):
         model.generation_config = transformers.GenerationConfig.from_pretrained(str(directory))

@@ -1,9 +1,9 @@
 """Compression methods: how a weight matrix is transformed before its SVD is truncated.
 
 Every method maps a weight ``W`` (m, n) and the layer's calibration statistics to a
-:class:`Factorization`: the SVD of a transformed matrix ``M = P W Q`` together with the maps
-that undo ``P`` and ``Q``. Truncating ``M`` at rank ``k`` gives ``W' = P^-1 M_k Q^-1``, and the
-singular values of ``M`` measure what truncation costs in the method's own metric:
+:class:`Transform`: a matrix ``M = P W Q`` together with the maps that undo ``P`` and ``Q``.
+Truncating the SVD of ``M`` at rank ``k`` gives ``W' = P^-1 M_k Q^-1``, and the singular values
+of ``M`` measure what truncation costs in the method's own metric:
 
 ===========  =======================================  =========================================
 method       M                                        sum of dropped s_i**2 equals
@@ -11,12 +11,14 @@ method       M                                        sum of dropped s_i**2 equa
 ``svd``      ``W``                                    ``||W - W'||_F**2``
 ``asvd``     ``W diag(mean|x|**alpha)``               (a heuristic; ASVD, arXiv:2312.05821)
 ``whiten``   ``W L`` with ``L L^T = E[x x^T]``        mean squared output error on the data
-``fisher``   ``R W L`` with ``R^T R = E[g g^T]``      second-order estimate of the model-output
-                                                      error (``g``: gradients at the layer's
-                                                      output; Kronecker-factored)
+``fisher``   ``C^T W L`` with ``C C^T = E[g g^T]``    second-order estimate of the change of the
+                                                      model's objective (``g``: its gradients at
+                                                      the layer's output; Kronecker-factored)
 ===========  =======================================  =========================================
 
-Adding a method is one function decorated with :func:`register_method`.
+The SVD itself happens in one place, :func:`factorize` (or :func:`transformed_spectrum` when
+only the singular values are needed, as for a global budget). Adding a method is one function
+decorated with :func:`register_method`.
 """
 
 from __future__ import annotations
@@ -26,21 +28,20 @@ from typing import Callable
 
 import torch
 
-from ..linalg import cholesky_factor, split_factors, svd, tail_error
+from ..linalg import cholesky_factor, split_factors, svd, svdvals, tail_error
 from .stats import LayerStats
 
-__all__ = ["Factorization", "METHODS", "register_method"]
+__all__ = ["METHODS", "CompressionMethod", "Factorization", "Transform", "factorize", "register_method", "transformed_spectrum"]
 
 
 @dataclass
-class Factorization:
-    """SVD of a transformed weight and the way back.
+class Transform:
+    """A weight in a method's metric, and the way back.
 
     Attributes
     ----------
-    U : Tensor of shape (m, r), float64
-    S : Tensor of shape (r,), float64
-    Vh : Tensor of shape (r, n), float64
+    M : Tensor of shape (m, n), float64
+        The transformed weight ``P W Q``.
     undo_left : callable or None
         ``X (m, k) -> P^-1 X``.
     undo_right : callable or None
@@ -50,8 +51,29 @@ class Factorization:
     note : str
         Damping used, or why a fallback happened.
     importance : float
-        Factor on ``S`` when spectra are compared across layers for a budget (0 for a layer the
-        model's output does not depend on).
+        Factor on the singular values when spectra are compared across layers for a budget (0
+        for a layer the model's output does not depend on).
+    """
+
+    M: torch.Tensor
+    undo_left: Callable[[torch.Tensor], torch.Tensor] | None = None
+    undo_right: Callable[[torch.Tensor], torch.Tensor] | None = None
+    method: str = "svd"
+    note: str = ""
+    importance: float = 1.0
+
+
+@dataclass
+class Factorization:
+    """The SVD of a :class:`Transform`.
+
+    Attributes
+    ----------
+    U : Tensor of shape (m, r), float64
+    S : Tensor of shape (r,), float64
+    Vh : Tensor of shape (r, n), float64
+    undo_left, undo_right, method, note, importance
+        As in :class:`Transform`.
     """
 
     U: torch.Tensor
@@ -77,47 +99,52 @@ class Factorization:
         return float(tail_error(self.S, k))
 
 
-Method = Callable[..., Factorization]
-METHODS: dict[str, Method] = {}
+def factorize(transform: Transform) -> Factorization:
+    """The full SVD of ``transform.M`` (float64), carrying the way back along."""
+    U, S, Vh = svd(transform.M.to(torch.float64))
+    return Factorization(U, S, Vh, transform.undo_left, transform.undo_right, transform.method, transform.note, transform.importance)
 
 
-def register_method(name: str) -> Callable[[Method], Method]:
-    """Decorator adding ``fn(W, stats, **options) -> Factorization`` to :data:`METHODS`."""
+def transformed_spectrum(transform: Transform) -> torch.Tensor:
+    """The singular values of ``transform.M``, shape (min(m, n),), float64."""
+    return svdvals(transform.M.to(torch.float64))
 
-    def decorate(fn: Method) -> Method:
+
+CompressionMethod = Callable[..., Transform]
+METHODS: dict[str, CompressionMethod] = {}
+
+
+def register_method(name: str) -> Callable[[CompressionMethod], CompressionMethod]:
+    """Decorator adding ``fn(W, stats, **options) -> Transform`` to :data:`METHODS`."""
+
+    def decorate(fn: CompressionMethod) -> CompressionMethod:
         METHODS[name] = fn
         return fn
 
     return decorate
 
 
-def _svd64(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return svd(M.to(torch.float64))
-
-
 @register_method("svd")
-def plain_svd(W: torch.Tensor, stats: LayerStats | None = None, **_: object) -> Factorization:
+def plain_svd(W: torch.Tensor, stats: LayerStats | None = None, **_: object) -> Transform:
     """Plain truncated SVD of ``W``."""
-    return Factorization(*_svd64(W), method="svd")
+    return Transform(W.to(torch.float64), method="svd")
 
 
 @register_method("asvd")
-def activation_scaled_svd(W: torch.Tensor, stats: LayerStats | None = None, *, alpha: float = 0.5, **_: object) -> Factorization:
+def activation_scaled_svd(W: torch.Tensor, stats: LayerStats | None = None, *, alpha: float = 0.5, **_: object) -> Transform:
     """ASVD: scale input channel ``j`` by ``mean|x_j|**alpha + 1e-6`` before the SVD, unscale after."""
     if stats is None:
         raise ValueError("method 'asvd' needs calibration data")
     scale = (stats.abs_mean.to(torch.float64) ** alpha + 1e-6).to(W.device)
-    factorization = Factorization(*_svd64(W.to(torch.float64) * scale), method="asvd")
-    factorization.undo_right = lambda Y: Y / scale
-    return factorization
+    return Transform(W.to(torch.float64) * scale, undo_right=lambda Y: Y / scale, method="asvd")
 
 
 @register_method("whiten")
-def whitened_svd(W: torch.Tensor, stats: LayerStats | None = None, *, damping: float = 1e-6, **_: object) -> Factorization:
+def whitened_svd(W: torch.Tensor, stats: LayerStats | None = None, *, damping: float = 1e-6, **_: object) -> Transform:
     """SVD-LLM truncation-aware whitening: SVD of ``W L``, ``L^-1`` folded into the right factor.
 
-    Falls back to plain SVD (with the reason in :attr:`Factorization.note`) if the input Gram
-    matrix cannot be factorized even with damping.
+    Falls back to plain SVD (with the reason in :attr:`Transform.note`) if the layer saw only
+    zero inputs or the input Gram cannot be factorized even with damping.
     """
     if stats is None:
         raise ValueError("method 'whiten' needs calibration data")
@@ -128,21 +155,24 @@ def whitened_svd(W: torch.Tensor, stats: LayerStats | None = None, *, damping: f
         fallback.note = f"whitening failed ({exc}); plain SVD"
         return fallback
     L = L.to(W.device)
-    factorization = Factorization(*_svd64(W.to(torch.float64) @ L), method="whiten", note=_damping_note(used, damping))
-    factorization.undo_right = lambda Y: torch.linalg.solve_triangular(L, Y, upper=False, left=False)
-    return factorization
+    return Transform(
+        W.to(torch.float64) @ L,
+        undo_right=lambda Y: torch.linalg.solve_triangular(L, Y, upper=False, left=False),
+        method="whiten", note=_damping_note(used, damping),
+    )
 
 
 @register_method("fisher")
 def fisher_whitened_svd(
     W: torch.Tensor, stats: LayerStats | None = None, *, damping: float = 1e-6, output_damping: float = 1e-2, **_: object
-) -> Factorization:
-    """Two-sided whitening: SVD of ``R W L`` with ``L`` from the input Gram and ``R`` from the
-    Gram of the model-output gradients at the layer's output (Kronecker-factored Fisher).
+) -> Transform:
+    """Two-sided whitening: SVD of ``C^T W L`` with ``L`` from the input Gram and ``C`` from the
+    Gram of the gradients of the model's objective at the layer's output (Kronecker-factored
+    curvature).
 
-    Minimizes a second-order estimate of the change in the model's output rather than the
-    layer's, which is also what makes spectra of different layers comparable for a global budget.
-    Falls back to ``whiten`` without gradient statistics.
+    Minimizes a second-order estimate of the change of the model's objective rather than of the
+    layer's output, which is also what makes spectra of different layers comparable for a global
+    budget. Falls back to ``whiten`` without gradient statistics.
     """
     if stats is None:
         raise ValueError("method 'fisher' needs calibration data")
@@ -158,18 +188,19 @@ def fisher_whitened_svd(
         return fallback
     try:
         L, used = cholesky_factor(stats.input_gram(), damping=damping)
-        C, _ = cholesky_factor(stats.output_gram(), damping=output_damping)
+        C, _ = cholesky_factor(output_gram, damping=output_damping)
     except torch.linalg.LinAlgError as exc:
         fallback = plain_svd(W)
         fallback.note = f"whitening failed ({exc}); plain SVD"
         return fallback
     L, C = L.to(W.device), C.to(W.device)
     # E[g g^T] = C C^T, so ||C^T E L||_F is the error norm; M = C^T W L.
-    M = C.T @ W.to(torch.float64) @ L
-    factorization = Factorization(*_svd64(M), method="fisher", note=_damping_note(used, damping))
-    factorization.undo_left = lambda X: torch.linalg.solve_triangular(C.T, X, upper=True)
-    factorization.undo_right = lambda Y: torch.linalg.solve_triangular(L, Y, upper=False, left=False)
-    return factorization
+    return Transform(
+        C.T @ W.to(torch.float64) @ L,
+        undo_left=lambda X: torch.linalg.solve_triangular(C.T, X, upper=True),
+        undo_right=lambda Y: torch.linalg.solve_triangular(L, Y, upper=False, left=False),
+        method="fisher", note=_damping_note(used, damping),
+    )
 
 
 def _damping_note(used: float, requested: float) -> str:

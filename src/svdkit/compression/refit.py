@@ -20,11 +20,13 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..progress import ProgressLike, track
+
 from ..calibrate import layer_inputs
-from ..linalg import cholesky_factor, svd
+from ..linalg import cholesky_factor
 from ..surgery import replace_module
 from ..views import weight_matrix
-from .methods import Factorization
+from .methods import Factorization, Transform, factorize
 from .plan import LayerPlan
 
 __all__ = ["refit"]
@@ -138,10 +140,10 @@ def _refit_factorization(W: torch.Tensor, pair_gram: torch.Tensor, pair_cross: t
         eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
         R_t = torch.linalg.inv(undo_left(eye))
         M = R_t @ M
-    U, S, Vh = svd(M)
-    out = Factorization(U, S, Vh, undo_left=undo_left, method=base.method + "+refit", note=base.note)
-    out.undo_right = lambda Y: torch.linalg.solve_triangular(L, Y, upper=False, left=False)
-    return out
+    return factorize(Transform(
+        M, undo_left=undo_left, undo_right=lambda Y: torch.linalg.solve_triangular(L, Y, upper=False, left=False),
+        method=base.method + "+refit", note=base.note,
+    ))
 
 
 def refit(
@@ -153,7 +155,7 @@ def refit(
     forward: Callable[[nn.Module, Any], Any],
     *,
     damping: float = 1e-6,
-    progress: Callable[[Iterable], Iterable] | None = None,
+    progress: ProgressLike = None,
 ) -> list[LayerPlan]:
     """Refit the factorized layers of ``compressed`` one stage at a time, in call order (in place).
 
@@ -174,8 +176,8 @@ def refit(
         ``forward(module, batch)`` runs ``module`` on a batch.
     damping : float
         Relative damping of ``A~``.
-    progress : callable, optional
-        Wraps the iterable of stages.
+    progress : bool or callable, optional
+        Progress over the stages (see :mod:`svdkit.progress`).
 
     Returns
     -------
@@ -198,7 +200,7 @@ def refit(
     updated: dict[str, LayerPlan] = {}
     try:
         stages = _call_order(compressed, active, batches[0], forward)
-        for stage in progress(stages) if progress is not None else stages:
+        for stage in track(stages, progress, desc="refit stages"):
             pairs = _collect_pairs(original, compressed, stage, batches, forward)
             for plan in stage:
                 new_plan = _refit_plan(plan, pairs[plan.name], damping)

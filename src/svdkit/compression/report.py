@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["CompressionReport", "LayerReport"]
+__all__ = ["CompressionReport", "LayerReport", "peak_memory"]
+
+
+def peak_memory() -> int | None:
+    """Peak resident memory of this process so far, in bytes (None where it cannot be read)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)
+
+
+def _memory_note(peak: int | None) -> str:
+    return f", peak memory {peak / 2**30:.2f} GiB" if peak else ""
 
 
 @dataclass
@@ -66,6 +81,13 @@ class CompressionReport:
         Parameters of the whole model.
     seconds : float
         Wall time of the compression.
+    pipeline : {"model", "blocks"}
+        Which pipeline ran: the whole model at once, or block by block.
+    timings : dict of str -> float
+        Wall time of the stages (the block pipeline's ``"curvature"`` and ``"compression"``).
+    peak_memory : int or None
+        Peak resident memory of the process at the end of the compression, in bytes (the
+        accelerator's peak allocation is in ``timings`` when one was used).
     quality : dict
         Optional quality figures filled in by the caller (e.g. mean cosine on held-out text).
     """
@@ -75,6 +97,9 @@ class CompressionReport:
     model_params_before: int = 0
     model_params_after: int = 0
     seconds: float = 0.0
+    pipeline: str = "model"
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory: int | None = None
     quality: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -104,6 +129,9 @@ class CompressionReport:
             "model_params_after": self.model_params_after,
             "model_kept_fraction": self.model_params_after / max(self.model_params_before, 1),
             "seconds": self.seconds,
+            "pipeline": self.pipeline,
+            "timings": dict(self.timings),
+            "peak_memory": self.peak_memory,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,7 +165,8 @@ class CompressionReport:
         rows.append((
             f"total ({t['compressed']}/{t['layers']} factorized)", "", "",
             f"{t['target_params_after']:,}", f"{t['target_kept_fraction']:.0%}", "", self.method,
-            f"model {t['model_params_before']:,} -> {t['model_params_after']:,} params in {self.seconds:.1f} s",
+            f"model {t['model_params_before']:,} -> {t['model_params_after']:,} params in {self.seconds:.1f} s "
+            f"({self.pipeline} pipeline{_memory_note(self.peak_memory)})",
         ))
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731

@@ -4,12 +4,13 @@ the model-output gradients at each layer's output (for the ``fisher`` method and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from ..calibrate import InputStats, collect_input_stats, current_token_mask, layer_inputs, run_batch, token_mask
+from ..calibrate import GradientRecorder, InputStats, NonFiniteCalibration, collect_input_stats, run_batch
+from ..progress import ProgressLike
 
 __all__ = ["LayerStats", "collect_layer_stats", "model_output"]
 
@@ -76,65 +77,97 @@ def model_output(result: Any) -> torch.Tensor:
     raise TypeError(f"cannot find an output tensor in a {type(result).__name__}")
 
 
-def _with_mask(mask, record, module, grad) -> None:
-    with token_mask(mask):
-        record(module, grad)
-
-
 def _collect_gradient_stats(
     model: nn.Module,
     targets: list[tuple[str, nn.Module]],
     batches: Iterable[Any],
     forward: Callable[[Any], Any] | None,
     *,
+    curvature: str,
     probes: int,
     seed: int,
 ) -> dict[str, InputStats]:
-    """Gram of output gradients ``g = d(z . f) / d y`` at every target's output ``y``."""
-    stats: dict[str, InputStats] = {}
-
-    def make_hook(name: str):
-        def record(module, grad):
-            rows = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1]) if isinstance(module, nn.Conv2d) else layer_inputs(module, grad)
-            if name not in stats:
-                stats[name] = InputStats.zeros(rows.shape[1], device=rows.device)
-            stats[name].update(rows)
-
-        def hook(module, inputs, output):
-            if not isinstance(output, torch.Tensor) or not output.is_floating_point():
-                return
-            if not output.requires_grad:
-                # Parameters are frozen, so the first target's output is a leaf: make it one
-                # that asks for its gradient, and everything downstream follows.
-                output.requires_grad_(True)
-            # The token mask of this batch is bound now; the gradient arrives later.
-            mask = current_token_mask()
-            output.register_hook(lambda grad: _with_mask(mask, record, module, grad))
-        return hook
-
+    """Gram of output gradients ``g = d objective / d y`` at every target's output ``y``
+    (see :func:`output_objectives`)."""
     params = [p for p in model.parameters()]
     saved = [(p.grad, p.requires_grad) for p in params]
     generator = torch.Generator().manual_seed(seed)
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in targets]
     try:
         # No weight gradients are needed: only the gradients at the targets' outputs.
         for p in params:
             p.requires_grad_(False)
-        with torch.enable_grad():
-            for batch in batches:
-                output = model_output(run_batch(model, batch, forward))
-                if not output.requires_grad:
-                    raise ValueError("the model output does not depend on any target layer's output")
-                for probe in range(probes):
-                    z = torch.randn(output.shape, generator=generator, dtype=output.dtype).to(output.device)
-                    (output * z).sum().backward(retain_graph=probe < probes - 1)
+        with GradientRecorder(targets, make_leaves=True) as recorder, torch.enable_grad():
+            for index, batch in enumerate(batches):
+                recorder.next_batch(index)
+                result = run_batch(model, batch, forward)
+                for objective in output_objectives(result, batch, curvature, probes, generator):
+                    if not objective.requires_grad:
+                        raise ValueError("the model output does not depend on any target layer's output")
+                    if not bool(torch.isfinite(objective.detach()).all()):
+                        raise NonFiniteCalibration(f"calibration batch {index}: the model's output is NaN or infinite")
+                    objective.backward(retain_graph=True)
+                del result
     finally:
-        for handle in handles:
-            handle.remove()
         for p, (grad, requires) in zip(params, saved):
             p.grad = grad
             p.requires_grad_(requires)
-    return stats
+    return recorder.stats
+
+
+def _input_ids(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor) and not batch.is_floating_point():
+        return batch
+    if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
+        return batch["input_ids"]
+    return None
+
+
+def output_objectives(result: Any, batch: Any, curvature: str, probes: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Scalars whose gradients at a layer's output give that layer's output-side curvature.
+
+    ==============  =================================================================
+    ``"probes"``    ``z . f(x)`` for ``probes`` random Gaussian ``z`` on the model output
+                    (any model): the Gram of the gradients is ``J J^T``
+    ``"labels"``    the summed negative log-likelihood of the true next tokens (causal
+                    LMs): the Gram of the gradients is the empirical Fisher
+    ``"sampled"``   the same at ``probes`` next tokens sampled from the model's own
+                    distribution: the true Fisher
+    ==============  =================================================================
+    """
+    if curvature == "probes":
+        output = model_output(result)
+        for _ in range(probes):
+            z = torch.randn(output.shape, generator=generator, dtype=output.dtype).to(output.device)
+            yield (output * z).sum()
+        return
+    logits = model_output(result)
+    ids = _input_ids(batch)
+    if ids is None or logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
+        raise ValueError(
+            f"curvature={curvature!r} needs a causal language model fed token ids: got outputs of shape "
+            f"{tuple(logits.shape)} for a {type(batch).__name__} batch"
+        )
+    logits = logits[:, :-1].float()
+    flat = logits.reshape(-1, logits.shape[-1])
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    keep = None if mask is None else mask[:, 1:].reshape(-1).bool().to(flat.device)
+    if curvature == "labels":
+        targets = ids[:, 1:].reshape(-1).to(flat.device)
+        yield _nll(flat, targets, keep)
+        return
+    if curvature == "sampled":
+        probs = torch.softmax(flat.detach(), dim=-1).cpu()
+        for _ in range(probes):
+            targets = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(flat.device)
+            yield _nll(flat, targets, keep)
+        return
+    raise ValueError(f"unknown curvature {curvature!r}; choose 'probes', 'labels' or 'sampled'")
+
+
+def _nll(flat: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    if keep is not None:
+        flat, targets = flat[keep], targets[keep]
+    return torch.nn.functional.cross_entropy(flat, targets, reduction="sum")
 
 
 def collect_layer_stats(
@@ -144,9 +177,11 @@ def collect_layer_stats(
     forward: Callable[[Any], Any] | None = None,
     *,
     gradients: bool = False,
+    curvature: str = "probes",
     probes: int = 2,
     seed: int = 0,
-    progress: Callable[[Iterable], Iterable] | None = None,
+    gradient_batches: int | None = None,
+    progress: ProgressLike = None,
 ) -> dict[str, LayerStats]:
     """Input (and optionally output-gradient) statistics for every target layer.
 
@@ -165,8 +200,10 @@ def collect_layer_stats(
         Random output directions ``z`` per batch.
     seed : int
         Seed of the probes.
-    progress : callable, optional
-        Wraps the batch iterable of the first pass.
+    gradient_batches : int, optional
+        Use only the first this many batches for the gradient statistics.
+    progress : bool or callable, optional
+        Progress of the first pass (see :mod:`svdkit.progress`).
 
     Returns
     -------
@@ -177,7 +214,8 @@ def collect_layer_stats(
     model.eval()
     try:
         inputs = collect_input_stats(model, targets, batches, forward, progress=progress)
-        grads = _collect_gradient_stats(model, targets, batches, forward, probes=probes, seed=seed) if gradients else {}
+        grad_data = batches[:gradient_batches] if gradient_batches else batches
+        grads = _collect_gradient_stats(model, targets, grad_data, forward, curvature=curvature, probes=probes, seed=seed) if gradients else {}
     finally:
         model.train(was_training)
     return {name: LayerStats(inputs[name], grads.get(name)) for name, _ in targets}

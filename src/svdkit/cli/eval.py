@@ -1,0 +1,81 @@
+"""``svdkit eval``: the quality of a model, or of a compressed model against its source.
+
+For a causal language model: perplexity on the held-out in-domain text and on text of another
+domain (or on ``--data`` files), and a greedy continuation of a fixed prompt. For a directory
+written by ``svdkit compress``, the model it was compressed from is measured too, side by side,
+unless ``--no-reference``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ._common import add_output_options, check_outputs, progress_option, write_json
+
+PROMPT = "The for statement in Python"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="perplexity of a causal LM (and of the model a compressed one came from)")
+    parser.add_argument("model", help="a model spec or a directory written by svdkit compress")
+    parser.add_argument("--data", nargs="+", default=["in-domain", "other-domain"],
+                        help="texts to score: in-domain, other-domain, or .txt / .pt files (default: both built-in ones)")
+    parser.add_argument("--max-tokens", type=int, default=24 * 512, help="tokens of each text (default 24 x 512)")
+    parser.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
+    parser.add_argument("--stride", type=int, default=None, help="step between windows (default: the window length)")
+    parser.add_argument("--no-reference", action="store_true", help="do not measure the source model of a compressed directory")
+    add_output_options(parser, json_help="also write the results as JSON to FILE ('-': standard output)")
+    parser.set_defaults(run=run)
+
+
+def _measure(loaded, args: argparse.Namespace, progress: bool) -> dict[str, Any]:
+    from ..eval import greedy_continuation, language_model_quality
+
+    if not loaded.is_causal_lm:
+        raise ValueError(f"{loaded.spec!r} is a {loaded.kind} model; svdkit eval measures causal language models (perplexity)")
+    if loaded.tokenizer is None and any(d in ("in-domain", "other-domain") or d.endswith(".txt") for d in args.data):
+        raise ValueError(f"{loaded.spec!r} has no tokenizer: pass --data FILE.pt with token ids")
+    result: dict[str, Any] = language_model_quality(
+        loaded.module, loaded.tokenizer, domains=args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
+        stride=args.stride, progress=progress,
+    )
+    if loaded.tokenizer is not None:
+        result["continuation"] = greedy_continuation(loaded.module, loaded.tokenizer, PROMPT)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..compression.io import CONFIG_NAME, read_description
+    from ..models import load_model
+
+    for name, value in (("--max-tokens", args.max_tokens), ("--seq-len", args.seq_len)):
+        if value < 2:
+            raise ValueError(f"{name} must be >= 2, got {value}")
+    check_outputs(files=(args.json,))
+    progress = progress_option(args)
+    loaded = load_model(args.model)
+    results = {"model": _measure(loaded, args, progress)}
+    path = Path(args.model)
+    if not args.no_reference and path.is_dir() and (path / CONFIG_NAME).exists():
+        source = read_description(path).get("source")
+        if source:
+            results["source"] = _measure(load_model(source), args, progress)
+    rows = [("", *results)]
+    keys = list(results["model"])
+    for key in keys:
+        cells = [results[which].get(key) for which in results]
+        rows.append((key, *(f"{c:.3f}" if isinstance(c, float) else repr(c) for c in cells)))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    if "source" in results:
+        for key in keys:
+            if isinstance(results["model"][key], float):
+                print(f"{key}: {results['model'][key] / results['source'][key]:.3f}x the source", file=sys.stderr)
+    write_json(args.json, json.dumps(results, indent=2))
+    return 0

@@ -1,0 +1,258 @@
+"""A model as a stack of blocks, run one block at a time on cached inputs.
+
+Decoder LLMs (and most transformers) are an embedding, a list of identical blocks and a head.
+The block-by-block pipeline (:mod:`svdkit.compression.sequential`) never runs the whole model:
+it runs the model once up to the first block to cache that block's inputs, then runs each
+block on the cached inputs of the block before (llm-compressor's sequential onloading, SVD-LLM's
+low-resource mode). This module finds the blocks and runs them:
+
+- :func:`find_blocks`: the ``nn.ModuleList`` of identical blocks that holds the target layers;
+- :func:`capture_block_inputs`: the first block's positional input and keyword arguments
+  (attention mask, rotary position embeddings, ...) for each calibration batch, caught by a
+  hook that stops the forward there;
+- :func:`run_block`: one block on one cached input;
+- :func:`head_loss_gradient`: the gradient of the model's loss at the last block's output,
+  found by running the model with its blocks swapped for a stand-in that returns the cached
+  output (so the head is run by the model's own forward, whatever it is).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..calibrate import current_token_mask, run_batch, token_mask
+
+__all__ = ["BlockInput", "BlockStack", "capture_block_inputs", "find_blocks", "head_loss_gradient", "run_block"]
+
+# Keyword arguments a block gets from the model that must not survive into a replay: a KV
+# cache would grow with every call, and returning attention weights wastes memory.
+_DROPPED = ("past_key_values", "past_key_value", "cache", "layer_past")
+_FORCED = {"use_cache": False, "output_attentions": False}
+
+
+@dataclass
+class BlockStack:
+    """The blocks of a model.
+
+    Attributes
+    ----------
+    name : str
+        Dotted name of the ``nn.ModuleList`` (e.g. ``"model.layers"``).
+    blocks : nn.ModuleList
+    """
+
+    name: str
+    blocks: nn.ModuleList
+
+    def block_name(self, index: int) -> str:
+        return f"{self.name}.{index}" if self.name else str(index)
+
+    def index_of(self, layer_name: str) -> int | None:
+        """The index of the block that holds ``layer_name``, or None."""
+        prefix = f"{self.name}." if self.name else ""
+        if not layer_name.startswith(prefix):
+            return None
+        head = layer_name[len(prefix):].split(".", 1)[0]
+        return int(head) if head.isdigit() and int(head) < len(self.blocks) else None
+
+
+def find_blocks(model: nn.Module, target_names: Iterable[str]) -> BlockStack | None:
+    """The longest ``nn.ModuleList`` of blocks of one class that holds every target layer.
+
+    Returns None when there is no such list (then the model is compressed as a whole).
+    """
+    names = list(target_names)
+    best: BlockStack | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        stack = BlockStack(name, module)
+        if not all(stack.index_of(n) is not None for n in names):
+            continue
+        if best is None or len(module) > len(best.blocks):
+            best = stack
+    return best
+
+
+@dataclass
+class BlockInput:
+    """What one block receives for one calibration batch.
+
+    Attributes
+    ----------
+    hidden : Tensor of shape (batch, seq, d)
+        The positional input (the residual stream).
+    kwargs : dict
+        Keyword arguments (masks, position embeddings), shared by every block.
+    mask : Tensor of shape (batch, seq) or None
+        The token mask of the batch (padding left out of the statistics).
+    """
+
+    hidden: torch.Tensor
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    mask: torch.Tensor | None = None
+
+
+class _Caught(Exception):
+    """Stops the forward at the first block."""
+
+
+def _to(value: Any, device: torch.device | str | None) -> Any:
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def capture_block_inputs(
+    model: nn.Module,
+    stack: BlockStack,
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> list[BlockInput]:
+    """The first block's inputs for every batch (the model runs only up to that block).
+
+    Parameters
+    ----------
+    model : nn.Module
+    stack : BlockStack
+    batches : iterable
+        Calibration batches, as :func:`svdkit.calibrate.run_batch` takes them.
+    forward : callable, optional
+        ``forward(module, batch)`` runs the model on a batch.
+    device : optional
+        Where to keep the cached inputs (default: where they were computed).
+
+    Returns
+    -------
+    list of BlockInput
+    """
+    caught: list[BlockInput] = []
+
+    def catch(module, args, kwargs):
+        if not args:
+            hidden = kwargs.pop("hidden_states")
+        else:
+            hidden, args = args[0], args[1:]
+            if args:
+                raise TypeError(f"{type(module).__name__} takes more than one positional input; svdkit replays blocks by keyword")
+        kept = {k: v for k, v in kwargs.items() if k not in _DROPPED}
+        kept.update({k: v for k, v in _FORCED.items() if k in kwargs})
+        caught.append(BlockInput(_to(hidden.detach(), device), _to(kept, device), _to(current_token_mask(), device)))
+        raise _Caught
+
+    handle = stack.blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(batches):
+                try:
+                    run_batch(model, batch, None if forward is None else lambda b: forward(model, b))
+                except _Caught:
+                    continue
+                raise ValueError(f"calibration batch {index} never reached the first block ({stack.block_name(0)})")
+    finally:
+        handle.remove()
+    if not caught:
+        raise ValueError("the calibration data held no batches")
+    return caught
+
+
+def block_output(result: Any) -> torch.Tensor:
+    """The hidden state a block returns (a tensor, or the first item of a tuple)."""
+    if isinstance(result, torch.Tensor):
+        return result
+    if isinstance(result, (tuple, list)) and result and isinstance(result[0], torch.Tensor):
+        return result[0]
+    raise TypeError(f"a block returned a {type(result).__name__}; expected a tensor or a tuple starting with one")
+
+
+def run_block(block: nn.Module, item: BlockInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Run ``block`` on a cached input (or on ``hidden`` with the cached keyword arguments)."""
+    device = _block_device(block)
+    x = item.hidden if hidden is None else hidden
+    with token_mask(item.mask):
+        return block_output(block(_to(x, device), **_to(item.kwargs, device)))
+
+
+def _block_device(block: nn.Module) -> torch.device | None:
+    for p in block.parameters():
+        return p.device
+    return None
+
+
+class _Replay(nn.Module):
+    """Stands in for the blocks: returns a given hidden state, whatever it is fed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        assert self.hidden is not None
+        return self.hidden
+
+
+@contextlib.contextmanager
+def _blocks_replaced(model: nn.Module, stack: BlockStack) -> Iterator[_Replay]:
+    replay = _Replay()
+    parent_name, _, child = stack.name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    original = getattr(parent, child)
+    setattr(parent, child, nn.ModuleList([replay]))
+    try:
+        yield replay
+    finally:
+        setattr(parent, child, original)
+
+
+def head_loss_gradient(
+    model: nn.Module,
+    stack: BlockStack,
+    batch: Any,
+    last_hidden: torch.Tensor,
+    objective: Callable[[Any, Any], Iterator[torch.Tensor]],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> torch.Tensor:
+    """The gradient of the model's objective with respect to the last block's output.
+
+    Parameters
+    ----------
+    model : nn.Module
+    stack : BlockStack
+    batch : object
+        The calibration batch ``last_hidden`` was computed from.
+    last_hidden : Tensor of shape (batch, seq, d)
+        The last block's output on ``batch``.
+    objective : callable
+        ``objective(result, batch)`` yields scalars to differentiate (their gradients are summed).
+    forward : callable, optional
+
+    Returns
+    -------
+    Tensor of shape (batch, seq, d)
+    """
+    hidden = last_hidden.detach().clone().requires_grad_(True)
+    total = torch.zeros_like(hidden)
+    with _blocks_replaced(model, stack) as replay, torch.enable_grad():
+        replay.hidden = hidden
+        result = run_batch(model, batch, None if forward is None else lambda b: forward(model, b))
+        for value in objective(result, batch):
+            (grad,) = torch.autograd.grad(value, hidden, retain_graph=True)
+            total += grad
+    return total

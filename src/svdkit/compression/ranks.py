@@ -1,0 +1,89 @@
+"""Rank per layer: from a per-layer spec, from ``rank_pattern``, or from a global budget."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+from ..linalg import allocate_ranks, resolve_rank
+from ..surgery import check_patterns, pattern_value
+from .config import CompressConfig
+
+__all__ = ["RankCandidate", "choose_ranks"]
+
+
+class RankCandidate(Protocol):
+    """What rank selection needs of a layer (a :class:`~svdkit.compression.plan.LayerPlan`, or
+    the spectrum of a layer measured before it is factorized)."""
+
+    name: str
+    shape: tuple[int, int]
+
+    @property
+    def dense_params(self) -> int: ...
+
+    @property
+    def rank_cost(self) -> int: ...
+
+    @property
+    def singular_values(self) -> torch.Tensor:
+        """The (transformed) singular values of the first group, shape (r,)."""
+
+    def spectrum(self) -> torch.Tensor:
+        """The spectrum the budget compares across layers, shape (r,)."""
+
+
+def choose_ranks(
+    candidates: Sequence[RankCandidate], config: CompressConfig, *, other_params: int = 0, check: bool = True
+) -> list[int | None]:
+    """The rank of each layer (None: keep it dense).
+
+    Parameters
+    ----------
+    candidates : sequence of RankCandidate
+    config : CompressConfig
+        ``rank`` (per layer), ``rank_pattern`` (per layer, first) and ``budget`` (global).
+    other_params : int
+        Parameters of the model outside the candidates (for ``budget_scope="model"``).
+    check : bool
+        Refuse ``rank_pattern`` keys that match none of the candidates (pass False when the
+        candidates are a part of the targets, checked by the caller).
+
+    Raises
+    ------
+    ValueError
+        A ``rank_pattern`` key that matches no layer, or a budget that the fixed layers use up.
+    """
+    if check:
+        check_patterns(config.rank_pattern, [c.name for c in candidates], field="rank_pattern")
+    fixed: dict[int, int] = {}
+    for i, candidate in enumerate(candidates):
+        spec = pattern_value(config.rank_pattern, candidate.name, None)
+        if spec is not None or config.budget is None:
+            spec = config.rank if spec is None else spec
+            fixed[i] = resolve_rank(candidate.singular_values, spec, candidate.shape)
+    if config.budget is None:
+        return [fixed[i] for i in range(len(candidates))]
+    free = [i for i in range(len(candidates)) if i not in fixed]
+    targeted = sum(c.dense_params for c in candidates)
+    if config.budget_scope == "model":
+        budget = config.budget * (other_params + targeted) - other_params
+    else:
+        budget = config.budget * targeted
+    budget -= sum(min(k * candidates[i].rank_cost, candidates[i].dense_params) for i, k in fixed.items())
+    if budget <= 0:
+        raise ValueError(
+            f"budget {config.budget} of the {config.budget_scope} parameters leaves nothing for the targeted layers "
+            "once the other parameters and the rank_pattern layers are paid"
+        )
+    allocated = allocate_ranks(
+        [candidates[i].spectrum() for i in free], [candidates[i].rank_cost for i in free],
+        [candidates[i].dense_params for i in free], int(budget), min_rank=config.min_rank,
+    )
+    ranks: list[int | None] = [None] * len(candidates)
+    for i, k in fixed.items():
+        ranks[i] = k
+    for i, k in zip(free, allocated):
+        ranks[i] = k
+    return ranks

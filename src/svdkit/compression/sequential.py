@@ -1,0 +1,334 @@
+"""Block-by-block compression of a model that is a stack of blocks (decoder LLMs).
+
+The whole model never runs at once and no more than one block's statistics are held in memory.
+
+**Pass 1 — curvature and spectra** (when the method needs output gradients, ``fisher``, or the
+config a global budget). On the first ``gradient_batches`` calibration batches: run the dense
+blocks one after another, keeping each block's input on disk; take the gradient of the objective
+(for a causal LM, the log-likelihood of the true next tokens) at the last block's output; then
+sweep back: re-run each block with gradients on its kept input, push the gradient at its output
+back to its input, and let hooks record each target layer's input Gram and output-gradient
+Gram. Those give each layer's spectrum in the method's metric (all the budget needs); the
+output-gradient Grams are kept on disk for pass 2.
+
+**Pass 2 — compression.** Cache the first block's inputs for every calibration batch, then for
+each block: collect its layers' input Grams from the cached inputs (so each block is fitted to
+what the *compressed* model feeds it), factorize each layer with the method (output-gradient
+Grams from pass 1), take the ranks (the global allocation of pass 1, or the per-layer spec),
+replace the layers, and run the compressed block to produce the next block's inputs.
+
+Blocks can live on the CPU and visit ``device`` only while they are processed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..calibrate import GradientRecorder, InputRecorder, InputStats
+from ..progress import ProgressLike, track
+from ..surgery import check_patterns, replace_module
+from .blocks import BlockInput, BlockStack, capture_block_inputs, head_loss_gradient, run_block
+from .config import CompressConfig
+from .methods import transformed_spectrum
+from .plan import layer_transforms, plan_layer
+from .ranks import choose_ranks
+from .report import LayerReport
+from .stats import LayerStats, output_objectives
+
+__all__ = ["BlockRun", "compress_blocks"]
+
+
+@dataclass
+class LayerSpectrum:
+    """A layer's spectrum measured in pass 1, before it is factorized (a rank candidate)."""
+
+    name: str
+    shape: tuple[int, int]
+    groups: int
+    values: list[torch.Tensor]
+    importance: float = 1.0
+
+    @property
+    def dense_params(self) -> int:
+        return self.groups * self.shape[0] * self.shape[1]
+
+    @property
+    def rank_cost(self) -> int:
+        return self.groups * (self.shape[0] + self.shape[1])
+
+    @property
+    def singular_values(self) -> torch.Tensor:
+        return self.values[0]
+
+    def spectrum(self) -> torch.Tensor:
+        return torch.stack(self.values).square().sum(0).sqrt() * self.importance
+
+
+@dataclass
+class BlockRun:
+    """What the block-by-block pipeline did, for the report.
+
+    Attributes
+    ----------
+    blocks : int
+    gradient_batches : int
+        Calibration batches of pass 1 (0 when it did not run).
+    seconds : dict of str -> float
+        Wall time of ``"curvature"`` (pass 1) and ``"compression"`` (pass 2).
+    """
+
+    blocks: int = 0
+    gradient_batches: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _Spill:
+    """Tensors kept on disk between passes, one file per key, removed when closed."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="svdkit-")
+        self.path = Path(self._dir.name)
+
+    def put(self, key: str, value: Any) -> None:
+        torch.save(value, self.path / f"{key}.pt")
+
+    def get(self, key: str) -> Any:
+        return torch.load(self.path / f"{key}.pt", map_location="cpu", weights_only=False)
+
+    def drop(self, key: str) -> None:
+        (self.path / f"{key}.pt").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+def _block_targets(stack: BlockStack, targets: list[tuple[str, nn.Module]]) -> dict[int, list[tuple[str, nn.Module]]]:
+    by_block: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in targets:
+        index = stack.index_of(name)
+        assert index is not None  # find_blocks checked that every target is inside a block
+        by_block.setdefault(index, []).append((name, module))
+    return by_block
+
+
+def _curvature_pass(
+    model: nn.Module,
+    stack: BlockStack,
+    by_block: dict[int, list[tuple[str, nn.Module]]],
+    batches: list[Any],
+    forward: Callable[[nn.Module, Any], Any] | None,
+    config: CompressConfig,
+    curvature: str | None,
+    spill: _Spill,
+    device: torch.device | str | None,
+    progress: ProgressLike,
+) -> dict[str, LayerSpectrum]:
+    """Pass 1 (see the module docstring): the spectrum of every target; output-gradient Grams spilled.
+
+    ``curvature`` None: no gradients (input Grams only, for a budget on a one-sided method).
+    """
+    inputs = capture_block_inputs(model, stack, batches, forward, device=device)
+    hidden = [item.hidden for item in inputs]
+    with torch.no_grad():
+        for index in track(range(len(stack.blocks)), progress, desc="curvature: forward"):
+            spill.put(f"boundary-{index}", hidden)
+            with _on(stack.blocks[index], device) as block:
+                hidden = [run_block(block, item, h) for item, h in zip(inputs, hidden)]
+    grads: list[torch.Tensor] | None = None
+    if curvature is not None:
+        generator = torch.Generator().manual_seed(config.seed)
+
+        def objective(result, batch):
+            return output_objectives(result, batch, curvature, config.probes, generator)
+
+        grads = [head_loss_gradient(model, stack, batch, h, objective, forward) for batch, h in zip(batches, hidden)]
+    del hidden
+    spectra: dict[str, LayerSpectrum] = {}
+    for index in track(list(reversed(range(len(stack.blocks)))), progress, desc="curvature: backward"):
+        boundary = spill.get(f"boundary-{index}")
+        spill.drop(f"boundary-{index}")
+        targets = by_block.get(index, [])
+        with _on(stack.blocks[index], device) as block:
+            input_stats, gradient_stats, grads = _sweep_block(block, targets, inputs, boundary, grads)
+        for name, module in targets:
+            transforms = layer_transforms(module, LayerStats(input_stats[name], gradient_stats.get(name)), config)
+            spectra[name] = LayerSpectrum(
+                name, tuple(transforms[0].M.shape), len(transforms), [transformed_spectrum(t) for t in transforms],
+                transforms[0].importance,
+            )
+        if gradient_stats:
+            spill.put(f"gradients-{index}", gradient_stats)
+    return spectra
+
+
+def _sweep_block(
+    block: nn.Module,
+    targets: list[tuple[str, nn.Module]],
+    inputs: list[BlockInput],
+    boundary: list[torch.Tensor],
+    grads: list[torch.Tensor] | None,
+) -> tuple[dict[str, InputStats], dict[str, InputStats], list[torch.Tensor] | None]:
+    """Run ``block`` on its inputs, recording its targets' input Grams; with ``grads`` (the
+    gradients at the block's output), also their output-gradient Grams, and return the gradients
+    at the block's input."""
+    new_grads: list[torch.Tensor] = []
+    with InputRecorder(targets) as inputs_seen, GradientRecorder(targets) as gradients_seen:
+        for index, (item, h) in enumerate(zip(inputs, boundary)):
+            inputs_seen.next_batch(index)
+            gradients_seen.next_batch(index)
+            if grads is None:
+                with torch.no_grad():
+                    run_block(block, item, h)
+                continue
+            with torch.enable_grad():
+                x = h.detach().requires_grad_(True)
+                y = run_block(block, item, x)
+                (gx,) = torch.autograd.grad(y, x, grad_outputs=grads[index].to(y.device, y.dtype))
+            new_grads.append(gx.detach())
+    inputs_seen.check_reached()
+    return inputs_seen.stats, gradients_seen.stats, new_grads if grads is not None else None
+
+
+class _on:
+    """Context manager: a block on the compute device while it is processed, back afterwards."""
+
+    def __init__(self, block: nn.Module, device: torch.device | str | None) -> None:
+        self.block, self.device = block, device
+        self.home = next((p.device for p in block.parameters()), None)
+
+    def __enter__(self) -> nn.Module:
+        if self.device is not None and self.home is not None and torch.device(self.device) != self.home:
+            self.block.to(self.device)
+        return self.block
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device is not None and self.home is not None and torch.device(self.device) != self.home:
+            self.block.to(self.home)
+
+
+def _compression_pass(
+    out: nn.Module,
+    stack: BlockStack,
+    by_block: dict[int, list[tuple[str, nn.Module]]],
+    batches: list[Any],
+    forward: Callable[[nn.Module, Any], Any] | None,
+    config: CompressConfig,
+    ranks: dict[str, int | None] | None,
+    spill: _Spill | None,
+    device: torch.device | str | None,
+    progress: ProgressLike,
+) -> list[LayerReport]:
+    """Pass 2 (see the module docstring) on ``out``, in place; returns the report rows."""
+    inputs = capture_block_inputs(out, stack, batches, forward, device=device)
+    rows: list[LayerReport] = []
+    for index in track(range(len(stack.blocks)), progress, desc="blocks compressed"):
+        targets = by_block.get(index, [])
+        with _on(stack.blocks[index], device) as block:
+            if targets:
+                input_stats, _, _ = _sweep_block(block, targets, inputs, [item.hidden for item in inputs], None)
+                gradient_stats = spill.get(f"gradients-{index}") if spill is not None and (spill.path / f"gradients-{index}.pt").exists() else {}
+                block_plans = [plan_layer(name, module, LayerStats(input_stats[name], gradient_stats.get(name)), config) for name, module in targets]
+                block_ranks = [ranks[p.name] for p in block_plans] if ranks is not None else choose_ranks(block_plans, config, check=False)
+                for plan, k in zip(block_plans, block_ranks):
+                    row = plan.report(k)
+                    if row.rank is not None:
+                        replace_module(out, plan.name, plan.build(row.rank))
+                    rows.append(row)
+                del input_stats, gradient_stats
+            with torch.no_grad():
+                for item in inputs:
+                    item.hidden = run_block(block, item)
+    return rows
+
+
+def compress_blocks(
+    model: nn.Module,
+    out: nn.Module,
+    stack: BlockStack,
+    targets: list[tuple[str, nn.Module]],
+    batches: list[Any],
+    config: CompressConfig,
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None,
+    curvature: str,
+    device: torch.device | str | None = None,
+    progress: ProgressLike = None,
+) -> tuple[list[LayerReport], BlockRun]:
+    """Compress ``out`` (a copy of ``model``, or ``model`` itself) block by block, in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The dense model: pass 1 measures it.
+    out : nn.Module
+        Where the factorized layers go (pass 2).
+    stack : BlockStack
+        The blocks of ``out`` (:func:`~svdkit.compression.blocks.find_blocks`).
+    targets : list of (name, module)
+        Target layers of ``model``, all inside the blocks.
+    batches : list
+        Calibration batches.
+    config : CompressConfig
+    forward : callable, optional
+        ``forward(module, batch)``.
+    curvature : str
+        The output statistics of ``fisher`` (see :func:`svdkit.compression.stats.output_objectives`).
+    device : optional
+        Compute device: each block visits it while it is processed.
+    progress : bool or callable
+
+    Returns
+    -------
+    rows : list of LayerReport
+        In the order of ``targets``.
+    run : BlockRun
+    """
+    run = BlockRun(blocks=len(stack.blocks))
+    dense_stack = BlockStack(stack.name, model.get_submodule(stack.name))
+    by_block = _block_targets(dense_stack, targets)
+    out_by_block = {i: [(name, out.get_submodule(name)) for name, _ in layers] for i, layers in by_block.items()}
+    needs_gradients = config.method == "fisher"
+    spill = _Spill() if needs_gradients or config.budget is not None else None
+    flags = _frozen(model)
+    try:
+        check_patterns(config.rank_pattern, [name for name, _ in targets], field="rank_pattern")
+        ranks = None
+        if spill is not None:
+            start = time.perf_counter()
+            grad_batches = batches[: config.gradient_batches] if config.gradient_batches else batches
+            run.gradient_batches = len(grad_batches)
+            spectra = _curvature_pass(
+                model, dense_stack, by_block, grad_batches, forward, config, curvature if needs_gradients else None,
+                spill, device, progress,
+            )
+            run.seconds["curvature"] = time.perf_counter() - start
+            if config.budget is not None:
+                candidates = [spectra[name] for name, _ in targets]
+                others = sum(p.numel() for p in model.parameters()) - sum(c.dense_params for c in candidates)
+                ranks = dict(zip([c.name for c in candidates], choose_ranks(candidates, config, other_params=others, check=False)))
+        start = time.perf_counter()
+        rows = _compression_pass(out, stack, out_by_block, batches, forward, config, ranks, spill, device, progress)
+        run.seconds["compression"] = time.perf_counter() - start
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if spill is not None:
+            spill.close()
+    order = {name: i for i, (name, _) in enumerate(targets)}
+    rows.sort(key=lambda row: order[row.name])
+    return rows, run
+
+
+def _frozen(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    """Freeze every parameter (no weight gradients are needed); returns the flags to restore."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    return flags

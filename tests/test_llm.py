@@ -1,0 +1,218 @@
+"""Causal language models: token streams, perplexity, block-by-block compression, save -> load -> generate.
+
+Small LLaMA- and Qwen2-shaped models (grouped-query attention, tied embeddings) with random
+weights stand in for real LLMs: they test structure and invariants, never quality.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from svdkit import CompressConfig, compress, load_compressed, save_compressed
+from svdkit.calibrate import InputStats
+from svdkit.compression.blocks import find_blocks
+from svdkit.eval import _windows, perplexity
+from svdkit.layers import LowRankLinear
+from svdkit.linalg import ParamRatio
+from svdkit.tokens import calibration_tokens, check_token_ids, evaluation_tokens
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 100
+
+
+def _ids(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _batches(n: int = 4, batch: int = 2, length: int = 16, seed: int = 1) -> list[torch.Tensor]:
+    return list(_ids(n * batch, length, seed=seed).split(batch))
+
+
+# --- perplexity -----------------------------------------------------------------------------------
+
+
+def test_perplexity_of_one_window_equals_the_models_own_loss(make_decoder):
+    model = make_decoder("llama", causal=True)
+    ids = _ids(40)
+    result = perplexity(model, ids, seq_len=40)
+    with torch.no_grad():
+        loss = model(input_ids=ids[None], labels=ids[None]).loss
+    assert result.tokens == 39 and result.windows == 1
+    assert result.perplexity == pytest.approx(math.exp(float(loss)), rel=1e-5)
+
+
+def _hand_nll(model, ids: torch.Tensor, context: int) -> tuple[float, int]:
+    """Sum of -log p(token t | at most `context` tokens before it), token by token."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for t in range(1, len(ids)):
+            window = ids[max(0, t - context):t]
+            logits = model(input_ids=window[None]).logits[0, -1]
+            total -= float(F.log_softmax(logits.double(), -1)[ids[t]])
+            count += 1
+    return total, count
+
+
+def test_sliding_window_scores_each_token_once_with_its_context(make_decoder):
+    model = make_decoder("qwen2", causal=True)
+    ids = _ids(30, seed=4)
+    # stride == seq_len: disjoint windows, each window's first token unscored.
+    disjoint = perplexity(model, ids, seq_len=10)
+    assert disjoint.tokens == 27 and disjoint.windows == 3
+    # stride 1 with a window of 8: token t sees the 7 tokens before it (or all of them early on).
+    sliding = perplexity(model, ids, seq_len=8, stride=1, batch_size=5)
+    nll, count = _hand_nll(model, ids, context=7)
+    assert sliding.tokens == count == 29
+    assert sliding.nll == pytest.approx(nll, rel=1e-5)
+
+
+@pytest.mark.parametrize("total, seq_len, stride", [(10, 4, 4), (10, 4, 2), (17, 5, 3), (5, 8, 8), (2, 2, 1)])
+def test_windows_cover_every_token_but_the_first_exactly_once(total, seq_len, stride):
+    scored = []
+    for begin, end, first in _windows(total, seq_len, stride):
+        assert end - begin <= seq_len and first >= 1
+        scored.extend(range(begin + first, end))
+    assert sorted(scored) == list(range(1, total)) if stride < seq_len or total <= seq_len else len(set(scored)) == len(scored)
+
+
+def test_perplexity_rejects_bad_input(make_decoder):
+    model = make_decoder("llama", causal=True)
+    with pytest.raises(ValueError, match="at least two tokens"):
+        perplexity(model, torch.tensor([3]))
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(model, _ids(20), seq_len=4, stride=5)
+    with pytest.raises(ValueError, match="integer tensor"):
+        perplexity(model, torch.rand(20))
+
+
+# --- token streams --------------------------------------------------------------------------------
+
+
+def test_calibration_windows_are_reproducible_and_cut_from_the_stream():
+    stream = torch.arange(1000) % VOCAB
+    a = calibration_tokens(stream, n_seqs=6, seq_len=32, seed=3)
+    b = calibration_tokens(stream, n_seqs=6, seq_len=32, seed=3)
+    c = calibration_tokens(stream, n_seqs=6, seq_len=32, seed=4)
+    assert a.shape == (6, 32) and a.dtype == torch.long
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c)
+    for row in a:  # every window is a contiguous piece of the stream
+        assert torch.equal(torch.diff(row) % VOCAB, torch.ones(31, dtype=torch.long))
+
+
+def test_token_stream_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="holds 10 tokens, shorter than one sequence of seq_len=16"):
+        calibration_tokens(torch.arange(10), n_seqs=2, seq_len=16)
+    with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 100\)"):
+        calibration_tokens(torch.arange(200), n_seqs=2, seq_len=16, vocab_size=VOCAB)
+    with pytest.raises(ValueError, match="must be integers"):
+        check_token_ids(torch.rand(5), VOCAB, where="x")
+    with pytest.raises(ValueError, match="n_seqs must be an int >= 1"):
+        calibration_tokens(torch.arange(100), n_seqs=0, seq_len=4)
+    bad = tmp_path / "ids.pt"
+    torch.save(torch.arange(12).reshape(2, 2, 3), bad)
+    with pytest.raises(ValueError, match=r"shape \(2, 2, 3\)"):
+        calibration_tokens(bad, n_seqs=1, seq_len=2)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00text")
+    with pytest.raises(ValueError, match="binary.txt is not UTF-8"):
+        calibration_tokens(binary, tokenizer=object(), n_seqs=1, seq_len=2)
+    with pytest.raises(FileNotFoundError, match="no token or text file"):
+        evaluation_tokens(tmp_path / "missing.txt")
+
+
+# --- block-by-block compression --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_block_pipeline_runs_on_gqa_decoders_and_keeps_the_tied_head_dense(make_decoder, family):
+    model = make_decoder(family, causal=True, tied=True, layers=3)
+    assert model.model.layers[0].self_attn.k_proj.out_features < model.model.layers[0].self_attn.k_proj.in_features
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small, report = compress(model, CompressConfig(method="fisher", budget=0.6), _batches())
+    assert report.pipeline == "blocks" and set(report.timings) == {"curvature", "compression"}
+    assert all(name.startswith("model.layers.") for name in (row.name for row in report.layers))
+    assert report.kept_fraction <= 0.6 + 1e-9
+    assert sum(p.numel() for p in small.parameters()) == report.model_params_after
+    # the input model is untouched; the head is still the (dense, tied) embedding
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert small.lm_head.weight is small.model.embed_tokens.weight
+    assert isinstance(small.model.layers[0].self_attn.k_proj, LowRankLinear) or report.layers[1].rank is None
+
+
+def test_first_block_of_the_block_pipeline_equals_whole_model_whitening(make_decoder):
+    model = make_decoder("llama", causal=True, layers=3)
+    batches = _batches()
+    config = dict(method="whiten", rank=4)
+    whole, r1 = compress(model, CompressConfig(**config, pipeline="model"), batches)
+    blocks, r2 = compress(model, CompressConfig(**config, pipeline="blocks"), batches)
+    assert (r1.pipeline, r2.pipeline) == ("model", "blocks")
+    for name, module in whole.named_modules():
+        if isinstance(module, LowRankLinear) and name.startswith("model.layers.0."):
+            other = blocks.get_submodule(name)
+            torch.testing.assert_close(other.dense_weight(), module.dense_weight(), rtol=1e-6, atol=1e-7)
+    # later blocks see the compressed model's inputs, so they differ
+    name = "model.layers.2.mlp.down_proj"
+    assert not torch.allclose(whole.get_submodule(name).dense_weight(), blocks.get_submodule(name).dense_weight())
+
+
+def test_block_pipeline_holds_one_blocks_statistics_whatever_the_depth(make_decoder, monkeypatch):
+    """The Gram matrices alive at any time (bytes) do not grow with the number of blocks."""
+    alive: weakref.WeakSet = weakref.WeakSet()
+    peak = {"bytes": 0}
+    zeros = InputStats.zeros.__func__
+
+    def tracked(cls, dim, device="cpu"):
+        stats = zeros(cls, dim, device)
+        alive.add(stats.gram)
+        peak["bytes"] = max(peak["bytes"], sum(g.numel() * g.element_size() for g in alive))
+        return stats
+
+    monkeypatch.setattr(InputStats, "zeros", classmethod(tracked))
+    peaks = []
+    for layers in (2, 6):
+        peak["bytes"] = 0
+        model = make_decoder("llama", causal=True, layers=layers)
+        compress(model, CompressConfig(method="fisher", budget=0.6, pipeline="blocks"), _batches(n=2))
+        peaks.append(peak["bytes"])
+    one_block = sum(n * n for n in (64, 64, 64, 112)) * 8 * 2  # input Grams, twice for increments
+    assert peaks[0] == peaks[1] > 0
+    assert peaks[1] < 4 * one_block + 8 * sum(n * n for n in (64, 32, 32, 64, 112, 112, 64)) * 2
+
+
+def test_save_load_generate_gives_the_same_tokens(make_decoder, tmp_path):
+    model = make_decoder("qwen2", causal=True, tied=True, layers=2)
+    small, report = compress(model, CompressConfig(method="whiten", rank=ParamRatio(0.5)), _batches())
+    save_compressed(small, tmp_path / "c", report=report)
+    assert (tmp_path / "c" / "config.json").exists()
+    again = load_compressed(tmp_path / "c")  # rebuilt from the saved config: no base model at hand
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    prompt = _ids(1, 5, seed=9)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(again.generate(prompt, **kwargs), small.generate(prompt, **kwargs), rtol=0, atol=0)
+        torch.testing.assert_close(again(prompt).logits, small(prompt).logits)
+
+
+def test_find_blocks_needs_every_target_inside_one_stack(make_decoder):
+    model = make_decoder("llama", causal=True)
+    stack = find_blocks(model, ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"])
+    assert stack is not None and stack.name == "model.layers" and len(stack.blocks) == 2
+    assert find_blocks(model, ["model.layers.0.mlp.up_proj", "lm_head"]) is None
+    with pytest.raises(ValueError, match="pipeline='blocks' needs every target inside one stack"):
+        compress(model, CompressConfig(method="whiten", rank=4, pipeline="blocks", include_head=True), _batches(n=1))
+
+
+def test_calibration_ids_outside_the_vocabulary_are_refused(make_decoder):
+    model = make_decoder("llama", causal=True)
+    bad = [torch.full((2, 8), VOCAB + 5)]
+    with pytest.raises(ValueError, match=r"calibration batch 0 holds token ids in \[105, 105\].*vocabulary \[0, 100\)"):
+        compress(model, CompressConfig(method="whiten", rank=4), bad)
