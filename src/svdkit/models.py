@@ -303,7 +303,10 @@ def load_model(spec: str, *, device: str = "cpu") -> LoadedModel:
     if path.suffix in (".pt", ".pth"):
         if not path.exists():
             raise FileNotFoundError(f"no model file at {spec!r}")
-        module = torch.load(path, map_location=device, weights_only=False)
+        try:
+            module = torch.load(path, map_location=device, weights_only=False)
+        except Exception as exc:  # pickle, zip and torch raise many types for a file that is not a saved module
+            raise ValueError(f"cannot load a module from {spec!r}: {type(exc).__name__}: {exc}") from exc
         if not isinstance(module, nn.Module):
             raise ValueError(f"{spec!r} holds a {type(module).__name__}, not a pickled nn.Module (a state dict needs its architecture: use package.module:factory)")
         return LoadedModel(module, spec, "torch")

@@ -32,6 +32,7 @@ __all__ = [
     "pattern_key",
     "pattern_value",
     "replace_module",
+    "shared_weight_groups",
 ]
 
 TargetSpec = str | Sequence[str] | None
@@ -112,6 +113,21 @@ def output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
+def shared_weight_groups(model: nn.Module) -> list[list[str]]:
+    """Modules with a weight view that hold one weight tensor between them (tied weights, such
+    as an LM head tied to the input embedding), as lists of names in model order.
+
+    A module used at several places counts once (by its first name): that is sharing of the
+    module, not of the weight.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name and isinstance(weight, nn.Parameter) and get_view(module) is not None:
+            owners.setdefault(id(weight), []).append(name)
+    return [names for names in owners.values() if len(names) > 1]
+
+
 def find_targets(
     model: nn.Module,
     target_modules: TargetSpec = None,
@@ -171,9 +187,17 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at dotted ``name`` inside ``model`` (in place) and return the module it replaced."""
-    parent_name, _, child = name.rpartition(".")
-    parent = get_module(model, parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, new)
+    """Put ``new`` wherever ``model`` holds the module at dotted ``name`` (in place) and return the
+    module it replaced.
+
+    A module the model uses at several places (``nn.Sequential(lin, act, lin)``) is replaced at
+    every one of them, so sharing survives and no copy of the old module is left behind.
+    """
+    if not name:
+        raise ValueError("cannot replace the model itself: name a submodule")
+    old = get_module(model, name)
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, child_name, new)
     return old

@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError, KeyError) as exc:
+    except (ValueError, OSError, ImportError, KeyError) as exc:
         print(f"svdkit {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -108,7 +108,11 @@ def check_outputs(*, directories: tuple[str | None, ...] = (), files: tuple[str 
         path = Path(file)
         if path.is_dir():
             raise ValueError(f"{path} is a directory, not a file to write")
-        _check_writable_parent(path)
+        parent = path.resolve().parent
+        if not parent.is_dir():
+            raise ValueError(f"cannot write {path}: the folder {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise ValueError(f"cannot write {path}: the folder {parent} is not writable")
 
 
 def _check_writable_parent(path: Path) -> None:

@@ -63,17 +63,24 @@ def factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The factorized layers of a model and their geometry, keyed by module name.
 
     A layer that sits at several names (one module used twice) is described at its first name;
-    every other name maps to ``{"same_as": first_name}``.
+    every other name maps to ``{"same_as": first_name}``. A layer whose factors are another's
+    (tied weights) says so with ``"shares_factors_with": that_name``.
     """
     first: dict[int, str] = {}
+    factor_owner: dict[int, str] = {}
     layers: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, LowRankLayer):
             if id(module) in first:
                 layers[name] = {"same_as": first[id(module)]}
-            else:
-                first[id(module)] = name
-                layers[name] = module.spec()
+                continue
+            first[id(module)] = name
+            layers[name] = module.spec()
+            factor = getattr(module, "u", None)
+            if factor is not None and id(factor) in factor_owner:
+                layers[name]["shares_factors_with"] = factor_owner[id(factor)]
+            elif factor is not None:
+                factor_owner[id(factor)] = name
     return layers
 
 
@@ -315,6 +322,14 @@ def _skeletons(model: nn.Module, layers: Mapping[str, Any], where: Path) -> dict
             built[name] = built[alias]
             continue
         built[name] = low_rank_from_spec(spec, dense, name=name)
+        owner = spec.get("shares_factors_with")
+        if owner is not None:
+            if not isinstance(built.get(owner), LowRankLayer):
+                raise ValueError(f"saved layer {name} shares the factors of {owner!r}, which is not described before it")
+            try:
+                built[name].share_factors_with(built[owner])
+            except TypeError as exc:
+                raise ValueError(f"saved layers {owner} and {name} cannot share factors: {exc}") from None
     return built
 
 
@@ -341,6 +356,23 @@ def _expected_state(model: nn.Module, skeletons: Mapping[str, nn.Module]) -> tup
     for key, tensor in tensors.items():
         groups.setdefault(id(tensor), []).append(key)
     return {key: tuple(t.shape) for key, t in tensors.items()}, list(groups.values())
+
+
+def _reshare(model: nn.Module, groups: list[list[str]]) -> None:
+    """Make every key of a group hold the first key's parameter again (assigning a loaded state
+    dict gives each key its own parameter, which would untie tied weights)."""
+    for keys in groups:
+        if len(keys) < 2:
+            continue
+        module_name, _, attr = keys[0].rpartition(".")
+        shared = getattr(model.get_submodule(module_name), attr)
+        for key in keys[1:]:
+            module_name, _, attr = key.rpartition(".")
+            module = model.get_submodule(module_name)
+            if attr in module._parameters:
+                module._parameters[attr] = shared
+            else:
+                module._buffers[attr] = shared
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -420,9 +452,7 @@ def load_compressed(
         replace_module(model, name, skeleton)
     model.load_state_dict(state, strict=False, assign=built_here)
     if built_here:
-        tie = getattr(model, "tie_weights", None)
-        if callable(tie):
-            tie()
+        _reshare(model, groups)
         still_empty = [name for name, p in model.named_parameters() if p.is_meta]
         if still_empty:
             raise ValueError(f"{directory / WEIGHTS_NAME} left parameters without values: {still_empty[:5]}")

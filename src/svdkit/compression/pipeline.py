@@ -11,7 +11,8 @@ from torch import nn
 
 from ..calibrate import run_batch
 from ..progress import ProgressLike
-from ..surgery import find_targets, replace_module
+from ..layers.lowrank import low_rank_class
+from ..surgery import find_targets, replace_module, shared_weight_groups
 from ..views import get_view
 from .blocks import BlockStack, find_blocks
 from .config import CompressConfig
@@ -19,7 +20,7 @@ from .heal import heal
 from .plan import plan_layers
 from .ranks import choose_ranks
 from .refit import refit
-from .report import CompressionReport, peak_memory
+from .report import CompressionReport, LayerReport, peak_memory
 from .sequential import compress_blocks
 from .stats import LayerStats, collect_layer_stats
 
@@ -47,6 +48,41 @@ def _check_token_batches(model: nn.Module, calibration: list[Any]) -> None:
                 raise ValueError(
                     f"calibration batch {index} holds token ids in [{low}, {high}], outside the model's vocabulary [0, {vocab})"
                 )
+
+
+def _tied_followers(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> dict[str, list[str]]:
+    """For each group of layers that hold one weight (tied weights) and include a target: the
+    layer factorized for all of them -> the others, which will share its factors.
+
+    The factorized one is a targeted Linear-like member when there is one (it has calibration
+    statistics; an embedding's input is a token id), else the first targeted member. Members
+    that were not targeted are pulled in: factorizing one alone would untie the weights.
+    """
+    names = {name for name, _ in targets}
+    followers: dict[str, list[str]] = {}
+    for group in shared_weight_groups(model):
+        targeted = [n for n in group if n in names]
+        if not targeted:
+            continue
+        primary = next((n for n in targeted if get_view(model.get_submodule(n)).kind != "embedding"), targeted[0])
+        followers[primary] = [n for n in group if n != primary]
+    return followers
+
+
+def _tie_follower(out: nn.Module, name: str, primary: str, factorized: nn.Module | None, primary_row: LayerReport) -> LayerReport:
+    """Replace the tied layer ``name`` by one that shares ``factorized``'s factors; its report row
+    counts no parameters (they are counted in ``primary``'s row)."""
+    dense = out.get_submodule(name)
+    row = LayerReport(name=name, kind=get_view(dense).kind, shape=primary_row.shape, method=primary_row.method)
+    if factorized is None:
+        row.skip_reason = f"its weight is tied to {primary}'s, which stays dense"
+        return row
+    follower = low_rank_class(dense).from_factors(dense, factorized.u.detach(), factorized.v.detach())
+    follower.share_factors_with(factorized)
+    replace_module(out, name, follower)
+    row.rank = primary_row.rank
+    row.skip_reason = f"its weight is tied to {primary}'s: shares its factors (their parameters are counted there)"
+    return row
 
 
 def _curvature(config: CompressConfig, model: nn.Module) -> str:
@@ -172,6 +208,9 @@ def _compress_whole(
 ) -> None:
     """Every layer's statistics from whole-model forwards (and backwards), then every factorization."""
     run = forward if forward is not None else (lambda module, batch: run_batch(module, batch))
+    tied = _tied_followers(model, targets)
+    followers = {name for names in tied.values() for name in names}
+    targets = [(n, m) for n, m in targets if n not in followers]
     stats: dict[str, LayerStats] = {}
     data_targets = [(n, m) for n, m in targets if get_view(m).kind != "embedding"]
     if config.method != "svd" and data_targets:
@@ -185,9 +224,12 @@ def _compress_whole(
     ranks = choose_ranks(plans, config, other_params=others)
     for plan, k in zip(plans, ranks):
         row = plan.report(k)
-        if row.rank is not None:
-            replace_module(out, plan.name, plan.build(row.rank))
+        new = plan.build(row.rank) if row.rank is not None else None
+        if new is not None:
+            replace_module(out, plan.name, new)
         report.layers.append(row)
+        for follower in tied.get(plan.name, []):
+            report.layers.append(_tie_follower(out, follower, plan.name, new, row))
     for _ in range(config.refit):
         plans = refit(model, out, plans, [row.rank for row in report.layers], calibration, run, damping=config.damping, progress=progress)
         for row, plan in zip(report.layers, plans):
