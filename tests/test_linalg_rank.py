@@ -25,7 +25,7 @@ SHAPE = (6, 10)
     [
         (Energy, [1e-9, 0.5, 1.0, 1], [0.0, -0.1, 1.0001, 2], r"Energy\(value=.*\): the energy fraction must be in \(0, 1\]"),
         (RankRatio, [1e-9, 0.25, 1.0], [0.0, -0.5, 1.5], r"RankRatio\(value=.*\): the ratio must be in \(0, 1\]"),
-        (ParamRatio, [1e-9, 0.6, 1.0, 3.0], [0.0, -1.0], r"ParamRatio\(value=.*\): the ratio must be > 0"),
+        (ParamRatio, [1e-9, 0.6, 1.0, 1], [0.0, -1.0, 1.0001, 3.0], r"ParamRatio\(value=.*\): the ratio must be in \(0, 1\]"),
         (ErrorTol, [0.0, 0.05, 0.999], [1.0, -0.01, 5.0], r"ErrorTol\(value=.*\): the tolerance must be in \[0, 1\)"),
     ],
 )
@@ -87,10 +87,27 @@ def test_param_ratio():
     assert resolve_rank(None, ParamRatio(1.0), SHAPE) == 3
     assert resolve_rank(None, ParamRatio(0.5), SHAPE) == 1
     assert resolve_rank(None, ParamRatio(0.01), SHAPE) == 1
-    assert resolve_rank(None, ParamRatio(100.0), SHAPE) == 6  # capped
+    # A square matrix at the break-even ratio: k (m + n) = m n exactly, never more parameters than dense.
+    assert resolve_rank(None, ParamRatio(1.0), (8, 8)) == 4
     k = resolve_rank(None, ParamRatio(0.6), (4096, 11008))
     assert k == math.floor(0.6 * 4096 * 11008 / (4096 + 11008))
     assert k * (4096 + 11008) <= 0.6 * 4096 * 11008 < (k + 1) * (4096 + 11008)
+
+
+@pytest.mark.parametrize("value", [1.0001, 2, 3.0, 100.0])
+def test_param_ratio_above_one_is_refused_with_the_reason(value):
+    """A "compression" keeping more parameters than the dense matrix is a mistake, not a rank."""
+    with pytest.raises(ValueError, match=rf"ParamRatio\(value={value!r}\).*\(0, 1\].*larger than the dense matrix"):
+        ParamRatio(value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 500), n=st.integers(1, 500), value=st.floats(1e-6, 1.0))
+def test_param_ratio_never_exceeds_the_dense_parameter_count(m, n, value):
+    k = resolve_rank(None, ParamRatio(value), (m, n))
+    # At least rank 1; beyond that the factors keep at most value * m * n parameters.
+    assert k == 1 or k * (m + n) <= value * m * n * (1 + 1e-12)
+    assert k * (m + n) <= m * n or k == 1
 
 
 def test_energy():
@@ -139,7 +156,7 @@ specs = st.one_of(
     st.integers(1, 10_000),
     st.floats(1e-6, 1.0).map(Energy),
     st.floats(1e-6, 1.0).map(RankRatio),
-    st.floats(1e-6, 50.0).map(ParamRatio),
+    st.floats(1e-6, 1.0).map(ParamRatio),
     st.floats(0.0, 0.999).map(ErrorTol),
 )
 

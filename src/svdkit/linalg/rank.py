@@ -81,15 +81,27 @@ class RankRatio(RankSpec):
 
 @dataclass(frozen=True)
 class ParamRatio(RankSpec):
-    """Keep ``value`` of the dense parameter count: ``k = floor(value * m * n / (m + n))``; ``value > 0``."""
+    """Keep ``value`` of the dense parameter count: ``k = floor(value * m * n / (m + n))``; ``0 < value <= 1``.
+
+    ``value = 1`` is the break-even rank (as many parameters as the dense matrix); a ratio above 1
+    would be a "compression" larger than the dense matrix and is refused.
+    """
 
     value: float
     kind = "param_ratio"
 
     def __post_init__(self) -> None:
         v = _check_number("ParamRatio", self.value)
-        if v <= 0:
-            raise ValueError(f"ParamRatio(value={self.value!r}): the ratio must be > 0")
+        if not 0 < v <= 1:
+            raise ValueError(
+                f"ParamRatio(value={self.value!r}): the ratio must be in (0, 1]"
+                + (
+                    ": it is the fraction of the dense parameters the factors keep, and above 1 the "
+                    "factorization would be larger than the dense matrix"
+                    if v > 1
+                    else ""
+                )
+            )
 
 
 @dataclass(frozen=True)
