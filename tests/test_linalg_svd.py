@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from linalg_helpers import with_spectrum
 from svdkit.linalg import SVDFallbackWarning, SVDResult, svd, svd_flip, svdvals
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,15 +22,6 @@ SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[Healt
 
 
 # --------------------------------------------------------------------------- matrices
-
-
-def _orthonormal(rng: np.random.Generator, m: int, r: int) -> np.ndarray:
-    return np.linalg.qr(rng.standard_normal((m, r)))[0]
-
-
-def _with_spectrum(rng: np.random.Generator, m: int, n: int, s: np.ndarray) -> np.ndarray:
-    r = len(s)
-    return (_orthonormal(rng, m, r) * s) @ _orthonormal(rng, n, r).T
 
 
 def make_matrix(kind: str, m: int, n: int, seed: int) -> np.ndarray:
@@ -43,7 +36,7 @@ def make_matrix(kind: str, m: int, n: int, seed: int) -> np.ndarray:
     if kind == "zero":
         return np.zeros((m, n))
     if kind == "ill_conditioned":  # cond = 1e12 (for r >= 2)
-        return _with_spectrum(rng, m, n, np.logspace(0, -12, r))
+        return with_spectrum(np.logspace(0, -12, r), m, n, rng)
     raise ValueError(kind)
 
 
@@ -303,11 +296,50 @@ def test_non_finite_input_message(fn):
         fn(B)
 
 
-def test_large_finite_values_are_not_reported_as_non_finite():
-    # The cheap sum overflows to inf in float16, but every entry is finite.
-    A = torch.full((64, 64), 60000.0, dtype=torch.float16)
+def test_large_finite_float16_values_are_decomposed_when_the_result_fits():
+    # The cheap sum overflows to inf in float16 (4.1e6 > 65504), but every entry is finite and the
+    # singular value 64 * 1000 = 64000 fits: it must come back exactly, not as inf or an error.
+    A = torch.full((64, 64), 1000.0, dtype=torch.float16)
+    assert not torch.isfinite(A.sum())
     S = svdvals(A)
     assert S.dtype == torch.float16
+    assert float(S[0]) == 64000.0
+    assert float(S[1:].float().abs().max()) <= 64000.0 * 2e-3
+    U, S2, Vh = svd(A)
+    torch.testing.assert_close(((U.float() * S2.float()) @ Vh.float()), A.float(), atol=64000.0 * 2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("fn", [svd, svdvals])
+def test_singular_values_overflowing_float16_raise_instead_of_returning_inf(fn):
+    A = torch.full((64, 64), 60000.0, dtype=torch.float16)  # s_1 = 64 * 60000 = 3.84e6 > 65504
+    with pytest.raises(ValueError, match=r"\(64, 64\) \(torch.float16\): its largest singular value 3.84e\+06 overflows torch.float16"):
+        fn(A)
+    S = svdvals(A.float())  # the same matrix in float32 has the range
+    assert float(S[0]) == pytest.approx(3.84e6, rel=1e-6)
+
+
+@pytest.mark.parametrize("fn", [svd, svdvals])
+def test_singular_values_overflowing_float32_raise_instead_of_returning_inf(fn):
+    A = torch.full((60, 40), 3e38)  # finite entries, s_1 = sqrt(2400) * 3e38 > 3.4e38
+    with pytest.raises(ValueError, match=r"\(60, 40\) \(torch.float32\) is finite but its singular values overflow torch.float32.*float64"):
+        fn(A)
+    S = svdvals(A.double())
+    assert float(S[0]) == pytest.approx(np.sqrt(2400) * float(A[0, 0]), rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CS. tensor support is in beta")
+@pytest.mark.parametrize("fn", [svd, svdvals])
+def test_sparse_input_is_refused_with_a_pointer_to_randomized_svd(fn):
+    sparse = pytest.importorskip("scipy.sparse")
+    dense = np.eye(5)
+    for A, what in [
+        (torch.from_numpy(dense).to_sparse(), "torch.sparse_coo tensor"),
+        (torch.from_numpy(dense).to_sparse_csr(), "torch.sparse_csr tensor"),
+        (sparse.csr_matrix(dense), "scipy.sparse csr_matrix"),
+        (sparse.coo_array(dense), "scipy.sparse coo_array"),
+    ]:
+        with pytest.raises(TypeError, match=rf"{fn.__name__}\(\) does not take sparse input \(got a {what} of shape \(5, 5\)\).*randomized_svd"):
+            fn(A)
 
 
 @pytest.mark.parametrize("fn", [svd, svdvals])
@@ -423,6 +455,24 @@ def test_every_route_failing_raises_the_first_error(failing_linalg, monkeypatch)
         svdvals(torch.ones(3, 3))
 
 
+def test_without_scipy_the_last_fallback_reraises_the_original_error(failing_linalg, monkeypatch):
+    """SciPy is optional: when it is missing, the user sees the LAPACK failure, not an ImportError."""
+    fail, calls = failing_linalg
+    fail.update({torch.float32, torch.float64})
+    monkeypatch.setitem(sys.modules, "scipy.linalg", None)  # `import scipy.linalg` now raises ImportError
+    for fn in (svd, svdvals):
+        calls.clear()
+        with pytest.raises(torch.linalg.LinAlgError, match="error code: 3") as info:
+            fn(torch.ones(3, 3))
+        assert calls == [torch.float32, torch.float64]  # the float64 route was still tried
+        assert any("scipy is not installed" in note for note in getattr(info.value, "__notes__", ["scipy is not installed"]))
+    # With only float32 failing, the float64 route still rescues the call without SciPy.
+    fail.discard(torch.float64)
+    with pytest.warns(SVDFallbackWarning, match="float64"):
+        S = svdvals(torch.eye(3))
+    torch.testing.assert_close(S, torch.ones(3))
+
+
 def test_fallback_warning_is_not_emitted_without_failure(recwarn):
     svd(torch.randn(4, 3))
     assert not [w for w in recwarn if issubclass(w.category, SVDFallbackWarning)]
@@ -434,7 +484,7 @@ def test_fallback_warning_is_not_emitted_without_failure(recwarn):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_stays_on_cuda_and_matches_cpu():
     rng = np.random.default_rng(10)
-    A = torch.from_numpy(_with_spectrum(rng, 40, 30, np.geomspace(1.0, 1e-2, 30))).float()  # well-separated values
+    A = torch.from_numpy(with_spectrum(np.geomspace(1.0, 1e-2, 30), 40, 30, rng)).float()  # well-separated values
     res = svd(A.cuda())
     assert all(x.is_cuda for x in res)
     ref = svd(A)

@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from linalg_helpers import decaying
 from svdkit.linalg import Energy, ErrorTol, ParamRatio, RankRatio, TruncationStats, randomized_svd, svd, truncated_svd
-
-
-def decaying(m: int, n: int, seed: int = 0, alpha: float = 1.0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    r = min(m, n)
-    U = np.linalg.qr(rng.standard_normal((m, r)))[0]
-    V = np.linalg.qr(rng.standard_normal((n, r)))[0]
-    return (U * np.arange(1, r + 1, dtype=np.float64) ** -alpha) @ V.T
 
 
 def numpy_stats(A: np.ndarray, k: int) -> tuple[float, float]:

@@ -7,7 +7,8 @@ computed in float32 and the results are cast back to the input dtype.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import sys
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,8 +18,32 @@ Array = Any  # a torch.Tensor or a numpy.ndarray
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def to_tensor(A: Array) -> tuple[torch.Tensor, bool]:
-    """Return ``A`` as a tensor and whether it came in as NumPy."""
+def sparse_description(A: Any) -> str | None:
+    """``"a torch.sparse_csr tensor"``, ``"a scipy.sparse csr_matrix"``, ...; None for dense input."""
+    if isinstance(A, torch.Tensor):
+        return None if A.layout == torch.strided else f"a {A.layout} tensor"
+    sparse = sys.modules.get("scipy.sparse")  # a scipy.sparse matrix implies scipy.sparse is imported
+    if sparse is not None and sparse.issparse(A):
+        return f"a scipy.sparse {type(A).__name__}"
+    return None
+
+
+def refuse_sparse(A: Any, caller: str | None) -> None:
+    """Raise ``TypeError`` for sparse input, naming the function and pointing to ``randomized_svd``."""
+    what = sparse_description(A)
+    if what is None:
+        return
+    where = f"{caller}()" if caller else "this function"
+    raise TypeError(
+        f"{where} does not take sparse input (got {what} of shape {tuple(A.shape)}): it needs the dense "
+        f"matrix. svdkit.linalg.randomized_svd works on sparse matrices through products with A and A^T, "
+        f"never densifying them; or densify first (.to_dense() / .toarray()) if the matrix fits in memory"
+    )
+
+
+def to_tensor(A: Array, *, caller: str | None = None) -> tuple[torch.Tensor, bool]:
+    """Return ``A`` as a tensor and whether it came in as NumPy; sparse input raises ``TypeError``."""
+    refuse_sparse(A, caller)
     if isinstance(A, torch.Tensor):
         return A, False
     if isinstance(A, np.ndarray) or np.isscalar(A) or isinstance(A, (list, tuple)):
@@ -60,22 +85,64 @@ def check_matrix(A: torch.Tensor, *, name: str = "A", finite: bool = True) -> No
         )
 
 
-def prepare(A: Array, *, name: str = "A", check_finite: bool = True) -> tuple[torch.Tensor, Callable[[torch.Tensor], Array]]:
+class Restore:
+    """Casts results back to the caller's dtype (and to NumPy for NumPy input).
+
+    Attributes
+    ----------
+    dtype : torch.dtype
+        The dtype results are returned in.
+    input_dtype : torch.dtype
+        The dtype ``A`` came in with (for messages).
+    from_numpy : bool
+    """
+
+    def __init__(self, dtype: torch.dtype, input_dtype: torch.dtype, from_numpy: bool) -> None:
+        self.dtype = dtype
+        self.input_dtype = input_dtype
+        self.from_numpy = from_numpy
+
+    def __call__(self, X: torch.Tensor) -> Array:
+        X = X.to(self.dtype)
+        return X.numpy() if self.from_numpy else X
+
+
+def prepare(
+    A: Array, *, name: str = "A", check_finite: bool = True, caller: str | None = None
+) -> tuple[torch.Tensor, Restore]:
     """Validate ``A`` and return it in its working dtype with a function that restores outputs.
 
     The restore function casts a result back to the caller's dtype and, for NumPy input,
     converts it to a NumPy array. With ``check_finite=False`` the caller takes over the NaN/Inf
     check (for example on a sketch ``A @ Omega``, which any non-finite entry poisons) and calls
-    :func:`check_matrix` when it fails.
+    :func:`check_matrix` when it fails. Sparse input raises ``TypeError`` naming ``caller``.
     """
-    T, from_numpy = to_tensor(A)
+    T, from_numpy = to_tensor(A, caller=caller)
     out_dtype = T.dtype if T.dtype.is_floating_point else torch.float64 if from_numpy else torch.float32
     work = working_dtype(T.dtype)
     check_matrix(T, name=name, finite=check_finite)
-    T = T.to(work)
+    restore = Restore(out_dtype, T.dtype, from_numpy)
+    return T.to(work), restore
 
-    def restore(X: torch.Tensor) -> Array:
-        X = X.to(out_dtype)
-        return X.numpy() if from_numpy else X
 
-    return T, restore
+def check_representable(S: torch.Tensor, out_dtype: torch.dtype, shape: tuple[int, ...], in_dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` when singular values of a finite input overflow the working or output dtype.
+
+    ``S`` holds the singular values in the working dtype; ``out_dtype`` is the dtype they are
+    returned in (a half type for half input). Without this check an overflow comes back as a
+    silent ``inf``.
+    """
+    if not bool(torch.isfinite(S).all()):
+        hint = "scale A down" if S.dtype == torch.float64 else "scale A down or pass float64"
+        raise ValueError(
+            f"A of shape {shape} ({in_dtype}) is finite but its singular values overflow {S.dtype} "
+            f"(largest finite value {torch.finfo(S.dtype).max:.4g}); {hint}"
+        )
+    if out_dtype.is_floating_point and torch.finfo(out_dtype).max < torch.finfo(S.dtype).max:
+        if not bool(torch.isfinite(S.to(out_dtype)).all()):
+            largest = float(S.abs().max())
+            limit = torch.finfo(out_dtype).max
+            raise ValueError(
+                f"A of shape {shape} ({in_dtype}): its largest singular value {largest:.4g} overflows "
+                f"{out_dtype} (largest finite value {limit:.4g}); scale A down or pass float32"
+            )

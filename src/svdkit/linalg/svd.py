@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from ._tensor import Array, prepare, to_tensor
+from ._tensor import Array, check_representable, prepare, to_tensor
 
 __all__ = ["SVDResult", "SVDFallbackWarning", "svd", "svdvals", "svd_flip"]
 
@@ -59,8 +59,8 @@ def svd_flip(U: Array, Vh: Array, *, u_based: bool = True) -> tuple[Array, Array
     -------
     U, Vh : same types and shapes as the inputs, with matching signs flipped.
     """
-    Ut, from_numpy = to_tensor(U)
-    Vt, _ = to_tensor(Vh)
+    Ut, from_numpy = to_tensor(U, caller="svd_flip")
+    Vt, _ = to_tensor(Vh, caller="svd_flip")
     if u_based:
         pivot = Ut.abs().argmax(dim=-2, keepdim=True)  # (..., 1, k)
         signs = torch.gather(Ut, -2, pivot).sign()
@@ -75,11 +75,18 @@ def svd_flip(U: Array, Vh: Array, *, u_based: bool = True) -> tuple[Array, Array
     return Ut, Vt
 
 
-def _scipy_gesvd(A: torch.Tensor, compute_uv: bool, full_matrices: bool):
+def _scipy_linalg():
+    """``scipy.linalg``, or None when SciPy is not installed (it is an optional dependency)."""
     try:
         import scipy.linalg
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("the last SVD fallback needs scipy: pip install scipy") from exc
+    except ImportError:
+        return None
+    return scipy.linalg
+
+
+def _scipy_gesvd(A: torch.Tensor, compute_uv: bool, full_matrices: bool):
+    import scipy.linalg
+
     batch = A.shape[:-2]
     mats = A.detach().to("cpu", torch.float64).reshape(-1, *A.shape[-2:]).numpy()
     outs = [
@@ -99,7 +106,11 @@ def _scipy_gesvd(A: torch.Tensor, compute_uv: bool, full_matrices: bool):
 
 
 def _with_fallback(compute: Callable, A: torch.Tensor, driver: str | None, what: str, scipy_call: Callable):
-    """Run ``compute(A, driver)``; on a LAPACK/cuSOLVER failure try the next route, with a warning."""
+    """Run ``compute(A, driver)``; on a LAPACK/cuSOLVER failure try the next route, with a warning.
+
+    When every route fails, the first error is raised again. SciPy's route is skipped when SciPy
+    is not installed; the error then carries a note saying so.
+    """
     try:
         return compute(A, driver)
     except torch.linalg.LinAlgError as exc:
@@ -109,7 +120,9 @@ def _with_fallback(compute: Callable, A: torch.Tensor, driver: str | None, what:
         routes.append(("the CUDA gesvd driver", lambda: compute(A, "gesvd")))
     if A.dtype != torch.float64:
         routes.append(("float64", lambda: _cast(compute(A.double(), driver), A.dtype)))
-    routes.append(("scipy's gesvd", lambda: scipy_call(A)))
+    missing_scipy = _scipy_linalg() is None
+    if not missing_scipy:
+        routes.append(("scipy's gesvd", lambda: scipy_call(A)))
     for label, route in routes:
         try:
             result = route()
@@ -122,6 +135,8 @@ def _with_fallback(compute: Callable, A: torch.Tensor, driver: str | None, what:
             stacklevel=3,
         )
         return result
+    if missing_scipy and hasattr(first_error, "add_note"):
+        first_error.add_note("SciPy's gesvd, the last fallback, was not tried: scipy is not installed (pip install scipy)")
     raise first_error
 
 
@@ -157,16 +172,24 @@ def svd(A: Array, full_matrices: bool = False, *, driver: str | None = None) -> 
     Raises
     ------
     ValueError
-        For fewer than 2 dimensions, an empty input, or NaN/Inf entries (the message counts them).
+        For fewer than 2 dimensions, an empty input, NaN/Inf entries (the message counts them), or
+        a finite input whose singular values overflow the dtype (float32, or float16 on the way
+        back): never a silent ``inf``.
+    TypeError
+        For sparse input (``torch.sparse_*`` tensors, ``scipy.sparse`` matrices): a full SVD needs
+        the dense matrix; :func:`svdkit.linalg.randomized_svd` takes sparse input.
+    torch.linalg.LinAlgError
+        When every route below fails to converge: the first failure.
 
     Notes
     -----
     If the decomposition fails to converge it is retried with cuSOLVER's ``gesvd`` (CUDA), in
-    float64, and finally with SciPy's ``gesvd``; each fallback emits :class:`SVDFallbackWarning`.
-    Signs follow the convention in this module's docstring.
+    float64, and finally with SciPy's ``gesvd`` (skipped when SciPy is not installed); each
+    fallback emits :class:`SVDFallbackWarning`. Signs follow the convention in this module's
+    docstring.
     """
     _check_driver(driver)
-    T, restore = prepare(A)
+    T, restore = prepare(A, caller="svd")
 
     def compute(X: torch.Tensor, drv: str | None):
         kwargs = {"driver": drv} if (drv is not None and X.is_cuda) else {}
@@ -175,6 +198,7 @@ def svd(A: Array, full_matrices: bool = False, *, driver: str | None = None) -> 
     U, S, Vh = _with_fallback(
         compute, T, driver, "SVD", lambda X: _scipy_gesvd(X, True, full_matrices)
     )
+    check_representable(S, restore.dtype, tuple(T.shape), restore.input_dtype)
     k = S.shape[-1]
     U_k, Vh_k = svd_flip(U[..., :k], Vh[..., :k, :])
     if full_matrices:
@@ -198,12 +222,17 @@ def svdvals(A: Array, *, driver: str | None = None) -> Array:
     -------
     Tensor or ndarray of shape (..., min(m, n))
 
+    Raises
+    ------
+    ValueError, TypeError, torch.linalg.LinAlgError
+        As :func:`svd`: bad or non-finite input, singular values that overflow the dtype, sparse input.
+
     Notes
     -----
     Same validation and fallbacks as :func:`svd`.
     """
     _check_driver(driver)
-    T, restore = prepare(A)
+    T, restore = prepare(A, caller="svdvals")
 
     def compute(X: torch.Tensor, drv: str | None):
         if drv is not None and X.is_cuda:
@@ -211,4 +240,5 @@ def svdvals(A: Array, *, driver: str | None = None) -> Array:
         return torch.linalg.svdvals(X)
 
     S = _with_fallback(compute, T, driver, "svdvals", lambda X: _scipy_gesvd(X, False, False))
+    check_representable(S, restore.dtype, tuple(T.shape), restore.input_dtype)
     return restore(S)
