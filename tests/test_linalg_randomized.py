@@ -10,27 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from linalg_helpers import optimal_error, power_law, spectrum_tensor
+from svdkit.linalg import randomized as randomized_module
 from svdkit.linalg import randomized_svd, svd
+from svdkit.linalg.randomized import AUTO_MAX_N_ITER, AUTO_TOL
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def with_spectrum(s: np.ndarray, m: int, n: int, seed: int, dtype=torch.float32) -> torch.Tensor:
-    """``U diag(s) V^T`` with Haar-random orthonormal U (m, r) and V (n, r)."""
-    rng = np.random.default_rng(seed)
-    r = len(s)
-    U = np.linalg.qr(rng.standard_normal((m, r)))[0]
-    V = np.linalg.qr(rng.standard_normal((n, r)))[0]
-    return torch.from_numpy((U * s) @ V.T).to(dtype)
-
-
-def power_law(r: int, alpha: float) -> np.ndarray:
-    return np.arange(1, r + 1, dtype=np.float64) ** -alpha
-
-
-def optimal_error(s: np.ndarray, k: int) -> float:
-    return float(np.sqrt(np.sum(np.asarray(s, dtype=np.float64)[k:] ** 2)))
 
 
 def frobenius_error(A: torch.Tensor, U, S, Vh) -> float:
@@ -63,7 +49,7 @@ METHODS = [
 def test_accuracy_on_decaying_spectrum(method, normalizer, n_iter, shape):
     m, n = shape
     s = power_law(min(m, n), 1.0)
-    A = with_spectrum(s, m, n, seed=1)
+    A = spectrum_tensor(s, m, n, seed=1)
     k = 10
     U, S, Vh = randomized_svd(A, k, method=method, normalizer=normalizer, n_iter=n_iter, seed=0)
     assert U.shape == (m, k) and S.shape == (k,) and Vh.shape == (k, n)
@@ -78,10 +64,10 @@ def test_accuracy_on_decaying_spectrum(method, normalizer, n_iter, shape):
 
 
 def test_krylov_default_is_near_optimal_on_slow_decay():
-    """Trained weights decay like i^-0.7; the default (block Krylov, two steps) stays within 0.5 %."""
+    """Trained weights decay like i^-0.7; the default (block Krylov, adaptive) stays within 0.5 %."""
     m, n, k = 400, 600, 20
     s = power_law(m, 0.7)
-    A = with_spectrum(s, m, n, seed=2)
+    A = spectrum_tensor(s, m, n, seed=2)
     U, S, Vh = randomized_svd(A, k, seed=0)
     ratio = frobenius_error(A, U, S, Vh) / optimal_error(s, k)
     assert ratio <= 1.005, ratio
@@ -94,7 +80,7 @@ def test_krylov_default_is_near_optimal_on_slow_decay():
 def test_singular_vectors_match_exact_where_separated():
     m, n, k = 250, 180, 8
     s = np.geomspace(1.0, 1e-6, min(m, n))  # fast decay: gaps between the top values are wide
-    A = with_spectrum(s, m, n, seed=3)
+    A = spectrum_tensor(s, m, n, seed=3)
     U, S, Vh = randomized_svd(A, k, seed=0)
     Ue, Se, Vhe = svd(A)
     torch.testing.assert_close(S, Se[:k], atol=1e-5, rtol=1e-4)
@@ -115,7 +101,7 @@ def test_float64_low_rank_is_exact():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_in_same_dtype_out(dtype):
     s = power_law(80, 1.0)
-    A = with_spectrum(s, 120, 80, seed=5).to(dtype)
+    A = spectrum_tensor(s, 120, 80, seed=5).to(dtype)
     U, S, Vh = randomized_svd(A, 5, seed=0)
     assert U.dtype == S.dtype == Vh.dtype == dtype
     ref = randomized_svd(A.float(), 5, seed=0)
@@ -124,7 +110,7 @@ def test_half_precision_in_same_dtype_out(dtype):
 
 def test_batched_and_per_matrix_accuracy():
     s = power_law(60, 1.0)
-    mats = torch.stack([with_spectrum(s * (i + 1), 90, 60, seed=10 + i) for i in range(6)]).reshape(2, 3, 90, 60)
+    mats = torch.stack([spectrum_tensor(s * (i + 1), 90, 60, seed=10 + i) for i in range(6)]).reshape(2, 3, 90, 60)
     k = 6
     U, S, Vh = randomized_svd(mats, k, seed=0)
     assert U.shape == (2, 3, 90, k) and S.shape == (2, 3, k) and Vh.shape == (2, 3, k, 60)
@@ -138,7 +124,7 @@ def test_batched_and_per_matrix_accuracy():
 
 def test_wide_and_tall_share_the_short_side():
     """The basis lives on the short side: A and A^T give the same spectrum for one seed."""
-    A = with_spectrum(power_law(70, 0.8), 70, 200, seed=6)
+    A = spectrum_tensor(power_law(70, 0.8), 70, 200, seed=6)
     wide = randomized_svd(A, 12, seed=3)
     tall = randomized_svd(A.T.contiguous(), 12, seed=3)
     torch.testing.assert_close(wide.S, tall.S, atol=1e-5, rtol=1e-5)
@@ -146,7 +132,7 @@ def test_wide_and_tall_share_the_short_side():
 
 
 def test_seed_determinism():
-    A = with_spectrum(power_law(150, 0.7), 200, 150, seed=7)
+    A = spectrum_tensor(power_law(150, 0.7), 200, 150, seed=7)
     first = randomized_svd(A, 10, seed=123)
     again = randomized_svd(A, 10, seed=123)
     for x, y in zip(first, again):
@@ -165,7 +151,7 @@ def test_seed_determinism():
 
 
 def test_numpy_in_numpy_out_and_input_untouched():
-    A = np.asarray(with_spectrum(power_law(40, 1.0), 50, 40, seed=8), dtype=np.float32)
+    A = np.asarray(spectrum_tensor(power_law(40, 1.0), 50, 40, seed=8), dtype=np.float32)
     before = A.copy()
     U, S, Vh = randomized_svd(A, 4, seed=0)
     assert all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in (U, S, Vh))
@@ -314,7 +300,7 @@ def test_input_errors_are_shared_with_svd():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_stays_on_cuda_with_the_cpu_sketch():
-    A = with_spectrum(power_law(200, 0.7), 300, 200, seed=12)
+    A = spectrum_tensor(power_law(200, 0.7), 300, 200, seed=12)
     cpu = randomized_svd(A, 16, seed=5)
     gpu = randomized_svd(A.cuda(), 16, seed=5)
     assert all(x.is_cuda for x in gpu)
@@ -322,3 +308,130 @@ def test_cuda_stays_on_cuda_with_the_cpu_sketch():
     torch.testing.assert_close(gpu.U.cpu()[:, :8], cpu.U[:, :8], atol=1e-2, rtol=0)
     sub = randomized_svd(A.cuda(), 16, seed=5, method="subspace")
     assert sub.U.is_cuda
+
+
+# --------------------------------------------------------------------------- n_iter="auto": adaptive Krylov steps
+
+
+def test_auto_takes_fewer_steps_on_low_rank_and_more_on_flat_spectra():
+    """Easy spectra stop early, hard ones go on; all land within the tolerance of the optimum."""
+    rng = np.random.default_rng(20)
+    low_rank = torch.from_numpy(rng.standard_normal((300, 5)) @ rng.standard_normal((5, 200))).float()
+    decaying = spectrum_tensor(power_law(200, 0.7), 300, 200, seed=21)
+    flat = torch.from_numpy(rng.standard_normal((300, 200))).float()
+    steps = {}
+    for name, A in [("low_rank", low_rank), ("decaying", decaying), ("flat", flat)]:
+        (U, S, Vh), info = randomized_svd(A, 8, seed=0, return_info=True)
+        assert info.method == "krylov" and info.converged is True
+        assert info.passes == 2 * (info.n_iter + 1) and info.block_width == 18
+        assert len(info.relative_gains) == info.n_iter
+        exact = torch.linalg.svdvals(A.double())
+        ratio = frobenius_error(A, U, S, Vh) / max(float(exact[8:].norm()), 1e-30)
+        if name != "low_rank":
+            assert ratio <= 1 + AUTO_TOL, (name, ratio)
+        else:  # rank 5 < k: the first block holds the whole range
+            torch.testing.assert_close(S.double(), exact[:8], atol=1e-5 * float(exact[0]), rtol=0)
+        steps[name] = info.n_iter
+    assert steps["low_rank"] == 1  # 4 passes where the old fixed default made 6
+    assert steps["decaying"] == 2
+    assert steps["flat"] >= 3
+    assert max(steps.values()) <= AUTO_MAX_N_ITER
+
+
+def test_auto_stops_with_the_basis_a_fixed_n_iter_builds():
+    """Stopping after q steps gives the result of n_iter=q: the check only reads the iteration."""
+    A = spectrum_tensor(power_law(150, 0.7), 200, 150, seed=22)
+    (U, S, Vh), info = randomized_svd(A, 10, seed=4, return_info=True)
+    fixed = randomized_svd(A, 10, seed=4, n_iter=info.n_iter)
+    for x, y in zip((U, S, Vh), fixed):
+        assert torch.equal(x, y)
+    flat = torch.from_numpy(np.random.default_rng(23).standard_normal((300, 250)))  # more than 3 blocks
+    (U, S, Vh), info = randomized_svd(flat, 6, seed=4, return_info=True)
+    assert info.n_iter >= 3
+    fixed = randomized_svd(flat, 6, seed=4, n_iter=info.n_iter)
+    torch.testing.assert_close(S, fixed.S, atol=1e-12, rtol=0)
+    torch.testing.assert_close((U * S) @ Vh, (fixed.U * fixed.S) @ fixed.Vh, atol=1e-10, rtol=0)
+
+
+def test_auto_stops_at_the_documented_maximum(monkeypatch):
+    monkeypatch.setattr(randomized_module, "AUTO_TOL", 0.0)  # never settles on a flat float64 spectrum
+    A = torch.from_numpy(np.random.default_rng(24).standard_normal((200, 300)))
+    (U, S, Vh), info = randomized_svd(A, 10, seed=0, return_info=True)
+    assert (info.n_iter, info.passes, info.converged) == (AUTO_MAX_N_ITER, 2 * (AUTO_MAX_N_ITER + 1), False)
+    assert_orthonormal_columns(U, 1e-10)  # the basis grew past its first three blocks
+    assert_orthonormal_columns(Vh.mT, 1e-10)
+    exact = torch.linalg.svdvals(A)
+    assert bool((S <= exact[:10] * (1 + 1e-10)).all())
+    # Fewer blocks fit than the maximum: the cap is the short side (l = 20, r = 60: three blocks).
+    (_, _, _), info = randomized_svd(A[:60], 10, seed=0, return_info=True)
+    assert info.n_iter == 2 and info.converged is False
+
+
+def test_a_batch_stops_when_every_matrix_has_settled():
+    rng = np.random.default_rng(25)
+    low_rank = rng.standard_normal((120, 3)) @ rng.standard_normal((3, 100))
+    flat = rng.standard_normal((120, 100))
+    batch = torch.from_numpy(np.stack([low_rank, flat]))
+    (U, S, Vh), info = randomized_svd(batch, 5, seed=0, return_info=True)
+    _, alone = randomized_svd(batch[1], 5, seed=0, return_info=True)
+    assert info.n_iter == alone.n_iter >= 2
+    torch.testing.assert_close(S[0, :3], torch.linalg.svdvals(batch[0])[:3], atol=1e-10, rtol=1e-10)
+    for i in range(2):
+        exact = torch.linalg.svdvals(batch[i])
+        assert frobenius_error(batch[i], U[i], S[i], Vh[i]) <= float(exact[5:].norm()) * (1 + AUTO_TOL) + 1e-9
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    m=st.integers(60, 160),
+    n=st.integers(60, 160),
+    k=st.integers(2, 12),
+    alpha=st.floats(0.3, 2.0),
+    seed=st.integers(0, 2**16),
+)
+def test_auto_error_is_within_the_tolerance_of_the_optimum(m, n, k, alpha, seed):
+    """float64 (rounding far below the tolerance): ||A - A_k||_F**2 within ~AUTO_TOL of Eckart-Young."""
+    s = power_law(min(m, n), alpha)
+    A = spectrum_tensor(s, m, n, seed=seed, dtype=torch.float64)
+    (U, S, Vh), info = randomized_svd(A, k, seed=seed, return_info=True)
+    excess = frobenius_error(A, U, S, Vh) ** 2 / optimal_error(s, k) ** 2 - 1
+    # The rule extrapolates the remaining gain geometrically; allow it to be off by 3x.
+    assert excess <= 3 * AUTO_TOL or info.converged is False, (excess, info)
+    assert excess >= -1e-9
+
+
+def test_fixed_n_iter_reports_its_passes_and_no_convergence():
+    A = torch.randn(120, 80, generator=torch.Generator().manual_seed(0))
+    for n_iter in (0, 1, 3):
+        _, info = randomized_svd(A, 3, n_iter=n_iter, seed=0, return_info=True)
+        assert (info.method, info.n_iter, info.passes, info.converged, info.relative_gains) == ("krylov", n_iter, 2 * (n_iter + 1), None, ())
+    _, info = randomized_svd(A, 3, method="subspace", seed=0, return_info=True)
+    assert (info.method, info.n_iter, info.passes) == ("subspace", 7, 16)  # k < 0.1 min(m, n): scikit-learn's 7
+    _, info = randomized_svd(A, 35, seed=0, return_info=True)  # l = 45, 2 l > 80: exact
+    assert (info.method, info.passes) == ("exact", 0)
+
+
+# --------------------------------------------------------------------------- seeds and output range
+
+
+@pytest.mark.parametrize("seed", [1.5, 2.0, "a", True, np.float64(3.0), [1]])
+def test_a_seed_that_is_not_an_int_is_refused(seed):
+    with pytest.raises(TypeError, match=rf"seed must be an int, a torch.Generator or None, got {re.escape(repr(seed))}"):
+        randomized_svd(torch.ones(30, 20), 3, seed=seed)
+
+
+def test_seed_range_and_integer_types():
+    A = torch.randn(30, 20, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"seed must fit in 64 bits.*got 18446744073709551616"):
+        randomized_svd(A, 3, seed=2**64)
+    assert torch.equal(randomized_svd(A, 3, seed=np.int64(7)).S, randomized_svd(A, 3, seed=7).S)
+    randomized_svd(A, 3, seed=-1)  # negative seeds are valid generator seeds
+    randomized_svd(A, 3, seed=2**64 - 1)
+
+
+def test_half_precision_result_that_overflows_raises():
+    A = torch.full((60, 40), 2000.0, dtype=torch.float16)  # s_1 = sqrt(2400) * 2000 = 9.8e4 > 65504
+    with pytest.raises(ValueError, match=r"largest singular value 9.798e\+04 overflows torch.float16"):
+        randomized_svd(A, 2, seed=0)
+    S = randomized_svd(A.float(), 2, seed=0).S
+    assert float(S[0]) == pytest.approx(np.sqrt(2400) * 2000, rel=1e-5)

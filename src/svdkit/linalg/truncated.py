@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
-from ._tensor import Array, prepare
-from .randomized import randomized_svd
+from ._sparse import sparse_operator, sum_squares
+from ._tensor import Array, prepare, sparse_description
+from .randomized import check_seed, randomized_svd
 from .rank import RankLike, resolve_rank
 from .svd import SVDResult, svd
 
@@ -91,13 +93,16 @@ def truncated_svd(
 
     Parameters
     ----------
-    A : Tensor or ndarray of shape (..., m, n)
+    A : Tensor, ndarray or sparse matrix of shape (..., m, n)
+        Sparse input (``scipy.sparse``, torch COO/CSR/CSC; one matrix) needs an int ``rank`` and
+        the randomized method (``"auto"`` picks it for sparse input whatever the rank).
     rank : int or RankSpec
-        A spec (``Energy``, ``ErrorTol``, ...) needs the full spectrum and a single matrix.
+        A spec (``Energy``, ``ErrorTol``, ...) needs the full spectrum and a single dense matrix.
     svd_method : {"exact", "randomized", "auto"}
-        The decomposition; ``"auto"`` uses :func:`randomized_svd` when an int rank is below a tenth of ``min(m, n)``.
+        The decomposition; ``"auto"`` uses :func:`randomized_svd` when an int rank is below a
+        tenth of ``min(m, n)`` (and always for sparse input).
     seed : int or None
-        Seed for the randomized method.
+        Seed for the randomized method (checked also when the exact method ignores it).
     n_iter, oversamples
         Passed to :func:`randomized_svd` (ignored by the exact method).
 
@@ -108,23 +113,32 @@ def truncated_svd(
     stats : TruncationStats
         Errors are floats for a single matrix and tensors of shape (...) for a batch.
 
+    Raises
+    ------
+    TypeError
+        For sparse input with ``svd_method="exact"`` or a rank spec (both need the dense
+        matrix), or a seed that is not an int or None.
+
     Notes
     -----
     The error follows from orthogonality: ``||A - U_k S_k V_k^T||_F^2 = ||A||_F^2 - sum(s_k**2)``
     for both methods (the randomized factors are a Rayleigh-Ritz projection of ``A``).
     """
-    T, restore = prepare(A)
-    m, n = T.shape[-2:]
-    is_int = isinstance(rank, int) and not isinstance(rank, bool)
-    if not is_int and T.ndim != 2:
-        raise ValueError(f"rank spec {rank!r} needs a single matrix, got shape {tuple(T.shape)}; pass an int rank for batches")
+    check_seed(seed)
     if svd_method not in SVD_METHODS:
         raise ValueError(f"svd_method must be 'exact', 'randomized' or 'auto', got {svd_method!r}")
+    is_int = isinstance(rank, (int, np.integer)) and not isinstance(rank, bool)
+    if sparse_description(A) is not None:
+        return _truncated_sparse(A, rank, is_int, svd_method, seed=seed, n_iter=n_iter, oversamples=oversamples)
+    T, restore = prepare(A, caller="truncated_svd")
+    m, n = T.shape[-2:]
+    if not is_int and T.ndim != 2:
+        raise ValueError(f"rank spec {rank!r} needs a single matrix, got shape {tuple(T.shape)}; pass an int rank for batches")
     randomized = is_int and (svd_method == "randomized" or (svd_method == "auto" and rank < 0.1 * min(m, n)))
     if randomized:
         k = resolve_rank(None, rank, (m, n))
         U, S, Vh = randomized_svd(T, k, seed=seed, n_iter=n_iter, oversamples=oversamples)
-        total = T.double().square().sum(dim=(-2, -1))
+        total = sum_squares(T, dim=(-2, -1))
         lost = (total - S.double().square().sum(dim=-1)).clamp_min(0)
     else:
         U, S, Vh = svd(T)
@@ -132,15 +146,36 @@ def truncated_svd(
         power = S.double().square()
         total, lost = power.sum(dim=-1), power[..., k:].sum(dim=-1)
         U, S, Vh = U[..., :k], S[..., :k], Vh[..., :k, :]
+    stats = _stats(total, lost, k, m, n, single=T.ndim == 2)
+    return SVDResult(restore(U), restore(S), restore(Vh)), stats
+
+
+def _truncated_sparse(A, rank, is_int: bool, svd_method: str, **randomized) -> tuple[SVDResult, TruncationStats]:
+    """:func:`truncated_svd` of a sparse matrix: the randomized method only, by products."""
+    if svd_method == "exact" or not is_int:
+        raise TypeError(
+            f"truncated_svd() of sparse input ({sparse_description(A)} of shape {tuple(A.shape)}) takes an int "
+            f"rank and svd_method='randomized' or 'auto' (svdkit.linalg.randomized_svd, by products), got rank={rank!r}, svd_method={svd_method!r}: an exact "
+            f"SVD or a rank spec needs the dense matrix (densify it with .to_dense() / .toarray() if it fits)"
+        )
+    op, _, shape = sparse_operator(A)
+    m, n = shape
+    k = resolve_rank(None, rank, (m, n))
+    U, S, Vh = randomized_svd(A, k, **randomized)
+    total = op.frobenius_sq()
+    lost = (total - torch.as_tensor(S).double().square().sum()).clamp_min(0)
+    return SVDResult(U, S, Vh), _stats(total, lost, k, m, n, single=True)
+
+
+def _stats(total: torch.Tensor, lost: torch.Tensor, k: int, m: int, n: int, *, single: bool) -> TruncationStats:
     nonzero = total > 0
     error = torch.where(nonzero, (lost / total.clamp_min(1e-300)).sqrt(), torch.zeros_like(total)).clamp(max=1.0)
     retained = torch.where(nonzero, 1 - lost / total.clamp_min(1e-300), torch.ones_like(total))
-    if T.ndim == 2:
+    if single:
         retained, error = float(retained), float(error)
-    stats = TruncationStats(
+    return TruncationStats(
         rank=k,
         compression_ratio=m * n / (k * (m + n)),
         relative_error=error,
         retained_energy=retained,
     )
-    return SVDResult(restore(U), restore(S), restore(Vh)), stats
