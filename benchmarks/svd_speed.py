@@ -2,13 +2,18 @@
 
 Compared in one run, on the same matrices:
 
-- ``svdkit``: :func:`svdkit.linalg.randomized_svd` with its defaults (block Krylov, two steps).
+- ``svdkit``: :func:`svdkit.linalg.randomized_svd` with its defaults (block Krylov, ``n_iter="auto"``:
+  steps are added until the top-k Ritz values settle); the ``passes`` column says how many products
+  with ``A`` or ``A^T`` it made.
+- ``svdkit n_iter=2``: the same with two fixed Krylov steps (6 passes), the default before ``"auto"``
+  adapted.
 - ``sklearn``: :func:`sklearn.utils.extmath.randomized_svd` with its defaults (``random_state`` set
   for reproducibility).
 - ``svd_lowrank``: ``torch.svd_lowrank(A, q=k + 10, niter=2)``, truncated to ``k``.
 - ``exact``: ``torch.linalg.svd(A, full_matrices=False)`` truncated to ``k`` (timed once per matrix).
 - ``floor``: the bare matrix products of svdkit's plan: ``2 * (q + 1)`` products of ``A`` and ``A^T``
-  with blocks of the same width ``l = k + 10``, nothing else.
+  with blocks of the same width ``l = k + 10``, nothing else, for the steps ``q`` the default call
+  made (and for ``q = 2`` when that differs, the floor of the ``n_iter=2`` row).
 
 Matrices: ``decay`` has singular values ``s_i = i**-0.7`` (like trained weights) with Haar-random
 singular vectors; ``gaussian`` has i.i.d. standard normal entries. Accuracy is the Frobenius error
@@ -43,6 +48,7 @@ QUICK_SHAPES = "512x512,1024x2048"
 QUICK_RANKS = "16,64"
 DECAY_ALPHA = 0.7
 OVERSAMPLES = 10  # svdkit's default, and the q = k + 10 given to torch.svd_lowrank
+FIXED_N_ITER = 2  # the fixed-steps row (the default before n_iter="auto" adapted)
 
 # Targets from the issue, checked on the decaying spectra.
 TARGET_ERROR_RATIO = 1.002
@@ -81,9 +87,12 @@ def accuracy(A: torch.Tensor, U, S, Vh, s_ref: torch.Tensor, k: int) -> dict[str
     return {"error_ratio": err / opt if opt > 0 else math.nan, "sv_rel_error": float(rel)}
 
 
-def floor_runner(A: torch.Tensor, k: int) -> tuple[Callable[[], None], int, int]:
-    """The bare products of svdkit's default plan for ``(A, k)``: (runner, passes, width)."""
-    width, q, exact = _plan(A.shape, k, OVERSAMPLES, "auto", "krylov")
+def floor_runner(A: torch.Tensor, k: int, n_iter: int = 2) -> tuple[Callable[[], None], int, int]:
+    """The bare products of svdkit's Krylov plan for ``(A, k, n_iter)``: (runner, passes, width).
+
+    For ``n_iter="auto"`` pass the steps the call made (``RandomizedSVDInfo.n_iter``).
+    """
+    width, q, exact = _plan(A.shape, k, OVERSAMPLES, n_iter, "krylov")
     if exact:
         return (lambda: None), 0, width
     m, n = A.shape
@@ -119,37 +128,66 @@ def bench_matrix(shape, spectrum, ranks, args) -> list[dict[str, Any]]:
             log(f"skip k={k}: not below min(m, n) for {shape}")
             continue
         base = {"shape": f"{shape[0]}x{shape[1]}", "spectrum": spectrum, "k": k}
-        floor_run, passes, width = floor_runner(A, k)
+        # The steps n_iter="auto" takes for this matrix (deterministic for the seed), so the floor
+        # is the one of the call being timed.
+        _, info = randomized_svd(A, k, seed=args.seed, return_info=True)
+        auto_steps = info.n_iter if info.method == "krylov" else FIXED_N_ITER  # "exact": no passes either way
+        floors = {n_iter: floor_runner(A, k, n_iter) for n_iter in dict.fromkeys([auto_steps, FIXED_N_ITER])}
 
         def lowrank():
             torch.manual_seed(args.seed)
             U, S, V = torch.svd_lowrank(A, q=k + OVERSAMPLES, niter=2)
             return U, S, V.mT
 
-        fns: dict[str, Callable[[], Any]] = {"svdkit": lambda: randomized_svd(A, k, seed=args.seed)}
+        fns: dict[str, Callable[[], Any]] = {
+            "svdkit": lambda: randomized_svd(A, k, seed=args.seed, return_info=True),
+            f"svdkit n_iter={FIXED_N_ITER}": lambda: randomized_svd(A, k, seed=args.seed, n_iter=FIXED_N_ITER, return_info=True),
+        }
         if A_np is not None:
             from sklearn.utils.extmath import randomized_svd as sk_randomized_svd
 
             fns["sklearn"] = lambda: sk_randomized_svd(A_np, k, random_state=args.seed)
         fns["svd_lowrank"] = lowrank
-        fns["floor"] = floor_run
+        for n_iter, (run, _, _) in floors.items():
+            fns[f"floor q={n_iter}"] = run
         timed = best_of_interleaved(fns, args.repeats, device=device)
-        t_floor = timed.pop("floor")[0]
+        t_floors = {n_iter: timed.pop(f"floor q={n_iter}")[0] for n_iter in floors}
         timed["exact"] = (t_exact, (Ue, Se, Vhe))
         t_sklearn = timed["sklearn"][0] if "sklearn" in timed else None
-        for method, (t, factors) in timed.items():
-            row = dict(base, method=method, time_s=t, floor_ratio=t / t_floor if t_floor > 0 else None)
+        for method, (t, out) in timed.items():
+            row = dict(base, method=method, time_s=t)
+            if method.startswith("svdkit"):
+                factors, run_info = out
+                row["passes"] = run_info.passes
+                steps = run_info.n_iter if run_info.method == "krylov" else FIXED_N_ITER
+                t_floor = t_floors.get(steps)
+                row["floor_ratio"] = t / t_floor if t_floor else None
+            else:
+                factors = out
+                row["passes"] = other_passes(method, k, shape)
+                t_floor = t_floors[auto_steps]
+                row["floor_ratio"] = t / t_floor if t_floor > 0 else None
             row["speedup_vs_sklearn"] = t_sklearn / t if t_sklearn else None
             row.update(accuracy(A, *factors, s_ref, k))
             rows.append(row)
-        rows.append(dict(base, method=f"floor ({passes} x {width})", time_s=t_floor, floor_ratio=1.0))
+        for n_iter, (_, passes, width) in floors.items():
+            rows.append(dict(base, method=f"floor ({passes} x {width})", time_s=t_floors[n_iter], passes=passes, floor_ratio=1.0))
         svdkit_row = next(r for r in rows if r["k"] == k and r["method"] == "svdkit")
         log(
-            f"[{shape[0]}x{shape[1]} {spectrum} k={k}] svdkit {svdkit_row['time_s']:.3f} s, "
-            f"floor {t_floor:.3f} s, sklearn {t_sklearn if t_sklearn is not None else float('nan'):.3f} s, "
+            f"[{shape[0]}x{shape[1]} {spectrum} k={k}] svdkit {svdkit_row['time_s']:.3f} s ({svdkit_row['passes']} passes), "
+            f"floor {t_floors[auto_steps]:.3f} s, sklearn {t_sklearn if t_sklearn is not None else float('nan'):.3f} s, "
             f"error ratio {svdkit_row['error_ratio']:.5f}"
         )
     return rows
+
+
+def other_passes(method: str, k: int, shape: tuple[int, int]) -> int | None:
+    """Products with ``A`` or ``A^T`` the other methods make (None for the exact SVD)."""
+    if method == "sklearn":  # n_iter="auto": 7 if k < 0.1 min(m, n), else 4; each step two passes
+        return 2 * ((7 if k < 0.1 * min(shape) else 4) + 1)
+    if method == "svd_lowrank":  # niter=2
+        return 6
+    return None
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[str]:
@@ -175,6 +213,7 @@ COLUMNS = [
     ("spectrum", "spectrum", ""),
     ("k", "k", ""),
     ("method", "method", ""),
+    ("passes", "passes", ""),
     ("time_s", "time (s)", ".3f"),
     ("speedup_vs_sklearn", "speed-up vs sklearn", ".2f"),
     ("floor_ratio", "time / floor", ".2f"),

@@ -35,8 +35,13 @@ def test_small_run_writes_every_method(svd_speed, tmp_path, capsys):
     rows = data["rows"]
     for spectrum in ("decay", "gaussian"):
         for k in (4, 8):
-            methods = {r["method"] for r in rows if r["spectrum"] == spectrum and r["k"] == k}
-            assert {"svdkit", "sklearn", "svd_lowrank", "exact", "floor (6 x %d)" % (k + 10)} <= methods
+            case = {r["method"]: r for r in rows if r["spectrum"] == spectrum and r["k"] == k}
+            assert {"svdkit", "svdkit n_iter=2", "sklearn", "svd_lowrank", "exact", "floor (6 x %d)" % (k + 10)} <= set(case)
+            auto = case["svdkit"]
+            assert auto["passes"] % 2 == 0 and 4 <= auto["passes"] <= 14  # 2 (q + 1), 1 <= q <= 6
+            assert "floor (%d x %d)" % (auto["passes"], k + 10) in case  # the floor of the call timed
+            assert case["svdkit n_iter=2"]["passes"] == 6
+            assert case["sklearn"]["passes"] == (16 if k < 8 else 10)  # scikit-learn's n_iter 7 if k < 0.1 * 80, else 4
     for row in rows:
         if "error_ratio" in row:
             assert row["error_ratio"] >= 1 - 1e-4  # nothing beats Eckart-Young
@@ -45,14 +50,17 @@ def test_small_run_writes_every_method(svd_speed, tmp_path, capsys):
         if row["method"] == "svdkit" and row["spectrum"] == "decay":
             assert row["error_ratio"] <= 1.002
     assert any("error" in line and "optimal" in line for line in data["targets"])
+    assert "| passes |" in table
 
 
 def test_floor_follows_the_library_plan(svd_speed):
     import torch
 
     A = torch.zeros(50, 300)
-    _, passes, width = svd_speed.floor_runner(A, 4)
+    _, passes, width = svd_speed.floor_runner(A, 4)  # n_iter=2
     assert (passes, width) == (6, 14)
+    _, passes, width = svd_speed.floor_runner(A, 4, 1)  # the steps an adaptive call made
+    assert (passes, width) == (4, 14)
     _, passes, width = svd_speed.floor_runner(A, 10)  # l = 20: only two Krylov blocks fit in 50
     assert (passes, width) == (4, 20)
 
