@@ -1,0 +1,97 @@
+"""``svdkit compress`` and ``svdkit eval`` on a causal LM directory (a small LLaMA with its own tokenizer).
+
+The tokenizer is a byte-level BPE trained here on a few pydoc topics, so the test needs nothing
+from a model hub; the model has random weights (structure only, never quality).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from svdkit.cli import main
+from svdkit.models import load_model
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory, make_decoder):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from svdkit.data import builtin_documents
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(builtin_documents("topics")[:10], trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    model = make_decoder("llama", causal=True, tied=True, layers=2, vocab=300)
+    folder = tmp_path_factory.mktemp("lm") / "tiny-llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_causal_lm_directory_loads_with_its_head(lm_dir):
+    loaded = load_model(str(lm_dir))
+    assert loaded.is_causal_lm and loaded.vocab_size == 300
+    assert type(loaded.module).__name__ == "LlamaForCausalLM"
+
+
+def test_compress_then_eval_a_causal_lm(lm_dir, tmp_path, capsys):
+    out = tmp_path / "small"
+    code = main(["compress", str(lm_dir), "-o", str(out), "--params", "0.7", "--calib-seqs", "8", "--seq-len", "32",
+                 "--batch-size", "4", "--json", str(tmp_path / "report.json"), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "blocks pipeline" in printed and "ppl in-domain (dense -> compressed)" in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["totals"]["pipeline"] == "blocks"
+    assert report["totals"]["target_kept_fraction"] <= 0.7 + 1e-9
+    assert all(row["name"].startswith("model.layers.") for row in report["layers"])  # head and embedding stay dense
+    # the saved directory generates on its own, as the compressed model did
+    loaded = load_model(str(out))
+    assert loaded.is_causal_lm and loaded.tokenizer is not None
+    ids = loaded.tokenizer("The for statement", return_tensors="pt")["input_ids"]
+    generated = loaded.module.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert generated.shape == (1, ids.shape[1] + 5)
+    assert main(["eval", str(out), "--max-tokens", "256", "--seq-len", "64", "--json", str(tmp_path / "eval.json"), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert set(results) == {"model", "source"}
+    assert results["model"]["in-domain"] > 1 and results["source"]["other-domain"] > 1
+
+
+def test_compress_errors_are_reported_before_any_work(lm_dir, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    assert main(["compress", str(lm_dir), "-o", str(taken)]) == 1
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["compress", str(lm_dir), "-o", str(tmp_path / "new"), "--json", str(tmp_path / "no" / "r.json")]) == 1
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    assert main(["compress", str(lm_dir), "-o", str(tmp_path / "new"), "--seq-len", "100000"]) == 1
+    assert "longer than the model's context" in capsys.readouterr().err
+    ids = tmp_path / "ids.pt"
+    torch.save(torch.full((4, 40), 999), ids)
+    assert main(["compress", str(lm_dir), "-o", str(tmp_path / "new"), "--calib", str(ids), "--seq-len", "32", "--no-eval"]) == 1
+    assert "outside the model's vocabulary [0, 300)" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    assert main(["compress", str(lm_dir), "-o", str(tmp_path / "new"), "--calib", str(short), "--seq-len", "32", "--no-eval"]) == 1
+    assert "shorter than one sequence" in capsys.readouterr().err
+
+
+def test_a_gguf_file_that_is_not_a_model_is_refused(tmp_path, capsys):
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file at all")
+    pytest.importorskip("gguf")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        load_model(str(fake))
+    fake.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ValueError, match="cannot load .*fake.gguf as a causal language model"):
+        load_model(str(fake))
