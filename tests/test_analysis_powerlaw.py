@@ -5,7 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from svdkit.analysis.powerlaw import EVALS_THRESH, fit_marchenko_pastur, fit_power_law, marchenko_pastur_median
+from svdkit.analysis.marchenko_pastur import fit_marchenko_pastur, linear_kde
+from svdkit.analysis.powerlaw import EVALS_THRESH, fit_power_law
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_fit(evals, thresh=EVALS_THRESH):
@@ -72,25 +75,38 @@ def test_degenerate_tail_is_not_a_power_law():
     assert not fit.ok
 
 
-def test_marchenko_pastur_median_against_sampling():
+def test_linear_kde_is_scikit_learns():
+    sklearn_neighbors = pytest.importorskip("sklearn.neighbors")
     rng = np.random.default_rng(2)
-    N, M = 1600, 400
-    W = rng.standard_normal((N, M)) / math.sqrt(N)
-    evals = np.linalg.eigvalsh(W.T @ W)
-    assert marchenko_pastur_median(N / M) == pytest.approx(np.median(evals), rel=0.02)
-    with pytest.raises(ValueError):
-        marchenko_pastur_median(0.5)
+    x = rng.gamma(2.0, 1.0, 700)
+    grid = np.linspace(0, x.max() + 0.5, 1000)
+    kde = sklearn_neighbors.KernelDensity(kernel="linear", bandwidth=0.1).fit(x.reshape(-1, 1))
+    np.testing.assert_allclose(linear_kde(x, grid), np.exp(kde.score_samples(grid[:, None])), rtol=1e-9, atol=1e-12)
 
 
-def test_marchenko_pastur_fit_finds_planted_spikes():
-    rng = np.random.default_rng(3)
-    N, M = 1200, 300
+@pytest.mark.parametrize("N, M, spikes", [(1200, 300, 0), (1200, 300, 3), (256, 256, 0), (700, 90, 12)])
+def test_marchenko_pastur_fit_is_weightwatchers(N, M, spikes):
+    """Against WeightWatcher's own functions on the same rescaled eigenvalues (Q = 1: its quarter circle)."""
+    pytest.importorskip("scipy")
+    rmt = pytest.importorskip("weightwatcher.RMT_Util")
+    rng = np.random.default_rng(3 + spikes)
     W = rng.standard_normal((N, M))
-    random_fit = fit_marchenko_pastur(np.linalg.eigvalsh(W.T @ W), N / M)
-    assert random_fit.num_spikes == 0
-    assert random_fit.mp_softrank == pytest.approx(1.0, abs=0.1)
-    u, v = rng.standard_normal(N), rng.standard_normal(M)
-    spiked = W + 5 * np.outer(u / np.linalg.norm(u), v / np.linalg.norm(v)) * math.sqrt(N)
-    spiked_fit = fit_marchenko_pastur(np.linalg.eigvalsh(spiked.T @ spiked), N / M)
-    assert spiked_fit.num_spikes == 1
-    assert spiked_fit.mp_softrank < 0.5
+    if spikes:
+        W += 4 * rng.standard_normal((N, spikes)) @ rng.standard_normal((spikes, M)) / math.sqrt(M)
+    evals = np.linalg.eigvalsh(W.T @ W)
+    fit = fit_marchenko_pastur(evals, N / M, M)
+    w_scale = math.sqrt(evals.size / evals.sum())
+    with np.errstate(all="ignore"):
+        sigma, _ = rmt.fit_density_with_range(evals * w_scale**2, N / M, bw=0.1)
+    assert fit.sigma_mp == pytest.approx(sigma, rel=1e-9) and fit.w_scale == pytest.approx(w_scale)
+    bulk_max = (sigma * (1 + 1 / math.sqrt(N / M))) ** 2
+    assert fit.bulk_max == pytest.approx(bulk_max / w_scale**2, rel=1e-9)
+    assert fit.mp_softrank == pytest.approx(bulk_max / (evals.max() * w_scale**2), rel=1e-9)
+    assert fit.num_spikes == spikes or (spikes and abs(fit.num_spikes - spikes) <= 1)
+
+
+def test_marchenko_pastur_fit_bad_input():
+    with pytest.raises(ValueError, match="Q = N/M must be >= 1"):
+        fit_marchenko_pastur(np.ones(10), 0.5)
+    with pytest.raises(ValueError, match="positive"):
+        fit_marchenko_pastur(np.zeros(10), 2.0)

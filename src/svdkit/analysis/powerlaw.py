@@ -19,8 +19,7 @@ a branch and bound (a cheap lower bound of each ``D_i`` from a few points of its
 distances in increasing order of the bound until the bound passes the best) finds the same
 argmin, first index on ties, from a few dozen exact rows.
 
-:func:`fit_marchenko_pastur` estimates the random bulk of the ESD (its edge, the spikes above
-it and the MP soft rank) by matching the median, which outliers barely move.
+The Marchenko-Pastur fit lives in :mod:`svdkit.analysis.marchenko_pastur`.
 """
 
 from __future__ import annotations
@@ -31,14 +30,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "EVALS_THRESH",
-    "MPFit",
-    "PowerLawFit",
-    "fit_marchenko_pastur",
-    "fit_power_law",
-    "marchenko_pastur_median",
-]
+__all__ = ["EVALS_THRESH", "PowerLawFit", "fit_power_law"]
 
 #: Eigenvalues at or below this are left out of the power-law fit (WeightWatcher's ``EVALS_THRESH``).
 EVALS_THRESH = 1e-5
@@ -235,104 +227,4 @@ def _finish(alpha, xmin, D, n_tail, x_all, N) -> PowerLawFit:
         sigma=(alpha - 1.0) / math.sqrt(n_tail),
         num_pl_spikes=int(np.count_nonzero(x_all >= xmin)),
         num_fitted=int(N),
-    )
-
-
-@dataclass(frozen=True)
-class MPFit:
-    """The Marchenko-Pastur bulk of an ESD.
-
-    Attributes
-    ----------
-    sigma_mp : float
-        Element scale of the random bulk, in units of the rescaled ESD (mean eigenvalue 1).
-    bulk_min, bulk_max : float
-        Bulk edges ``sigma_mp**2 (1 -/+ 1/sqrt(Q))**2``, rescaled units.
-    num_spikes : int
-        Eigenvalues above ``bulk_max`` plus the Tracy-Widom margin.
-    mp_softrank : float
-        ``bulk_max / lambda_max`` in rescaled units: near 1 for a random matrix, near 0 when one
-        direction dominates.
-    scale : float
-        ``W_scale**2``: the factor that took the ESD to mean 1.
-    """
-
-    sigma_mp: float
-    bulk_min: float
-    bulk_max: float
-    num_spikes: int
-    mp_softrank: float
-    scale: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict."""
-        return asdict(self)
-
-
-def marchenko_pastur_median(Q: float, grid: int = 4096) -> float:
-    """Median of the Marchenko-Pastur law with unit variance and aspect ratio ``Q = N / M >= 1``.
-
-    Parameters
-    ----------
-    Q : float
-        Rows over columns of the matrix, at least 1.
-    grid : int
-        Quadrature points on the bulk.
-    """
-    if not Q >= 1:
-        raise ValueError(f"the aspect ratio Q = N/M must be >= 1, got {Q}")
-    y = 1.0 / Q
-    lo, hi = (1 - math.sqrt(y)) ** 2, (1 + math.sqrt(y)) ** 2
-    # Substituting lambda = lo + (hi - lo) sin^2(theta) removes the square-root singularities at the edges.
-    theta = (np.arange(grid) + 0.5) * (math.pi / 2) / grid
-    lam = lo + (hi - lo) * np.sin(theta) ** 2
-    dlam = (hi - lo) * 2 * np.sin(theta) * np.cos(theta) * (math.pi / 2) / grid
-    density = np.sqrt(np.maximum((hi - lam) * (lam - lo), 0.0)) / (2 * math.pi * y * lam)
-    cdf = np.cumsum(density * dlam)
-    cdf /= cdf[-1]
-    return float(np.interp(0.5, cdf, lam))
-
-
-def fit_marchenko_pastur(evals: Any, Q: float) -> MPFit:
-    """Fit the Marchenko-Pastur bulk of an ESD by matching its median.
-
-    Parameters
-    ----------
-    evals : array-like or Tensor of shape (M,)
-        Eigenvalues ``lambda = s**2`` of a matrix of aspect ratio ``Q``.
-    Q : float
-        ``N / M >= 1``, larger over smaller dimension.
-
-    Returns
-    -------
-    MPFit
-
-    Notes
-    -----
-    The ESD is rescaled to mean 1 as WeightWatcher does (``W_scale = sqrt(M) / ||W||_F``). For
-    a random matrix with i.i.d. entries of variance ``sigma**2`` the rescaled ESD follows the MP law
-    of variance ``sigma**2``; its median is ``sigma**2 * median_MP(Q)``, so
-    ``sigma_mp = sqrt(median(lambda) / median_MP(Q))``. Spikes move the median by at most their
-    count, unlike the mean or a histogram fit. The Tracy-Widom margin is
-    ``Q**(-1/2) * bulk_max**(2/3) * M**(-2/3)`` and a spike must clear ``bulk_max + sqrt(margin)``
-    (WeightWatcher's rule). WeightWatcher fits ``sigma_mp`` to a kernel density estimate instead,
-    so its ``sigma_mp`` can differ by a few per cent.
-    """
-    x = _as_sorted_evals(evals)
-    if x.size == 0 or x[-1] <= 0:
-        raise ValueError("the MP fit needs at least one positive eigenvalue")
-    scale = x.size / float(x.sum())
-    lam = x * scale
-    sigma2 = float(np.median(lam)) / marchenko_pastur_median(Q)
-    bulk_max = sigma2 * (1 + 1 / math.sqrt(Q)) ** 2
-    bulk_min = sigma2 * (1 - 1 / math.sqrt(Q)) ** 2
-    tw = Q ** -0.5 * bulk_max ** (2 / 3) * x.size ** (-2 / 3)
-    spikes = int(np.count_nonzero(lam > bulk_max + math.sqrt(tw)))
-    return MPFit(
-        sigma_mp=math.sqrt(sigma2),
-        bulk_min=bulk_min,
-        bulk_max=bulk_max,
-        num_spikes=spikes,
-        mp_softrank=bulk_max / float(lam[-1]),
-        scale=scale,
     )
