@@ -10,6 +10,8 @@ from torch import nn
 from svdkit.analysis.activations import analyze_activations, compare_activations, select_modules
 from svdkit.analysis.covariance import CovarianceAccumulator, linear_cka
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_accumulator_matches_numpy_despite_a_large_mean():
     rng = np.random.default_rng(0)
@@ -155,9 +157,11 @@ def test_feature_maps_positions_or_pooled():
 
 def test_hooks_are_removed_even_on_error():
     model = _net()
-    with pytest.raises(RuntimeError):
-        analyze_activations(model, [torch.randn(5, 3)], ["1"])  # wrong input width
-    assert all(not m._forward_hooks for m in model.modules())
+    model.train()
+    with pytest.raises(ValueError, match=r"^batch 1 in layer 0 \(Linear\): RuntimeError: mat1 and mat2"):
+        analyze_activations(model, [torch.randn(5, 8), torch.randn(5, 3)], ["1"])  # batch 1 has the wrong width
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert model.training
     with pytest.raises(ValueError, match="no batches"):
         analyze_activations(model, [], ["1"])
     with pytest.raises(ValueError, match="no module matches"):
@@ -177,3 +181,20 @@ def test_compare_two_models():
     changed = compare_activations(model, other, batches, ["1", "3"])
     assert changed["1"]["cka"] == pytest.approx(1.0, abs=1e-9)
     assert changed["3"]["cka"] < 0.99
+
+
+def test_bad_data_gives_errors_that_name_the_batch_and_the_layer():
+    model = _net()
+    with pytest.raises(ValueError, match="data is None: pass a list of strings"):
+        analyze_activations(model, None)
+    with pytest.raises(TypeError, match="not a single str"):
+        analyze_activations(model, "some text")
+    with pytest.raises(TypeError, match="need a model loaded with svdkit.models.load_model"):
+        analyze_activations(model, ["a sentence"])
+    poisoned = [torch.randn(6, 8), torch.randn(6, 8)]
+    poisoned[1][2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"batch 1: the output of layer 0 \(Linear\) holds 32 NaN or infinite values of 192"):
+        analyze_activations(model, poisoned, ["0", "2"])
+    with pytest.raises(ValueError, match=r"batch \(second model\) 0 in layer 0"):
+        compare_activations(model, nn.Sequential(nn.Linear(5, 32)), [torch.randn(4, 8)], ["0"])
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

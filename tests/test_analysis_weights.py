@@ -1,5 +1,6 @@
 """analyze_weights: every metric against NumPy, the views, the sources and bad input."""
 
+import json
 import math
 import weakref
 
@@ -8,10 +9,16 @@ import pytest
 import torch
 from torch import nn
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from svdkit.analysis import sources
 from svdkit.analysis.esd import eigenvalues
 from svdkit.analysis.powerlaw import fit_power_law
 from svdkit.analysis.weights import analyze_weights
+from svdkit.linalg import compression_suitability
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp():
@@ -25,19 +32,21 @@ def _mlp():
 def test_metrics_match_numpy():
     model = _mlp()
     table = analyze_weights(model, workers=1)
-    assert table.names == ["0", "2", "4"]
+    assert table.names == ["0", "2", "4"] and set(table.column("route")) == {"gram"}  # tiny: the float64 Gram
     for record in table:
         W = model.get_submodule(record["name"]).weight.detach().double().numpy()
         s = np.linalg.svd(W, compute_uv=False)
         lam = s**2
         eps = np.finfo(np.float32).eps
+        assert record["rank_tolerance"] == max(W.shape) * eps
         assert record["rank"] == np.linalg.matrix_rank(W, tol=max(W.shape) * eps * s[0])
         assert record["sigma_max"] == pytest.approx(s[0], rel=1e-9)
         assert record["sigma_min"] == pytest.approx(s[-1], rel=1e-5, abs=1e-6 * s[0])
         assert record["frobenius_norm"] == pytest.approx(np.linalg.norm(W), rel=1e-12)
-        assert record["spectral_norm"] == pytest.approx(np.linalg.norm(W, 2), rel=1e-9)
         assert record["nuclear_norm"] == pytest.approx(np.linalg.norm(W, "nuc"), rel=1e-6)
-        assert record["log10_frobenius_norm"] == pytest.approx(math.log10(np.linalg.norm(W)), rel=1e-12)
+        # WeightWatcher's names, WeightWatcher's meaning: squared norms.
+        assert record["spectral_norm"] == pytest.approx(np.linalg.norm(W, 2) ** 2, rel=1e-9)
+        assert record["norm"] == pytest.approx(np.linalg.norm(W) ** 2, rel=1e-12)
         assert record["stable_rank"] == pytest.approx(lam.sum() / lam[0], rel=1e-9)
         p = s / s.sum()
         p = p[p > 1e-12]
@@ -53,12 +62,74 @@ def test_metrics_match_numpy():
         assert record["alpha"] == pytest.approx(fit.alpha, rel=1e-6)
         assert record["alpha_weighted"] == pytest.approx(fit.alpha * math.log10(lam[0]), rel=1e-6)
         assert record["log_alpha_norm"] == pytest.approx(math.log10(np.sum(lam[lam > 0] ** fit.alpha)), rel=1e-6)
+        # The verdict: svdkit's one rule, relative error <= 0.2 by default.
         tails = np.sqrt(np.maximum(1 - cum, 0))
-        k = int(np.argmax(tails <= 0.05 + 1e-12)) + 1
-        assert record["tol_rank"] == k
+        k = int(np.argmax(tails <= 0.2 + 1e-12)) + 1
         m, n = W.shape
-        assert record["tol_param_saving"] == pytest.approx(1 - k * (m + n) / (m * n))
+        assert record["verdict_rank"] == k
+        assert record["verdict_params"] == pytest.approx(k * (m + n) / (m * n))
+        expected = "compress" if k * (m + n) <= 0.5 * m * n else "marginal" if k * (m + n) < m * n else "keep_dense"
+        assert record["verdict"] == expected == compression_suitability(s, (m, n)).verdict
     assert table["4"]["rank"] == 20
+    assert table.meta["verdict_rule"].startswith("factorize at the smallest rank whose relative Frobenius error is <= 0.2")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 90), n=st.integers(1, 90), rank=st.integers(0, 90),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    method=st.sampled_from(["auto", "gram", "svd"]), seed=st.integers(0, 2**16), small_gram32=st.booleans(),
+)
+def test_any_shape_dtype_and_route_against_numpy(m, n, rank, dtype, method, seed, small_gram32):
+    """Invariants that hold for every matrix: eigenvalues within the route's resolution, the rank
+    counted at the reported tolerance, sigma_min NaN only where it is not resolved. The float32
+    Gram route is forced onto small matrices half of the time (it is chosen for large ones)."""
+    from unittest import mock
+
+    import svdkit.analysis.esd as esd
+
+    with mock.patch.object(esd, "GRAM32_MIN_FLOPS", 0 if small_gram32 else esd.GRAM32_MIN_FLOPS):
+        _check_against_numpy(m, n, rank, dtype, method, seed)
+
+
+def _check_against_numpy(m, n, rank, dtype, method, seed):
+    import svdkit.analysis.esd as esd
+
+    g = torch.Generator().manual_seed(seed)
+    k = min(rank, m, n)
+    W = (torch.randn(m, k, generator=g) @ torch.randn(k, n, generator=g) if k else torch.zeros(m, n)) + 1e-3 * torch.randn(m, n, generator=g)
+    W = W.to(dtype)
+    record = analyze_weights({"w": W}, svd_method=method)[0]
+    s = np.linalg.svd(W.double().numpy(), compute_uv=False)
+    route = record["route"]
+    assert route == ("svd" if method == "svd" or (method == "auto" and dtype == torch.float64) else "gram" if method == "gram" or m * n * min(m, n) < esd.GRAM32_MIN_FLOPS else "gram32")
+    resolution = 1e-6 if route == "gram32" else 1e-13
+    lam = analyze_weights({"w": W}, svd_method=method).spectrum(0)
+    assert lam.shape == (min(m, n),) and (np.diff(lam) <= 0).all() and (lam >= 0).all()
+    np.testing.assert_allclose(lam, s**2, atol=resolution * s[0] ** 2 + 1e-300)
+    assert record["stable_rank"] == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-6)
+    tol = record["rank_tolerance"] * s[0]
+    clear = np.abs(s - tol) > 1e-3 * s[0]  # values right at the tolerance may go either way
+    if clear.all():
+        assert record["rank"] == int((s > tol).sum())
+    if math.isnan(record["sigma_min"]):
+        assert route == "gram32" and s[-1] ** 2 <= 1e-4 * s[0] ** 2
+    else:
+        assert record["sigma_min"] == pytest.approx(s[-1], abs=math.sqrt(resolution) * s[0])
+
+
+def test_the_float32_gram_route_on_a_large_low_rank_matrix():
+    """Rounding noise of the float32 Gram is never counted as rank; an unresolved sigma_min is NaN."""
+    torch.manual_seed(6)
+    W = torch.randn(1100, 40) @ torch.randn(40, 1000)  # rank 40, big enough for the float32 Gram
+    fast, exact = analyze_weights({"w": W})[0], analyze_weights({"w": W}, svd_method="gram")[0]
+    assert fast["route"] == "gram32" and exact["route"] == "gram"
+    assert fast["rank"] == exact["rank"] == 40
+    assert fast["rank_tolerance"] == pytest.approx(1e-3) and exact["rank_tolerance"] == pytest.approx(1100 * 2**-23)
+    assert math.isnan(fast["sigma_min"]) and math.isnan(fast["condition_number"])
+    assert exact["sigma_min"] < 1e-3 * exact["sigma_max"]
+    for key in ("alpha", "stable_rank", "log_norm", "log_spectral_norm", "effective_rank", "nuclear_norm", "verdict_rank"):
+        assert fast[key] == pytest.approx(exact[key], rel=1e-4), key
 
 
 def test_gram_and_svd_routes_agree():
@@ -108,13 +179,20 @@ def test_half_precision_weights():
         assert half["stable_rank"] == pytest.approx(full["stable_rank"], rel=0.02)
 
 
-def test_tied_weights_are_analysed_once():
+def test_tied_weights_are_computed_once_and_listed_under_every_name(monkeypatch):
     emb = nn.Embedding(30, 8)
     head = nn.Linear(8, 30, bias=False)
     head.weight = emb.weight
+    import svdkit.analysis.weights as weights
+
+    calls = []
+    real = weights.eigenvalues
+    monkeypatch.setattr(weights, "eigenvalues", lambda W, method: calls.append(tuple(W.shape)) or real(W, method))
     table = analyze_weights(nn.ModuleDict({"emb": emb, "head": head}))
-    assert table.names == ["emb"]
-    assert table.skipped == [("head", "shares its weight with emb")]
+    assert table.names == ["emb", "head"] and calls == [(30, 8)] and not table.skipped
+    assert table["head"]["tied_to"] == "emb" and table["head"]["kind"] == "linear" and "tied_to" not in table["emb"]
+    assert {k: v for k, v in table["head"].items() if k not in ("name", "kind", "tied_to")} == {
+        k: v for k, v in table["emb"].items() if k not in ("name", "kind")}
 
 
 def test_state_dict_skips_what_is_not_a_matrix():
@@ -148,6 +226,14 @@ def test_nothing_to_analyse_is_an_error():
         analyze_weights(3)
     with pytest.raises(ValueError, match="conv2d"):
         analyze_weights(_mlp(), conv2d="pooled")
+    with pytest.raises(ValueError, match="svd_method must be one of 'auto', 'gram', 'svd', got 'fast'"):
+        analyze_weights(_mlp(), svd_method="fast")
+    with pytest.raises(ValueError, match=r"error must be in \[0, 1\), got 1.5"):
+        analyze_weights(_mlp(), error=1.5)
+    with pytest.raises(ValueError, match=r"targets=\['attention'\].*match no weight.*names look like: 0, 1, 2"):
+        analyze_weights(_mlp(), targets=["attention"])
+    with pytest.raises(ValueError, match="calibration= needs a model"):
+        analyze_weights({"w": torch.randn(4, 4)}, calibration=[torch.randn(2, 4)])
 
 
 def test_synthetic_power_law_spectrum_recovers_alpha():
@@ -192,6 +278,48 @@ def test_safetensors_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
     assert analyze_weights(tmp_path).names == table.names
 
 
+def _sharded(tmp_path, shards=3):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(8)
+    weight_map = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        state = {f"layers.{s}.{p}.weight": torch.randn(24, 16) for p in ("q", "k")}
+        safetensors_torch.save_file(state, str(tmp_path / name))
+        weight_map.update({key: name for key in state})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+def test_sharded_checkpoint_reads_the_shards_its_index_names(tmp_path):
+    weight_map = _sharded(tmp_path)
+    (tmp_path / "stray.safetensors").write_bytes(b"not a shard of this checkpoint")
+    table = analyze_weights(tmp_path)
+    assert sorted(table.names) == sorted(k[: -len(".weight")] for k in weight_map)
+
+
+def test_sharded_checkpoint_with_missing_shards_names_every_one(tmp_path):
+    _sharded(tmp_path, shards=4)
+    (tmp_path / "model-00002-of-00004.safetensors").unlink()
+    (tmp_path / "model-00004-of-00004.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=(
+            r"model.safetensors.index.json in .* names 4 shards, 2 of them missing: "
+            r"model-00002-of-00004.safetensors \(2 tensors\), model-00004-of-00004.safetensors \(2 tensors\); the analysis would be partial")):
+        analyze_weights(tmp_path)
+
+
+def test_sharded_checkpoint_with_an_incomplete_shard_or_a_bad_index(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    weight_map = _sharded(tmp_path, shards=2)
+    safetensors_torch.save_file({"layers.0.q.weight": torch.randn(24, 16)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    with pytest.raises(ValueError, match=r"model-00001-of-00002.safetensors lacks 1 tensor\(s\) that the index places there: layers.0.k.weight"):
+        analyze_weights(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read the shard index"):
+        analyze_weights(tmp_path)
+    assert len(weight_map) == 4
+
+
 def test_unreadable_or_missing_files_fail_clearly(tmp_path):
     pytest.importorskip("safetensors")
     bad = tmp_path / "broken.safetensors"
@@ -210,6 +338,7 @@ def test_table_conversions(tmp_path):
     table = analyze_weights(_mlp(), mp_fit=True)
     summary = table.summary()
     assert summary["alpha"] == pytest.approx(np.mean(table.column("alpha")))
+    assert all(table.column("ww_eligible"))
     assert {"stable_rank", "mp_softrank", "log_norm"} <= set(summary)
     csv_text = table.to_csv(tmp_path / "t.csv")
     assert csv_text.splitlines()[0].startswith("name,kind,view,shape")

@@ -10,7 +10,9 @@ from torch import nn
 from svdkit.analysis.activations import analyze_activations
 from svdkit.analysis.weights import analyze_weights
 from svdkit.report.html import render_html, write_html
-from svdkit.report.tables import common_prefix, format_table, format_value, print_table
+from svdkit.report.tables import common_prefix, format_value, print_table
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +33,43 @@ def test_format_value_and_prefix():
     assert common_prefix(["a", "a.b"]) == ""
 
 
-def test_plain_table_lists_layers_summary_and_skips(tables):
+def test_plain_table_lists_layers_summary_rule_and_skips(tables):
     weights, acts = tables
-    text = format_table(weights)
+    text = weights.to_table()
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["name", "kind", "out"]
-    assert "0 [slices]" in text and "mean:" in text
-    assert "RankMe" in format_table(acts)
+    assert len(lines) == 2 + len(weights) + 2  # header, rule, one line per record, means, verdict rule
+    assert "0 [slices]" in text and lines[-2].startswith("mean: ") and lines[-1].startswith("verdict: factorize at")
+    assert str(weights) == text
+    assert "RankMe" in acts.to_table() and acts.to_table(["name", "dim"]).splitlines()[0].split() == ["name", "dim"]
+
+
+def test_every_table_object_speaks_the_same_four_names(tables, tmp_path):
+    import json
+
+    from svdkit.analysis import TrackerHistory, TrajectoryAnalysis
+
+    weights, acts = tables
+    history = TrackerHistory(["a", "b"], ["sigma_max"])
+    history.write(0, ["a", "b"], ["sigma_max"], [[1.0], [2.0]])
+    history.write(1, ["a", "b"], ["sigma_max"], [[1.5], [float("nan")]])
+    recorder = __import__("svdkit.analysis", fromlist=["TrajectoryRecorder"]).TrajectoryRecorder([nn.Parameter(torch.zeros(6))])
+    for step in range(4):
+        recorder.params[0].data.add_(torch.randn(6))
+        recorder.snapshot(step)
+    trajectory = recorder.analyze()
+    assert isinstance(trajectory, TrajectoryAnalysis)
+    for obj in (weights, acts, history, trajectory):
+        assert isinstance(obj.to_table(), str) and obj.to_table()
+        data = obj.to_dict()
+        assert json.loads(obj.to_json()) == json.loads(json.dumps(data))  # JSON-ready, NaN as null
+        path = tmp_path / f"{type(obj).__name__}.json"
+        obj.to_json(path)
+        assert json.loads(path.read_text()) == json.loads(obj.to_json())
+    pd = pytest.importorskip("pandas")
+    assert len(history.to_pandas()) == 4 and list(history.to_pandas().columns) == ["step", "layer", "sigma_max"]
+    assert len(trajectory.to_pandas()) == len(trajectory.singular_values)
+    assert isinstance(weights.to_pandas(), pd.DataFrame)
 
 
 def test_print_table_with_rich_or_plain(tables, monkeypatch):

@@ -1,8 +1,9 @@
 """Diagnose a network through spectra: weights, activations and the training trajectory."""
 
-from .activations import analyze_activations, compare_activations
+from .activations import NonFiniteActivations, analyze_activations, compare_activations
 from .covariance import CovarianceAccumulator, linear_cka
-from .powerlaw import MPFit, PowerLawFit, fit_marchenko_pastur, fit_power_law
+from .marchenko_pastur import MPFit, fit_marchenko_pastur
+from .powerlaw import PowerLawFit, fit_power_law
 from .table import AnalysisTable
 from .weights import analyze_weights
 from .training import (
@@ -17,6 +18,7 @@ from .training import (
 
 __all__ = [
     "AnalysisTable",
+    "NonFiniteActivations",
     "CovarianceAccumulator",
     "MPFit",
     "PowerLawFit",

@@ -38,12 +38,15 @@ from torch import nn
 
 from ..calibrate import run_batch
 from ..linalg import effective_rank, energy_rank
+from ..progress import ProgressLike, track
 from ..surgery import matches_target
+from ._running import BatchRunner
 from .covariance import CovarianceAccumulator, cka_from_scatter
 from .table import AnalysisTable
 
 __all__ = [
     "ACTIVATION_SUMMARY",
+    "NonFiniteActivations",
     "activation_metrics",
     "analyze_activations",
     "compare_activations",
@@ -150,6 +153,13 @@ class _Batches:
     """Feeds data to a model and knows the current batch's attention mask."""
 
     def __init__(self, model: Any, data: Any, forward: Callable | None, batch_size: int) -> None:
+        if data is None:
+            raise ValueError("data is None: pass a list of strings (with a model from svdkit.models.load_model), "
+                             "or an iterable of batches (tensors, dicts of tensors, (inputs, targets) pairs)")
+        if isinstance(data, (str, bytes)):
+            raise TypeError(f"data must be a list of strings or an iterable of batches, not a single {type(data).__name__}")
+        if not hasattr(data, "__iter__"):
+            raise TypeError(f"data must be a list of strings or an iterable of batches, got {type(data).__name__}")
         self.model, self.forward, self.batch_size = model, forward, batch_size
         self.data = data
         self.mask: torch.Tensor | None = None
@@ -176,16 +186,25 @@ class _Batches:
             run_batch(module if module is not None else self.model, batch)
 
 
-def _hook_outputs(targets, batches: _Batches, samples: str, sink: dict[str, torch.Tensor]):
+def _hook_outputs(targets, batches: _Batches, samples: str, sink: dict[str, torch.Tensor], runner: BatchRunner):
     def make(name: str):
         def hook(module, inputs, output):
             out = _first_tensor(output)
             if out is None:
                 raise ValueError(f"layer {name} ({type(module).__name__}) returned no tensor")
-            sink[name] = to_samples(name, out.detach(), batches.mask, samples)
+            X = to_samples(name, out.detach(), batches.mask, samples)
+            if not bool(torch.isfinite(X).all()):
+                bad = int((~torch.isfinite(X)).sum())
+                raise NonFiniteActivations(f"batch {runner.index}: the output of layer {name} ({type(module).__name__}) holds {bad} NaN or "
+                                 f"infinite values of {X.numel()} (the first hooked layer they reach); check that batch's data")
+            sink[name] = X
         return hook
 
     return [module.register_forward_hook(make(name)) for name, module in targets]
+
+
+class NonFiniteActivations(ValueError):
+    """A batch made a hooked layer's output NaN or infinite; the message names the batch and the layer."""
 
 
 def activation_metrics(acc: CovarianceAccumulator, top_k: int = 10) -> tuple[dict[str, Any], np.ndarray]:
@@ -234,7 +253,7 @@ def analyze_activations(
     cka: bool = False,
     top_k: int = 10,
     device: str | torch.device | None = None,
-    progress: bool = False,
+    progress: ProgressLike = False,
 ) -> AnalysisTable:
     """Stream a model's representations at chosen layers and measure their spectra.
 
@@ -261,8 +280,8 @@ def analyze_activations(
         Explained-variance ratios and singular values kept per layer.
     device : optional
         Where accumulators live (default: each output's device).
-    progress : bool
-        Progress bar over batches (tqdm).
+    progress : bool or callable
+        Progress over the batches (:mod:`svdkit.progress`).
 
     Returns
     -------
@@ -272,8 +291,12 @@ def analyze_activations(
     Raises
     ------
     ValueError
-        For no data, a layer that saw no samples, CKA over layers with different sample counts,
-        or a bad option.
+        For no data (``None`` or no batches), a batch the model cannot run (naming the batch
+        and the layer where it failed), a batch that makes a hooked layer's output NaN or
+        infinite (naming both), a layer that saw no samples, CKA over layers with different
+        sample counts, or a bad option.
+    TypeError
+        For data that is not an iterable of batches, or strings without a tokenizing model.
     """
     if samples not in ("tokens", "pooled"):
         raise ValueError(f"samples must be 'tokens' or 'pooled', got {samples!r}")
@@ -289,14 +312,15 @@ def analyze_activations(
     joint: CovarianceAccumulator | None = None
     dims: dict[str, int] = {}
     n_batches = 0
-    handles = _hook_outputs(chosen, batches, samples, sink)
+    runner = BatchRunner(module, batches.run, passthrough=(NonFiniteActivations,))
+    handles = _hook_outputs(chosen, batches, samples, sink, runner)
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad():
-            for batch in _maybe_progress(batches, progress):
+        with torch.no_grad(), runner:
+            for batch in track(batches, progress, desc="batches"):
                 sink.clear()
-                batches.run(batch)
+                runner(batch)
                 n_batches += 1
                 if cka:
                     joint = _update_joint(joint, names, sink, dims, device)
@@ -357,16 +381,6 @@ def _split_joint(joint, names, dims):
     return accs, {"layers": list(names), "matrix": matrix}
 
 
-def _maybe_progress(iterable, progress: bool):
-    if not progress:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return iterable
-    return tqdm(iterable, desc="batches", unit="batch", leave=False)
-
-
 def compare_activations(
     model_a: Any,
     model_b: nn.Module | Any,
@@ -409,17 +423,19 @@ def compare_activations(
     sink_b: dict[str, torch.Tensor] = {}
     accs: dict[str, CovarianceAccumulator] = {}
     dims: dict[str, int] = {}
-    handles = _hook_outputs(chosen, batches, samples, sink_a) + _hook_outputs(chosen_b, batches, samples, sink_b)
+    run_a = BatchRunner(mod_a, batches.run, passthrough=(NonFiniteActivations,))
+    run_b = BatchRunner(mod_b, lambda batch: batches.run(batch, module=mod_b), what="batch (second model)", passthrough=(NonFiniteActivations,))
+    handles = _hook_outputs(chosen, batches, samples, sink_a, run_a) + _hook_outputs(chosen_b, batches, samples, sink_b, run_b)
     states = (mod_a.training, mod_b.training)
     mod_a.eval()
     mod_b.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), run_a, run_b:
             for batch in batches:
                 sink_a.clear()
                 sink_b.clear()
-                batches.run(batch)
-                batches.run(batch, module=mod_b)
+                run_a(batch)
+                run_b(batch)
                 for n in names:
                     Xa, Xb = sink_a[n], sink_b[n]
                     if Xa.shape[0] != Xb.shape[0]:

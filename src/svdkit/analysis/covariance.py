@@ -24,10 +24,8 @@ __all__ = ["CovarianceAccumulator", "cka_from_scatter", "linear_cka"]
 
 
 def _scatter(X: torch.Tensor) -> torch.Tensor:
-    """``X^T X`` for (N, d) float64; the BLAS symmetric rank-k update on the CPU."""
-    if X.device.type == "cpu":
-        A = X.numpy()
-        return torch.from_numpy(A.T @ A)
+    """``X^T X`` for (N, d) float64, on torch's BLAS: the same threads as the model's forward (a
+    second thread pool, NumPy's, would contend with them on a busy machine)."""
     return X.T @ X
 
 

@@ -11,17 +11,22 @@ source                      what is analysed
 ``nn.Module``               every module with a weight view (:mod:`svdkit.views`): Linear,
                             transformers Conv1D, Conv2d, Embedding; tied weights once
 state dict (name->tensor)   2-D tensors as matrices, 4-D tensors as Conv2d kernels
-``.safetensors`` file/dir   the same rules as a state dict, streamed
+``.safetensors`` file/dir   the same rules as a state dict, streamed; a directory with a
+                            ``*.safetensors.index.json`` reads exactly the shards it names
 ==========================  ===============================================================
 
 In state dicts and files a trailing ``.weight`` is dropped from the key so names match module
 names; 1-D tensors (biases, norms), 3-D and 5-D+ tensors and integer tensors are skipped with a
-reason.
+reason. A sharded checkpoint is never analysed in part: a shard the index names but the
+directory lacks, or a tensor the index places in a shard that does not hold it, is an error
+naming every one of them. Names are selected with :func:`svdkit.surgery.matches_target` (PEFT's
+rules), the matcher compression and LoRA use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +63,9 @@ class WeightItem:
     load : callable
         ``() -> Tensor``: the matrix (2-D; for Conv2d the 4-D kernel), read when called.
     device : str
+    tied_to : str, optional
+        For a module whose weight is another module's (a tied LM head): that module's name. Its
+        matrix is analysed once, under the first name.
     """
 
     name: str
@@ -66,6 +74,7 @@ class WeightItem:
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
     device: str = "cpu"
+    tied_to: str | None = None
 
 
 def _strip(key: str) -> str:
@@ -101,12 +110,12 @@ def _from_module(model: nn.Module, targets, exclude, kinds) -> tuple[list[Weight
         if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
             skipped.append((name, "no materialised weight"))
             continue
-        key = weight.data_ptr()
+        key = (weight.device, weight.data_ptr(), tuple(weight.shape), weight.stride())
+        kind = get_view(module).kind
         if key in seen:
-            skipped.append((name, f"shares its weight with {seen[key]}"))
+            items.append(WeightItem(name, kind, tuple(weight.shape), weight.dtype, lambda w=weight: w.detach(), str(weight.device), tied_to=seen[key]))
             continue
         seen[key] = name
-        kind = get_view(module).kind
         tensor = weight.detach()
         if kind == "conv1d":
             matrix = tensor.T  # (out, in), as svdkit.views reads it
@@ -138,15 +147,41 @@ def _from_mapping(state: Mapping[str, Any], targets, exclude, kinds) -> tuple[li
     return items, skipped
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def _safetensors_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The files to read and, for a sharded checkpoint, the index's tensor -> shard map."""
     if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no .safetensors files in the directory {str(path)!r}")
-        return files
-    raise FileNotFoundError(f"no safetensors file or directory at {str(path)!r}")
+        return [path], None
+    if not path.is_dir():
+        raise FileNotFoundError(f"no safetensors file or directory at {str(path)!r}")
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise ValueError(f"{str(path)!r} holds {len(indexes)} safetensors indexes ({', '.join(p.name for p in indexes)}); pass one shard or a directory with one index")
+    if indexes:
+        weight_map = _read_index(indexes[0])
+        shards = sorted(set(weight_map.values()))
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing:
+            counts = {name: sum(1 for v in weight_map.values() if v == name) for name in missing}
+            listed = ", ".join(f"{name} ({counts[name]} tensors)" for name in missing)
+            raise FileNotFoundError(
+                f"{indexes[0].name} in {str(path)!r} names {len(shards)} shards, {len(missing)} of them missing: {listed}; "
+                "the analysis would be partial (download the missing shards, or pass the present ones one by one)"
+            )
+        return [path / name for name in shards], weight_map
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in the directory {str(path)!r}")
+    return files, None
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read the shard index {str(index)!r} (expected JSON with a 'weight_map'): {exc}") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"the shard index {str(index)!r} has a 'weight_map' that is not a mapping of tensor names to file names")
+    return weight_map
 
 
 def open_safetensors(path: str | os.PathLike, stack: contextlib.ExitStack, targets=None, exclude=(), kinds=None):
@@ -163,9 +198,11 @@ def open_safetensors(path: str | os.PathLike, stack: contextlib.ExitStack, targe
     Raises
     ------
     FileNotFoundError
-        For a path that does not exist or a directory without ``.safetensors`` files.
+        For a path that does not exist, a directory without ``.safetensors`` files, or shards
+        that the directory's index names but the directory lacks (every one is named).
     ValueError
-        For a file that safetensors cannot read (the message names it).
+        For a file that safetensors cannot read (the message names it), an unreadable index, or
+        tensors the index places in a shard that does not hold them.
     ImportError
         Without the ``safetensors`` package.
     """
@@ -174,12 +211,21 @@ def open_safetensors(path: str | os.PathLike, stack: contextlib.ExitStack, targe
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("reading .safetensors files needs safetensors: pip install 'svdkit[hf]'") from exc
     items, skipped = [], []
-    for file in _safetensors_files(Path(path)):
+    files, weight_map = _safetensors_files(Path(path))
+    for file in files:
         try:
             handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
             keys = list(handle.keys())
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise ValueError(f"cannot read {str(file)!r} as a safetensors file: {exc}") from exc
+        if weight_map is not None:
+            expected = sorted(k for k, v in weight_map.items() if v == file.name)
+            absent = sorted(set(expected) - set(keys))
+            if absent:
+                raise ValueError(
+                    f"{file.name} lacks {len(absent)} tensor(s) that the index places there: "
+                    f"{', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}; the shard is incomplete or from another checkpoint"
+                )
         for key in keys:
             name = _strip(key)
             if not _select(name, targets, exclude):
@@ -230,12 +276,20 @@ def collect_items(
     """
     kinds = set(kinds) if kinds is not None else None
     if isinstance(source, nn.Module):
-        return (*_from_module(source, targets, exclude, kinds), False)
-    if isinstance(source, Mapping):
-        return (*_from_mapping(source, targets, exclude, kinds), False)
-    if isinstance(source, (str, os.PathLike)):
-        return (*open_safetensors(source, stack, targets, exclude, kinds), True)
-    raise TypeError(
-        f"cannot analyse a {type(source).__name__}: pass an nn.Module, a state dict, or the path of a "
-        ".safetensors file or directory"
-    )
+        found = (*_from_module(source, targets, exclude, kinds), False)
+        names = [n for n, _ in source.named_modules() if n]
+    elif isinstance(source, Mapping):
+        found = (*_from_mapping(source, targets, exclude, kinds), False)
+        names = [_strip(str(k)) for k in source]
+    elif isinstance(source, (str, os.PathLike)):
+        found = (*open_safetensors(source, stack, targets, exclude, kinds), True)
+        names = None
+    else:
+        raise TypeError(
+            f"cannot analyse a {type(source).__name__}: pass an nn.Module, a state dict, or the path of a "
+            ".safetensors file or directory"
+        )
+    if targets is not None and not found[0] and not found[1]:
+        sample = f"; names look like: {', '.join(names[:6])} ..." if names else ""
+        raise ValueError(f"targets={targets!r} (exclude={exclude!r}) match no weight of the {type(source).__name__} source{sample}")
+    return found

@@ -1,4 +1,8 @@
-"""A small table of per-layer records: a list of dicts that converts to pandas, CSV and JSON."""
+"""A small table of per-layer records: a list of dicts that converts to text, pandas, CSV and JSON.
+
+Every table and report object of the analysis speaks the same four names: ``to_table()`` (text),
+``to_dict()``, ``to_json()`` and ``to_pandas()``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from .text import render_table
 
 __all__ = ["AnalysisTable"]
 
@@ -45,6 +51,9 @@ class AnalysisTable:
         Columns whose mean forms :meth:`summary`.
     meta : dict, optional
         How the table was made (method, device, timings ...).
+    summary_where : str, optional
+        A boolean column: :meth:`summary` averages over the records where it is true (the weight
+        table's ``ww_eligible``, WeightWatcher's layer set). Default: every record.
 
     Notes
     -----
@@ -59,6 +68,8 @@ class AnalysisTable:
         spectra: list[np.ndarray | None] | None = None,
         summary_columns: Sequence[str] = (),
         meta: dict[str, Any] | None = None,
+        *,
+        summary_where: str | None = None,
     ) -> None:
         self.records = list(records)
         self.skipped = list(skipped or [])
@@ -67,6 +78,7 @@ class AnalysisTable:
             raise ValueError(f"{len(self.spectra)} spectra for {len(self.records)} records")
         self.summary_columns = tuple(summary_columns)
         self.meta = dict(meta or {})
+        self.summary_where = summary_where
 
     def __len__(self) -> int:
         return len(self.records)
@@ -111,13 +123,33 @@ class AnalysisTable:
         return self.spectra[index]
 
     def summary(self) -> dict[str, float]:
-        """Means of the summary columns over the layers where they are finite (like WeightWatcher's ``get_summary``)."""
+        """Means of the summary columns, like WeightWatcher's ``get_summary``.
+
+        Over the records selected by ``summary_where`` (all by default), leaving out values that
+        are NaN or infinite (a failed fit is NaN here, where WeightWatcher averages in its -1).
+        """
+        rows = [r for r in self.records if self.summary_where is None or r.get(self.summary_where)]
         out = {}
         for col in self.summary_columns:
-            values = [float(v) for v in (r.get(col) for r in self.records) if isinstance(v, (int, float, np.number)) and math.isfinite(float(v))]
+            values = [float(v) for v in (r.get(col) for r in rows) if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(float(v))]
             if values:
                 out[col] = float(np.mean(values))
         return out
+
+    def to_table(self, columns: Sequence[str] | None = None, *, title: str | None = None) -> str:
+        """Aligned plain text: the rows (default columns by table kind), the means, the verdict rule, the skips.
+
+        Parameters
+        ----------
+        columns : sequence of str, optional
+            Columns to show (missing ones are dropped); default
+            :data:`~svdkit.analysis.text.WEIGHT_COLUMNS` or ``ACTIVATION_COLUMNS``.
+        title : str, optional
+        """
+        return render_table(self, columns, title=title)
+
+    def __str__(self) -> str:
+        return self.to_table()
 
     def to_records(self) -> list[dict[str, Any]]:
         """JSON-ready copies of the records (NaN becomes None)."""

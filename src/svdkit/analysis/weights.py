@@ -1,32 +1,20 @@
 """Spectral diagnostics of weight matrices: one table row per layer, WeightWatcher-grade, fast.
 
-Each layer's matrix ``W`` (:mod:`svdkit.views`) gives its eigenvalues ``lambda_i = s_i**2``
-(:mod:`svdkit.analysis.esd`), and every metric is read from them:
-
-==========================  =====================================================================
-column                      meaning
-==========================  =====================================================================
-rank                        numerical rank, tolerance ``max(m, n) * eps * s_max``, ``eps`` of the
-                            weight's dtype (float32's for 16-bit weights)
-sigma_max, sigma_min        largest / smallest singular value; condition_number their ratio
-frobenius_norm ...          ``||W||_F``, ``||W||_2``, ``||W||_*`` and their ``log10_*``
-stable_rank                 ``sum(lambda) / lambda_max``
-effective_rank              ``exp(H(s / sum(s)))`` (Roy & Vetterli)
-top10_energy                share of ``sum(lambda)`` in the top 10 values
-rank_90, rank_99            smallest rank keeping 90 / 99 % of the energy; ``*_fraction`` over M
-alpha, xmin, ks_distance    power-law fit of the ESD (:func:`~svdkit.analysis.powerlaw.fit_power_law`)
-log_norm, log_spectral_norm WeightWatcher's: ``log10(sum lambda)``, ``log10(lambda_max)`` (squared norms)
-alpha_weighted              ``alpha * log10(lambda_max)``; log_alpha_norm ``log10(sum lambda**alpha)``
-sigma_mp ... mp_softrank    Marchenko-Pastur bulk (``mp_fit=True``)
-tol_rank, tol_param_saving  rank for a relative Frobenius error <= ``error_tol``, parameters saved
-verdict                     "compress" (saves >= half), "marginal" (saves some), "keep_dense"
-==========================  =====================================================================
+Each layer's matrix ``W`` (:mod:`svdkit.views`) gives its eigenvalues ``lambda_i = s_i**2`` from
+one Gram product and one symmetric eigensolve (:mod:`svdkit.analysis.esd`), and every column is
+read from them (:mod:`svdkit.analysis.metrics` lists them). Columns that bear WeightWatcher's
+names carry WeightWatcher's meaning.
 
 Conv2d kernels (out, in, kh, kw) are seen two ways (``conv2d=``): ``"matrix"``, the
 ``(out, in*kh*kw)`` reshape that compression factorizes; and ``"slices"``, WeightWatcher's
 convention, which pools the eigenvalues of the ``kh*kw`` slices ``W[:, :, i, j]``, each scaled by
 ``sqrt(1/2)`` (its ``conv2d_norm``), so ``alpha`` and the norms can be checked against it. For the
 slices view ``rank`` sums the slices' ranks and ``sigma_min`` is the smallest pooled value.
+
+The compression verdict is svdkit's one rule (:func:`svdkit.linalg.compression_suitability`,
+``table.meta["verdict_rule"]`` states it) applied to the plain spectrum; given calibration data it
+is also applied to the input-whitened spectrum (``whitened_*`` columns,
+:mod:`svdkit.analysis.whitened`), which is what activation-aware compression truncates.
 """
 
 from __future__ import annotations
@@ -34,122 +22,43 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 import torch
 
-from ..linalg import ErrorTol, condition_number, effective_rank, energy_rank, numerical_rank, resolve_rank, stable_rank
+from ..linalg.spectrum import DEFAULT_VERDICT_ERROR, verdict_rule
+from ..progress import ProgressLike, track
 from ..surgery import TargetSpec
-from .esd import eigenvalues, iter_eigenvalues, resolve_method
-from .powerlaw import EVALS_THRESH, fit_marchenko_pastur, fit_power_law
+from .esd import eigenvalues, iter_eigenvalues, resolve_method, sigma_floor
+from .metrics import WW_COLUMNS, spectrum_metrics
 from .sources import WeightItem, collect_items
 from .table import AnalysisTable
 
-__all__ = ["SUMMARY_COLUMNS", "analyze_weights", "spectrum_metrics"]
+__all__ = ["SUMMARY_COLUMNS", "WW_COLUMNS", "WW_LIMITS", "analyze_weights", "ww_eligible"]
 
-#: Columns averaged by :meth:`AnalysisTable.summary`, as in WeightWatcher's ``get_summary``.
+#: Columns averaged by :meth:`AnalysisTable.summary`: WeightWatcher's ``get_summary`` columns, then svdkit's two.
 SUMMARY_COLUMNS = (
     "log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log_spectral_norm", "stable_rank", "mp_softrank",
     "effective_rank", "rank_90_fraction",
 )
-_OVER_TRAINED, _UNDER_TRAINED = 2.0, 6.0
-_BATCH_BYTES = 1 << 28  # float64 bytes stacked per GPU batch
+#: WeightWatcher's default layer limits: ``min_evals <= M * rf <= max_evals`` and ``N <= max_N``.
+WW_LIMITS = {"min_evals": 8, "max_evals": 15000, "max_N": 50000}
+_BATCH_BYTES = 1 << 28  # bytes of float64 stacked per GPU batch
 Conv2dView = Literal["matrix", "slices", "both"]
 
 
-def _log10(x: float) -> float:
-    return math.log10(x) if x > 0 else float("-inf")
+def ww_eligible(kind: str, shape: tuple[int, ...]) -> bool:
+    """Whether WeightWatcher's default ``analyze()`` analyses a weight of this kind and stored shape.
 
-
-def spectrum_metrics(
-    lam: np.ndarray,
-    shape: tuple[int, int],
-    *,
-    eps: float,
-    fit: bool = True,
-    mp_fit: bool = False,
-    error_tol: float | None = 0.05,
-    min_evals: int = 8,
-    rank: int | None = None,
-) -> dict[str, Any]:
-    """Every metric of one ESD.
-
-    Parameters
-    ----------
-    lam : ndarray of shape (M,)
-        Eigenvalues ``s**2``, descending, float64.
-    shape : (N, M)
-        The matrix (or slice) shape; ``Q = max/min`` for the MP fit, ``(m, n)`` for ranks.
-    eps : float
-        Machine epsilon of the weight's dtype (numerical-rank tolerance).
-    fit, mp_fit : bool
-        Run the power-law / Marchenko-Pastur fits.
-    error_tol : float or None
-        Relative Frobenius error for the compression columns; None leaves them out.
-    min_evals : int
-        Fewer eigenvalues than this skip the power-law fit (WeightWatcher's ``min_evals``).
-    rank : int, optional
-        Numerical rank computed elsewhere (pooled Conv2d slices).
-
-    Returns
-    -------
-    dict
+    A matrix has ``N = max``, ``M = min`` of its two sides and ``rf = 1``; a Conv2d kernel
+    (out, in, kh, kw) has ``N, M`` from (out, in) and ``rf = kh * kw`` (pooled slices).
     """
-    S = np.sqrt(lam)
-    m, n = int(shape[0]), int(shape[1])
-    total = float(lam.sum())
-    lam_max = float(lam[0])
-    M = lam.size
-    out: dict[str, Any] = {"num_evals": M}
-    out["rank"] = int(numerical_rank(S, (m, n), eps=eps)) if rank is None else int(rank)
-    out["sigma_max"] = float(S[0])
-    out["sigma_min"] = float(S[-1])
-    out["condition_number"] = float(condition_number(S))
-    fro, nuc = math.sqrt(total), float(S.sum())
-    out.update(
-        frobenius_norm=fro, log10_frobenius_norm=_log10(fro),
-        spectral_norm=float(S[0]), log10_spectral_norm=_log10(float(S[0])),
-        nuclear_norm=nuc, log10_nuclear_norm=_log10(nuc),
-        stable_rank=float(stable_rank(S)),
-        effective_rank=float(effective_rank(S, "sigma")),
-        top10_energy=float(lam[:10].sum() / total) if total > 0 else float("nan"),
-    )
-    for pct, frac in ((90, 0.9), (99, 0.99)):
-        k = int(energy_rank(S, frac))
-        out[f"rank_{pct}"] = k
-        out[f"rank_{pct}_fraction"] = k / M
-    out["log_norm"] = _log10(total)
-    out["log_spectral_norm"] = _log10(lam_max)
-    if fit and M >= min_evals:
-        pl = fit_power_law(lam, thresh=EVALS_THRESH)
-        alpha = pl.alpha
-        out.update(alpha=alpha, xmin=pl.xmin, xmax=pl.xmax, ks_distance=pl.D, alpha_sigma=pl.sigma,
-                   num_pl_spikes=pl.num_pl_spikes, fit_status=pl.status if pl.ok else f"failed: {pl.reason}")
-    elif fit:
-        alpha = float("nan")
-        out.update(alpha=alpha, xmin=float("nan"), xmax=lam_max, ks_distance=float("nan"), alpha_sigma=float("nan"),
-                   num_pl_spikes=-1, fit_status=f"skipped: {M} eigenvalues < min_evals={min_evals}")
-    if fit:
-        ok = math.isfinite(alpha)
-        out["alpha_weighted"] = alpha * out["log_spectral_norm"] if ok else float("nan")
-        with np.errstate(over="ignore", divide="ignore"):
-            out["log_alpha_norm"] = _log10(float(np.sum(lam ** alpha))) if ok else float("nan")
-        out["warning"] = "over-trained" if ok and alpha < _OVER_TRAINED else "under-trained" if ok and alpha > _UNDER_TRAINED else ""
-    if mp_fit:
-        if total > 0:
-            mp = fit_marchenko_pastur(lam, max(m, n) / min(m, n))
-            out.update(sigma_mp=mp.sigma_mp, bulk_min=mp.bulk_min, bulk_max=mp.bulk_max,
-                       num_spikes=mp.num_spikes, mp_softrank=mp.mp_softrank)
-        else:
-            out.update(sigma_mp=float("nan"), bulk_min=float("nan"), bulk_max=float("nan"), num_spikes=0, mp_softrank=float("nan"))
-    if error_tol is not None:
-        k = resolve_rank(S, ErrorTol(error_tol), (m, n)) if total > 0 else 1
-        saving = 1.0 - k * (m + n) / (m * n)
-        out["tol_rank"] = k
-        out["tol_param_saving"] = saving
-        out["verdict"] = "compress" if saving >= 0.5 else "marginal" if saving > 0 else "keep_dense"
-    return out
+    if kind == "conv2d":
+        N, M, rf = max(shape[:2]), min(shape[:2]), shape[2] * shape[3]
+    else:
+        N, M, rf = max(shape), min(shape), 1
+    return WW_LIMITS["min_evals"] <= M * rf <= WW_LIMITS["max_evals"] and N <= WW_LIMITS["max_N"]
 
 
 def _rank_eps(dtype: torch.dtype) -> float:
@@ -174,35 +83,27 @@ def _views(item: WeightItem, tensor: torch.Tensor, conv2d: str) -> list[tuple[st
     return out
 
 
-def _compute(item: WeightItem, conv2d: str, method: str) -> list[tuple[str, tuple[int, int], np.ndarray, int | None]]:
-    """Eigenvalues of each view of one weight: (view, shape, lam descending, pooled rank or None)."""
+def _spectra(item: WeightItem, conv2d: str, method: str) -> list[tuple[str, tuple[int, int], np.ndarray, int | None, str]]:
+    """Eigenvalues of each view of one weight: (view, shape, lam descending, pooled rank or None, route)."""
     tensor = item.load()
     eps = _rank_eps(item.dtype)
     results = []
     try:
         for view, W in _views(item, tensor, conv2d):
+            route = resolve_method(method, W.dtype, tuple(W.shape))
             lam = eigenvalues(W, method).cpu().numpy()
+            m, n = (int(d) for d in W.shape[-2:])
             if view == "slices":
-                m, n = W.shape[-2:]
-                ranks = sum(int(numerical_rank(np.sqrt(row), (m, n), eps=eps)) for row in lam)
-                results.append((view, (int(m), int(n)), np.sort(lam.ravel())[::-1] * 0.5, ranks))
+                tol = max(max(m, n) * eps, sigma_floor(route))
+                ranks = sum(int(np.count_nonzero(row > (tol**2) * row[0])) for row in lam)
+                results.append((view, (m, n), np.sort(lam.ravel())[::-1] * 0.5, ranks, route))
             else:
-                results.append((view, tuple(int(d) for d in W.shape), lam, None))
+                results.append((view, (m, n), lam, None, route))
     except ValueError as exc:
         raise ValueError(f"layer {item.name} ({item.kind}, shape {item.shape}): {exc}") from exc
     finally:
         del tensor
     return results
-
-
-def _progress(iterable, total: int, progress: bool, what: str):
-    if not progress:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - depends on the environment
-        return iterable
-    return tqdm(iterable, total=total, desc=what, unit="layer", leave=False)
 
 
 def analyze_weights(
@@ -214,23 +115,26 @@ def analyze_weights(
     conv2d: Conv2dView = "matrix",
     fit: bool = True,
     mp_fit: bool = False,
-    error_tol: float | None = 0.05,
-    method: str = "auto",
+    error: float | None = DEFAULT_VERDICT_ERROR,
+    svd_method: str = "auto",
+    calibration: Any = None,
+    forward: Callable[[Any], Any] | None = None,
     min_evals: int = 8,
     workers: int | None = None,
     stack: bool | None = None,
     keep_spectra: bool = True,
-    progress: bool = False,
+    progress: ProgressLike = False,
 ) -> AnalysisTable:
     """Analyse the spectra of a model's weight matrices.
 
     Parameters
     ----------
-    source : nn.Module, dict of str to Tensor, or str/PathLike
-        A model; a state dict; or a ``.safetensors`` file or directory of them, read one tensor at
-        a time (see :mod:`svdkit.analysis.sources`).
+    source : nn.Module, LoadedModel, dict of str to Tensor, or str/PathLike
+        A model; a state dict; or a ``.safetensors`` file or directory of shards (with its
+        ``model.safetensors.index.json`` when there is one), read one tensor at a time (see
+        :mod:`svdkit.analysis.sources`).
     targets, exclude : str or list of str, optional
-        PEFT-style selection by name (:func:`svdkit.surgery.find_targets`). Embeddings and the
+        PEFT-style selection by name (:func:`svdkit.surgery.matches_target`). Embeddings and the
         output head are included: analysis changes nothing.
     kinds : iterable of str, optional
         Keep only these kinds (``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"embedding"``; ``"dense"``
@@ -238,11 +142,19 @@ def analyze_weights(
     conv2d : {"matrix", "slices", "both"}
         How Conv2d kernels are seen (see the module docstring); ``"both"`` gives two rows.
     fit, mp_fit : bool
-        Power-law fit (default on); Marchenko-Pastur bulk (off).
-    error_tol : float or None
-        Relative Frobenius error for the compression verdict; None leaves those columns out.
-    method : {"auto", "gram", "svd"}
-        Eigenvalue route (:mod:`svdkit.analysis.esd`).
+        Power-law fit (default on); WeightWatcher's Marchenko-Pastur fit (off; needs SciPy).
+    error : float or None
+        Relative error of the verdict rule (:func:`svdkit.linalg.compression_suitability`);
+        None leaves the verdict columns out.
+    svd_method : {"auto", "gram", "svd"}
+        Eigenvalue route (:mod:`svdkit.analysis.esd`): ``"auto"`` is fastest, ``"gram"``
+        float64-exact, ``"svd"`` the reference.
+    calibration : iterable of batches, optional
+        Data for the input-whitened verdict of Linear, Conv1D and Conv2d layers (``whitened_*``
+        columns; module sources only): tensors, dicts of tensors, or strings with a
+        :class:`~svdkit.models.LoadedModel`.
+    forward : callable, optional
+        ``forward(batch)`` runs the model on one calibration batch.
     min_evals : int
         Layers with fewer eigenvalues get no power-law fit.
     workers : int, optional
@@ -252,22 +164,24 @@ def analyze_weights(
         the weights are on a GPU, where batching pays. Never for files.
     keep_spectra : bool
         Keep each layer's eigenvalues in ``table.spectra`` (for figures).
-    progress : bool
-        Show a progress bar (needs tqdm).
+    progress : bool or callable
+        Progress over the matrices (:mod:`svdkit.progress`).
 
     Returns
     -------
     AnalysisTable
-        One record per layer and view, in model order; ``table.skipped`` lists what was left out
-        and why (1-D tensors, NaN weights, tied copies, unreadable tensors); ``table.summary()``
-        averages :data:`SUMMARY_COLUMNS`.
+        One record per layer and view, in model order. A module tied to another's weight (an
+        LM head tied to its embedding) has its own row, ``tied_to`` naming the original, computed
+        once. ``table.skipped`` lists what was left out and why (1-D tensors, NaN weights,
+        unreadable tensors); ``table.summary()`` averages :data:`SUMMARY_COLUMNS` over the rows
+        with ``ww_eligible`` (the layer set of WeightWatcher's ``get_summary``).
 
     Raises
     ------
     ValueError
         If nothing could be analysed (the message lists the skips), or for bad arguments.
     FileNotFoundError, TypeError
-        For a missing path or an unsupported source.
+        For a missing path or shard, or an unsupported source.
 
     Examples
     --------
@@ -276,69 +190,98 @@ def analyze_weights(
     """
     if conv2d not in ("matrix", "slices", "both"):
         raise ValueError(f"conv2d must be 'matrix', 'slices' or 'both', got {conv2d!r}")
-    if error_tol is not None and not 0 <= error_tol < 1:
-        raise ValueError(f"error_tol must be in [0, 1), got {error_tol}")
-    resolve_method(method, torch.float32)  # validates the name
+    if error is not None and not 0 <= error < 1:
+        raise ValueError(f"error must be in [0, 1), got {error!r}")
+    resolve_method(svd_method, torch.float32)  # validates the name
     start = time.perf_counter()
+    model = getattr(source, "module", None) if not hasattr(source, "named_modules") else source
     with contextlib.ExitStack() as files:
-        items, skipped, streamed = collect_items(source, files, targets=targets, exclude=exclude, kinds=kinds)
-        if not items:
+        items, skipped, streamed = collect_items(model if model is not None else source, files, targets=targets, exclude=exclude, kinds=kinds)
+        originals = [i for i, item in enumerate(items) if item.tied_to is None]
+        if not originals:
             detail = "; ".join(f"{n}: {r}" for n, r in skipped[:10]) or "the source holds no matrices"
             raise ValueError(f"no analysable layers in the {type(source).__name__} source ({detail})")
-        on_cpu = all(item.device == "cpu" for item in items)
+        on_cpu = all(items[i].device == "cpu" for i in originals)
         if workers is None:
             workers = 1 if streamed else torch.get_num_threads()
-        options = {"fit": fit, "mp_fit": mp_fit, "error_tol": error_tol, "min_evals": min_evals}
+        options = {"fit": fit, "mp_fit": mp_fit, "error": error, "min_evals": min_evals, "conv2d": conv2d}
         batched = (not on_cpu) if stack is None else bool(stack)
-        jobs = _jobs(items, batched and not streamed, conv2d, method, options)
+        jobs = _jobs(items, originals, batched and not streamed, svd_method, options)
         results: dict[int, Any] = {}
-        for job, result in _progress(iter_eigenvalues(jobs, _run_job, workers=workers, on_cpu=on_cpu), len(jobs), progress, "spectra"):
+        for job, result in track(iter_eigenvalues(jobs, _run_job, workers=workers, on_cpu=on_cpu), progress,
+                                 desc="weight spectra", total=len(jobs)):
             for index, outcome in zip(job[0], result if isinstance(result, list) else [result] * len(job[0])):
                 results[index] = outcome
-    records, spectra = [], []
-    for index, item in enumerate(items):
-        outcome = results[index]
-        if isinstance(outcome, Exception):
-            skipped.append((item.name, str(outcome)))
-            continue
-        for record, lam in outcome:
-            records.append(record)
-            spectra.append(lam if keep_spectra else None)
+    records, spectra = _assemble(items, results, skipped, keep_spectra, conv2d)
     if not records:
         detail = "; ".join(f"{n}: {r}" for n, r in skipped[:10])
         raise ValueError(f"no analysable layers: every candidate was skipped ({detail})")
-    meta = {"method": method, "workers": workers, "streamed": streamed, "conv2d": conv2d, "stacked": batched and not streamed,
-            "seconds": time.perf_counter() - start, "error_tol": error_tol}
-    return AnalysisTable(records, skipped, spectra, SUMMARY_COLUMNS, meta)
+    meta = {"svd_method": svd_method, "workers": workers, "streamed": streamed, "conv2d": conv2d,
+            "stacked": batched and not streamed, "error": error,
+            "verdict_rule": verdict_rule(error) + " (plain spectrum)" if error is not None else None}
+    if calibration is not None:
+        if model is None:
+            raise ValueError("calibration= needs a model (an nn.Module or LoadedModel), not a state dict or files")
+        from .whitened import add_whitened_verdicts
+
+        meta["whitened"] = add_whitened_verdicts(source, records, calibration, forward, error, progress=progress)
+    meta["seconds"] = time.perf_counter() - start
+    return AnalysisTable(records, skipped, spectra, SUMMARY_COLUMNS, meta, summary_where="ww_eligible")
 
 
-def _jobs(items: list[WeightItem], batched: bool, conv2d: str, method: str, options: dict) -> list[tuple]:
+def _assemble(items, results, skipped, keep_spectra, conv2d) -> tuple[list[dict], list]:
+    """Records in model order; a tied copy repeats its original's rows under its own name."""
+    by_name: dict[str, list[tuple[dict, np.ndarray]]] = {}
+    records, spectra = [], []
+    for index, item in enumerate(items):
+        if item.tied_to is not None:
+            rows = by_name.get(item.tied_to)
+            if rows is None:
+                continue  # the original was skipped; its reason is listed
+            rows = [({**record, "name": item.name, "kind": item.kind, "tied_to": item.tied_to}, lam) for record, lam in rows]
+        else:
+            outcome = results[index]
+            if isinstance(outcome, Exception):
+                skipped.append((item.name, str(outcome)))
+                continue
+            rows = outcome
+            by_name[item.name] = rows
+        for record, lam in rows:
+            eligible = ww_eligible(item.kind, item.shape) and not (conv2d == "both" and record["view"] == "matrix" and item.kind == "conv2d")
+            records.append({**record, "ww_eligible": eligible})
+            spectra.append(lam if keep_spectra else None)
+    return records, spectra
+
+
+def _jobs(items: list[WeightItem], originals: list[int], batched: bool, method: str, options: dict) -> list[tuple]:
     """Work units: one item each, or same-shape 2-D weights stacked into batches."""
     if not batched:
-        return [([i], [item], conv2d, method, options) for i, item in enumerate(items)]
-    single = [i for i, it in enumerate(items) if it.kind == "conv2d"]
-    dense = [i for i, it in enumerate(items) if it.kind != "conv2d"]
-    jobs = [([i], [items[i]], conv2d, method, options) for i in single]
+        return [([i], [items[i]], method, options) for i in originals]
+    jobs = [([i], [items[i]], method, options) for i in originals if items[i].kind == "conv2d"]
     groups: dict[tuple, list[int]] = {}
-    for i in dense:
-        groups.setdefault((items[i].shape, items[i].dtype, items[i].device), []).append(i)
+    for i in originals:
+        if items[i].kind != "conv2d":
+            groups.setdefault((items[i].shape, items[i].dtype, items[i].device), []).append(i)
     for (shape, _, _), idx in groups.items():
         per = max(1, _BATCH_BYTES // (math.prod(shape) * 8))
         for k in range(0, len(idx), per):
             chunk = idx[k:k + per]
-            jobs.append((chunk, [items[i] for i in chunk], conv2d, method, options))
+            jobs.append((chunk, [items[i] for i in chunk], method, options))
     return jobs
 
 
 def _records(item: WeightItem, views: list, options: dict) -> list[tuple[dict, np.ndarray]]:
     eps = _rank_eps(item.dtype)
     out = []
-    for view, shape, lam, pooled_rank in views:
+    for view, shape, lam, pooled_rank, route in views:
+        floor = sigma_floor(route)
+        if route == "gram32":
+            lam = np.where(lam > (floor**2) * lam[0], lam, 0.0)  # below the route's resolution: zero
         record = {"name": item.name, "kind": item.kind, "view": view, "shape": list(item.shape),
-                  "rows": shape[0], "cols": shape[1], "dtype": str(item.dtype).replace("torch.", "")}
+                  "rows": shape[0], "cols": shape[1], "dtype": str(item.dtype).replace("torch.", ""), "route": route}
         record.update(spectrum_metrics(
-            lam, shape, eps=eps, fit=options["fit"], mp_fit=options["mp_fit"],
-            error_tol=options["error_tol"] if view == "matrix" else None,
+            lam, shape, eps=eps, sigma_floor=floor, exact=route != "gram32", fit=options["fit"],
+            mp_fit=options["mp_fit"], error=options["error"] if view == "matrix" else None,
             min_evals=options["min_evals"], rank=pooled_rank,
         ))
         out.append((record, lam))
@@ -347,7 +290,7 @@ def _records(item: WeightItem, views: list, options: dict) -> list[tuple[dict, n
 
 def _run_job(job: tuple) -> list:
     """Records for one job: a list with one outcome (list of (record, lam), or Exception) per item."""
-    indices, items, conv2d, method, options = job
+    indices, items, method, options = job
     if len(items) > 1:
         tensors = [it.load() for it in items]
         try:
@@ -356,8 +299,10 @@ def _run_job(job: tuple) -> list:
             lam = None  # one of them is bad: go one by one to find it
         if lam is not None:
             shape = tuple(int(d) for d in tensors[0].shape)
-            return [_guard(item, lambda it=item, row=row: _records(it, [("matrix", shape, row, None)], options)) for item, row in zip(items, lam)]
-    return [_guard(item, lambda it=item: _records(it, _compute(it, conv2d, method), options)) for item in items]
+            route = resolve_method(method, tensors[0].dtype, shape)
+            return [_guard(item, lambda it=item, row=row: _records(it, [("matrix", shape, row, None, route)], options))
+                    for item, row in zip(items, lam)]
+    return [_guard(item, lambda it=item: _records(it, _spectra(it, options["conv2d"], method), options)) for item in items]
 
 
 def _guard(item: WeightItem, fn):
@@ -366,3 +311,4 @@ def _guard(item: WeightItem, fn):
     except Exception as exc:
         message = str(exc)
         return exc if message.startswith(f"layer {item.name}") else ValueError(f"layer {item.name}: {message}")
+

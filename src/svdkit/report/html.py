@@ -101,14 +101,14 @@ def render_html(
         parts.append("<h2>Weights</h2>")
         parts.append(f'<p class="meta">{len(weights)} matrices analysed'
                      + (f" in {seconds:.2f} s" if isinstance(seconds, float) else "")
-                     + f' · eigenvalues via <code>{html.escape(str(weights.meta.get("method", "")))}</code>.'
+                     + f' · eigenvalues via <code>{html.escape(str(weights.meta.get("svd_method", "")))}</code>.'
                      " α is the power-law exponent of the eigenvalue distribution λ = σ² (WeightWatcher's fit);"
                      " α between 2 and 6 is typical of well-trained layers, larger values look random.</p>")
         parts.append(_cards(weights.summary()))
         for name in ("metrics_by_depth", "energy_curves"):
             if name in figures:
                 parts.append(f"<figure>{_img(figures[name], name)}</figure>")
-        parts.append(_table_html(weights, WEIGHT_COLUMNS + ("sigma_max", "top10_energy", "rank_99_fraction", "tol_param_saving")))
+        parts.append(_table_html(weights, WEIGHT_COLUMNS + ("sigma_max", "top10_energy", "rank_99_fraction", "verdict_params", "whitened_verdict_params")))
         parts.append(_skipped(weights))
         esd = [(k, v) for k, v in figures.items() if k.startswith("esd_")]
         if esd:

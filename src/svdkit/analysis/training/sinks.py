@@ -16,6 +16,7 @@ not computed at that step::
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from pathlib import Path
@@ -156,6 +157,42 @@ class TrackerHistory:
                 row.update({m: float(v) for m, v in zip(self.metrics, values[i]) if not math.isnan(v)})
                 rows.append(row)
         return rows
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict: ``layers``, ``metrics``, and ``rows`` (one per step and layer, NaN left out)."""
+        return {"layers": list(self.layers), "metrics": list(self.metrics), "rows": self.to_rows()}
+
+    def to_json(self, path: PathLike | None = None, *, indent: int = 2) -> str:
+        """JSON text of :meth:`to_dict`; written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    def to_pandas(self):
+        """A ``pandas.DataFrame`` with columns ``step, layer, *metrics`` (NaN where not computed).
+
+        Raises
+        ------
+        ImportError
+            Without pandas.
+        """
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError("to_pandas needs pandas: pip install pandas") from exc
+        return pd.DataFrame.from_records(self.to_rows(), columns=["step", "layer", *self.metrics])
+
+    def to_table(self) -> str:
+        """The latest value of each metric per layer, as aligned plain text."""
+        last = self.last()
+        head = ["layer", *self.metrics]
+        rows = [[layer, *(f"{last[layer][m]:.4g}" if m in last[layer] else "-" for m in self.metrics)] for layer in self.layers]
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+        step = f"step {self._steps[-1]}" if self._steps else "no records"
+        lines = [f"{len(self)} records, latest values ({step})"]
+        lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head, *rows]]
+        return "\n".join(lines)
 
     def to_csv(self, path: PathLike) -> Path:
         """Write the whole history in the CSV layout of this module; returns the path."""

@@ -34,7 +34,10 @@ another (T - 1) * dim * 4 bytes while they run; flattening needs one parameter's
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -113,6 +116,44 @@ class TrajectoryAnalysis:
             "dim": self.dim,
             "projected": self.projected,
         }
+
+    def to_json(self, path: str | os.PathLike | None = None, *, indent: int = 2) -> str:
+        """JSON text of :meth:`to_dict`; written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    def to_pandas(self):
+        """A ``pandas.DataFrame``, one row per direction: ``direction``, ``singular_value``, ``explained``.
+
+        Raises
+        ------
+        ImportError
+            Without pandas.
+        """
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError("to_pandas needs pandas: pip install pandas") from exc
+        k = np.arange(1, len(self.singular_values) + 1)
+        return pd.DataFrame({"direction": k, "singular_value": self.singular_values, "explained": self.explained})
+
+    def to_table(self) -> str:
+        """A plain-text summary: snapshots, effective directions, 90/99 % dimensions, path, overlap."""
+        space = f"sketched to {self.dim} dims" if self.projected else f"{self.n_params} parameters"
+        finite = self.overlaps[np.isfinite(self.overlaps)] if len(self.overlaps) else self.overlaps
+        overlap = f"{float(np.mean(finite)):.3g}" if len(finite) else "-"
+        lines = [
+            f"trajectory of {len(self.steps)} snapshots ({space})",
+            f"effective directions  {self.effective_directions:.4g}",
+            f"directions for 90 %   {self.dims_90}",
+            f"directions for 99 %   {self.dims_99}",
+            f"path length           {self.path_length:.4g}",
+            f"displacement          {self.displacement:.4g}",
+            f"mean gradient overlap {overlap} (top-{self.top_k} update subspace, {len(self.overlaps)} gradients)",
+        ]
+        return "\n".join(lines)
 
 
 def _gram_svd(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
