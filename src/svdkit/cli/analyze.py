@@ -6,30 +6,34 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._common import _error, add_output_options, add_target_options, check_outputs, progress_option, target_spec, write_json
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "analyze",
         help="spectral diagnostics of weights and representations",
         description=(
-            "Analyse the spectra of a model's weight matrices (ranks, norms, power-law alpha, compression "
-            "verdict) and, with --activations, of its representations on text. MODEL is any model spec "
-            "(minilm, a transformers or sentence-transformers directory, package.module:factory, a .pt file) "
-            "or a .safetensors file or directory, read one tensor at a time."
+            "Analyse the spectra of a model's weight matrices (ranks, norms, power-law alpha, the compression "
+            "verdict) and, with --activations, of its representations on text, which also gives each layer's "
+            "activation-aware (input-whitened) verdict. MODEL is any model spec (minilm, a transformers or "
+            "sentence-transformers directory, package.module:factory, a .pt file) or a .safetensors file or "
+            "directory of shards, read one tensor at a time."
         ),
     )
     parser.add_argument("model", metavar="MODEL")
-    parser.add_argument("--targets", nargs="+", help="module names (suffixes) to analyse; default: every matrix")
-    parser.add_argument("--exclude", nargs="+", default=(), help="module names (suffixes) to leave out")
+    add_target_options(parser, what="weights to analyse (default: every matrix)")
     parser.add_argument("--conv2d", choices=("matrix", "slices", "both"), default="matrix",
                         help="Conv2d as the (out, in*kh*kw) matrix, as WeightWatcher's pooled slices, or both")
-    parser.add_argument("--mp-fit", action="store_true", help="add the Marchenko-Pastur bulk edge, spikes and soft rank")
-    parser.add_argument("--error-tol", type=float, default=0.05,
-                        help="relative Frobenius error for the compression verdict (default 0.05)")
-    parser.add_argument("--method", choices=("auto", "gram", "svd"), default="auto", help="eigenvalue route (default auto)")
+    parser.add_argument("--mp-fit", action="store_true", help="add WeightWatcher's Marchenko-Pastur fit (needs scipy)")
+    parser.add_argument("--error", type=_error, default=None,
+                        help="relative Frobenius error of the compression verdict's rule (default 0.2)")
+    parser.add_argument("--svd-method", choices=("auto", "gram", "svd"), default="auto",
+                        help="eigenvalue route: auto (fastest), gram (float64-exact), svd (the reference)")
     parser.add_argument("--weights-only", action="store_true",
                         help="read the .safetensors files of a model directory instead of loading the model")
-    parser.add_argument("--activations", action="store_true", help="also analyse representations on --data")
+    parser.add_argument("--activations", action="store_true",
+                        help="also analyse representations on --data, and judge each layer's whitened spectrum on it")
     parser.add_argument("--data", default="builtin", help="'builtin' (built-in English sentences) or a text file, one sentence per line")
     parser.add_argument("--samples", type=int, default=512, help="sentences for --activations (default 512)")
     parser.add_argument("--layers", nargs="+", help="modules to hook for --activations (default: the model's blocks)")
@@ -39,7 +43,7 @@ def register(subparsers) -> None:
     parser.add_argument("--plots", metavar="DIR", help="write PNG figures into DIR")
     parser.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
     parser.add_argument("--columns", nargs="+", help="columns of the terminal table")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_output_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -53,7 +57,12 @@ def _weight_source(spec: str, weights_only: bool):
             return str(path), None
     from ..models import load_model
 
-    loaded = load_model(spec)
+    try:
+        loaded = load_model(spec)
+    except (ValueError, FileNotFoundError, ImportError, KeyError):
+        raise
+    except Exception as exc:  # unpickling, config and checkpoint errors of other libraries
+        raise ValueError(f"cannot load the model {spec!r}: {type(exc).__name__}: {exc}") from exc
     return loaded.module, loaded
 
 
@@ -66,34 +75,57 @@ def _sentences(data: str, n: int) -> list[str]:
         path = Path(data)
         if not path.is_file():
             raise FileNotFoundError(f"no data file at {data!r} (use 'builtin' or a text file with one sentence per line)")
-        sentences = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--data {data}: not UTF-8 text ({exc})") from exc
+        sentences = [line.strip() for line in text.splitlines() if line.strip()]
     if not sentences:
         raise ValueError(f"the data {data!r} holds no sentences")
     return sentences[:n]
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (TypeError, RuntimeError, OSError) as exc:  # torch and file errors from user input: one line, no traceback
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..analysis.activations import analyze_activations
     from ..analysis.weights import analyze_weights
+    from ..linalg.spectrum import DEFAULT_VERDICT_ERROR
     from ..report.tables import print_table
 
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    progress = not args.no_progress and sys.stderr.isatty()
+    check_outputs(files=(args.output, args.html, args.json))
+    if args.plots:
+        check_outputs(directories=(args.plots,), overwrite=True)
+    progress = progress_option(args)
     source, loaded = _weight_source(args.model, args.weights_only)
-    weights = analyze_weights(
-        source, targets=args.targets, exclude=args.exclude, conv2d=args.conv2d, mp_fit=args.mp_fit,
-        error_tol=args.error_tol, method=args.method, progress=progress,
-    )
-    activations = None
+    sentences = None
     if args.activations:
         if loaded is None:
             raise ValueError("--activations needs a runnable model, not a weights-only .safetensors source")
-        activations = analyze_activations(loaded, _sentences(args.data, args.samples), args.layers, cka=args.cka, progress=progress)
+        sentences = _sentences(args.data, args.samples)
+    error = DEFAULT_VERDICT_ERROR if args.error is None else args.error
+    weights = analyze_weights(
+        loaded if loaded is not None else source, targets=target_spec(args.targets), exclude=tuple(args.exclude),
+        conv2d=args.conv2d, mp_fit=args.mp_fit, error=error, svd_method=args.svd_method, calibration=sentences,
+        progress=progress,
+    )
+    activations = None
+    if args.activations:
+        activations = analyze_activations(loaded, sentences, args.layers, cka=args.cka, progress=progress)
     _emit(args, weights, activations, print_table)
+    if args.json:
+        write_json(args.json, _json_text(weights, activations))
     if args.plots or args.html:
         from ..report.figures import save_figures
 
+        figures = None
         if args.plots:
             figures = save_figures(args.plots, weights, activations)
             print(f"wrote {len(figures)} figures to {args.plots}", file=sys.stderr)
@@ -101,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             from ..report.html import render_html, write_html
 
             subtitle = f"model {args.model}"
-            if args.plots:
+            if figures is not None:
                 Path(args.html).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.html).write_text(render_html(weights, activations, figures, subtitle=subtitle), encoding="utf-8")
             else:
@@ -110,14 +142,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_text(weights, activations) -> str:
+    import json
+
+    payload = {"weights": weights.to_dict()}
+    if activations is not None:
+        payload["activations"] = activations.to_dict()
+    return json.dumps(payload, indent=2)
+
+
 def _emit(args, weights, activations, print_table) -> None:
     if args.format == "json":
-        import json
-
-        payload = {"weights": weights.to_dict()}
-        if activations is not None:
-            payload["activations"] = activations.to_dict()
-        text = json.dumps(payload, indent=2)
+        text = _json_text(weights, activations)
     elif args.format == "csv":
         text = weights.to_csv()
         if activations is not None:
