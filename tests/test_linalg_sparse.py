@@ -204,16 +204,17 @@ def test_truncated_svd_takes_sparse_input_on_the_randomized_route():
 
 
 def test_sum_of_squares_is_accurate_in_float32_and_survives_overflow():
-    """||A||_F**2 feeds the n_iter="auto" rule: it must be exact to far below its AUTO_TOL."""
+    """||A||_F**2 feeds the n_iter="auto" rule: accurate to a few float32 roundings (the rule's
+    residual floor is 8 of them), not the 0.4 % of a float32 norm of millions of entries."""
     from svdkit.linalg._sparse import sum_squares
 
     X = torch.randn(1500, 3000, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 1, 3000)
     ref = X.double().square().sum()
-    assert float(abs(sum_squares(X, (-2, -1)) - ref) / ref) < 1e-7
-    assert float(abs(sum_squares(X.mT, (-2, -1)) - ref) / ref) < 1e-7
+    assert float(abs(sum_squares(X, (-2, -1)) - ref) / ref) < 3e-7
+    assert float(abs(sum_squares(X.mT, (-2, -1)) - ref) / ref) < 3e-7
     batch = X[:60].reshape(3, 20, 3000)
-    torch.testing.assert_close(sum_squares(batch, (-2, -1)), batch.double().square().sum((-2, -1)), rtol=1e-7, atol=0)
+    torch.testing.assert_close(sum_squares(batch, (-2, -1)), batch.double().square().sum((-2, -1)), rtol=3e-7, atol=0)
     v = X.flatten()[: 3 * 8192 + 5]
-    assert float(abs(sum_squares(v, (0,)) - v.double().square().sum()) / v.double().square().sum()) < 1e-7
+    assert float(abs(sum_squares(v, (0,)) - v.double().square().sum()) / v.double().square().sum()) < 3e-7
     big = torch.full((4, 5), 1e30)  # squares overflow float32
     assert float(sum_squares(big, (-2, -1))) == pytest.approx(20 * 1e60, rel=1e-6)
