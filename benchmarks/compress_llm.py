@@ -1,0 +1,196 @@
+"""Compress SmolLM2-135M (a real LLaMA-family LM) with every method, judged by perplexity.
+
+The field's protocol (SVD-LLM, arXiv:2403.07378), on text that ships with Python: calibration on
+``--calib-seqs`` random windows of ``--seq-len`` tokens of the built-in calibration text (even
+pydoc topics and standard-library docstrings); perplexity over ``--eval-seqs`` x 512 tokens of
+the odd pydoc topics ("in-domain") and of IDLE's manual and change log ("other domain"), never
+used for calibration. The ratio is the fraction of the decoder blocks' Linear parameters kept.
+
+Every (config, ratio) runs in its own process, so its peak RSS is its own.
+
+    python benchmarks/compress_llm.py                                   # the full table
+    python benchmarks/compress_llm.py --ratios 0.8 --configs whiten default --json out.json
+    python benchmarks/compress_llm.py --generation                      # + tokens/s, dense vs compressed
+    python benchmarks/compress_llm.py --llama-block                     # one LLaMA-7B-shaped block
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import format_table, machine_info, write_json  # noqa: E402
+
+# name -> (CompressConfig fields, uniform ranks?)
+CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
+    "svd": ({"method": "svd"}, True),
+    "asvd": ({"method": "asvd", "pipeline": "model"}, True),
+    "whiten": ({"method": "whiten", "pipeline": "model"}, True),  # the SVD-LLM reproduction
+    "whiten-budget": ({"method": "whiten", "pipeline": "model"}, False),
+    "fisher-probes-budget": ({"method": "fisher", "curvature": "probes", "pipeline": "model"}, False),  # svdkit 0.1's default
+    "fisher-labels": ({"method": "fisher", "curvature": "labels", "pipeline": "blocks"}, True),
+    "fisher-labels-budget-model": ({"method": "fisher", "curvature": "labels", "pipeline": "model"}, False),
+    "default": ({}, False),  # what svdkit compress does: fisher, LM curvature, budget, block by block
+}
+DEFAULT_CONFIGS = ("svd", "asvd", "whiten", "whiten-budget", "fisher-probes-budget", "fisher-labels", "default")
+BATCH = 4
+
+
+def _peak_rss() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB
+
+
+def _generation_speed(model, tokenizer, batch: int, new_tokens: int, repeats: int) -> float:
+    """Best tokens per second of greedy generation of ``new_tokens`` for ``batch`` prompts."""
+    import torch
+
+    prompts = ["The for statement in Python"] * batch
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
+            best = min(best, time.perf_counter() - start)
+    return batch * new_tokens / best
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One (config, ratio): load, calibrate, compress, measure. Runs in its own process."""
+    import torch
+
+    from svdkit import CompressConfig, compress
+    from svdkit.eval import language_model_quality
+    from svdkit.linalg import ParamRatio
+    from svdkit.models import load_model
+    from svdkit.tokens import calibration_tokens
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model("smollm2")
+    row: dict[str, Any] = {"config": args.config, "ratio": args.ratio}
+    module = loaded.module
+    if args.config != "dense":
+        fields, uniform = CONFIGS[args.config]
+        fields = dict(fields)
+        fields["rank" if uniform else "budget"] = ParamRatio(args.ratio) if uniform else args.ratio
+        fields.setdefault("gradient_batches", -(-args.gradient_seqs // BATCH))
+        config = CompressConfig(**fields)
+        calibration = None
+        if config.needs_data:
+            ids = calibration_tokens("builtin", loaded.tokenizer, n_seqs=args.calib_seqs, seq_len=args.seq_len, seed=0)
+            calibration = list(ids.split(BATCH))
+        start = time.perf_counter()
+        module, report = compress(loaded.module, config, calibration)
+        row["seconds"] = time.perf_counter() - start
+        row["pipeline"] = report.pipeline
+        row["kept"] = report.kept_fraction
+        row["timings"] = report.timings
+    row["peak_rss_gib"] = _peak_rss()
+    quality = language_model_quality(module, loaded.tokenizer, max_tokens=args.eval_seqs * 512)
+    row["ppl_in"], row["ppl_other"] = quality["in-domain"], quality["other-domain"]
+    if args.generation:
+        for batch in (1, 8):
+            row[f"dense_tok_s_b{batch}"] = _generation_speed(loaded.module, loaded.tokenizer, batch, 32, 3)
+            row[f"tok_s_b{batch}"] = _generation_speed(module, loaded.tokenizer, batch, 32, 3)
+    return row
+
+
+def llama_block(args: argparse.Namespace) -> dict[str, Any]:
+    """Time and memory of the block pipeline on one LLaMA-7B-shaped decoder block (random weights)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from svdkit import CompressConfig, compress
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=1024, max_position_embeddings=4096)
+    model = LlamaForCausalLM(config).eval()
+    seqs, length = args.block_seqs, args.block_seq_len
+    ids = torch.randint(0, 1024, (seqs, length), generator=torch.Generator().manual_seed(0))
+    batches = list(ids.split(1))
+    start = time.perf_counter()
+    _, report = compress(model, CompressConfig(budget=0.8, pipeline="blocks", gradient_batches=max(1, seqs // 2)), batches, inplace=True)
+    seconds = time.perf_counter() - start
+    tokens = seqs * length
+    return {"tokens": tokens, "gradient_tokens": max(1, seqs // 2) * length, "seconds": seconds, "timings": report.timings,
+            "peak_rss_gib": _peak_rss(), "block_params": sum(p.numel() for p in model.model.layers.parameters())}
+
+
+def _spawn(argv: list[str], threads: int) -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {argv} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.6])
+    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=sorted(CONFIGS))
+    parser.add_argument("--calib-seqs", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--gradient-seqs", type=int, default=32)
+    parser.add_argument("--eval-seqs", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--generation", action="store_true", help="tokens/s of greedy generation, dense vs compressed, at 0.8 for the default")
+    parser.add_argument("--llama-block", action="store_true", help="also time one LLaMA-7B-shaped block")
+    parser.add_argument("--block-seqs", type=int, default=4)
+    parser.add_argument("--block-seq-len", type=int, default=512)
+    parser.add_argument("--json", help="write the rows and the machine description here")
+    parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "RATIO"), help=argparse.SUPPRESS)
+    parser.add_argument("--block-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.config, args.ratio = args.worker[0], float(args.worker[1])
+        print(json.dumps(worker(args)))
+        return 0
+    if args.block_worker:
+        print(json.dumps(llama_block(args)))
+        return 0
+    common = ["--calib-seqs", str(args.calib_seqs), "--seq-len", str(args.seq_len), "--gradient-seqs", str(args.gradient_seqs),
+              "--eval-seqs", str(args.eval_seqs), "--threads", str(args.threads)]
+    rows = [_spawn(["--worker", "dense", "1.0", *common], args.threads)]
+    dense = rows[0]
+    print(f"dense: ppl in-domain {dense['ppl_in']:.3f}, other domain {dense['ppl_other']:.3f}", file=sys.stderr)
+    for ratio in args.ratios:
+        for name in args.configs:
+            extra = ["--generation"] if args.generation and name == "default" and abs(ratio - 0.8) < 1e-9 else []
+            row = _spawn(["--worker", name, str(ratio), *common, *extra], args.threads)
+            row["ppl_in_x"], row["ppl_other_x"] = row["ppl_in"] / dense["ppl_in"], row["ppl_other"] / dense["ppl_other"]
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    columns = [("config", "config", ""), ("ratio", "kept", ".1f"), ("pipeline", "pipeline", ""), ("ppl_in", "ppl in-domain", ".2f"),
+               ("ppl_in_x", "x dense", ".2f"), ("ppl_other", "ppl other domain", ".2f"), ("ppl_other_x", "x dense", ".2f"),
+               ("seconds", "compress s", ".0f"), ("peak_rss_gib", "peak RSS GiB", ".2f")]
+    print(format_table(rows, columns))
+    speed = [r for r in rows if "tok_s_b8" in r]
+    for r in speed:
+        print(f"\ngeneration, tokens/s ({r['config']} at {r['ratio']}): batch 1 {r['tok_s_b1']:.1f} vs dense {r['dense_tok_s_b1']:.1f}; "
+              f"batch 8 {r['tok_s_b8']:.1f} vs dense {r['dense_tok_s_b8']:.1f}")
+    block = None
+    if args.llama_block:
+        block = _spawn(["--block-worker", "--threads", str(args.threads), "--block-seqs", str(args.block_seqs),
+                        "--block-seq-len", str(args.block_seq_len)], args.threads)
+        print(f"\nLLaMA-7B-shaped block: {block}")
+    if args.json:
+        write_json(args.json, {"machine": machine_info(), "args": {k: v for k, v in vars(args).items() if k not in ("worker",)},
+                               "rows": rows, "llama_block": block})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
