@@ -189,9 +189,10 @@ def randomized_svd(
     gains below ``64 eps_64 ||A||_F**2`` as zero. On spectra decaying like ``i**-0.7`` (trained
     weights) the rule stops after 2 steps (6 passes, as the fixed default did before) within
     0.12 % of the optimal error; a matrix of rank below ``l`` stops after 1 step (4 passes);
-    flat (Gaussian) spectra take 3-4. ``||A||_F`` costs one read of ``A``. The rule controls the
-    Frobenius error: on flat spectra individual singular values settle more slowly, and a larger
-    fixed ``n_iter`` resolves them better.
+    flat (Gaussian) spectra take 2-4, more for larger ``k``. Beyond the passes it costs one read
+    of ``A`` (for ``||A||_F``), a ``c x b x l`` product and a float64 ``b x b`` eigenvalue problem
+    per step. The rule controls the Frobenius error: on flat spectra individual singular values
+    settle more slowly, and a larger fixed ``n_iter`` resolves them better.
 
     **Sparse input.** The sketch, the iteration and the Rayleigh-Ritz step only multiply ``A``
     and ``A^T`` by dense blocks of ``l`` columns (scipy's own CSR/CSC products for
