@@ -4,7 +4,7 @@ NumPy arrays in give NumPy arrays out; tensors keep their device. Nothing here i
 ``torch.nn``.
 """
 
-from .randomized import randomized_svd
+from .randomized import AUTO_MAX_N_ITER, AUTO_TOL, RandomizedSVDInfo, randomized_svd
 from .rank import allocate_ranks, Energy, ErrorTol, ParamRatio, RankLike, RankRatio, RankSpec, rank_from_dict, resolve_rank
 from .spectrum import (
     CompressionSuitability,
@@ -28,12 +28,15 @@ from .whiten import cholesky_factor
 from .truncated import SVD_METHODS, TruncationStats, split_factors, truncated_svd
 
 __all__ = [
+    "AUTO_MAX_N_ITER",
+    "AUTO_TOL",
     "CompressionSuitability",
     "Energy",
     "ErrorTol",
     "ParamRatio",
     "RankLike",
     "RankRatio",
+    "RandomizedSVDInfo",
     "RankSpec",
     "SVDFallbackWarning",
     "SVD_METHODS",
