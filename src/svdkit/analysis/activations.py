@@ -390,6 +390,7 @@ def compare_activations(
     types: Sequence[type | str] | None = None,
     samples: str = "tokens",
     batch_size: int = 64,
+    progress: ProgressLike = False,
 ) -> AnalysisTable:
     """Linear CKA between the same layers of two models of one architecture, on the same inputs.
 
@@ -399,7 +400,7 @@ def compare_activations(
         The reference (for strings, its tokenizer feeds both models).
     model_b : nn.Module or LoadedModel
         E.g. a compressed copy; it must have modules of the same names.
-    data, targets, types, samples, batch_size
+    data, targets, types, samples, batch_size, progress
         As for :func:`analyze_activations`.
 
     Returns
@@ -431,7 +432,7 @@ def compare_activations(
     mod_b.eval()
     try:
         with torch.no_grad(), run_a, run_b:
-            for batch in batches:
+            for batch in track(batches, progress, desc="batches"):
                 sink_a.clear()
                 sink_b.clear()
                 run_a(batch)

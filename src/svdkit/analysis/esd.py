@@ -75,7 +75,7 @@ _METHODS = ("auto", "gram", "svd")
 T = TypeVar("T")
 
 #: Matrices whose Gram product costs fewer multiply-adds (``M * M * N``) keep the float64 Gram on "auto".
-GRAM32_MIN_FLOPS = 1 << 30
+GRAM32_MIN_FLOPS = 1 << 28
 #: Bound on ``|lambda_hat - lambda| / lambda_max`` of the float32-accumulated Gram route.
 GRAM32_RESOLUTION = 1e-6
 #: From this Gram size on, the CPU eigensolver is torch's (MKL) instead of NumPy's (OpenBLAS).
@@ -238,10 +238,9 @@ def iter_eigenvalues(
             yield job, guarded(job)
         return
     if workers == 1:
-        for job in jobs:
-            with single_threaded():  # not around the yield: the caller's own work keeps its threads
-                result = guarded(job)
-            yield job, result
+        with single_threaded():
+            for job in jobs:
+                yield job, guarded(job)
         return
     with single_threaded(), ThreadPoolExecutor(max_workers=workers) as pool:
         pending: list[tuple[T, object]] = []

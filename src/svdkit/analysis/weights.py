@@ -237,7 +237,8 @@ def _assemble(items, results, skipped, keep_spectra, conv2d) -> tuple[list[dict]
         if item.tied_to is not None:
             rows = by_name.get(item.tied_to)
             if rows is None:
-                continue  # the original was skipped; its reason is listed
+                skipped.append((item.name, f"tied to {item.tied_to}, which was skipped"))
+                continue
             rows = [({**record, "name": item.name, "kind": item.kind, "tied_to": item.tied_to}, lam) for record, lam in rows]
         else:
             outcome = results[index]
