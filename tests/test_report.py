@@ -86,10 +86,14 @@ def test_print_table_with_rich_or_plain(tables, monkeypatch):
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
 
+    judged = analyze_weights(nn.Sequential(nn.Linear(6, 12)), calibration=[torch.randn(32, 6)])
+    rich_text = io.StringIO()
+    print_table(judged, file=rich_text)
+    assert "E[x x^T]" in rich_text.getvalue()  # text, not swallowed as rich markup
     monkeypatch.setattr(builtins, "__import__", no_rich)
     plain = io.StringIO()
     print_table(weights, file=plain)
-    assert plain.getvalue().startswith("name")
+    assert plain.getvalue() == weights.to_table() + "\n"
 
 
 def test_figures_and_html(tables, tmp_path):

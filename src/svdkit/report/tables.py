@@ -38,17 +38,18 @@ def print_table(table, columns: Sequence[str] | None = None, *, title: str | Non
     file = file or sys.stdout
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
     except ImportError:
         file.write(table.to_table(columns, title=title) + "\n")
         return
     headers, rows, prefix = table_rows(table, columns or default_columns(table))
-    caption = "\n".join(footer_lines(table))
-    grid = Table(title=(title or "") + (f"\nnames start with {prefix!r}" if prefix else ""), caption=caption or None,
-                 header_style="bold", caption_justify="left")
+    caption = escape("\n".join(footer_lines(table)))  # "[x x^T]" is text, not rich markup
+    heading = escape((title or "") + (f"\nnames start with {prefix!r}" if prefix else ""))
+    grid = Table(title=heading, caption=caption or None, header_style="bold", caption_justify="left")
     for i, header in enumerate(headers):
-        grid.add_column(header, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        grid.add_column(escape(header), justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in rows:
         style = "yellow" if row and "keep_dense" in row else None
-        grid.add_row(*row, style=style)
+        grid.add_row(*(escape(cell) for cell in row), style=style)
     Console(file=file, width=200 if not file.isatty() else None).print(grid)
