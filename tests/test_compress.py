@@ -112,6 +112,25 @@ def test_fisher_lowers_the_model_output_error_against_whiten():
     assert errors["fisher"] < errors["whiten"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gram_accumulation_matches_a_float64_reference(dtype):
+    """Narrow input is multiplied in float32 chunks and summed in float64: the Gram stays within
+    float32 rounding of the exact one, however many rows arrive (heavy-tailed, as activations are)."""
+    from svdkit.calibrate import GRAM_CHUNK, InputStats
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.distributions.StudentT(3.0).sample((n, 48)) * torch.rand(48, generator=g) * 10 for n in (7, GRAM_CHUNK + 5, 3000)]
+    stats = InputStats.zeros(48)
+    for X in rows:
+        stats.update(X.to(dtype))
+    exact = np.concatenate([X.to(dtype).double().numpy() for X in rows])
+    reference = exact.T @ exact
+    scale = np.abs(exact).T @ np.abs(exact)
+    assert stats.count == len(exact)
+    assert np.max(np.abs(stats.gram.numpy() - reference) / scale) < (1e-12 if dtype == torch.float64 else 1e-6)
+    np.testing.assert_allclose(stats.abs_sum.numpy(), np.abs(exact).sum(0), rtol=1e-6)
+
+
 def test_cholesky_damping_escalates_on_a_singular_gram():
     G = torch.zeros(4, 4, dtype=torch.float64)
     G[0, 0] = 1.0

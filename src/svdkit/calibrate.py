@@ -25,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linalg import cholesky_factor
 from .progress import ProgressLike, track
 from .views import get_view
 
@@ -65,6 +66,10 @@ def current_token_mask() -> torch.Tensor | None:
     return _TOKEN_MASK.get()
 
 
+GRAM_CHUNK = 4096
+"""Rows per float32 product when :meth:`InputStats.update` accumulates narrow input."""
+
+
 @dataclass
 class InputStats:
     """Input statistics of one layer.
@@ -82,6 +87,22 @@ class InputStats:
     gram: torch.Tensor
     abs_sum: torch.Tensor
     count: int = 0
+    _whitening: dict[float, tuple[torch.Tensor, float]] = field(default_factory=dict, repr=False, compare=False)
+
+    def whitening(self, damping: float) -> tuple[torch.Tensor, float]:
+        """The Cholesky factor of the mean Gram ``gram / count`` with relative ``damping``
+        (:func:`svdkit.linalg.cholesky_factor`), computed once per damping and kept with the
+        statistics (layers that share statistics share it, and it travels when they are saved).
+
+        Returns
+        -------
+        L : Tensor of shape (d, d), float64
+        damping : float
+            The damping that worked.
+        """
+        if damping not in self._whitening:
+            self._whitening[damping] = cholesky_factor(self.gram / max(self.count, 1), damping=damping)
+        return self._whitening[damping]
 
     @classmethod
     def zeros(cls, dim: int, device: torch.device | str = "cpu") -> "InputStats":
@@ -92,14 +113,34 @@ class InputStats:
         )
 
     def update(self, X: torch.Tensor) -> None:
-        """Add input vectors ``X`` of shape (N, d)."""
-        Xd = X.detach().to(self.gram.device, torch.float64)
-        self.gram.addmm_(Xd.T, Xd)
-        self.abs_sum += Xd.abs().sum(dim=0)
+        """Add input vectors ``X`` of shape (N, d).
+
+        Notes
+        -----
+        Float64 input is accumulated in float64. Narrower input (float32, float16, bfloat16)
+        is multiplied in float32, :data:`GRAM_CHUNK` rows at a time, and each chunk's product is
+        added to the float64 accumulator: a float32 product of ``c`` rows errs by at most about
+        ``c * 2**-24`` relative to ``sum |x_i| |x_j|`` (typically ``sqrt(c) * 2**-24``, ~2e-6 for
+        ``c = 4096``), and errors of different chunks do not compound in the float64 sum. That is
+        below both the float32 rounding of the activations themselves and the relative damping
+        (1e-6) that whitening adds before its Cholesky factorization, at 2-4x the speed of a
+        float64 product on CPUs.
+        """
+        self._whitening.clear()
+        X = X.detach()
+        if X.dtype == torch.float64:
+            self.gram.addmm_(X.T.to(self.gram.device), X.to(self.gram.device))
+            self.abs_sum += X.abs().sum(dim=0).to(self.abs_sum.device)
+        else:
+            X = X.to(torch.float32)
+            for chunk in X.split(GRAM_CHUNK):
+                self.gram += (chunk.T @ chunk).to(self.gram.device, torch.float64)
+                self.abs_sum += chunk.abs().sum(dim=0).to(self.abs_sum.device, torch.float64)
         self.count += X.shape[0]
 
     def merge(self, other: "InputStats") -> "InputStats":
         """Statistics of both streams together (in place; returns self)."""
+        self._whitening.clear()
         self.gram += other.gram.to(self.gram.device)
         self.abs_sum += other.abs_sum.to(self.abs_sum.device)
         self.count += other.count
@@ -163,7 +204,9 @@ class NonFiniteCalibration(ValueError):
 
 
 def _check_finite(increment: "InputStats", name: str, what: str, batch: int | None) -> None:
-    if not bool(torch.isfinite(increment.gram).all()):
+    # A NaN or infinite entry of a row x makes its own diagonal entry sum x_i**2 NaN or infinite,
+    # so the d diagonal entries of the Gram tell for all d**2 of them.
+    if not bool(torch.isfinite(increment.gram.diagonal()).all()):
         where = f"calibration batch {batch}" if batch is not None else "a calibration batch"
         raise NonFiniteCalibration(
             f"{where}: the {what} of layer {name} holds NaN or infinite values (the first target layer they reach); "
@@ -191,7 +234,9 @@ class InputRecorder:
                 raise ValueError(f"cannot calibrate {name} ({type(module).__name__}): only Linear, Conv1D and Conv2d layers")
         self.stats: dict[str, InputStats] = {}
         self.batch: int | None = None
-        self._increments: dict[tuple, tuple[weakref.ref, InputStats]] = {}
+        self._increments: dict[tuple, tuple[weakref.ref, InputStats, int]] = {}
+        self._sources: dict[str, list[int]] = {}
+        self._serial = 0
         self._handles: list = []
 
     def __enter__(self) -> "InputRecorder":
@@ -203,6 +248,16 @@ class InputRecorder:
             handle.remove()
         self._handles = []
         self._increments.clear()
+        self._share_identical()
+
+    def _share_identical(self) -> None:
+        """Layers that received the very same inputs in every batch (query, key and value) end
+        with equal statistics: let them hold one object (one Gram in memory, one whitening)."""
+        first: dict[tuple[int, ...], str] = {}
+        for name, sources in self._sources.items():
+            owner = first.setdefault(tuple(sources), name)
+            if owner != name:
+                self.stats[name] = self.stats[owner]
 
     def next_batch(self, index: int | None = None) -> None:
         """Start a new batch (``index`` names it in errors)."""
@@ -217,13 +272,16 @@ class InputRecorder:
             cached = self._increments.get(key)
             # A weak reference tells a live shared input from a new tensor that reused a freed id.
             if cached is not None and cached[0]() is x:
-                increment = cached[1]
+                _, increment, serial = cached
             else:
                 rows = layer_inputs(module, x)
                 increment = InputStats.zeros(rows.shape[1], device=rows.device)
                 increment.update(rows)
                 _check_finite(increment, name, "input", self.batch)
-                self._increments[key] = (weakref.ref(x), increment)
+                self._serial += 1
+                serial = self._serial
+                self._increments[key] = (weakref.ref(x), increment, serial)
+            self._sources.setdefault(name, []).append(serial)
             if name not in self.stats:
                 self.stats[name] = InputStats.zeros(increment.gram.shape[0], device=increment.gram.device)
             self.stats[name].merge(increment)

@@ -40,6 +40,16 @@ class LayerStats:
             return None
         return self.gradients.gram / self.gradients.count
 
+    def input_whitening(self, damping: float) -> tuple[torch.Tensor, float]:
+        """Cholesky factor of ``E[x x^T]`` with relative damping (see :meth:`InputStats.whitening`)."""
+        return self.inputs.whitening(damping)
+
+    def output_whitening(self, damping: float) -> tuple[torch.Tensor, float]:
+        """Cholesky factor of ``E[g g^T]`` with relative damping; only with gradient statistics."""
+        if self.gradients is None:
+            raise ValueError("no gradient statistics were collected")
+        return self.gradients.whitening(damping)
+
     @property
     def abs_mean(self) -> torch.Tensor:
         """Mean |x| per input feature, shape (d_in,)."""

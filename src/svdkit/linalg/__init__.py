@@ -4,6 +4,7 @@ NumPy arrays in give NumPy arrays out; tensors keep their device. Nothing here i
 ``torch.nn``.
 """
 
+from .gram import gram_svd
 from .randomized import AUTO_MAX_N_ITER, AUTO_TOL, RandomizedSVDInfo, randomized_svd
 from .rank import allocate_ranks, Energy, ErrorTol, ParamRatio, RankLike, RankRatio, RankSpec, rank_from_dict, resolve_rank
 from .spectrum import (
@@ -52,6 +53,7 @@ __all__ = [
     "energy_rank",
     "explained_variance_ratio",
     "frobenius_norm",
+    "gram_svd",
     "nuclear_norm",
     "numerical_rank",
     "participation_ratio",
