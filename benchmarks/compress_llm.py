@@ -39,6 +39,7 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
     "fisher-labels": ({"method": "fisher", "curvature": "labels", "pipeline": "blocks"}, True),
     "fisher-labels-budget-model": ({"method": "fisher", "curvature": "labels", "pipeline": "model"}, False),
     "default": ({}, False),  # what svdkit compress does: fisher, LM curvature, budget, block by block
+    "default-refit": ({"refit": 1}, False),  # + each layer fitted to the dense model's outputs
 }
 DEFAULT_CONFIGS = ("svd", "asvd", "whiten", "whiten-budget", "fisher-probes-budget", "fisher-labels", "default")
 BATCH = 4
@@ -91,7 +92,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             ids = calibration_tokens("builtin", loaded.tokenizer, n_seqs=args.calib_seqs, seq_len=args.seq_len, seed=0)
             calibration = list(ids.split(BATCH))
         start = time.perf_counter()
-        module, report = compress(loaded.module, config, calibration)
+        # In place, as `svdkit compress` does: memory holds one model.
+        module, report = compress(loaded.module, config, calibration, inplace=True)
         row["seconds"] = time.perf_counter() - start
         row["pipeline"] = report.pipeline
         row["kept"] = report.kept_fraction
@@ -100,8 +102,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     quality = language_model_quality(module, loaded.tokenizer, max_tokens=args.eval_seqs * 512)
     row["ppl_in"], row["ppl_other"] = quality["in-domain"], quality["other-domain"]
     if args.generation:
+        dense = load_model("smollm2").module
         for batch in (1, 8):
-            row[f"dense_tok_s_b{batch}"] = _generation_speed(loaded.module, loaded.tokenizer, batch, 32, 3)
+            row[f"dense_tok_s_b{batch}"] = _generation_speed(dense, loaded.tokenizer, batch, 32, 3)
             row[f"tok_s_b{batch}"] = _generation_speed(module, loaded.tokenizer, batch, 32, 3)
     return row
 

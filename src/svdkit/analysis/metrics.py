@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ..linalg.spectrum import DEFAULT_VERDICT_ERROR, compression_suitability
+from ..linalg import DEFAULT_VERDICT_ERROR, compression_suitability
 from .marchenko_pastur import fit_marchenko_pastur
 from .powerlaw import EVALS_THRESH, fit_power_law
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Literal
 import numpy as np
 import torch
 
-from ..linalg.spectrum import DEFAULT_VERDICT_ERROR, verdict_rule
+from ..linalg import DEFAULT_VERDICT_ERROR, verdict_rule
 from ..progress import ProgressLike, track
 from ..surgery import TargetSpec
 from .esd import eigenvalues, iter_eigenvalues, resolve_method, sigma_floor

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..calibrate import collect_input_stats
 from ..linalg import cholesky_factor
-from ..linalg.spectrum import DEFAULT_VERDICT_ERROR, verdict_rule
+from ..linalg import DEFAULT_VERDICT_ERROR, verdict_rule
 from ..progress import ProgressLike
 from ..views import get_view, weight_matrix
 from ._running import BatchRunner

@@ -2,7 +2,8 @@
 
 ==============================  ==========================================================
 ``--targets a b``               layer names or dotted suffixes (PEFT style); a single
-                                argument with regex characters is a full-match regex
+                                argument with a regex character other than ``.`` (such as
+                                ``*``, ``[``, ``|``) is a full-match regex
 ``--exclude a b``               same syntax, layers to leave alone
 ``--rank / --energy / --error``  the rank vocabulary (``--params`` where a budget applies)
 ``--json FILE``                 also write the result as JSON to FILE (``-`` for stdout)
@@ -22,7 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_REGEX_CHARACTERS = set(".*[]()|^$+?\\{}")
+# A dot is also a regex character, but module names are full of dots: one argument reads as a
+# regex only when it has one of these.
+_REGEX_CHARACTERS = set("*[]()|^$+?\\{}")
 
 
 def add_target_options(parser: argparse.ArgumentParser, *, what: str = "layers to work on") -> None:

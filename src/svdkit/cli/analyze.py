@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..analysis.activations import analyze_activations
     from ..analysis.weights import analyze_weights
-    from ..linalg.spectrum import DEFAULT_VERDICT_ERROR
+    from ..linalg import DEFAULT_VERDICT_ERROR
     from ..report.tables import print_table
 
     if args.samples < 1:

@@ -87,6 +87,10 @@ def _config(args: argparse.Namespace, loaded) -> Any:
     targets = target_spec(args.targets)
     if targets is not None:
         fields["target_modules"] = targets
+    elif loaded.is_sentence_model:
+        # A BERT pooler does not shape a sentence-transformers embedding (it pools the tokens).
+        poolers = tuple(name for name, _ in loaded.module.named_modules() if ".pooler." in f".{name}." and name.endswith("dense"))
+        fields["exclude"] = tuple(args.exclude) + poolers
     if args.device is not None:
         fields["device"] = args.device
     rank = rank_from_options(args)
@@ -211,7 +215,9 @@ def run(args: argparse.Namespace) -> int:
     before = _lm_quality(loaded, loaded.module, progress) if loaded.is_causal_lm and not args.no_eval else None
     print(f"compressing with {config.method} ...", file=sys.stderr)
     forward = loaded.run if loaded.is_sentence_model else None
-    compressed, report = compress(loaded.module, config, calibration, forward=forward, progress=progress)
+    # A language model's dense quality is measured before: it is compressed in place, so that
+    # memory holds one model. A sentence model's quality compares both, so it is copied.
+    compressed, report = compress(loaded.module, config, calibration, forward=forward, progress=progress, inplace=loaded.is_causal_lm)
     if not args.no_eval:
         if loaded.is_sentence_model:
             report.quality.update(_sentence_quality(loaded, compressed))

@@ -247,12 +247,30 @@ def head_loss_gradient(
     -------
     Tensor of shape (batch, seq, d)
     """
-    hidden = last_hidden.detach().clone().requires_grad_(True)
-    total = torch.zeros_like(hidden)
-    with _blocks_replaced(model, stack) as replay, torch.enable_grad():
-        replay.hidden = hidden
-        result = run_batch(model, batch, None if forward is None else lambda b: forward(model, b))
-        for value in objective(result, batch):
-            (grad,) = torch.autograd.grad(value, hidden, retain_graph=True)
-            total += grad
-    return total
+    rows = []
+    # One sequence at a time: the logits of a large vocabulary (and their gradients) are the
+    # biggest tensors of the whole pipeline.
+    for index in range(last_hidden.shape[0]):
+        hidden = last_hidden[index:index + 1].detach().clone().requires_grad_(True)
+        total = torch.zeros_like(hidden)
+        row = _batch_row(batch, index)
+        with _blocks_replaced(model, stack) as replay, torch.enable_grad():
+            replay.hidden = hidden
+            result = run_batch(model, row, None if forward is None else lambda b: forward(model, b))
+            for value in objective(result, row):
+                (grad,) = torch.autograd.grad(value, hidden, retain_graph=True)
+                total += grad
+        rows.append(total)
+        del result
+    return torch.cat(rows)
+
+
+def _batch_row(batch: Any, index: int) -> Any:
+    """Row ``index`` of a batch (a tensor, a dict of tensors, or a tuple whose first item is)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[index:index + 1]
+    if isinstance(batch, dict):
+        return {k: v[index:index + 1] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] > index else v for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return type(batch)([batch[0][index:index + 1], *batch[1:]])
+    raise TypeError(f"cannot take one sequence of a {type(batch).__name__} batch")

@@ -163,7 +163,7 @@ def whitened_svd(W: torch.Tensor, stats: LayerStats | None = None, *, damping: f
         fallback = plain_svd(W)
         fallback.note = f"whitening failed ({exc}); plain SVD"
         return fallback
-    L = L.to(W.device)
+    L = L.to(W.device, torch.float64)
     return Transform(
         W.to(torch.float64) @ L,
         undo_right=lambda Y: torch.linalg.solve_triangular(L, Y, upper=False, left=False),
@@ -202,7 +202,7 @@ def fisher_whitened_svd(
         fallback = plain_svd(W)
         fallback.note = f"whitening failed ({exc}); plain SVD"
         return fallback
-    L, C = L.to(W.device), C.to(W.device)
+    L, C = L.to(W.device, torch.float64), C.to(W.device, torch.float64)
     # E[g g^T] = C C^T, so ||C^T E L||_F is the error norm; M = C^T W L.
     return Transform(
         C.T @ W.to(torch.float64) @ L,

@@ -8,6 +8,7 @@ from .gram import gram_svd
 from .randomized import AUTO_MAX_N_ITER, AUTO_TOL, RandomizedSVDInfo, randomized_svd
 from .rank import allocate_ranks, Energy, ErrorTol, ParamRatio, RankLike, RankRatio, RankSpec, rank_from_dict, resolve_rank
 from .spectrum import (
+    DEFAULT_VERDICT_ERROR,
     CompressionSuitability,
     break_even_rank,
     compression_suitability,
@@ -23,6 +24,7 @@ from .spectrum import (
     spectral_norm,
     stable_rank,
     tail_error,
+    verdict_rule,
 )
 from .svd import SVDFallbackWarning, SVDResult, svd, svd_flip, svdvals
 from .whiten import cholesky_factor
@@ -32,6 +34,7 @@ __all__ = [
     "AUTO_MAX_N_ITER",
     "AUTO_TOL",
     "CompressionSuitability",
+    "DEFAULT_VERDICT_ERROR",
     "Energy",
     "ErrorTol",
     "ParamRatio",
@@ -68,4 +71,5 @@ __all__ = [
     "svdvals",
     "tail_error",
     "truncated_svd",
+    "verdict_rule",
 ]
