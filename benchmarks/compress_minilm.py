@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for ratio in args.ratios:
         for name in args.configs:
             start = time.perf_counter()
-            compressed, report = compress(loaded.module, config_for(name, ratio), batches, forward=loaded.run)
+            compressed, report = compress(loaded.module, config_for(name, ratio), batches, forward=loaded.forward)
             seconds = time.perf_counter() - start
             quality = {}
             for label, texts in (("held-out", held_out), ("other domain", other)):

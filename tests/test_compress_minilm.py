@@ -27,7 +27,7 @@ def test_whitened_minilm_keeps_its_embeddings_and_round_trips(minilm, tmp_path):
     texts = builtin_sentences("topics", split="even")[:32]
     held_out = builtin_sentences("topics", split="odd")[:48]
     config = CompressConfig(method="whiten", rank=ParamRatio(0.8), target_modules=r".*encoder\.layer\.[01]\..*")
-    small, report = compress(minilm.module, config, [texts[:16], texts[16:]], forward=minilm.run)
+    small, report = compress(minilm.module, config, [texts[:16], texts[16:]], forward=minilm.forward)
     assert report.kept_fraction == pytest.approx(0.8, abs=0.01)
     assert sum(isinstance(m, LowRankLinear) for m in small.modules()) == 12
     reference = minilm.encode(held_out)

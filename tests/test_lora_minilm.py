@@ -78,7 +78,7 @@ def test_peft_round_trip_on_the_inner_bert(minilm, pissa_model, tmp_path):
 def test_eva_with_sentences(minilm, reference):
     batches = [SENTENCES[:2], SENTENCES[2:]]  # ~50 tokens: enough for rank 8, cheap to run
     model = add_lora(
-        minilm.module, ["query", "value"], rank=8, init="eva", calibration=batches, forward=minilm.batch_forward()
+        minilm.module, ["query", "value"], rank=8, init="eva", calibration=batches, forward=minilm.forward
     )
     A = model[0].model.encoder.layer[0].attention.self.query.lora_A.weight.detach()
     torch.testing.assert_close(A @ A.T, torch.eye(8), rtol=0, atol=1e-5)

@@ -176,15 +176,15 @@ def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def run_batch(model: nn.Module, batch: Any, forward: Callable[[Any], Any] | None = None) -> Any:
-    """Run one calibration batch: ``forward(batch)`` if given, else the model on it.
+def run_batch(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None) -> Any:
+    """Run one calibration batch: ``forward(model, batch)`` if given, else the model on it.
 
     A dict batch is passed as keyword arguments (transformers style) with its
     ``attention_mask`` applied to the hooks; a tensor is passed as is; a tuple or list whose
     first item is a tensor (a ``DataLoader`` of (inputs, targets)) passes that first item.
     """
     if forward is not None:
-        return forward(batch)
+        return forward(model, batch)
     if isinstance(batch, dict):
         with token_mask(batch.get("attention_mask")):
             return model(**batch)
@@ -360,7 +360,7 @@ def collect_input_stats(
     model: nn.Module,
     targets: Iterable[tuple[str, nn.Module]],
     batches: Iterable[Any],
-    forward: Callable[[Any], Any] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
     *,
     progress: ProgressLike = None,
 ) -> dict[str, InputStats]:
@@ -374,7 +374,8 @@ def collect_input_stats(
     batches : iterable
         Calibration batches (see :func:`run_batch`).
     forward : callable, optional
-        ``forward(batch)`` runs the model on one batch.
+        ``forward(module, batch) -> output`` runs ``module`` on one batch (svdkit's one forward
+        contract; :meth:`svdkit.models.LoadedModel.forward` is one).
     progress : bool or callable, optional
         See :mod:`svdkit.progress`.
 

@@ -31,7 +31,7 @@ import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -99,11 +99,15 @@ class LoadedModel:
         device = _device_of(self.module)
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict(features).items()}
 
-    def forward(self, batch: Any, *, module: nn.Module | None = None) -> Any:
-        """Run one batch: strings are tokenized, dicts and tensors go through as in
-        :func:`svdkit.calibrate.run_batch`. ``module`` runs another model of the same
-        architecture (e.g. the compressed copy) on the same inputs."""
-        target = self.module if module is None else module
+    def forward(self, module: nn.Module, batch: Any) -> Any:
+        """Run ``module`` (this model, or a copy of it such as a compressed one) on one batch:
+        svdkit's one forward contract, ``forward(module, batch) -> output``, that
+        :func:`svdkit.compress`, :func:`svdkit.add_lora`, :func:`svdkit.analyze_activations`
+        and :func:`svdkit.calibrate.collect_input_stats` take.
+
+        Strings are tokenized; dicts and tensors go through as in :func:`svdkit.calibrate.run_batch`.
+        """
+        target = module
         if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], str):
             features = self.tokenize(batch)
             with token_mask(features.get("attention_mask")):
@@ -133,7 +137,7 @@ class LoadedModel:
             with torch.no_grad():
                 for start in range(0, len(texts), batch_size):
                     chunk = [texts[i] for i in order[start:start + batch_size]]
-                    out.append(self.forward(chunk, module=target)["sentence_embedding"].float().cpu())
+                    out.append(self.forward(target, chunk)["sentence_embedding"].float().cpu())
         finally:
             target.train(was_training)
         if not out:
@@ -143,14 +147,6 @@ class LoadedModel:
         restored[torch.tensor(order)] = embeddings
         return restored
 
-    def run(self, module: nn.Module, batch: Any) -> Any:
-        """Run ``module`` (this model or a copy of it) on one batch: the ``forward`` that
-        :func:`svdkit.compress` takes."""
-        return self.forward(batch, module=module)
-
-    def batch_forward(self, module: nn.Module | None = None) -> Callable[[Any], Any]:
-        """``forward`` bound to a module, for :func:`svdkit.calibrate.collect_input_stats`."""
-        return lambda batch: self.forward(batch, module=module)
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -22,7 +22,7 @@ class BatchRunner:
     ----------
     module : nn.Module
     forward : callable, optional
-        ``forward(batch)``; default :func:`svdkit.calibrate.run_batch` on ``module``.
+        ``forward(module, batch) -> output``; default :func:`svdkit.calibrate.run_batch`.
     what : str
         How batches are called in messages (``"batch"``, ``"calibration batch"``).
     passthrough : tuple of exception types
@@ -30,7 +30,7 @@ class BatchRunner:
         :class:`~svdkit.calibrate.NonFiniteCalibration`.
     """
 
-    def __init__(self, module: nn.Module, forward: Callable[[Any], Any] | None = None, *, what: str = "batch",
+    def __init__(self, module: nn.Module, forward: Callable[[nn.Module, Any], Any] | None = None, *, what: str = "batch",
                  passthrough: tuple[type[BaseException], ...] = ()) -> None:
         self.module, self.what = module, what
         self._passthrough = (NonFiniteCalibration, *passthrough)
@@ -61,9 +61,7 @@ class BatchRunner:
         self.index = next(self._counter)
         self.current = None
         try:
-            if self._forward is not None:
-                return self._forward(batch)
-            return run_batch(self.module, batch)
+            return run_batch(self.module, batch, self._forward)
         except self._passthrough:
             raise  # already names the batch and the layer
         except _USER_ERRORS as exc:

@@ -175,15 +175,14 @@ class _Batches:
             return
         yield from data
 
-    def run(self, batch: Any, module: nn.Module | None = None) -> None:
-        """Run ``module`` (default: the model itself) on one batch."""
+    def run(self, module: nn.Module, batch: Any) -> Any:
+        """Run ``module`` (the model, or a second one of the same architecture) on one batch."""
         self.mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        if self.forward is not None and module is None:
-            self.forward(batch)
-        elif not isinstance(self.model, nn.Module) and hasattr(self.model, "module"):
-            self.model.forward(batch, module=module)  # a LoadedModel: it knows the input format
-        else:
-            run_batch(module if module is not None else self.model, batch)
+        if self.forward is not None:
+            return self.forward(module, batch)
+        if not isinstance(self.model, nn.Module) and hasattr(self.model, "module"):
+            return self.model.forward(module, batch)  # a LoadedModel: it knows the input format
+        return run_batch(module, batch)
 
 
 def _hook_outputs(targets, batches: _Batches, samples: str, sink: dict[str, torch.Tensor], runner: BatchRunner):
@@ -247,7 +246,7 @@ def analyze_activations(
     targets: str | Sequence[str] | None = None,
     *,
     types: Sequence[type | str] | None = None,
-    forward: Callable[[Any], Any] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
     samples: str = "tokens",
     batch_size: int = 64,
     cka: bool = False,
@@ -268,7 +267,8 @@ def analyze_activations(
     types : sequence of type or str, optional
         Module classes to hook.
     forward : callable, optional
-        ``forward(batch)`` runs the model on one batch (its mask is read from dict batches).
+        ``forward(module, batch) -> output`` runs the model on one batch (svdkit's one forward
+        contract; its mask is read from dict batches).
     samples : {"tokens", "pooled"}
         What a sample is for 3-D/4-D outputs (module docstring).
     batch_size : int
@@ -425,7 +425,7 @@ def compare_activations(
     accs: dict[str, CovarianceAccumulator] = {}
     dims: dict[str, int] = {}
     run_a = BatchRunner(mod_a, batches.run, passthrough=(NonFiniteActivations,))
-    run_b = BatchRunner(mod_b, lambda batch: batches.run(batch, module=mod_b), what="batch (second model)", passthrough=(NonFiniteActivations,))
+    run_b = BatchRunner(mod_b, batches.run, what="batch (second model)", passthrough=(NonFiniteActivations,))
     handles = _hook_outputs(chosen, batches, samples, sink_a, run_a) + _hook_outputs(chosen_b, batches, samples, sink_b, run_b)
     states = (mod_a.training, mod_b.training)
     mod_a.eval()

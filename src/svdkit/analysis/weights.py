@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..linalg import DEFAULT_VERDICT_ERROR, verdict_rule
 from ..progress import ProgressLike, track
@@ -118,7 +119,7 @@ def analyze_weights(
     error: float | None = DEFAULT_VERDICT_ERROR,
     svd_method: str = "auto",
     calibration: Any = None,
-    forward: Callable[[Any], Any] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
     min_evals: int = 8,
     workers: int | None = None,
     stack: bool | None = None,
@@ -154,7 +155,7 @@ def analyze_weights(
         columns; module sources only): tensors, dicts of tensors, or strings with a
         :class:`~svdkit.models.LoadedModel`.
     forward : callable, optional
-        ``forward(batch)`` runs the model on one calibration batch.
+        ``forward(module, batch) -> output`` runs the model on one calibration batch.
     min_evals : int
         Layers with fewer eigenvalues get no power-law fit.
     workers : int, optional

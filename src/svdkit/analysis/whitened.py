@@ -63,7 +63,7 @@ def add_whitened_verdicts(
     model: Any,
     records: list[dict[str, Any]],
     data: Any,
-    forward: Callable[[Any], Any] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
     error: float | None = DEFAULT_VERDICT_ERROR,
     *,
     progress: ProgressLike = False,
@@ -79,7 +79,7 @@ def add_whitened_verdicts(
     data : iterable of batches
         Calibration data (see :func:`calibration_batches`).
     forward : callable, optional
-        ``forward(batch)`` runs the model on one batch.
+        ``forward(module, batch) -> output`` runs the model on one batch.
     error : float or None
         The rule's relative error (of the layer's output on the data); None: nothing is added.
     progress : bool or callable
@@ -105,7 +105,7 @@ def add_whitened_verdicts(
     if not targets:
         return {"rule": verdict_rule(error), "layers": 0}
     with BatchRunner(module, forward, what="calibration batch") as run:
-        stats = collect_input_stats(module, targets, batches, run, progress=progress)
+        stats = collect_input_stats(module, targets, batches, lambda _module, batch: run(batch), progress=progress)
     with single_threaded():  # small per-layer problems: threads only contend
         judged = _judge(module, records, stats, error)
     return {

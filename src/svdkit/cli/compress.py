@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     calibration = _calibration(args, loaded) if config.needs_data else None
     before = _lm_quality(loaded, loaded.module, progress) if loaded.is_causal_lm and not args.no_eval else None
     print(f"compressing with {config.method} ...", file=sys.stderr)
-    forward = loaded.run if loaded.is_sentence_model else None
+    forward = loaded.forward if loaded.is_sentence_model else None
     # A language model's dense quality is measured before: it is compressed in place, so that
     # memory holds one model. A sentence model's quality compares both, so it is copied.
     compressed, report = compress(loaded.module, config, calibration, forward=forward, progress=progress, inplace=loaded.is_causal_lm)

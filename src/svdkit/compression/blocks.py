@@ -162,7 +162,7 @@ def capture_block_inputs(
         with torch.no_grad():
             for index, batch in enumerate(batches):
                 try:
-                    run_batch(model, batch, None if forward is None else lambda b: forward(model, b))
+                    run_batch(model, batch, forward)
                 except _Caught:
                     continue
                 raise ValueError(f"calibration batch {index} never reached the first block ({stack.block_name(0)})")
@@ -256,7 +256,7 @@ def head_loss_gradient(
         row = _batch_row(batch, index)
         with _blocks_replaced(model, stack) as replay, torch.enable_grad():
             replay.hidden = hidden
-            result = run_batch(model, row, None if forward is None else lambda b: forward(model, b))
+            result = run_batch(model, row, forward)
             for value in objective(result, row):
                 (grad,) = torch.autograd.grad(value, hidden, retain_graph=True)
                 total += grad

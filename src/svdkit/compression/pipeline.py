@@ -136,7 +136,7 @@ def compress(
         Needed by every method but ``svd``: tensors (token ids of shape (batch, seq) for a
         language model, see :func:`svdkit.tokens.calibration_tokens`), dicts of tensors
         (transformers), or lists of strings together with a ``forward`` that tokenizes them
-        (:meth:`svdkit.models.LoadedModel.run`).
+        (:meth:`svdkit.models.LoadedModel.forward`).
     forward : callable, optional
         ``forward(module, batch) -> output`` runs a model (the original or the compressed copy)
         on one batch; defaults to :func:`svdkit.calibrate.run_batch`.
@@ -217,7 +217,7 @@ def _compress_whole(
     data_targets = [(n, m) for n, m in targets if get_view(m).kind != "embedding"]
     if config.method != "svd" and data_targets:
         stats = collect_layer_stats(
-            model, data_targets, calibration, lambda batch: run(model, batch),
+            model, data_targets, calibration, forward,
             gradients=config.method == "fisher", curvature=_curvature(config, model), probes=config.probes,
             seed=config.seed, gradient_batches=config.gradient_batches, progress=progress,
         )

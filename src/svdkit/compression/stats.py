@@ -91,7 +91,7 @@ def _collect_gradient_stats(
     model: nn.Module,
     targets: list[tuple[str, nn.Module]],
     batches: Iterable[Any],
-    forward: Callable[[Any], Any] | None,
+    forward: Callable[[nn.Module, Any], Any] | None,
     *,
     curvature: str,
     probes: int,
@@ -184,7 +184,7 @@ def collect_layer_stats(
     model: nn.Module,
     targets: list[tuple[str, nn.Module]],
     batches: Iterable[Any],
-    forward: Callable[[Any], Any] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
     *,
     gradients: bool = False,
     curvature: str = "probes",
@@ -203,7 +203,7 @@ def collect_layer_stats(
     batches : iterable
         Re-iterated when ``gradients`` is True, so pass a list, not a generator.
     forward : callable, optional
-        ``forward(batch) -> result``.
+        ``forward(module, batch) -> result``.
     gradients : bool
         Also collect the Gram of output gradients (one backward pass per probe and batch).
     probes : int

@@ -96,7 +96,7 @@ def apply_lora(
     deltas: Mapping[str, torch.Tensor] | None = None,
     input_stats: Mapping[str, InputStats] | None = None,
     calibration: Iterable[Any] | None = None,
-    forward: Callable[[Any], Any] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
     progress: ProgressLike = False,
 ) -> nn.Module:
     """Wrap the configured layers of ``model`` in LoRA adapters and initialise them.
@@ -118,7 +118,8 @@ def apply_lora(
         For ``init="eva"`` without ``input_stats``: batches run through the model (in eval
         mode, without gradients) to collect them.
     forward : callable, optional
-        Runs the model on one calibration batch (see :func:`svdkit.calibrate.collect_input_stats`).
+        ``forward(module, batch) -> output`` runs the model on one calibration batch (svdkit's
+        one forward contract, see :func:`svdkit.calibrate.collect_input_stats`).
     progress : bool or callable
         Show progress over the calibration batches and the layers (:func:`svdkit.progress.track`).
 
@@ -308,7 +309,7 @@ def add_lora(
     deltas: Mapping[str, torch.Tensor] | None = None,
     input_stats: Mapping[str, InputStats] | None = None,
     calibration: Iterable[Any] | None = None,
-    forward: Callable[[Any], Any] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
     progress: ProgressLike = False,
     **aliases: Any,
 ) -> nn.Module:
