@@ -92,13 +92,30 @@ def test_whiten_predicted_error_is_the_calibration_output_error():
     assert report.layers[0].predicted_error == pytest.approx(actual.item(), rel=1e-3)
 
 
+class _DeadBranch(nn.Module):
+    """``dead``'s output reaches the model's output multiplied by zero: the output does not depend on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.dead, self.b = nn.Linear(24, 48), nn.Linear(48, 48), nn.Linear(48, 16)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.a(x))
+        return self.b(h + 0.0 * self.dead(h))
+
+
 def test_asvd_and_fisher_run_and_fisher_without_output_dependence_is_flagged():
-    model = mlp()
     batches = correlated_batches()
-    _, report = compress(model, CompressConfig(method="asvd", rank=5), batches)
+    _, report = compress(mlp(), CompressConfig(method="asvd", rank=5), batches)
     assert {row.method for row in report.layers} == {"asvd"}
-    _, report = compress(model, CompressConfig(method="fisher", rank=5), batches)
-    assert {row.method for row in report.layers} == {"fisher"}
+    _, report = compress(_DeadBranch(), CompressConfig(method="fisher", rank=5), batches)
+    rows = {row.name: row for row in report.layers}
+    assert rows["a"].method == rows["b"].method == "fisher" and not rows["a"].skip_reason
+    assert rows["dead"].method == "whiten" and "does not depend on this layer" in rows["dead"].skip_reason
+    # A budget spends nothing on it beyond the smallest rank: its errors cost the output nothing.
+    _, report = compress(_DeadBranch(), CompressConfig(method="fisher", budget=0.5, min_rank=1), batches)
+    assert {row.name: row.rank for row in report.layers}["dead"] == 1
 
 
 def test_fisher_lowers_the_model_output_error_against_whiten():
@@ -377,7 +394,9 @@ def test_config_json_round_trip():
 def test_report_table_and_json():
     _, report = compress(mlp(), CompressConfig(method="svd", rank=4))
     table = report.to_table()
-    assert "total (3/3 factorized)" in table and "0" in table.splitlines()[2]
+    first = table.splitlines()[2].split()
+    assert "total (3/3 factorized)" in table
+    assert first[:4] == ["0", "48x24", "4", f"{4 * (48 + 24):,}"]  # name, shape, rank, parameters
     data = json.loads(report.to_json())
     assert data["totals"]["target_params_after"] == report.target_params_after
     assert len(data["layers"]) == 3

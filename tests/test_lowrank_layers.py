@@ -426,9 +426,13 @@ def test_conv2d_truncation_error_is_the_svd_tail(case):
         np.testing.assert_allclose(error, np.sqrt(np.sum(s[:, k:] ** 2)), rtol=1e-9, atol=1e-12)
 
 
-def test_param_ratio_rank_matches_the_definition():
-    low = LowRankLinear.from_dense(nn.Linear(64, 32), ParamRatio(0.5))
-    assert low.rank == int(0.5 * 64 * 32 / (64 + 32))
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 0.9, 1.0])
+def test_param_ratio_keeps_at_most_that_fraction_of_the_parameters(ratio):
+    dense = nn.Linear(64, 32, bias=False)
+    low = LowRankLinear.from_dense(dense, ParamRatio(ratio))
+    kept = sum(p.numel() for p in low.parameters())
+    assert kept <= ratio * dense.weight.numel()  # never more than asked for
+    assert kept + (64 + 32) > ratio * dense.weight.numel()  # and one more rank would be
 
 
 # ---------------------------------------------------------------------------------------------

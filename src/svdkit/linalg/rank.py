@@ -230,7 +230,8 @@ def allocate_ranks(
     Notes
     -----
     Greedy on ``s_ij**2 / cost_i`` over all components, taken in that order while the budget
-    lasts (each matrix's components are taken in order because its spectrum descends). Matrices
+    lasts (each matrix's components are taken in order because its spectrum descends);
+    components with zero gain are never bought, so the budget may be left partly unspent. Matrices
     whose rank reaches the break-even point are switched to dense and the freed parameters are
     shared again, until nothing changes.
     """
@@ -253,6 +254,7 @@ def allocate_ranks(
             value = torch.cat([gains[i][min_rank:] / rank_costs[i] for i in active])
             cost = torch.tensor([rank_costs[i] for i in owner.tolist()], dtype=torch.float64)
             order = torch.sort(value, descending=True, stable=True).indices
+            order = order[value[order] > 0]  # a component that removes no error is not worth a parameter
             affordable = int((cost[order].cumsum(0) <= remaining).sum())
             for i in owner[order[:affordable]].tolist():
                 ranks[i] += 1
