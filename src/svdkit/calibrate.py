@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -34,9 +35,10 @@ from torch import nn
 
 from .linalg import cholesky_factor
 from .progress import ProgressLike, track
-from .views import get_view
+from .views import get_view, weight_matrix
 
 __all__ = [
+    "BatchRunner",
     "GradientRecorder",
     "InputRecorder",
     "InputStats",
@@ -214,6 +216,23 @@ def _check_finite(increment: "InputStats", name: str, what: str, batch: int | No
         )
 
 
+def _check_input_width(module: nn.Module, x: torch.Tensor, name: str, batch: int | None) -> None:
+    """Refuse an input the layer cannot take, naming the batch and the layer (the layer itself
+    would fail with a bare shape error, after the statistics were already corrupted)."""
+    where = f"calibration batch {batch}" if batch is not None else "a calibration batch"
+    if isinstance(module, nn.Conv2d):
+        axis, width = -3, module.in_channels
+    else:
+        axis, width = -1, int(weight_matrix(module).shape[1])
+    if x.ndim < -axis or x.shape[axis] != width:
+        raise ValueError(
+            f"{where} reaches layer {name!r} as a tensor of shape {tuple(x.shape)}, but the layer takes {width} input "
+            f"features (axis {axis}): the data does not fit this model"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"{where} reaches layer {name!r} as {x.dtype}, not a float tensor")
+
+
 class InputRecorder:
     """Forward hooks that accumulate each target's input statistics while the model runs.
 
@@ -274,6 +293,7 @@ class InputRecorder:
             if cached is not None and cached[0]() is x:
                 _, increment, serial = cached
             else:
+                _check_input_width(module, x, name, self.batch)
                 rows = layer_inputs(module, x)
                 increment = InputStats.zeros(rows.shape[1], device=rows.device)
                 increment.update(rows)
@@ -356,6 +376,67 @@ class GradientRecorder:
         return hook
 
 
+_USER_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError)
+
+
+class BatchRunner:
+    """Context manager: forward pre-hooks on the leaf modules remember which one ran last, so an
+    error raised while a batch runs becomes a ``ValueError`` naming the batch index and that layer.
+
+    Parameters
+    ----------
+    module : nn.Module
+    forward : callable, optional
+        ``forward(module, batch) -> output``; default :func:`svdkit.calibrate.run_batch`.
+    what : str
+        How batches are called in messages (``"batch"``, ``"calibration batch"``).
+    passthrough : tuple of exception types
+        Raised as they are (they already name the batch and the layer), like
+        :class:`~svdkit.calibrate.NonFiniteCalibration`.
+    """
+
+    def __init__(self, module: nn.Module, forward: Callable[[nn.Module, Any], Any] | None = None, *, what: str = "batch",
+                 passthrough: tuple[type[BaseException], ...] = ()) -> None:
+        self.module, self.what = module, what
+        self._passthrough = (NonFiniteCalibration, *passthrough)
+        self._forward = forward
+        self._handles: list = []
+        self._counter = itertools.count()
+        self.current: str | None = None
+        self.index: int | None = None
+
+    def __enter__(self) -> "BatchRunner":
+        for name, mod in self.module.named_modules():
+            if name and next(iter(mod.children()), None) is None:
+                self._handles.append(mod.register_forward_pre_hook(self._entered(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _entered(self, name: str):
+        def hook(module, inputs):
+            self.current = name
+        return hook
+
+    def __call__(self, batch: Any) -> Any:
+        """Run the next batch (counting from 0); see the class docstring."""
+        self.index = next(self._counter)
+        self.current = None
+        try:
+            return run_batch(self.module, batch, self._forward)
+        except self._passthrough:
+            raise  # already names the batch and the layer
+        except _USER_ERRORS as exc:
+            where = ""
+            if self.current is not None:
+                layer = self.module.get_submodule(self.current)
+                where = f" in layer {self.current} ({type(layer).__name__})"
+            raise ValueError(f"{self.what} {self.index}{where}: {type(exc).__name__}: {exc}") from exc
+
+
 def collect_input_stats(
     model: nn.Module,
     targets: Iterable[tuple[str, nn.Module]],
@@ -392,10 +473,10 @@ def collect_input_stats(
         If no batch was given or some target never received an input; the message lists them.
     """
     n_batches = 0
-    with InputRecorder(targets) as recorder, torch.no_grad():
+    with InputRecorder(targets) as recorder, BatchRunner(model, forward, what="calibration batch") as run, torch.no_grad():
         for index, batch in enumerate(track(batches, progress, desc="calibration batches")):
             recorder.next_batch(index)
-            run_batch(model, batch, forward)
+            run(batch)
             n_batches += 1
     if n_batches == 0:
         raise ValueError("the calibration data held no batches")

@@ -36,11 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibrate import run_batch
+from ..calibrate import BatchRunner, run_batch
 from ..linalg import effective_rank, energy_rank
 from ..progress import ProgressLike, track
 from ..surgery import matches_target
-from ._running import BatchRunner
 from .covariance import CovarianceAccumulator, cka_from_scatter
 from .table import AnalysisTable
 

@@ -25,7 +25,6 @@ from ..linalg import cholesky_factor
 from ..linalg import DEFAULT_VERDICT_ERROR, verdict_rule
 from ..progress import ProgressLike
 from ..views import get_view, weight_matrix
-from ._running import BatchRunner
 from .esd import eigenvalues, single_threaded
 from .metrics import verdict_columns
 
@@ -104,8 +103,7 @@ def add_whitened_verdicts(
                if name in wanted and get_view(mod) is not None and get_view(mod).kind != "embedding"]
     if not targets:
         return {"rule": verdict_rule(error), "layers": 0}
-    with BatchRunner(module, forward, what="calibration batch") as run:
-        stats = collect_input_stats(module, targets, batches, lambda _module, batch: run(batch), progress=progress)
+    stats = collect_input_stats(module, targets, batches, forward, progress=progress)
     with single_threaded():  # small per-layer problems: threads only contend
         judged = _judge(module, records, stats, error)
     return {

@@ -18,6 +18,7 @@ costs a long run.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def add_rank_options(parser: argparse.ArgumentParser, *, params: bool, rank_help
     if params:
         size.add_argument("--params", type=_fractions, metavar="FRACTION[,FRACTION...]",
                           help="fraction of the targeted parameters to keep; several (0.5,0.6,0.7) write one output each")
-    size.add_argument("--rank", type=_positive_int, help=rank_help)
+    size.add_argument("--rank", type=positive_int, help=rank_help)
     size.add_argument("--energy", type=_fraction, help="per layer: the smallest rank keeping this fraction of the (whitened) spectral energy")
     size.add_argument("--error", type=_error, help="per layer: the smallest rank whose relative (whitened) error is at most this")
     return size
@@ -75,8 +76,12 @@ def add_output_options(parser: argparse.ArgumentParser, *, json_help: str = "als
 
 
 def progress_option(args: argparse.Namespace) -> bool:
-    """``progress=`` for the library calls: on unless ``--no-progress``."""
-    return not getattr(args, "no_progress", False)
+    """``progress=`` for the library calls: on unless ``--no-progress``. Off a terminal, progress
+    comes as log lines, so the ``svdkit`` logger is let through at INFO level."""
+    enabled = not getattr(args, "no_progress", False)
+    if enabled and not sys.stderr.isatty():
+        logging.getLogger("svdkit").setLevel(logging.INFO)
+    return enabled
 
 
 def write_json(destination: str | None, text: str) -> None:
@@ -129,7 +134,8 @@ def _check_writable_parent(path: Path) -> None:
         raise ValueError(f"cannot create the folder {parent} for {path}")
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
+    """An argparse type: an integer >= 1, refused with a message naming the value otherwise."""
     try:
         number = int(value)
     except ValueError:

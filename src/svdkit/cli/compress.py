@@ -25,6 +25,7 @@ from ._common import (
     add_rank_options,
     add_target_options,
     check_outputs,
+    positive_int,
     progress_option,
     rank_from_options,
     target_spec,
@@ -61,13 +62,13 @@ def register(subparsers) -> None:
     parser.add_argument("--method", default="fisher", help="svd, asvd, whiten or fisher (default: fisher)")
     parser.add_argument("--calib", default="builtin",
                         help="'builtin' (English text shipped with Python), a .txt file, or a .pt tensor (token ids for a language model, inputs otherwise)")
-    parser.add_argument("--calib-seqs", type=int, default=None,
+    parser.add_argument("--calib-seqs", type=positive_int, default=None,
                         help=f"calibration sequences: windows for a language model (default {LM_SEQS}), sentences for a sentence model (default {SENTENCES})")
-    parser.add_argument("--seq-len", type=int, default=None, help=f"tokens per calibration window of a language model (default {LM_SEQ_LEN}, at most its context)")
-    parser.add_argument("--gradient-seqs", type=int, default=None,
+    parser.add_argument("--seq-len", type=positive_int, default=None, help=f"tokens per calibration window of a language model (default {LM_SEQ_LEN}, at most its context)")
+    parser.add_argument("--gradient-seqs", type=positive_int, default=None,
                         help=f"calibration windows of a language model used for the curvature (backward passes; default {GRADIENT_SEQS})")
     parser.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows (default 0)")
-    parser.add_argument("--batch-size", type=int, default=None, help=f"calibration batch size (default {LM_BATCH} windows or {SENTENCE_BATCH} sentences)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help=f"calibration batch size (default {LM_BATCH} windows or {SENTENCE_BATCH} sentences)")
     add_target_options(parser, what="layers to compress (default: every Linear/Conv1D/Conv2d but the output head)")
     parser.add_argument("--pipeline", choices=("auto", "model", "blocks"), default="auto",
                         help="block by block (decoder LLMs; the default for them) or the whole model at once")
@@ -132,9 +133,6 @@ def _calibration(args: argparse.Namespace, loaded) -> list:
 
     size = args.calib_seqs or SENTENCES
     batch = args.batch_size or SENTENCE_BATCH
-    for name, value in (("--calib-seqs", size), ("--batch-size", batch), ("--seq-len", args.seq_len or 1)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
     if loaded.is_causal_lm:
         return _lm_calibration(args, loaded)
     if args.calib == "builtin":

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..calibrate import current_token_mask, run_batch, token_mask
+from ..calibrate import BatchRunner, current_token_mask, run_batch, token_mask
 
 __all__ = ["BlockInput", "BlockStack", "capture_block_inputs", "find_blocks", "head_loss_gradient", "run_block"]
 
@@ -159,10 +159,10 @@ def capture_block_inputs(
 
     handle = stack.blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), BatchRunner(model, forward, what="calibration batch") as run:
             for index, batch in enumerate(batches):
                 try:
-                    run_batch(model, batch, forward)
+                    run(batch)
                 except _Caught:
                     continue
                 raise ValueError(f"calibration batch {index} never reached the first block ({stack.block_name(0)})")

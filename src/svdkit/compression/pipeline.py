@@ -28,12 +28,16 @@ __all__ = ["compress"]
 
 def _check_weights(targets: list[tuple[str, nn.Module]]) -> None:
     for name, module in targets:
-        W = module.weight.detach()
-        if not W.is_floating_point() or bool(torch.isfinite(W.sum())):  # the sum of finite weights is finite
-            continue
-        bad = int((~torch.isfinite(W)).sum())
-        if bad:
-            raise ValueError(f"layer {name} ({type(module).__name__}, weight {tuple(W.shape)}) has {bad} non-finite weights")
+        for what in ("weight", "bias"):
+            tensor = getattr(module, what, None)
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                continue
+            tensor = tensor.detach()
+            if bool(torch.isfinite(tensor.sum())):  # the sum of finite values is finite
+                continue
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ValueError(f"layer {name} ({type(module).__name__}, {what} {tuple(tensor.shape)}) has {bad} non-finite values")
 
 
 def _check_token_batches(model: nn.Module, calibration: list[Any]) -> None:
@@ -85,6 +89,15 @@ def _tie_follower(out: nn.Module, name: str, primary: str, factorized: nn.Module
     row.rank = primary_row.rank
     row.skip_reason = f"its weight is tied to {primary}'s: shares its factors (their parameters are counted there)"
     return row
+
+
+def _untie_in_config(model: nn.Module) -> None:
+    """A factorized tied head shares its factors with the embedding itself; a transformers
+    config that still asks to tie ``lm_head.weight`` to the embedding's weight (which no longer
+    exist) would make ``tie_weights()`` fail, so it stops asking."""
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
 
 
 def _curvature(config: CompressConfig, model: nn.Module) -> str:
@@ -232,6 +245,8 @@ def _compress_whole(
         report.layers.append(row)
         for follower in tied.get(plan.name, []):
             report.layers.append(_tie_follower(out, follower, plan.name, new, row))
+        if new is not None and plan.name in tied:
+            _untie_in_config(out)
     for _ in range(config.refit):
         plans = refit(model, out, plans, [row.rank for row in report.layers], calibration, run, damping=config.damping, progress=progress)
         for row, plan in zip(report.layers, plans):

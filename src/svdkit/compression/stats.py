@@ -9,8 +9,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..calibrate import GradientRecorder, InputStats, NonFiniteCalibration, collect_input_stats, run_batch
-from ..progress import ProgressLike
+from ..calibrate import BatchRunner, GradientRecorder, InputStats, NonFiniteCalibration, collect_input_stats
+from ..progress import ProgressLike, track
 
 __all__ = ["LayerStats", "collect_layer_stats", "model_output"]
 
@@ -96,6 +96,7 @@ def _collect_gradient_stats(
     curvature: str,
     probes: int,
     seed: int,
+    progress: ProgressLike = None,
 ) -> dict[str, InputStats]:
     """Gram of output gradients ``g = d objective / d y`` at every target's output ``y``
     (see :func:`output_objectives`)."""
@@ -106,10 +107,10 @@ def _collect_gradient_stats(
         # No weight gradients are needed: only the gradients at the targets' outputs.
         for p in params:
             p.requires_grad_(False)
-        with GradientRecorder(targets, make_leaves=True) as recorder, torch.enable_grad():
-            for index, batch in enumerate(batches):
+        with GradientRecorder(targets, make_leaves=True) as recorder, BatchRunner(model, forward, what="calibration batch") as run, torch.enable_grad():
+            for index, batch in enumerate(track(batches, progress, desc="gradient batches")):
                 recorder.next_batch(index)
-                result = run_batch(model, batch, forward)
+                result = run(batch)
                 for objective in output_objectives(result, batch, curvature, probes, generator):
                     if not objective.requires_grad:
                         raise ValueError("the model output does not depend on any target layer's output")
@@ -225,7 +226,7 @@ def collect_layer_stats(
     try:
         inputs = collect_input_stats(model, targets, batches, forward, progress=progress)
         grad_data = batches[:gradient_batches] if gradient_batches else batches
-        grads = _collect_gradient_stats(model, targets, grad_data, forward, curvature=curvature, probes=probes, seed=seed) if gradients else {}
+        grads = _collect_gradient_stats(model, targets, grad_data, forward, curvature=curvature, probes=probes, seed=seed, progress=progress) if gradients else {}
     finally:
         model.train(was_training)
     return {name: LayerStats(inputs[name], grads.get(name)) for name, _ in targets}

@@ -22,7 +22,7 @@ from ..layers.lora import LoRALayer, lora_wrapper_class, wrap_lora
 from ..linalg import Energy, ErrorTol, RankLike, resolve_rank
 from ..progress import ProgressLike, track
 from ..surgery import check_patterns, find_targets, replace_module
-from ..views import get_view, weight_matrix
+from ..views import weight_matrix
 from .config import LoRAConfig, merge_aliases
 from .inits import InitContext, LoRAInit, SVDMethod, check_init_inputs, get_init, init_spectrum
 from .state import (
@@ -233,33 +233,6 @@ def _layer_seed(seed: int, index: int) -> int:
     return (int(seed) * 1_000_003 + index) % (2**63 - 1)
 
 
-# view kind -> (input features the layer expects, the axis of the input that holds them)
-_INPUT_AXIS: dict[str, Callable[[nn.Module], tuple[int, int]]] = {
-    "linear": lambda m: (int(weight_matrix(m).shape[1]), -1),
-    "conv1d": lambda m: (int(weight_matrix(m).shape[1]), -1),
-    "conv2d": lambda m: (int(m.in_channels), -3),
-}
-
-
-def _input_check(name: str, module: nn.Module, batch_index: list[int]):
-    """A forward pre-hook that names the layer and the batch when calibration data does not fit."""
-    features, axis = _INPUT_AXIS[get_view(module).kind](module)
-
-    def hook(_module, inputs):
-        x = inputs[0] if inputs else None
-        if not isinstance(x, torch.Tensor):
-            return
-        if x.ndim < -axis or x.shape[axis] != features:
-            raise ValueError(
-                f"calibration batch {batch_index[0]} reaches layer {name!r} as a tensor of shape {tuple(x.shape)}, "
-                f"but the layer takes {features} input features (axis {axis}): the data does not fit this model"
-            )
-        if not x.is_floating_point():
-            raise ValueError(f"calibration batch {batch_index[0]} reaches layer {name!r} as {x.dtype}, not a float tensor")
-
-    return hook
-
-
 def _eva_stats(model, selected, input_stats, calibration, forward, progress) -> Mapping[str, InputStats]:
     names = [name for name, _ in selected]
     if input_stats is not None:
@@ -269,24 +242,13 @@ def _eva_stats(model, selected, input_stats, calibration, forward, progress) -> 
         return input_stats
     if calibration is None:
         raise ValueError("init 'eva' needs calibration data: pass calibration= (batches) or input_stats=")
-    batch_index = [0]
-
-    def batches():
-        for index, batch in enumerate(track(calibration, progress, desc="EVA calibration batches")):
-            batch_index[0] = index
-            yield batch
-
-    handles = [module.register_forward_pre_hook(_input_check(name, module, batch_index)) for name, module in selected]
     was_training = model.training
     model.eval()
     try:
-        return collect_input_stats(model, selected, batches(), forward)
-    except (RuntimeError, TypeError, IndexError) as exc:
-        raise ValueError(f"init 'eva': calibration batch {batch_index[0]} could not be run through the model: {exc}") from exc
+        # Data that does not fit names its batch and layer (svdkit.calibrate checks every input).
+        return collect_input_stats(model, selected, track(calibration, progress, desc="EVA calibration batches"), forward)
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
 
 
 def add_lora(
