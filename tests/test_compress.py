@@ -415,3 +415,17 @@ def test_heal_lowers_the_output_error_and_only_trains_the_factorized_layers():
     assert all(p.requires_grad for p in healed.parameters()) and all(p.grad is None for p in healed.parameters())
     with pytest.raises(ValueError, match="needs calibration data"):
         compress(model, CompressConfig(method="svd", heal_steps=5))
+
+
+def test_a_budget_sweep_equals_separate_compressions():
+    from svdkit.compression import compress_sweep
+
+    model, batches = mlp(), correlated_batches()
+    config = CompressConfig(method="fisher", budget=0.5)
+    swept = compress_sweep(model, config, [0.3, 0.6], batches)
+    for budget, (out, report) in zip([0.3, 0.6], swept):
+        alone, alone_report = compress(model, CompressConfig(method="fisher", budget=budget), batches)
+        assert [r.rank for r in report.layers] == [r.rank for r in alone_report.layers]
+        for key, value in alone.state_dict().items():
+            torch.testing.assert_close(out.state_dict()[key], value, rtol=0, atol=0)
+    assert swept[0][1].kept_fraction < swept[1][1].kept_fraction <= 0.6

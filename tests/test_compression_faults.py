@@ -383,3 +383,16 @@ def test_an_injected_failure_leaves_the_model_and_the_output_as_they_were(tmp_pa
     with pytest.raises(RuntimeError, match="injected"):
         compress(model, CompressConfig(method="whiten", rank=3), batches(), inplace=False)
     _assert_unchanged(model, before)
+
+
+def test_cli_sweep_writes_one_output_per_budget(tmp_path, capsys, factory):
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.randn(64, 16), calib)
+    code = main(["compress", factory, "-o", str(tmp_path / "m"), "--calib", str(calib), "--params", "0.4,0.7",
+                 "--json", str(tmp_path / "r.json"), "--no-progress"])
+    assert code == 0
+    reports = json.loads((tmp_path / "r.json").read_text())
+    assert [round(r["totals"]["target_kept_fraction"] <= b + 1e-9) for r, b in zip(reports, (0.4, 0.7))] == [1, 1]
+    for suffix, budget in (("40", 0.4), ("70", 0.7)):
+        meta = json.loads((tmp_path / f"m-{suffix}" / "svdkit_compressed.json").read_text())
+        assert meta["config"]["budget"] == budget

@@ -227,3 +227,26 @@ def test_calibration_ids_outside_the_vocabulary_are_refused(make_decoder):
     bad = [torch.full((2, 8), VOCAB + 5)]
     with pytest.raises(ValueError, match=r"calibration batch 0 holds token ids in \[105, 105\].*vocabulary \[0, 100\)"):
         compress(model, CompressConfig(method="whiten", rank=4), bad)
+
+
+def test_a_block_pipeline_sweep_measures_the_curvature_once_and_equals_separate_runs(make_decoder, monkeypatch):
+    from svdkit.compression import compress_sweep, sequential
+
+    model = make_decoder("llama", causal=True, layers=2)
+    calls = {"curvature": 0}
+    measure = sequential._curvature_pass
+
+    def counted(*args, **kwargs):
+        calls["curvature"] += 1
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(sequential, "_curvature_pass", counted)
+    config = CompressConfig(method="fisher", budget=0.5, pipeline="blocks")
+    swept = compress_sweep(model, config, [0.4, 0.7], _batches())
+    assert calls["curvature"] == 1
+    for budget, (out, report) in zip([0.4, 0.7], swept):
+        alone, alone_report = compress(model, CompressConfig(method="fisher", budget=budget, pipeline="blocks"), _batches())
+        assert [r.rank for r in report.layers] == [r.rank for r in alone_report.layers]
+        ids = _ids(1, 12, seed=5)
+        with torch.no_grad():
+            torch.testing.assert_close(out(ids).logits, alone(ids).logits)

@@ -15,7 +15,8 @@ anything else              ``--calib FILE.pt`` (a tensor of inputs)   (none)
 from __future__ import annotations
 
 import argparse
-import logging
+import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,6 @@ SENTENCE_BATCH = 32
 LM_SEQS, LM_SEQ_LEN, LM_BATCH = 128, 256, 4
 GRADIENT_SEQS = 32
 PROMPT = "The for statement in Python"
-
-logger = logging.getLogger("svdkit")
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -99,9 +97,9 @@ def _config(args: argparse.Namespace, loaded) -> Any:
         fields["rank"] = rank
     else:
         params = args.params or ((DEFAULT_LM_PARAMS if loaded.is_causal_lm else DEFAULT_PARAMS),)
-        if len(params) > 1:
-            raise ValueError(f"--params takes one fraction here, got {', '.join(map(str, params))}")
         if args.uniform:
+            if len(params) > 1:
+                raise ValueError(f"--uniform takes one fraction, got --params {','.join(map(str, params))}")
             fields["rank"] = ParamRatio(params[0])
         else:
             fields["budget"] = params[0]
@@ -199,12 +197,19 @@ def _lm_quality(loaded, module, progress: bool) -> dict[str, Any]:
     return quality
 
 
+def _outputs(args: argparse.Namespace) -> list[tuple[float | None, Path]]:
+    """(budget, directory) per result: several ``--params`` write ``OUTPUT-50``, ``OUTPUT-60``, ..."""
+    if args.params and len(args.params) > 1 and not args.uniform:
+        return [(p, Path(f"{args.output}-{round(p * 100)}")) for p in args.params]
+    return [(None, Path(args.output))]
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..compression import compress, save_compressed
+    from ..compression import compress, compress_sweep, save_compressed
     from ..models import load_model
 
-    output = Path(args.output)
-    check_outputs(directories=(args.output,), files=(args.json,), overwrite=args.overwrite)
+    outputs = _outputs(args)
+    check_outputs(directories=tuple(str(path) for _, path in outputs), files=(args.json,), overwrite=args.overwrite)
     progress = progress_option(args)
     print(f"loading {args.model} ...", file=sys.stderr)
     loaded = load_model(args.model)
@@ -213,20 +218,27 @@ def run(args: argparse.Namespace) -> int:
     before = _lm_quality(loaded, loaded.module, progress) if loaded.is_causal_lm and not args.no_eval else None
     print(f"compressing with {config.method} ...", file=sys.stderr)
     forward = loaded.forward if loaded.is_sentence_model else None
-    # A language model's dense quality is measured before: it is compressed in place, so that
-    # memory holds one model. A sentence model's quality compares both, so it is copied.
-    compressed, report = compress(loaded.module, config, calibration, forward=forward, progress=progress, inplace=loaded.is_causal_lm)
-    if not args.no_eval:
-        if loaded.is_sentence_model:
-            report.quality.update(_sentence_quality(loaded, compressed))
-        elif before is not None:
-            after = _lm_quality(loaded, compressed, progress)
-            for key in before:
-                report.quality[f"{key} (dense -> compressed)"] = _before_after(before[key], after[key])
-    save_compressed(compressed, output, source=args.model, config=config, tokenizer=loaded.tokenizer, report=report, overwrite=args.overwrite)
-    print(report.to_table())
-    print(f"saved to {output} (load with svdkit.load_model({str(output)!r}))")
-    write_json(args.json, report.to_json())
+    if len(outputs) > 1:  # one calibration, one set of statistics, several budgets
+        results = compress_sweep(loaded.module, config, [b for b, _ in outputs], calibration, forward=forward, progress=progress)
+    else:
+        # A language model's dense quality is measured before: it is compressed in place, so that
+        # memory holds one model. A sentence model's quality compares both, so it is copied.
+        results = [compress(loaded.module, config, calibration, forward=forward, progress=progress, inplace=loaded.is_causal_lm)]
+    reports = []
+    for (budget, output), (compressed, report) in zip(outputs, results):
+        if not args.no_eval:
+            if loaded.is_sentence_model:
+                report.quality.update(_sentence_quality(loaded, compressed))
+            elif before is not None:
+                after = _lm_quality(loaded, compressed, progress)
+                for key in before:
+                    report.quality[f"{key} (dense -> compressed)"] = _before_after(before[key], after[key])
+        used = config if budget is None else dataclasses.replace(config, budget=budget)
+        save_compressed(compressed, output, source=args.model, config=used, tokenizer=loaded.tokenizer, report=report, overwrite=args.overwrite)
+        print(report.to_table())
+        print(f"saved to {output} (load with svdkit.load_model({str(output)!r}))")
+        reports.append(report.to_dict())
+    write_json(args.json, json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     return 0
 
 

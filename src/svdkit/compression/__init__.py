@@ -3,7 +3,7 @@
 from .config import CompressConfig
 from .methods import METHODS, Factorization, register_method
 from .io import decompress, load_compressed, save_compressed
-from .pipeline import compress
+from .pipeline import compress, compress_sweep
 from .quality import embedding_agreement
 from .report import CompressionReport, LayerReport
 from .stats import LayerStats, collect_layer_stats
@@ -17,6 +17,7 @@ __all__ = [
     "LayerStats",
     "collect_layer_stats",
     "compress",
+    "compress_sweep",
     "decompress",
     "embedding_agreement",
     "load_compressed",

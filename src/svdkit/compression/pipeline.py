@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -17,14 +19,14 @@ from ..views import get_view
 from .blocks import BlockStack, find_blocks
 from .config import CompressConfig
 from .heal import heal
-from .plan import plan_layers
+from .plan import LayerPlan, plan_layers
 from .ranks import choose_ranks
 from .refit import refit
 from .report import CompressionReport, LayerReport, peak_memory
-from .sequential import compress_blocks
+from .sequential import compress_blocks, measure_curvature
 from .stats import LayerStats, collect_layer_stats
 
-__all__ = ["compress"]
+__all__ = ["compress", "compress_sweep"]
 
 def _check_weights(targets: list[tuple[str, nn.Module]]) -> None:
     for name, module in targets:
@@ -171,7 +173,58 @@ def compress(
         No layer matched, a weight is not finite, calibration data is missing, non-finite or
         never reaches a target, or a rank/budget is impossible.
     """
-    config = config or CompressConfig()
+    return _compress_all(model, [config or CompressConfig()], calibration, forward=forward, inplace=inplace, progress=progress)[0]
+
+
+def compress_sweep(
+    model: nn.Module,
+    config: CompressConfig,
+    budgets: Sequence[float],
+    calibration: Iterable[Any] | None = None,
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    progress: ProgressLike = False,
+) -> list[tuple[nn.Module, CompressionReport]]:
+    """:func:`compress` at several global budgets, measuring what they share once.
+
+    The whole-model pipeline computes the calibration statistics and every layer's
+    factorization once; each budget only chooses its ranks and builds its copy. The block
+    pipeline runs its curvature pass once; its compression pass fits each block to what the
+    compressed blocks before it produce, which depends on the budget, so it runs per budget.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Left unchanged.
+    config : CompressConfig
+        Everything but the budget.
+    budgets : sequence of float
+        Fractions of the targeted parameters to keep, each in (0, 1].
+    calibration, forward, progress
+        As for :func:`compress`.
+
+    Returns
+    -------
+    list of (compressed, report)
+        One per budget, in order.
+    """
+    if not budgets:
+        raise ValueError("compress_sweep needs at least one budget")
+    configs = [dataclasses.replace(config, budget=budget) for budget in budgets]
+    return _compress_all(model, configs, calibration, forward=forward, inplace=False, progress=progress)
+
+
+def _compress_all(
+    model: nn.Module,
+    configs: list[CompressConfig],
+    calibration: Iterable[Any] | None,
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None,
+    inplace: bool,
+    progress: ProgressLike,
+) -> list[tuple[nn.Module, CompressionReport]]:
+    """One result per config; the configs differ in their budget only."""
+    config = configs[0]
     start = time.perf_counter()
     targets = find_targets(
         model, config.target_modules, exclude=config.exclude, kinds=config.kinds,
@@ -192,37 +245,56 @@ def compress(
     if calibration is not None:
         _check_token_batches(model, calibration)
     stack = _choose_pipeline(model, targets, config) if config.needs_data else None
-    report = CompressionReport(method=config.method, model_params_before=sum(p.numel() for p in model.parameters()))
-    out = model if inplace else copy.deepcopy(model)
+    params_before = sum(p.numel() for p in model.parameters())
+    results = []
     if stack is not None:
-        out_stack = BlockStack(stack.name, out.get_submodule(stack.name))
-        rows, run = compress_blocks(
-            model, out, out_stack, targets, calibration, config, forward=forward, curvature=_curvature(config, model),
-            device=config.device, progress=progress,
-        )
-        report.layers.extend(rows)
-        report.pipeline = "blocks"
-        report.timings.update(run.seconds)
+        curvature = _curvature(config, model)
+        measured = measure_curvature(model, stack, targets, calibration, config, forward=forward, curvature=curvature,
+                                     device=config.device, progress=progress)
+        try:
+            for cfg in configs:
+                out = model if inplace else copy.deepcopy(model)
+                out_stack = BlockStack(stack.name, out.get_submodule(stack.name))
+                rows, run = compress_blocks(model, out, out_stack, targets, calibration, cfg, forward=forward,
+                                            measured=measured, device=cfg.device, progress=progress)
+                report = CompressionReport(method=cfg.method, model_params_before=params_before, layers=rows, pipeline="blocks")
+                report.timings.update(run.seconds)
+                results.append((out, report))
+        finally:
+            if measured is not None:
+                measured.close()
     else:
-        _compress_whole(model, out, targets, calibration, config, forward, report, progress)
-    report.model_params_after = sum(p.numel() for p in out.parameters())
-    report.seconds = time.perf_counter() - start
-    report.peak_memory = peak_memory()
-    return out, report
+        shared = _plan_whole(model, targets, calibration, config, forward, progress)
+        for cfg in configs:
+            out = model if inplace else copy.deepcopy(model)
+            report = CompressionReport(method=cfg.method, model_params_before=params_before)
+            _apply_whole(model, out, shared, calibration, cfg, forward, report, progress)
+            results.append((out, report))
+    for out, report in results:
+        report.model_params_after = sum(p.numel() for p in out.parameters())
+        report.seconds = time.perf_counter() - start
+        report.peak_memory = peak_memory()
+    return results
 
 
-def _compress_whole(
+@dataclass
+class _WholePlan:
+    """What every budget of the whole-model pipeline shares: the factorized targets and their tied followers."""
+
+    plans: list[LayerPlan]
+    tied: dict[str, list[str]]
+    other_params: int
+
+
+def _plan_whole(
     model: nn.Module,
-    out: nn.Module,
     targets: list[tuple[str, nn.Module]],
     calibration: list[Any] | None,
     config: CompressConfig,
     forward: Callable[[nn.Module, Any], Any] | None,
-    report: CompressionReport,
     progress: ProgressLike,
-) -> None:
+) -> _WholePlan:
     """Every layer's statistics from whole-model forwards (and backwards), then every factorization."""
-    run = forward if forward is not None else (lambda module, batch: run_batch(module, batch))
     tied = _tied_followers(model, targets)
     followers = {name for names in tied.values() for name in names}
     targets = [(n, m) for n, m in targets if n not in followers]
@@ -236,20 +308,38 @@ def _compress_whole(
         )
     plans = plan_layers(targets, stats, config, progress)
     others = sum(p.numel() for p in model.parameters()) - sum(plan.dense_params for plan in plans)
-    ranks = choose_ranks(plans, config, other_params=others)
+    return _WholePlan(plans, tied, others)
+
+
+def _apply_whole(
+    model: nn.Module,
+    out: nn.Module,
+    shared: _WholePlan,
+    calibration: list[Any] | None,
+    config: CompressConfig,
+    forward: Callable[[nn.Module, Any], Any] | None,
+    report: CompressionReport,
+    progress: ProgressLike,
+) -> None:
+    """Choose the ranks of one budget, replace the layers of ``out``, then refit and heal."""
+    run = forward if forward is not None else (lambda module, batch: run_batch(module, batch))
+    plans = shared.plans
+    ranks = choose_ranks(plans, config, other_params=shared.other_params)
+    rows = []
     for plan, k in zip(plans, ranks):
         row = plan.report(k)
         new = plan.build(row.rank) if row.rank is not None else None
         if new is not None:
             replace_module(out, plan.name, new)
+        rows.append(row)
         report.layers.append(row)
-        for follower in tied.get(plan.name, []):
+        for follower in shared.tied.get(plan.name, []):
             report.layers.append(_tie_follower(out, follower, plan.name, new, row))
-        if new is not None and plan.name in tied:
+        if new is not None and plan.name in shared.tied:
             _untie_in_config(out)
     for _ in range(config.refit):
-        plans = refit(model, out, plans, [row.rank for row in report.layers], calibration, run, damping=config.damping, progress=progress)
-        for row, plan in zip(report.layers, plans):
+        plans = refit(model, out, plans, [row.rank for row in rows], calibration, run, damping=config.damping, progress=progress)
+        for row, plan in zip(rows, plans):
             if row.rank is not None:
                 row.method = plan.factorizations[0].method
     if config.heal_steps:

@@ -43,7 +43,7 @@ from .refit import _PairStats, refit_plan
 from .report import LayerReport
 from .stats import LayerStats, output_objectives
 
-__all__ = ["BlockRun", "compress_blocks"]
+__all__ = ["BlockRun", "Curvature", "compress_blocks", "measure_curvature"]
 
 
 @dataclass
@@ -315,9 +315,32 @@ def _paired_sweep(
     return pairs, dense_next
 
 
-def compress_blocks(
+@dataclass
+class Curvature:
+    """What pass 1 measured on the dense model, shared by every budget compressed from it.
+
+    Attributes
+    ----------
+    spectra : dict of name -> LayerSpectrum
+        Each target's spectrum in the method's metric.
+    spill : _Spill or None
+        The output-gradient statistics, one file per block (``fisher``).
+    seconds : float
+    gradient_batches : int
+    """
+
+    spectra: dict[str, LayerSpectrum]
+    spill: _Spill | None
+    seconds: float
+    gradient_batches: int
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+
+
+def measure_curvature(
     model: nn.Module,
-    out: nn.Module,
     stack: BlockStack,
     targets: list[tuple[str, nn.Module]],
     batches: list[Any],
@@ -327,15 +350,73 @@ def compress_blocks(
     curvature: str,
     device: torch.device | str | None = None,
     progress: ProgressLike = None,
-) -> tuple[list[LayerReport], BlockRun]:
-    """Compress ``out`` (a copy of ``model``, or ``model`` itself) block by block, in place.
+) -> Curvature | None:
+    """Pass 1 on the dense ``model`` (see the module docstring), when the method needs output
+    gradients (``fisher``) or the config a global budget; None otherwise.
 
     Parameters
     ----------
     model : nn.Module
-        The dense model: pass 1 measures it.
+    stack : BlockStack
+        The blocks of ``model``.
+    targets : list of (name, module)
+        Target layers of ``model``, all inside the blocks.
+    batches : list
+        Calibration batches; the first ``config.gradient_batches`` are used.
+    config : CompressConfig
+    forward : callable, optional
+        ``forward(module, batch)``.
+    curvature : str
+        The output statistics of ``fisher`` (see :func:`svdkit.compression.stats.output_objectives`).
+    device : optional
+        Compute device: each block visits it while it is processed.
+    progress : bool or callable
+    """
+    needs_gradients = config.method == "fisher"
+    if not needs_gradients and config.budget is None:
+        return None
+    check_patterns(config.rank_pattern, [name for name, _ in targets], field="rank_pattern")
+    start = time.perf_counter()
+    grad_batches = batches[: config.gradient_batches] if config.gradient_batches else batches
+    spill = _Spill()
+    flags = _frozen(model)
+    try:
+        spectra = _curvature_pass(
+            model, stack, _block_targets(stack, targets), grad_batches, forward, config,
+            curvature if needs_gradients else None, spill, device, progress,
+        )
+    except BaseException:
+        spill.close()
+        raise
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    if not needs_gradients:
+        spill.close()
+    return Curvature(spectra, spill if needs_gradients else None, time.perf_counter() - start, len(grad_batches))
+
+
+def compress_blocks(
+    model: nn.Module,
+    out: nn.Module,
+    stack: BlockStack,
+    targets: list[tuple[str, nn.Module]],
+    batches: list[Any],
+    config: CompressConfig,
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None,
+    measured: Curvature | None,
+    device: torch.device | str | None = None,
+    progress: ProgressLike = None,
+) -> tuple[list[LayerReport], BlockRun]:
+    """Pass 2: compress ``out`` (a copy of ``model``, or ``model`` itself) block by block, in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The dense model.
     out : nn.Module
-        Where the factorized layers go (pass 2).
+        Where the factorized layers go.
     stack : BlockStack
         The blocks of ``out`` (:func:`~svdkit.compression.blocks.find_blocks`).
     targets : list of (name, module)
@@ -345,8 +426,8 @@ def compress_blocks(
     config : CompressConfig
     forward : callable, optional
         ``forward(module, batch)``.
-    curvature : str
-        The output statistics of ``fisher`` (see :func:`svdkit.compression.stats.output_objectives`).
+    measured : Curvature or None
+        Pass 1 (:func:`measure_curvature`): spectra for a budget, gradients for ``fisher``.
     device : optional
         Compute device: each block visits it while it is processed.
     progress : bool or callable
@@ -358,36 +439,26 @@ def compress_blocks(
     run : BlockRun
     """
     run = BlockRun(blocks=len(stack.blocks))
-    dense_stack = BlockStack(stack.name, model.get_submodule(stack.name))
-    by_block = _block_targets(dense_stack, targets)
+    check_patterns(config.rank_pattern, [name for name, _ in targets], field="rank_pattern")
+    by_block = _block_targets(BlockStack(stack.name, model.get_submodule(stack.name)), targets)
     out_by_block = {i: [(name, out.get_submodule(name)) for name, _ in layers] for i, layers in by_block.items()}
-    needs_gradients = config.method == "fisher"
-    spill = _Spill() if needs_gradients or config.budget is not None else None
+    ranks = None
+    if measured is not None:
+        run.seconds["curvature"] = measured.seconds
+        run.gradient_batches = measured.gradient_batches
+        if config.budget is not None:
+            candidates = [measured.spectra[name] for name, _ in targets]
+            others = sum(p.numel() for p in model.parameters()) - sum(c.dense_params for c in candidates)
+            ranks = dict(zip([c.name for c in candidates], choose_ranks(candidates, config, other_params=others, check=False)))
     flags = _frozen(model)
     try:
-        check_patterns(config.rank_pattern, [name for name, _ in targets], field="rank_pattern")
-        ranks = None
-        if spill is not None:
-            start = time.perf_counter()
-            grad_batches = batches[: config.gradient_batches] if config.gradient_batches else batches
-            run.gradient_batches = len(grad_batches)
-            spectra = _curvature_pass(
-                model, dense_stack, by_block, grad_batches, forward, config, curvature if needs_gradients else None,
-                spill, device, progress,
-            )
-            run.seconds["curvature"] = time.perf_counter() - start
-            if config.budget is not None:
-                candidates = [spectra[name] for name, _ in targets]
-                others = sum(p.numel() for p in model.parameters()) - sum(c.dense_params for c in candidates)
-                ranks = dict(zip([c.name for c in candidates], choose_ranks(candidates, config, other_params=others, check=False)))
         start = time.perf_counter()
-        rows = _compression_pass(out, stack, out_by_block, batches, forward, config, ranks, spill, device, progress)
+        rows = _compression_pass(out, stack, out_by_block, batches, forward, config, ranks,
+                                 measured.spill if measured is not None else None, device, progress)
         run.seconds["compression"] = time.perf_counter() - start
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        if spill is not None:
-            spill.close()
     order = {name: i for i, (name, _) in enumerate(targets)}
     rows.sort(key=lambda row: order[row.name])
     return rows, run
