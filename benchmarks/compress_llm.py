@@ -39,7 +39,6 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
     "fisher-labels": ({"method": "fisher", "curvature": "labels", "pipeline": "blocks"}, True),
     "fisher-labels-budget-model": ({"method": "fisher", "curvature": "labels", "pipeline": "model"}, False),
     "default": ({}, False),  # what svdkit compress does: fisher, LM curvature, budget, block by block
-    "default-refit": ({"refit": 1}, False),  # + each layer fitted to the dense model's outputs
 }
 DEFAULT_CONFIGS = ("svd", "asvd", "whiten", "whiten-budget", "fisher-probes-budget", "fisher-labels", "default")
 BATCH = 4

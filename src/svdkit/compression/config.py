@@ -86,8 +86,8 @@ class CompressConfig:
     refit : int
         Closed-form refit passes (:mod:`svdkit.compression.refit`): each re-solves every factorized
         layer, stage by stage, for the inputs the compressed model actually feeds it, to give the
-        dense layer's outputs on the dense model's inputs. The block pipeline does it in its one
-        pass (``refit=1``), carrying the dense model's block inputs alongside.
+        dense layer's outputs on the dense model's inputs (whole-model pipeline only: the block
+        pipeline already fits each block to the compressed model's inputs).
     heal_steps : int
         Distillation steps toward the original after compression (:mod:`svdkit.compression.heal`); 0: none.
     heal_lr : float
@@ -129,11 +129,8 @@ class CompressConfig:
             raise ValueError(f"curvature: expected 'auto', 'probes', 'labels' or 'sampled', got {self.curvature!r}")
         if self.pipeline not in ("auto", "model", "blocks"):
             raise ValueError(f"pipeline: expected 'auto', 'model' or 'blocks', got {self.pipeline!r}")
-        if self.pipeline == "blocks" and (self.refit > 1 or self.heal_steps):
-            raise ValueError(
-                "the block pipeline refits once (refit=1: each layer fitted to the dense model's outputs from the compressed "
-                "model's inputs); more refit passes and heal_steps need the whole model: use pipeline='model'"
-            )
+        if self.pipeline == "blocks" and (self.refit or self.heal_steps):
+            raise ValueError("refit and heal_steps work on the whole model: use pipeline='model' (or 'auto') with them")
         if self.gradient_batches is not None and (isinstance(self.gradient_batches, bool) or not isinstance(self.gradient_batches, int) or self.gradient_batches < 1):
             raise ValueError(f"gradient_batches: expected an int >= 1 or None, got {self.gradient_batches!r}")
         if self.device is not None:

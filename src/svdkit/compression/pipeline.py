@@ -116,7 +116,7 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 def _choose_pipeline(model: nn.Module, targets: list[tuple[str, nn.Module]], config: CompressConfig) -> BlockStack | None:
     """The stack of blocks to compress block by block, or None for the whole-model path."""
-    if config.pipeline == "model" or (config.pipeline == "auto" and (config.refit > 1 or config.heal_steps)):
+    if config.pipeline == "model" or (config.pipeline == "auto" and (config.refit or config.heal_steps)):
         return None
     stack = find_blocks(model, [name for name, _ in targets])
     if config.pipeline == "blocks":

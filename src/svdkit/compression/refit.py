@@ -29,7 +29,7 @@ from ..views import weight_matrix
 from .methods import Factorization, Transform, factorize
 from .plan import LayerPlan
 
-__all__ = ["refit", "refit_plan"]
+__all__ = ["refit"]
 
 
 class _PairStats:
@@ -203,7 +203,7 @@ def refit(
         for stage in track(stages, progress, desc="refit stages"):
             pairs = _collect_pairs(original, compressed, stage, batches, forward)
             for plan in stage:
-                new_plan = refit_plan(plan, pairs[plan.name], damping)
+                new_plan = _refit_plan(plan, pairs[plan.name], damping)
                 replace_module(compressed, plan.name, new_plan.build(rank_of[plan.name]))
                 updated[plan.name] = new_plan
     finally:
@@ -212,8 +212,7 @@ def refit(
     return [updated.get(plan.name, plan) for plan in plans]
 
 
-def refit_plan(plan: LayerPlan, stats: _PairStats, damping: float) -> LayerPlan:
-    """``plan`` refitted to the paired input statistics ``stats`` (every group)."""
+def _refit_plan(plan: LayerPlan, stats: _PairStats, damping: float) -> LayerPlan:
     blocks = weight_matrix(plan.module).detach().reshape(plan.groups, plan.shape[0], plan.shape[1])
     size = plan.shape[1]
     factorizations = []

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..calibrate import GradientRecorder, InputRecorder, InputStats, layer_inputs
+from ..calibrate import GradientRecorder, InputRecorder, InputStats
 from ..progress import ProgressLike, track
 from ..surgery import check_patterns, replace_module
 from .blocks import BlockInput, BlockStack, capture_block_inputs, head_loss_gradient, run_block
@@ -39,7 +39,6 @@ from .config import CompressConfig
 from .methods import transformed_spectrum
 from .plan import layer_transforms, plan_layer
 from .ranks import choose_ranks
-from .refit import _PairStats, refit_plan
 from .report import LayerReport
 from .stats import LayerStats, output_objectives
 
@@ -239,80 +238,25 @@ def _compression_pass(
 ) -> list[LayerReport]:
     """Pass 2 (see the module docstring) on ``out``, in place; returns the report rows."""
     inputs = capture_block_inputs(out, stack, batches, forward, device=device)
-    # With refit, the dense model's own block inputs travel alongside the compressed model's.
-    dense_hidden = [item.hidden for item in inputs] if config.refit else None
     rows: list[LayerReport] = []
     for index in track(range(len(stack.blocks)), progress, desc="blocks compressed"):
         targets = by_block.get(index, [])
         with _on(stack.blocks[index], device) as block:
             if targets:
-                pairs: dict[str, _PairStats] = {}
-                if dense_hidden is not None:
-                    pairs, dense_next = _paired_sweep(block, targets, inputs, dense_hidden)
-                    input_stats = {name: InputStats(pair.gram, torch.zeros(pair.gram.shape[0], dtype=torch.float64), pair.count) for name, pair in pairs.items()}
-                else:
-                    input_stats, _, _ = _sweep_block(block, targets, inputs, [item.hidden for item in inputs], None)
+                input_stats, _, _ = _sweep_block(block, targets, inputs, [item.hidden for item in inputs], None)
                 gradient_stats = spill.get(f"gradients-{index}") if spill is not None and (spill.path / f"gradients-{index}.pt").exists() else {}
                 block_plans = [plan_layer(name, module, LayerStats(input_stats[name], gradient_stats.get(name)), config) for name, module in targets]
-                if pairs:
-                    block_plans = [refit_plan(plan, pairs[plan.name], config.damping) for plan in block_plans]
                 block_ranks = [ranks[p.name] for p in block_plans] if ranks is not None else choose_ranks(block_plans, config, check=False)
                 for plan, k in zip(block_plans, block_ranks):
                     row = plan.report(k)
                     if row.rank is not None:
                         replace_module(out, plan.name, plan.build(row.rank))
                     rows.append(row)
-                del input_stats, gradient_stats, pairs
-            elif dense_hidden is not None:
-                with torch.no_grad():
-                    dense_next = [run_block(block, item, h) for item, h in zip(inputs, dense_hidden)]
+                del input_stats, gradient_stats
             with torch.no_grad():
                 for item in inputs:
                     item.hidden = run_block(block, item)
-            if dense_hidden is not None:
-                dense_hidden = dense_next
     return rows
-
-
-def _paired_sweep(
-    block: nn.Module, targets: list[tuple[str, nn.Module]], inputs: list[BlockInput], dense_hidden: list[torch.Tensor]
-) -> tuple[dict[str, _PairStats], list[torch.Tensor]]:
-    """Run the (still dense) block on the dense model's inputs and on the compressed model's,
-    batch by batch, and pair each target's two inputs: ``sum x~ x~^T`` and ``sum x~ x^T``.
-    Returns the pairs and the block's outputs on the dense inputs (the next dense inputs)."""
-    pairs: dict[str, _PairStats] = {}
-    dense_next = []
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def hook(module, args):
-            seen[name] = layer_inputs(module, args[0])
-        return hook
-
-    def pair(name):
-        def hook(module, args):
-            rows = layer_inputs(module, args[0])
-            if name not in pairs:
-                pairs[name] = _PairStats(rows.shape[1], rows.device)
-            pairs[name].update(rows, seen[name])
-        return hook
-
-    with torch.no_grad():
-        for item, h in zip(inputs, dense_hidden):
-            handles = [module.register_forward_pre_hook(keep(name)) for name, module in targets]
-            try:
-                dense_next.append(run_block(block, item, h))
-            finally:
-                for handle in handles:
-                    handle.remove()
-            handles = [module.register_forward_pre_hook(pair(name)) for name, module in targets]
-            try:
-                run_block(block, item)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            seen.clear()
-    return pairs, dense_next
 
 
 @dataclass
