@@ -61,7 +61,7 @@ __all__ = [
     "GRAM32_MIN_FLOPS",
     "GRAM32_RESOLUTION",
     "MKL_MIN_SIZE",
-    "SvdMethod",
+    "EigenRoute",
     "eigenvalues",
     "iter_eigenvalues",
     "resolution",
@@ -70,7 +70,7 @@ __all__ = [
     "single_threaded",
 ]
 
-SvdMethod = Literal["auto", "gram", "svd"]
+EigenRoute = Literal["auto", "gram", "svd"]
 _METHODS = ("auto", "gram", "svd")
 T = TypeVar("T")
 

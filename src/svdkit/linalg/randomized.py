@@ -34,7 +34,7 @@ from .svd import SVDResult, svd, svd_flip
 
 __all__ = ["AUTO_MAX_N_ITER", "AUTO_TOL", "RandomizedSVDInfo", "check_seed", "randomized_svd"]
 
-Method = Literal["krylov", "subspace"]
+Iteration = Literal["krylov", "subspace"]
 Normalizer = Literal["auto", "cholqr", "qr", "lu", "none"]
 
 _NORMALIZERS = {"krylov": ("auto", "cholqr", "qr"), "subspace": ("auto", "lu", "qr", "none")}
@@ -88,12 +88,12 @@ class RandomizedSVDInfo:
 @overload
 def randomized_svd(
     A: Array, k: int, *, oversamples: int = ..., n_iter: int | Literal["auto"] = ..., normalizer: Normalizer = ...,
-    method: Method = ..., seed: int | torch.Generator | None = ..., return_info: Literal[False] = ...,
+    method: Iteration = ..., seed: int | torch.Generator | None = ..., return_info: Literal[False] = ...,
 ) -> SVDResult: ...
 @overload
 def randomized_svd(
     A: Array, k: int, *, oversamples: int = ..., n_iter: int | Literal["auto"] = ..., normalizer: Normalizer = ...,
-    method: Method = ..., seed: int | torch.Generator | None = ..., return_info: Literal[True],
+    method: Iteration = ..., seed: int | torch.Generator | None = ..., return_info: Literal[True],
 ) -> tuple[SVDResult, RandomizedSVDInfo]: ...
 
 
@@ -104,7 +104,7 @@ def randomized_svd(
     oversamples: int = 10,
     n_iter: int | Literal["auto"] = "auto",
     normalizer: Normalizer = "auto",
-    method: Method = "krylov",
+    method: Iteration = "krylov",
     seed: int | torch.Generator | None = None,
     return_info: bool = False,
 ) -> SVDResult | tuple[SVDResult, RandomizedSVDInfo]:
