@@ -147,9 +147,11 @@ def _curvature_pass(
     """
     inputs = capture_block_inputs(model, stack, batches, forward, device=device)
     hidden = [item.hidden for item in inputs]
+    first = min(by_block) if by_block else len(stack.blocks)  # blocks before the first target need no gradients
     with torch.no_grad():
         for index in track(range(len(stack.blocks)), progress, desc="curvature: forward"):
-            spill.put(f"boundary-{index}", hidden)
+            if index >= first:
+                spill.put(f"boundary-{index}", hidden)
             with _on(stack.blocks[index], device) as block:
                 hidden = [run_block(block, item, h) for item, h in zip(inputs, hidden)]
     grads: list[torch.Tensor] | None = None
@@ -162,7 +164,7 @@ def _curvature_pass(
         grads = [head_loss_gradient(model, stack, batch, h, objective, forward) for batch, h in zip(batches, hidden)]
     del hidden
     spectra: dict[str, LayerSpectrum] = {}
-    for index in track(list(reversed(range(len(stack.blocks)))), progress, desc="curvature: backward"):
+    for index in track(list(reversed(range(first, len(stack.blocks)))), progress, desc="curvature: backward"):
         boundary = spill.get(f"boundary-{index}")
         spill.drop(f"boundary-{index}")
         targets = by_block.get(index, [])
@@ -239,7 +241,8 @@ def _compression_pass(
     """Pass 2 (see the module docstring) on ``out``, in place; returns the report rows."""
     inputs = capture_block_inputs(out, stack, batches, forward, device=device)
     rows: list[LayerReport] = []
-    for index in track(range(len(stack.blocks)), progress, desc="blocks compressed"):
+    last = max(by_block) if by_block else -1  # blocks after the last target need not run
+    for index in track(range(last + 1), progress, desc="blocks compressed"):
         targets = by_block.get(index, [])
         with _on(stack.blocks[index], device) as block:
             if targets:
