@@ -1,3 +1,5 @@
+"""``python -m svdkit``: the command line (what ``torchrun ... -m svdkit compress`` launches)."""
+
 import sys
 
 from .cli import main

@@ -205,18 +205,23 @@ def _outputs(args: argparse.Namespace) -> list[tuple[float | None, Path]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compression import compress, compress_sweep, save_compressed
+    from ..compression import compress, compress_sweep
+    from ..distributed import init_from_env
     from ..models import load_model
 
+    group = init_from_env()  # under torchrun: one process of several; otherwise the only one
+    lead = group.rank == 0
     outputs = _outputs(args)
     check_outputs(directories=tuple(str(path) for _, path in outputs), files=(args.json,), overwrite=args.overwrite)
-    progress = progress_option(args)
-    print(f"loading {args.model} ...", file=sys.stderr)
+    progress = progress_option(args) and lead
+    if lead:
+        print(f"loading {args.model} ..." + (f" ({group.world} processes)" if group.active else ""), file=sys.stderr)
     loaded = load_model(args.model)
     config = _config(args, loaded)
     calibration = _calibration(args, loaded) if config.needs_data else None
-    before = _lm_quality(loaded, loaded.module, progress) if loaded.is_causal_lm and not args.no_eval else None
-    print(f"compressing with {config.method} ...", file=sys.stderr)
+    before = _lm_quality(loaded, loaded.module, progress) if loaded.is_causal_lm and not args.no_eval and lead else None
+    if lead:
+        print(f"compressing with {config.method} ...", file=sys.stderr)
     forward = loaded.forward if loaded.is_sentence_model else None
     if len(outputs) > 1:  # one calibration, one set of statistics, several budgets
         results = compress_sweep(loaded.module, config, [b for b, _ in outputs], calibration, forward=forward, progress=progress)
@@ -224,6 +229,19 @@ def run(args: argparse.Namespace) -> int:
         # A language model's dense quality is measured before: it is compressed in place, so that
         # memory holds one model. A sentence model's quality compares both, so it is copied.
         results = [compress(loaded.module, config, calibration, forward=forward, progress=progress, inplace=loaded.is_causal_lm)]
+    if not lead:  # rank 0 alone measures and writes; the others wait to hear how it went
+        with group.checked():
+            pass
+        return 0
+    with group.checked():
+        _finish(args, loaded, config, outputs, results, before, progress)
+    return 0
+
+
+def _finish(args: argparse.Namespace, loaded, config, outputs, results, before, progress: bool) -> None:
+    """Measure, save and report each result (rank 0 only)."""
+    from ..compression import save_compressed
+
     reports = []
     for (budget, output), (compressed, report) in zip(outputs, results):
         if not args.no_eval:
@@ -239,7 +257,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"saved to {output} (load with svdkit.load_model({str(output)!r}))")
         reports.append(report.to_dict())
     write_json(args.json, json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
-    return 0
 
 
 def _before_after(before: Any, after: Any) -> str:

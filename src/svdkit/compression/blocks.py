@@ -93,11 +93,14 @@ class BlockInput:
         Keyword arguments (masks, position embeddings), shared by every block.
     mask : Tensor of shape (batch, seq) or None
         The token mask of the batch (padding left out of the statistics).
+    index : int
+        The batch's index in the whole calibration list (errors name it).
     """
 
     hidden: torch.Tensor
     kwargs: dict[str, Any] = field(default_factory=dict)
     mask: torch.Tensor | None = None
+    index: int = 0
 
 
 class _Caught(Exception):
@@ -125,6 +128,8 @@ def capture_block_inputs(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     *,
     device: torch.device | str | None = None,
+    first: int = 0,
+    step: int = 1,
 ) -> list[BlockInput]:
     """The first block's inputs for every batch (the model runs only up to that block).
 
@@ -138,6 +143,9 @@ def capture_block_inputs(
         ``forward(module, batch)`` runs the model on a batch.
     device : optional
         Where to keep the cached inputs (default: where they were computed).
+    first, step : int
+        Batch ``i`` is batch ``first + i * step`` of the whole calibration list (this process's
+        share of it, with several processes), as errors name it.
 
     Returns
     -------
@@ -154,7 +162,8 @@ def capture_block_inputs(
                 raise TypeError(f"{type(module).__name__} takes more than one positional input; svdkit replays blocks by keyword")
         kept = {k: v for k, v in kwargs.items() if k not in _DROPPED}
         kept.update({k: v for k, v in _FORCED.items() if k in kwargs})
-        caught.append(BlockInput(_to(hidden.detach(), device), _to(kept, device), _to(current_token_mask(), device)))
+        index = first + len(caught) * step
+        caught.append(BlockInput(_to(hidden.detach(), device), _to(kept, device), _to(current_token_mask(), device), index))
         raise _Caught
 
     handle = stack.blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
@@ -165,7 +174,7 @@ def capture_block_inputs(
                     run(batch)
                 except _Caught:
                     continue
-                raise ValueError(f"calibration batch {index} never reached the first block ({stack.block_name(0)})")
+                raise ValueError(f"calibration batch {first + index * step} never reached the first block ({stack.block_name(0)})")
     finally:
         handle.remove()
     if not caught:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..calibrate import run_batch
+from ..distributed import current_group, shard
 from ..progress import ProgressLike
 from ..layers.lowrank import low_rank_class
 from ..surgery import find_targets, replace_module, shared_weight_groups
@@ -245,18 +246,27 @@ def _compress_all(
     if calibration is not None:
         _check_token_batches(model, calibration)
     stack = _choose_pipeline(model, targets, config) if config.needs_data else None
+    group = current_group()
+    if group.active and stack is None:
+        raise ValueError(
+            f"compressing with {group.world} processes runs the block pipeline, but this model or config takes the "
+            "whole-model one (pipeline='blocks' needs every target inside one stack of blocks, and calibration data)"
+        )
+    if group.active:
+        calibration = shard(calibration, group)
+    device = config.device or (group.device if group.device.type == "cuda" else None)
     params_before = sum(p.numel() for p in model.parameters())
     results = []
     if stack is not None:
         curvature = _curvature(config, model)
         measured = measure_curvature(model, stack, targets, calibration, config, forward=forward, curvature=curvature,
-                                     device=config.device, progress=progress)
+                                     device=device, progress=progress, group=group)
         try:
             for cfg in configs:
                 out = model if inplace else copy.deepcopy(model)
                 out_stack = BlockStack(stack.name, out.get_submodule(stack.name))
                 rows, run = compress_blocks(model, out, out_stack, targets, calibration, cfg, forward=forward,
-                                            measured=measured, device=cfg.device, progress=progress)
+                                            measured=measured, device=device, progress=progress, group=group)
                 report = CompressionReport(method=cfg.method, model_params_before=params_before, layers=rows, pipeline="blocks")
                 report.timings.update(run.seconds)
                 results.append((out, report))

@@ -32,8 +32,11 @@ import torch
 from torch import nn
 
 from ..calibrate import GradientRecorder, InputRecorder, InputStats
+from ..distributed import Group
+from ..layers.lowrank import low_rank_from_spec
 from ..progress import ProgressLike, track
 from ..surgery import check_patterns, replace_module
+from ..views import weight_matrix
 from .blocks import BlockInput, BlockStack, capture_block_inputs, head_loss_gradient, run_block
 from .config import CompressConfig
 from .methods import transformed_spectrum
@@ -140,44 +143,58 @@ def _curvature_pass(
     spill: _Spill,
     device: torch.device | str | None,
     progress: ProgressLike,
+    group: Group,
+    owners: dict[str, int],
 ) -> dict[str, LayerSpectrum]:
     """Pass 1 (see the module docstring): the spectrum of every target; output-gradient Grams spilled.
 
     ``curvature`` None: no gradients (input Grams only, for a budget on a one-sided method).
+    With several ranks, ``batches`` is this rank's share; statistics are summed over the ranks,
+    each layer's owner measures its spectrum and keeps its gradient statistics.
     """
-    inputs = capture_block_inputs(model, stack, batches, forward, device=device)
-    hidden = [item.hidden for item in inputs]
-    first = min(by_block) if by_block else len(stack.blocks)  # blocks before the first target need no gradients
-    with torch.no_grad():
-        for index in track(range(len(stack.blocks)), progress, desc="curvature: forward"):
-            if index >= first:
-                spill.put(f"boundary-{index}", hidden)
-            with _on(stack.blocks[index], device) as block:
-                hidden = [run_block(block, item, h) for item, h in zip(inputs, hidden)]
-    grads: list[torch.Tensor] | None = None
-    if curvature is not None:
-        generator = torch.Generator().manual_seed(config.seed)
+    with group.checked():
+        inputs = capture_block_inputs(model, stack, batches, forward, device=device, first=group.rank, step=group.world)
+        hidden = [item.hidden for item in inputs]
+        first = min(by_block) if by_block else len(stack.blocks)  # blocks before the first target need no gradients
+        with torch.no_grad():
+            for index in track(range(len(stack.blocks)), progress, desc="curvature: forward"):
+                if index >= first:
+                    spill.put(f"boundary-{index}", hidden)
+                with _on(stack.blocks[index], device) as block:
+                    hidden = [run_block(block, item, h) for item, h in zip(inputs, hidden)]
+        grads: list[torch.Tensor] | None = None
+        if curvature is not None:
+            generator = torch.Generator().manual_seed(config.seed)
 
-        def objective(result, batch):
-            return output_objectives(result, batch, curvature, config.probes, generator)
+            def objective(result, batch):
+                return output_objectives(result, batch, curvature, config.probes, generator)
 
-        grads = [head_loss_gradient(model, stack, batch, h, objective, forward) for batch, h in zip(batches, hidden)]
-    del hidden
+            grads = [head_loss_gradient(model, stack, batch, h, objective, forward) for batch, h in zip(batches, hidden)]
+        del hidden
     spectra: dict[str, LayerSpectrum] = {}
     for index in track(list(reversed(range(first, len(stack.blocks)))), progress, desc="curvature: backward"):
-        boundary = spill.get(f"boundary-{index}")
-        spill.drop(f"boundary-{index}")
         targets = by_block.get(index, [])
-        with _on(stack.blocks[index], device) as block:
-            input_stats, gradient_stats, grads = _sweep_block(block, targets, inputs, boundary, grads)
-        for name, module in targets:
-            transforms = layer_transforms(module, LayerStats(input_stats[name], gradient_stats.get(name)), config)
-            spectra[name] = LayerSpectrum(
-                name, tuple(transforms[0].M.shape), len(transforms), [transformed_spectrum(t) for t in transforms],
-                transforms[0].importance,
-            )
-        if gradient_stats:
-            spill.put_statistics(f"gradients-{index}", gradient_stats)
+        with group.checked():
+            boundary = spill.get(f"boundary-{index}")
+            spill.drop(f"boundary-{index}")
+            with _on(stack.blocks[index], device) as block:
+                input_stats, gradient_stats, grads = _sweep_block(block, targets, inputs, boundary, grads)
+        group.sum_statistics([input_stats[n] for n, _ in targets] + [gradient_stats[n] for n, _ in targets if n in gradient_stats])
+        mine: dict[str, LayerSpectrum] = {}
+        with group.checked():
+            for name, module in targets:
+                if owners[name] != group.rank:
+                    continue
+                transforms = layer_transforms(module, LayerStats(input_stats[name], gradient_stats.get(name)), config)
+                mine[name] = LayerSpectrum(
+                    name, tuple(transforms[0].M.shape), len(transforms), [transformed_spectrum(t) for t in transforms],
+                    transforms[0].importance,
+                )
+            owned = {name: stats for name, stats in gradient_stats.items() if owners[name] == group.rank}
+            if owned:
+                spill.put_statistics(f"gradients-{index}", owned)
+        for part in group.gather_objects(mine):
+            spectra.update(part)
     return spectra
 
 
@@ -194,8 +211,8 @@ def _sweep_block(
     new_grads: list[torch.Tensor] = []
     with InputRecorder(targets) as inputs_seen, GradientRecorder(targets) as gradients_seen:
         for index, (item, h) in enumerate(zip(inputs, boundary)):
-            inputs_seen.next_batch(index)
-            gradients_seen.next_batch(index)
+            inputs_seen.next_batch(item.index)
+            gradients_seen.next_batch(item.index)
             if grads is None:
                 with torch.no_grad():
                     run_block(block, item, h)
@@ -237,29 +254,91 @@ def _compression_pass(
     spill: _Spill | None,
     device: torch.device | str | None,
     progress: ProgressLike,
+    group: Group,
+    owners: dict[str, int],
 ) -> list[LayerReport]:
-    """Pass 2 (see the module docstring) on ``out``, in place; returns the report rows."""
-    inputs = capture_block_inputs(out, stack, batches, forward, device=device)
+    """Pass 2 (see the module docstring) on ``out``, in place; returns the report rows.
+
+    With several ranks, ``batches`` is this rank's share: input statistics are summed over the
+    ranks, each layer's owner factorizes it and sends the factors to every rank, and every rank
+    runs the compressed block on its share.
+    """
+    with group.checked():
+        inputs = capture_block_inputs(out, stack, batches, forward, device=device, first=group.rank, step=group.world)
     rows: list[LayerReport] = []
     last = max(by_block) if by_block else -1  # blocks after the last target need not run
     for index in track(range(last + 1), progress, desc="blocks compressed"):
         targets = by_block.get(index, [])
         with _on(stack.blocks[index], device) as block:
             if targets:
-                input_stats, _, _ = _sweep_block(block, targets, inputs, [item.hidden for item in inputs], None)
-                gradient_stats = spill.get(f"gradients-{index}") if spill is not None and (spill.path / f"gradients-{index}.pt").exists() else {}
-                block_plans = [plan_layer(name, module, LayerStats(input_stats[name], gradient_stats.get(name)), config) for name, module in targets]
-                block_ranks = [ranks[p.name] for p in block_plans] if ranks is not None else choose_ranks(block_plans, config, check=False)
-                for plan, k in zip(block_plans, block_ranks):
-                    row = plan.report(k)
-                    if row.rank is not None:
-                        replace_module(out, plan.name, plan.build(row.rank))
-                    rows.append(row)
-                del input_stats, gradient_stats
-            with torch.no_grad():
+                with group.checked():
+                    input_stats, _, _ = _sweep_block(block, targets, inputs, [item.hidden for item in inputs], None)
+                group.sum_statistics([input_stats[name] for name, _ in targets])
+                with group.checked():
+                    built = _factorize_owned(targets, input_stats, index, config, ranks, spill, group, owners)
+                built = _share_layers(built, targets, group, owners)
+                with group.checked():
+                    for name, module in targets:
+                        row, layer = built[name]
+                        if layer is not None:
+                            replace_module(out, name, layer)
+                        rows.append(row)
+                del input_stats, built
+            with group.checked(), torch.no_grad():
                 for item in inputs:
                     item.hidden = run_block(block, item)
     return rows
+
+
+def _factorize_owned(
+    targets: list[tuple[str, nn.Module]],
+    input_stats: dict[str, InputStats],
+    index: int,
+    config: CompressConfig,
+    ranks: dict[str, int | None] | None,
+    spill: _Spill | None,
+    group: Group,
+    owners: dict[str, int],
+) -> dict[str, tuple[LayerReport, nn.Module | None]]:
+    """This rank's layers of a block, factorized: name -> (report row, low-rank layer or None)."""
+    owned = [(name, module) for name, module in targets if owners[name] == group.rank]
+    if not owned:
+        return {}
+    key = f"gradients-{index}"
+    gradient_stats = spill.get(key) if spill is not None and (spill.path / f"{key}.pt").exists() else {}
+    built = {}
+    for name, module in owned:
+        plan = plan_layer(name, module, LayerStats(input_stats[name], gradient_stats.get(name)), config)
+        k = ranks[name] if ranks is not None else choose_ranks([plan], config, check=False)[0]
+        row = plan.report(k)
+        built[name] = (row, plan.build(row.rank) if row.rank is not None else None)
+    return built
+
+
+def _share_layers(
+    built: dict[str, tuple[LayerReport, nn.Module | None]],
+    targets: list[tuple[str, nn.Module]],
+    group: Group,
+    owners: dict[str, int],
+) -> dict[str, tuple[LayerReport, nn.Module | None]]:
+    """Every rank's factorized layers on every rank (the owners send report rows, specs and factors)."""
+    if not group.active:
+        return built
+    mine = {name: (row, None if layer is None else (layer.spec(), {k: v.cpu() for k, v in layer.state_dict().items()}))
+            for name, (row, layer) in built.items()}
+    shared: dict[str, tuple[LayerReport, nn.Module | None]] = {}
+    modules = dict(targets)
+    for r in sorted(set(owners[name] for name, _ in targets)):
+        for name, (row, payload) in group.broadcast_objects(mine if r == group.rank else {}, owner=r).items():
+            if payload is None:
+                shared[name] = (row, None)
+                continue
+            spec, state = payload
+            dense = modules[name]
+            layer = low_rank_from_spec(spec, dense, name=name)
+            layer.load_state_dict({k: v.to(dense.weight.device) for k, v in state.items()})
+            shared[name] = (row, layer)
+    return shared
 
 
 @dataclass
@@ -297,6 +376,7 @@ def measure_curvature(
     curvature: str,
     device: torch.device | str | None = None,
     progress: ProgressLike = None,
+    group: Group = Group(),
 ) -> Curvature | None:
     """Pass 1 on the dense ``model`` (see the module docstring), when the method needs output
     gradients (``fisher``) or the config a global budget; None otherwise.
@@ -318,6 +398,9 @@ def measure_curvature(
     device : optional
         Compute device: each block visits it while it is processed.
     progress : bool or callable
+    group : Group
+        The processes that compress together (:mod:`svdkit.distributed`); ``batches`` is this
+        rank's share.
     """
     needs_gradients = config.method == "fisher"
     if not needs_gradients and config.budget is None:
@@ -330,7 +413,7 @@ def measure_curvature(
     try:
         spectra = _curvature_pass(
             model, stack, _block_targets(stack, targets), grad_batches, forward, config,
-            curvature if needs_gradients else None, spill, device, progress,
+            curvature if needs_gradients else None, spill, device, progress, group, layer_owners(targets, group),
         )
     except BaseException:
         spill.close()
@@ -355,6 +438,7 @@ def compress_blocks(
     measured: Curvature | None,
     device: torch.device | str | None = None,
     progress: ProgressLike = None,
+    group: Group = Group(),
 ) -> tuple[list[LayerReport], BlockRun]:
     """Pass 2: compress ``out`` (a copy of ``model``, or ``model`` itself) block by block, in place.
 
@@ -378,6 +462,8 @@ def compress_blocks(
     device : optional
         Compute device: each block visits it while it is processed.
     progress : bool or callable
+    group : Group
+        The processes that compress together; ``batches`` is this rank's share.
 
     Returns
     -------
@@ -401,7 +487,8 @@ def compress_blocks(
     try:
         start = time.perf_counter()
         rows = _compression_pass(out, stack, out_by_block, batches, forward, config, ranks,
-                                 measured.spill if measured is not None else None, device, progress)
+                                 measured.spill if measured is not None else None, device, progress, group,
+                                 layer_owners(targets, group))
         run.seconds["compression"] = time.perf_counter() - start
     finally:
         for p, flag in flags:
@@ -409,6 +496,13 @@ def compress_blocks(
     order = {name: i for i, (name, _) in enumerate(targets)}
     rows.sort(key=lambda row: order[row.name])
     return rows, run
+
+
+def layer_owners(targets: list[tuple[str, nn.Module]], group: Group) -> dict[str, int]:
+    """The rank that factorizes each target: costs ``m * n * min(m, n)`` shared evenly."""
+    shapes = [tuple(weight_matrix(module).shape) for _, module in targets]
+    costs = [m * n * min(m, n) for m, n in shapes]
+    return dict(zip([name for name, _ in targets], group.owners(costs)))
 
 
 def _frozen(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:

@@ -1,0 +1,101 @@
+"""Multi-process compression with torch.distributed: two CPU processes (gloo) against one.
+
+Each process takes every other calibration batch; statistics are summed over both, each layer's
+owner factorizes it and broadcasts the factors. The result equals the one-process result up to
+the order of floating-point sums: identical ranks, factors within 1e-10 relative (float64 model),
+perplexity within 1e-9 relative. A failure on one process stops both with its message.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from svdkit import CompressConfig, compress, load_compressed, save_compressed
+from svdkit.distributed import Group, shard
+from svdkit.eval import perplexity
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+CONFIG = dict(method="fisher", budget=0.6, pipeline="blocks")
+
+
+def _model_and_batches(family: str):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import build_decoder
+
+    model = build_decoder(family, causal=True, layers=3, kv_heads=2).double()
+    ids = torch.randint(0, 100, (12, 16), generator=torch.Generator().manual_seed(1))
+    return model, list(ids.split(2))
+
+
+def _worker(rank: int, world: int, init_file: str, out: str, family: str, poisoned: int | None) -> None:
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, batches = _model_and_batches(family)
+        if poisoned is not None:
+            batches[poisoned] = batches[poisoned].double() * float("nan")  # not token ids any more: a bad batch
+        try:
+            small, report = compress(model, CompressConfig(**CONFIG), batches)
+        except Exception as exc:
+            Path(out, f"{rank}.err").write_text(f"{type(exc).__name__}: {exc}")
+            return
+        torch.save({"state": small.state_dict(), "ranks": [r.rank for r in report.layers]}, Path(out, f"{rank}.pt"))
+        if rank == 0:
+            save_compressed(small, Path(out, "model"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path: Path, family: str, poisoned: int | None = None) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), family, poisoned), nprocs=2, join=True)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_two_processes_give_the_one_process_result(tmp_path, family):
+    model, batches = _model_and_batches(family)
+    alone, report = compress(model, CompressConfig(**CONFIG), batches)
+    out = _spawn(tmp_path, family)
+    ids = torch.randint(0, 100, (64,), generator=torch.Generator().manual_seed(3))
+    reference = perplexity(alone, ids, seq_len=32).perplexity
+    for rank in (0, 1):
+        result = torch.load(out / f"{rank}.pt", weights_only=False)
+        assert result["ranks"] == [r.rank for r in report.layers]
+        for key, value in alone.state_dict().items():
+            got = result["state"][key]
+            assert float((got - value).norm() / value.norm().clamp_min(1e-300)) <= 1e-10, key
+    # what rank 0 wrote scores as the one-process model does
+    written = load_compressed(out / "model")
+    assert perplexity(written, ids, seq_len=32).perplexity == pytest.approx(reference, rel=1e-9)
+
+
+def test_a_failure_on_one_process_stops_both_with_its_message(tmp_path):
+    out = _spawn(tmp_path, "llama", poisoned=3)  # batch 3 is on rank 1 (every other batch)
+    messages = {rank: (out / f"{rank}.err").read_text() for rank in (0, 1)}
+    assert not any((out / f"{rank}.pt").exists() for rank in (0, 1))
+    assert messages[1].startswith("ValueError") or "calibration batch 3" in messages[1], messages[1]
+    assert messages[0].startswith("RankFailure: rank 1 of 2 failed:"), messages[0]
+
+
+def test_owners_share_the_cost_and_shards_are_disjoint():
+    group = Group(rank=1, world=3)
+    owners = group.owners([100, 90, 10, 10, 80, 5])
+    loads = [sum(c for c, o in zip([100, 90, 10, 10, 80, 5], owners) if o == r) for r in range(3)]
+    assert sorted(loads) == [95, 100, 100]  # LPT: 100 | 90+10 | 80+10+5
+    items = list(range(10))
+    parts = [shard(items, Group(rank=r, world=3)) for r in range(3)]
+    assert sorted(x for part in parts for x in part) == items and parts[1] == [1, 4, 7]
+    with pytest.raises(ValueError, match="2 calibration batch"):
+        shard([0, 1], Group(rank=0, world=3))
