@@ -85,8 +85,8 @@ def test_a_failure_on_one_process_stops_both_with_its_message(tmp_path):
     out = _spawn(tmp_path, "llama", poisoned=3)  # batch 3 is on rank 1 (every other batch)
     messages = {rank: (out / f"{rank}.err").read_text() for rank in (0, 1)}
     assert not any((out / f"{rank}.pt").exists() for rank in (0, 1))
-    assert messages[1].startswith("ValueError") or "calibration batch 3" in messages[1], messages[1]
-    assert messages[0].startswith("RankFailure: rank 1 of 2 failed:"), messages[0]
+    assert messages[1].startswith("ValueError: calibration batch 3 in layer model.embed_tokens"), messages[1]
+    assert messages[0] == f"RankFailure: rank 1 of 2 failed: {messages[1]}"
 
 
 def test_owners_share_the_cost_and_shards_are_disjoint():

@@ -393,15 +393,18 @@ class BatchRunner:
     passthrough : tuple of exception types
         Raised as they are (they already name the batch and the layer), like
         :class:`~svdkit.calibrate.NonFiniteCalibration`.
+    first, step : int
+        The index of the first batch and the step between batches (this process's share of a
+        calibration list), as messages name them.
     """
 
     def __init__(self, module: nn.Module, forward: Callable[[nn.Module, Any], Any] | None = None, *, what: str = "batch",
-                 passthrough: tuple[type[BaseException], ...] = ()) -> None:
+                 passthrough: tuple[type[BaseException], ...] = (), first: int = 0, step: int = 1) -> None:
         self.module, self.what = module, what
         self._passthrough = (NonFiniteCalibration, *passthrough)
         self._forward = forward
         self._handles: list = []
-        self._counter = itertools.count()
+        self._counter = itertools.count(first, step)
         self.current: str | None = None
         self.index: int | None = None
 

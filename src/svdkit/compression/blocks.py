@@ -168,7 +168,7 @@ def capture_block_inputs(
 
     handle = stack.blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        with torch.no_grad(), BatchRunner(model, forward, what="calibration batch") as run:
+        with torch.no_grad(), BatchRunner(model, forward, what="calibration batch", first=first, step=step) as run:
             for index, batch in enumerate(batches):
                 try:
                     run(batch)
