@@ -95,3 +95,25 @@ def test_a_gguf_file_that_is_not_a_model_is_refused(tmp_path, capsys):
     fake.write_bytes(b"GGUF" + b"\x00" * 64)
     with pytest.raises(ValueError, match="cannot load .*fake.gguf as a causal language model"):
         load_model(str(fake))
+
+
+def test_torchrun_with_two_processes_writes_the_one_process_result(lm_dir, tmp_path):
+    """`torchrun --nproc_per_node=2 -m svdkit compress ...` (gloo on CPUs) against one process."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["compress", str(lm_dir), "--params", "0.7", "--calib-seqs", "8", "--seq-len", "32", "--batch-size", "2",
+            "--no-eval", "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "svdkit", *args, "-o", str(tmp_path / "one")], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "svdkit", *args, "-o", str(tmp_path / "two")], capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    meta = {name: json.loads((tmp_path / name / "svdkit_compressed.json").read_text()) for name in ("one", "two")}
+    assert meta["one"]["layers"] == meta["two"]["layers"]  # the same ranks everywhere
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "two"))
+    assert a.keys() == b.keys()
+    for key in a:  # float32 factors of float64 factorizations: equal up to the rounding of sums
+        assert float((a[key] - b[key]).norm() / a[key].norm().clamp_min(1e-30)) < 1e-5, key
