@@ -12,7 +12,6 @@ from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from svdkit.analysis import sources
 from svdkit.analysis.esd import eigenvalues
 from svdkit.analysis.powerlaw import fit_power_law
 from svdkit.analysis.weights import analyze_weights
@@ -259,15 +258,17 @@ def test_safetensors_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
     safetensors_torch.save_file(state, str(path))
     alive: list[weakref.ref] = []
     peak = []
-    real_read = sources._read
+    from svdkit.checkpoint import Checkpoint
 
-    def tracking_read(handle, key, file):
+    real_read = Checkpoint.tensor
+
+    def tracking_read(self, key, **kwargs):
         peak.append(sum(ref() is not None for ref in alive))
-        tensor = real_read(handle, key, file)
+        tensor = real_read(self, key, **kwargs)
         alive.append(weakref.ref(tensor))
         return tensor
 
-    monkeypatch.setattr(sources, "_read", tracking_read)
+    monkeypatch.setattr(Checkpoint, "tensor", tracking_read)
     table = analyze_weights(path)
     assert table.names == [f"layer{i}" for i in range(5)]
     assert max(peak) == 0, "a tensor read earlier was still alive when the next was read"

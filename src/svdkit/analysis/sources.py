@@ -26,15 +26,14 @@ rules), the matcher compression and LoRA use.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from ..checkpoint import Checkpoint
 from ..surgery import TargetSpec, find_targets, matches_target
 from ..views import get_view
 
@@ -147,43 +146,6 @@ def _from_mapping(state: Mapping[str, Any], targets, exclude, kinds) -> tuple[li
     return items, skipped
 
 
-def _safetensors_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The files to read and, for a sharded checkpoint, the index's tensor -> shard map."""
-    if path.is_file():
-        return [path], None
-    if not path.is_dir():
-        raise FileNotFoundError(f"no safetensors file or directory at {str(path)!r}")
-    indexes = sorted(path.glob("*.safetensors.index.json"))
-    if len(indexes) > 1:
-        raise ValueError(f"{str(path)!r} holds {len(indexes)} safetensors indexes ({', '.join(p.name for p in indexes)}); pass one shard or a directory with one index")
-    if indexes:
-        weight_map = _read_index(indexes[0])
-        shards = sorted(set(weight_map.values()))
-        missing = [name for name in shards if not (path / name).is_file()]
-        if missing:
-            counts = {name: sum(1 for v in weight_map.values() if v == name) for name in missing}
-            listed = ", ".join(f"{name} ({counts[name]} tensors)" for name in missing)
-            raise FileNotFoundError(
-                f"{indexes[0].name} in {str(path)!r} names {len(shards)} shards, {len(missing)} of them missing: {listed}; "
-                "the analysis would be partial (download the missing shards, or pass the present ones one by one)"
-            )
-        return [path / name for name in shards], weight_map
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors files in the directory {str(path)!r}")
-    return files, None
-
-
-def _read_index(index: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"cannot read the shard index {str(index)!r} (expected JSON with a 'weight_map'): {exc}") from exc
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ValueError(f"the shard index {str(index)!r} has a 'weight_map' that is not a mapping of tensor names to file names")
-    return weight_map
-
-
 def open_safetensors(path: str | os.PathLike, stack: contextlib.ExitStack, targets=None, exclude=(), kinds=None):
     """Items of every tensor in a ``.safetensors`` file or a directory of them, read lazily.
 
@@ -206,48 +168,22 @@ def open_safetensors(path: str | os.PathLike, stack: contextlib.ExitStack, targe
     ImportError
         Without the ``safetensors`` package.
     """
-    try:
-        from safetensors import safe_open
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("reading .safetensors files needs safetensors: pip install 'svdkit[hf]'") from exc
+    checkpoint = stack.enter_context(Checkpoint(path))
     items, skipped = [], []
-    files, weight_map = _safetensors_files(Path(path))
-    for file in files:
-        try:
-            handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-            keys = list(handle.keys())
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"cannot read {str(file)!r} as a safetensors file: {exc}") from exc
-        if weight_map is not None:
-            expected = sorted(k for k, v in weight_map.items() if v == file.name)
-            absent = sorted(set(expected) - set(keys))
-            if absent:
-                raise ValueError(
-                    f"{file.name} lacks {len(absent)} tensor(s) that the index places there: "
-                    f"{', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}; the shard is incomplete or from another checkpoint"
-                )
-        for key in keys:
-            name = _strip(key)
-            if not _select(name, targets, exclude):
-                continue
-            view = handle.get_slice(key)
-            shape = tuple(int(d) for d in view.get_shape())
-            dtype = _ST_DTYPES.get(view.get_dtype())
-            kind, reason = _classify(name, shape, dtype)
-            if kind is None:
-                skipped.append((name, reason if dtype is not None else f"dtype {view.get_dtype()} is not floating point"))
-                continue
-            if kinds is not None and kind not in kinds:
-                continue
-            items.append(WeightItem(name, kind, shape, dtype, (lambda h=handle, k=key, f=file: _read(h, k, f))))
+    for key, view, file in checkpoint.items():
+        name = _strip(key)
+        if not _select(name, targets, exclude):
+            continue
+        shape = tuple(int(d) for d in view.get_shape())
+        dtype = _ST_DTYPES.get(view.get_dtype())
+        kind, reason = _classify(name, shape, dtype)
+        if kind is None:
+            skipped.append((name, reason if dtype is not None else f"dtype {view.get_dtype()} is not floating point"))
+            continue
+        if kinds is not None and kind not in kinds:
+            continue
+        items.append(WeightItem(name, kind, shape, dtype, (lambda k=key: checkpoint.tensor(k))))
     return items, skipped
-
-
-def _read(handle, key: str, file: Path) -> torch.Tensor:
-    try:
-        return handle.get_tensor(key)
-    except Exception as exc:
-        raise ValueError(f"cannot read tensor {key!r} from {str(file)!r}: {exc}") from exc
 
 
 def collect_items(

@@ -1,0 +1,149 @@
+"""A safetensors checkpoint on disk, read one tensor at a time.
+
+A checkpoint is one ``.safetensors`` file, a directory of them, or a directory of shards named by
+its ``*.safetensors.index.json`` (``weight_map``: tensor name -> shard file), as transformers
+writes models too large for one file. A sharded checkpoint is never read in part: a shard the
+index names but the directory lacks, or a tensor the index places in a shard that does not hold
+it, is an error that names them.
+
+Files are memory-mapped by safetensors, so opening a checkpoint of any size costs no memory;
+:meth:`Checkpoint.tensor` reads one tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+__all__ = ["Checkpoint", "checkpoint_files", "read_index"]
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index (tensor name -> shard file name)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read the shard index {str(index)!r} (expected JSON with a 'weight_map'): {exc}") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"the shard index {str(index)!r} has a 'weight_map' that is not a mapping of tensor names to file names")
+    return weight_map
+
+
+def checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The files to read and, for a sharded checkpoint, the index's tensor -> shard map.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such path, no ``.safetensors`` file in the directory, or shards that the index names
+        but the directory lacks (every one is named, with how many tensors it holds).
+    ValueError
+        Several indexes, or an unreadable one.
+    """
+    if path.is_file():
+        return [path], None
+    if not path.is_dir():
+        raise FileNotFoundError(f"no safetensors file or directory at {str(path)!r}")
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise ValueError(f"{str(path)!r} holds {len(indexes)} safetensors indexes ({', '.join(p.name for p in indexes)}); pass one shard or a directory with one index")
+    if indexes:
+        weight_map = read_index(indexes[0])
+        shards = sorted(set(weight_map.values()))
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing:
+            counts = {name: sum(1 for v in weight_map.values() if v == name) for name in missing}
+            listed = ", ".join(f"{name} ({counts[name]} tensors)" for name in missing)
+            raise FileNotFoundError(
+                f"{indexes[0].name} in {str(path)!r} names {len(shards)} shards, {len(missing)} of them missing: {listed}; "
+                "reading it would be partial (download the missing shards, or pass the present ones one by one)"
+            )
+        return [path / name for name in shards], weight_map
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in the directory {str(path)!r}")
+    return files, None
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint, by name (see the module docstring).
+
+    Use as a context manager, or call :meth:`close`.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A ``.safetensors`` file or a directory.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        See :func:`checkpoint_files`; also a file that safetensors cannot read, or a shard that
+        lacks tensors the index places there (naming them).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        try:
+            from safetensors import safe_open
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("reading .safetensors files needs safetensors: pip install 'svdkit[hf]'") from exc
+        self.path = Path(path)
+        self._stack = contextlib.ExitStack()
+        self._where: dict[str, tuple[Any, Path]] = {}
+        self.files, weight_map = checkpoint_files(self.path)
+        try:
+            for file in self.files:
+                try:
+                    handle = self._stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                    keys = list(handle.keys())
+                except Exception as exc:  # safetensors raises its own error types for corrupt headers
+                    raise ValueError(f"cannot read {str(file)!r} as a safetensors file: {exc}") from exc
+                if weight_map is not None:
+                    absent = sorted(set(k for k, v in weight_map.items() if v == file.name) - set(keys))
+                    if absent:
+                        raise ValueError(
+                            f"{file.name} lacks {len(absent)} tensor(s) that the index places there: "
+                            f"{', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}; the shard is incomplete or from another checkpoint"
+                        )
+                for key in keys:
+                    self._where.setdefault(key, (handle, file))
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def keys(self) -> list[str]:
+        """Every tensor name, in file order."""
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def items(self) -> Iterator[tuple[str, Any, Path]]:
+        """(name, safetensors slice, file) of every tensor, read nothing."""
+        for key, (handle, file) in self._where.items():
+            yield key, handle.get_slice(key), file
+
+    def tensor(self, key: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, read from its file (and moved to ``device`` / cast to ``dtype``)."""
+        if key not in self._where:
+            raise KeyError(f"{self.path} holds no tensor {key!r}")
+        handle, file = self._where[key]
+        try:
+            tensor = handle.get_tensor(key)
+        except Exception as exc:
+            raise ValueError(f"cannot read tensor {key!r} from {str(file)!r}: {exc}") from exc
+        return tensor.to(device=device, dtype=dtype) if device is not None or dtype is not None else tensor
