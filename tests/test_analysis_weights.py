@@ -306,7 +306,7 @@ def test_sharded_checkpoint_with_missing_shards_names_every_one(tmp_path):
     (tmp_path / "model-00004-of-00004.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=(
             r"model.safetensors.index.json in .* names 4 shards, 2 of them missing: "
-            r"model-00002-of-00004.safetensors \(2 tensors\), model-00004-of-00004.safetensors \(2 tensors\); the analysis would be partial")):
+            r"model-00002-of-00004.safetensors \(2 tensors\), model-00004-of-00004.safetensors \(2 tensors\); reading it would be partial")):
         analyze_weights(tmp_path)
 
 
