@@ -101,16 +101,21 @@ def output_head_names(model: nn.Module) -> set[str]:
     heads: set[str] = set()
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
-    embedding_storage = {
-        m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)
-    }
+    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     for name, module in model.named_modules():
         if head is not None and module is head:
             heads.add(name)
         weight = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and weight is not None and weight.data_ptr() in embedding_storage:
+        if isinstance(module, nn.Linear) and weight is not None and any(_same_tensor(weight, e) for e in embeddings):
             heads.add(name)
     return heads
+
+
+def _same_tensor(a: nn.Parameter, b: nn.Parameter) -> bool:
+    """One parameter, or two that share storage (empty ``meta`` parameters count by identity only)."""
+    if a is b:
+        return True
+    return not (a.is_meta or b.is_meta) and a.data_ptr() == b.data_ptr() and a.data_ptr() != 0
 
 
 def shared_weight_groups(model: nn.Module) -> list[list[str]]:

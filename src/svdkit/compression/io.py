@@ -36,6 +36,8 @@ from ..surgery import get_module, replace_module
 __all__ = [
     "CONFIG_NAME",
     "FORMAT_VERSION",
+    "INDEX_NAME",
+    "PROGRESS_NAME",
     "WEIGHTS_NAME",
     "decompress",
     "empty_parameters",
@@ -43,12 +45,15 @@ __all__ = [
     "load_compressed",
     "read_description",
     "save_compressed",
+    "weight_files",
 ]
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "svdkit_compressed.json"
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PROGRESS_NAME = "svdkit_progress.json"
 
 
 def _safetensors():
@@ -234,9 +239,10 @@ def read_description(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no compressed model directory at {directory}")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).exists():
-            raise FileNotFoundError(f"{directory} is missing {name}: not a complete svdkit compressed model")
+    if (directory / PROGRESS_NAME).exists():
+        raise ValueError(f"{directory} holds an unfinished compression ({PROGRESS_NAME}): resume it (--resume) before loading it")
+    if not (directory / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{directory} is missing {CONFIG_NAME}: not a complete svdkit compressed model")
     try:
         meta = json.loads((directory / CONFIG_NAME).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -249,7 +255,17 @@ def read_description(directory: str | os.PathLike) -> dict[str, Any]:
     files = meta.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise ValueError(f"{directory / CONFIG_NAME}: 'files' must map file names to SHA-256 hex digests")
+    for name in weight_files(meta):
+        if not (directory / name).exists():
+            raise FileNotFoundError(f"{directory} is missing {name}: not a complete svdkit compressed model")
     return meta
+
+
+def weight_files(meta: Mapping[str, Any]) -> list[str]:
+    """The weight files of a saved directory: its shards (recorded with their hashes), or the one
+    ``model.safetensors`` of format version 1."""
+    files = [name for name in meta.get("files", {}) if name.endswith(".safetensors")]
+    return files or [WEIGHTS_NAME]
 
 
 def _verify_files(directory: Path, meta: Mapping[str, Any]) -> None:
@@ -375,12 +391,21 @@ def _reshare(model: nn.Module, groups: list[list[str]]) -> None:
                 module._buffers[attr] = shared
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(directory: Path, files: list[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of the weight files (one, or the shards an index names)."""
     st = _safetensors()
-    try:
-        return st.torch.load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"cannot read {path}: {exc}") from exc
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = directory / name
+        try:
+            tensors = st.torch.load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"cannot read {path}: {exc}") from exc
+        # A tensor read at an odd offset of the file takes other (differently rounded) BLAS
+        # kernels than one the model allocated: copy those, so a loaded model computes bit for bit
+        # what the saved one computed.
+        state.update({key: t.clone() if t.data_ptr() % 64 else t for key, t in tensors.items()})
+    return state
 
 
 def load_compressed(
@@ -435,7 +460,9 @@ def load_compressed(
         built_here = False
     skeletons = _skeletons(model, meta["layers"], directory)
     expected, groups = _expected_state(model, skeletons)
-    state = _read_weights(directory / WEIGHTS_NAME)
+    files = weight_files(meta)
+    where = directory / (files[0] if len(files) == 1 else INDEX_NAME)
+    state = _read_weights(directory, files)
     for keys in groups:  # a shared tensor is saved under one of its names: give it to all of them
         present = next((k for k in keys if k in state), None)
         if present is not None:
@@ -446,7 +473,7 @@ def load_compressed(
     if missing or unexpected or wrong:
         details = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
                    "shapes differ for " + ", ".join(f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in wrong[:5]) if wrong else ""]
-        raise ValueError(f"{directory / WEIGHTS_NAME} does not fit the model: " + "; ".join(d for d in details if d))
+        raise ValueError(f"{where} does not fit the model: " + "; ".join(d for d in details if d))
     # Everything is checked: only now is the model changed.
     for name, skeleton in skeletons.items():
         replace_module(model, name, skeleton)
@@ -455,7 +482,7 @@ def load_compressed(
         _reshare(model, groups)
         still_empty = [name for name, p in model.named_parameters() if p.is_meta]
         if still_empty:
-            raise ValueError(f"{directory / WEIGHTS_NAME} left parameters without values: {still_empty[:5]}")
+            raise ValueError(f"{where} left parameters without values: {still_empty[:5]}")
     return model
 
 

@@ -24,7 +24,7 @@ from .plan import LayerPlan, plan_layers
 from .ranks import choose_ranks
 from .refit import refit
 from .report import CompressionReport, LayerReport, peak_memory
-from .sequential import compress_blocks, measure_curvature
+from .sequential import BlockHome, compress_blocks, measure_curvature
 from .stats import LayerStats, collect_layer_stats
 
 __all__ = ["compress", "compress_sweep"]
@@ -259,14 +259,15 @@ def _compress_all(
     results = []
     if stack is not None:
         curvature = _curvature(config, model)
+        home = BlockHome(device)
         measured = measure_curvature(model, stack, targets, calibration, config, forward=forward, curvature=curvature,
-                                     device=device, progress=progress, group=group)
+                                     home=home, progress=progress, group=group)
         try:
             for cfg in configs:
                 out = model if inplace else copy.deepcopy(model)
                 out_stack = BlockStack(stack.name, out.get_submodule(stack.name))
                 rows, run = compress_blocks(model, out, out_stack, targets, calibration, cfg, forward=forward,
-                                            measured=measured, device=device, progress=progress, group=group)
+                                            measured=measured, home=home, progress=progress, group=group)
                 report = CompressionReport(method=cfg.method, model_params_before=params_before, layers=rows, pipeline="blocks")
                 report.timings.update(run.seconds)
                 results.append((out, report))

@@ -22,11 +22,12 @@ Blocks can live on the CPU and visit ``device`` only while they are processed.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ from .ranks import choose_ranks
 from .report import LayerReport
 from .stats import LayerStats, output_objectives
 
-__all__ = ["BlockRun", "Curvature", "compress_blocks", "measure_curvature"]
+__all__ = ["BlockHome", "BlockRun", "Curvature", "Resume", "compress_blocks", "load_parameters", "measure_curvature", "release_parameters"]
 
 
 @dataclass
@@ -93,11 +94,13 @@ class BlockRun:
 
 
 class _Spill:
-    """Tensors kept on disk between passes, one file per key, removed when closed."""
+    """Tensors kept on disk between passes, one file per key: in a temporary directory removed
+    when closed, or in ``path`` (kept, for a run that may be resumed)."""
 
-    def __init__(self) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="svdkit-")
-        self.path = Path(self._dir.name)
+    def __init__(self, path: Path | None = None) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="svdkit-") if path is None else None
+        self.path = Path(self._dir.name) if self._dir is not None else Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
 
     def put(self, key: str, value: Any) -> None:
         torch.save(value, self.path / f"{key}.pt")
@@ -120,7 +123,8 @@ class _Spill:
         (self.path / f"{key}.pt").unlink(missing_ok=True)
 
     def close(self) -> None:
-        self._dir.cleanup()
+        if self._dir is not None:
+            self._dir.cleanup()
 
 
 def _block_targets(stack: BlockStack, targets: list[tuple[str, nn.Module]]) -> dict[int, list[tuple[str, nn.Module]]]:
@@ -141,7 +145,7 @@ def _curvature_pass(
     config: CompressConfig,
     curvature: str | None,
     spill: _Spill,
-    device: torch.device | str | None,
+    home: BlockHome,
     progress: ProgressLike,
     group: Group,
     owners: dict[str, int],
@@ -153,14 +157,14 @@ def _curvature_pass(
     each layer's owner measures its spectrum and keeps its gradient statistics.
     """
     with group.checked():
-        inputs = capture_block_inputs(model, stack, batches, forward, device=device, first=group.rank, step=group.world)
+        inputs = capture_block_inputs(model, stack, batches, forward, device=home.device, first=group.rank, step=group.world)
         hidden = [item.hidden for item in inputs]
         first = min(by_block) if by_block else len(stack.blocks)  # blocks before the first target need no gradients
         with torch.no_grad():
             for index in track(range(len(stack.blocks)), progress, desc="curvature: forward"):
                 if index >= first:
                     spill.put(f"boundary-{index}", hidden)
-                with _on(stack.blocks[index], device) as block:
+                with home.visit(stack, index) as block:
                     hidden = [run_block(block, item, h) for item, h in zip(inputs, hidden)]
         grads: list[torch.Tensor] | None = None
         if curvature is not None:
@@ -174,25 +178,25 @@ def _curvature_pass(
     spectra: dict[str, LayerSpectrum] = {}
     for index in track(list(reversed(range(first, len(stack.blocks)))), progress, desc="curvature: backward"):
         targets = by_block.get(index, [])
-        with group.checked():
-            boundary = spill.get(f"boundary-{index}")
-            spill.drop(f"boundary-{index}")
-            with _on(stack.blocks[index], device) as block:
-                input_stats, gradient_stats, grads = _sweep_block(block, targets, inputs, boundary, grads)
-        group.sum_statistics([input_stats[n] for n, _ in targets] + [gradient_stats[n] for n, _ in targets if n in gradient_stats])
         mine: dict[str, LayerSpectrum] = {}
-        with group.checked():
-            for name, module in targets:
-                if owners[name] != group.rank:
-                    continue
-                transforms = layer_transforms(module, LayerStats(input_stats[name], gradient_stats.get(name)), config)
-                mine[name] = LayerSpectrum(
-                    name, tuple(transforms[0].M.shape), len(transforms), [transformed_spectrum(t) for t in transforms],
-                    transforms[0].importance,
-                )
-            owned = {name: stats for name, stats in gradient_stats.items() if owners[name] == group.rank}
-            if owned:
-                spill.put_statistics(f"gradients-{index}", owned)
+        with home.visit(stack, index) as block:
+            with group.checked():
+                boundary = spill.get(f"boundary-{index}")
+                spill.drop(f"boundary-{index}")
+                input_stats, gradient_stats, grads = _sweep_block(block, targets, inputs, boundary, grads)
+            group.sum_statistics([input_stats[n] for n, _ in targets] + [gradient_stats[n] for n, _ in targets if n in gradient_stats])
+            with group.checked():
+                for name, module in targets:
+                    if owners[name] != group.rank:
+                        continue
+                    transforms = layer_transforms(module, LayerStats(input_stats[name], gradient_stats.get(name)), config)
+                    mine[name] = LayerSpectrum(
+                        name, tuple(transforms[0].M.shape), len(transforms), [transformed_spectrum(t) for t in transforms],
+                        transforms[0].importance,
+                    )
+                owned = {name: stats for name, stats in gradient_stats.items() if owners[name] == group.rank}
+                if owned:
+                    spill.put_statistics(f"gradients-{index}", owned)
         for part in group.gather_objects(mine):
             spectra.update(part)
     return spectra
@@ -226,21 +230,64 @@ def _sweep_block(
     return inputs_seen.stats, gradients_seen.stats, new_grads if grads is not None else None
 
 
-class _on:
-    """Context manager: a block on the compute device while it is processed, back afterwards."""
+class BlockHome:
+    """Where the blocks' weights stay between visits, and how a block visits the compute device.
 
-    def __init__(self, block: nn.Module, device: torch.device | str | None) -> None:
-        self.block, self.device = block, device
-        self.home = next((p.device for p in block.parameters()), None)
+    In memory (the default): a visit moves the block to ``device`` and back. From a checkpoint
+    (the model built on empty parameters, see :func:`svdkit.compression.io.empty_parameters`):
+    a visit reads the block's tensors from the checkpoint onto ``device`` and gives them back
+    afterwards, so host memory holds one block at a time.
 
-    def __enter__(self) -> nn.Module:
-        if self.device is not None and self.home is not None and torch.device(self.device) != self.home:
-            self.block.to(self.device)
-        return self.block
+    Parameters
+    ----------
+    device : optional
+        The compute device (None: where the weights are).
+    checkpoint : svdkit.checkpoint.Checkpoint, optional
+        The weights of a model whose blocks hold empty (meta) parameters.
+    """
 
-    def __exit__(self, *exc: object) -> None:
-        if self.device is not None and self.home is not None and torch.device(self.device) != self.home:
-            self.block.to(self.home)
+    def __init__(self, device: torch.device | str | None = None, checkpoint: Any = None) -> None:
+        self.device = None if device is None else torch.device(device)
+        self.checkpoint = checkpoint
+
+    @contextlib.contextmanager
+    def visit(self, stack: BlockStack, index: int) -> Iterator[nn.Module]:
+        block = stack.blocks[index]
+        if self.checkpoint is not None:
+            load_parameters(block, self.checkpoint, f"{stack.block_name(index)}.", self.device)
+            try:
+                yield block
+            finally:
+                release_parameters(block)
+            return
+        home = next((p.device for p in block.parameters()), None)
+        moved = self.device is not None and home is not None and self.device != home
+        if moved:
+            block.to(self.device)
+        try:
+            yield block
+        finally:
+            if moved:
+                block.to(home)
+
+
+def load_parameters(module: nn.Module, checkpoint: Any, prefix: str, device: torch.device | None) -> None:
+    """Give every empty (meta) parameter of ``module`` its tensor ``prefix + name`` from ``checkpoint``."""
+    for name, param in list(module.named_parameters()):
+        if not param.is_meta:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        tensor = checkpoint.tensor(prefix + name, device=device or "cpu")
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=param.requires_grad)
+
+
+def release_parameters(module: nn.Module) -> None:
+    """Empty every parameter of ``module`` again (meta tensors of the same shape and dtype)."""
+    for owner in module.modules():
+        for attr, param in list(owner._parameters.items()):
+            if param is not None and not param.is_meta:
+                owner._parameters[attr] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
 
 
 def _compression_pass(
@@ -252,24 +299,31 @@ def _compression_pass(
     config: CompressConfig,
     ranks: dict[str, int | None] | None,
     spill: _Spill | None,
-    device: torch.device | str | None,
+    home: BlockHome,
     progress: ProgressLike,
     group: Group,
     owners: dict[str, int],
+    resume: Resume | None = None,
 ) -> list[LayerReport]:
     """Pass 2 (see the module docstring) on ``out``, in place; returns the report rows.
 
     With several ranks, ``batches`` is this rank's share: input statistics are summed over the
     ranks, each layer's owner factorizes it and sends the factors to every rank, and every rank
-    runs the compressed block on its share.
+    runs the compressed block on its share. ``resume`` starts at a later block, from kept inputs,
+    and is told when each block is done.
     """
     with group.checked():
-        inputs = capture_block_inputs(out, stack, batches, forward, device=device, first=group.rank, step=group.world)
-    rows: list[LayerReport] = []
+        if resume is not None and resume.inputs is not None:
+            inputs = resume.inputs
+        else:
+            inputs = capture_block_inputs(out, stack, batches, forward, device=home.device, first=group.rank, step=group.world)
+    rows: list[LayerReport] = list(resume.rows) if resume is not None else []
+    start = resume.start if resume is not None else 0
     last = max(by_block) if by_block else -1  # blocks after the last target need not run
-    for index in track(range(last + 1), progress, desc="blocks compressed"):
+    for index in track(range(start, last + 1), progress, desc="blocks compressed"):
         targets = by_block.get(index, [])
-        with _on(stack.blocks[index], device) as block:
+        with home.visit(stack, index) as block:
+            block_rows = []
             if targets:
                 with group.checked():
                     input_stats, _, _ = _sweep_block(block, targets, inputs, [item.hidden for item in inputs], None)
@@ -282,12 +336,38 @@ def _compression_pass(
                         row, layer = built[name]
                         if layer is not None:
                             replace_module(out, name, layer)
-                        rows.append(row)
+                        block_rows.append(row)
                 del input_stats, built
             with group.checked(), torch.no_grad():
                 for item in inputs:
                     item.hidden = run_block(block, item)
+            rows.extend(block_rows)
+            if resume is not None:
+                with group.checked():
+                    resume.block_done(index, block, inputs, block_rows)
     return rows
+
+
+@dataclass
+class Resume:
+    """Where pass 2 starts and what it is told as it goes (the resumable directory writer).
+
+    Attributes
+    ----------
+    start : int
+        The first block to compress.
+    inputs : list of BlockInput or None
+        The compressed model's inputs to block ``start`` (None: catch them from the model).
+    rows : list of LayerReport
+        The report rows of the blocks before ``start``.
+    """
+
+    start: int = 0
+    inputs: list[BlockInput] | None = None
+    rows: list[LayerReport] = field(default_factory=list)
+
+    def block_done(self, index: int, block: nn.Module, inputs: list[BlockInput], rows: list[LayerReport]) -> None:
+        """Called while block ``index`` is still in memory, compressed, with the next block's inputs."""
 
 
 def _factorize_owned(
@@ -374,9 +454,10 @@ def measure_curvature(
     *,
     forward: Callable[[nn.Module, Any], Any] | None,
     curvature: str,
-    device: torch.device | str | None = None,
+    home: BlockHome | None = None,
     progress: ProgressLike = None,
     group: Group = Group(),
+    spill: _Spill | None = None,
 ) -> Curvature | None:
     """Pass 1 on the dense ``model`` (see the module docstring), when the method needs output
     gradients (``fisher``) or the config a global budget; None otherwise.
@@ -395,12 +476,14 @@ def measure_curvature(
         ``forward(module, batch)``.
     curvature : str
         The output statistics of ``fisher`` (see :func:`svdkit.compression.stats.output_objectives`).
-    device : optional
-        Compute device: each block visits it while it is processed.
+    home : BlockHome, optional
+        Where the blocks live and the device they visit (default: in memory, where they are).
     progress : bool or callable
     group : Group
         The processes that compress together (:mod:`svdkit.distributed`); ``batches`` is this
         rank's share.
+    spill : optional
+        Where to keep the gradient statistics (default: a temporary directory).
     """
     needs_gradients = config.method == "fisher"
     if not needs_gradients and config.budget is None:
@@ -408,12 +491,13 @@ def measure_curvature(
     check_patterns(config.rank_pattern, [name for name, _ in targets], field="rank_pattern")
     start = time.perf_counter()
     grad_batches = batches[: config.gradient_batches] if config.gradient_batches else batches
-    spill = _Spill()
+    spill = spill or _Spill()
+    home = home or BlockHome()
     flags = _frozen(model)
     try:
         spectra = _curvature_pass(
             model, stack, _block_targets(stack, targets), grad_batches, forward, config,
-            curvature if needs_gradients else None, spill, device, progress, group, layer_owners(targets, group),
+            curvature if needs_gradients else None, spill, home, progress, group, layer_owners(targets, group),
         )
     except BaseException:
         spill.close()
@@ -436,9 +520,10 @@ def compress_blocks(
     *,
     forward: Callable[[nn.Module, Any], Any] | None,
     measured: Curvature | None,
-    device: torch.device | str | None = None,
+    home: BlockHome | None = None,
     progress: ProgressLike = None,
     group: Group = Group(),
+    resume: Resume | None = None,
 ) -> tuple[list[LayerReport], BlockRun]:
     """Pass 2: compress ``out`` (a copy of ``model``, or ``model`` itself) block by block, in place.
 
@@ -459,11 +544,13 @@ def compress_blocks(
         ``forward(module, batch)``.
     measured : Curvature or None
         Pass 1 (:func:`measure_curvature`): spectra for a budget, gradients for ``fisher``.
-    device : optional
-        Compute device: each block visits it while it is processed.
+    home : BlockHome, optional
+        Where the blocks live and the device they visit (default: in memory, where they are).
     progress : bool or callable
     group : Group
         The processes that compress together; ``batches`` is this rank's share.
+    resume : Resume, optional
+        Start at a later block and hear about each block done (the directory writer).
 
     Returns
     -------
@@ -487,8 +574,8 @@ def compress_blocks(
     try:
         start = time.perf_counter()
         rows = _compression_pass(out, stack, out_by_block, batches, forward, config, ranks,
-                                 measured.spill if measured is not None else None, device, progress, group,
-                                 layer_owners(targets, group))
+                                 measured.spill if measured is not None else None, home or BlockHome(), progress, group,
+                                 layer_owners(targets, group), resume)
         run.seconds["compression"] = time.perf_counter() - start
     finally:
         for p, flag in flags:

@@ -1,0 +1,117 @@
+"""Compression straight into a directory: from a sharded checkpoint on disk, block by block, resumable.
+
+A small LLaMA (GQA, tied head) saved as sharded safetensors stands in for a checkpoint bigger
+than memory. Streaming from it must give exactly what compressing the model in memory gives; a
+run killed between blocks must resume to the same result; nothing finished is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from svdkit import CompressConfig, compress, load_compressed
+from svdkit.compression.io import PROGRESS_NAME
+from svdkit.compression.streaming import WORK_NAME, compress_to_directory
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIG = CompressConfig(budget=0.6)
+
+
+def _batches() -> list[torch.Tensor]:
+    return list(torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(1)).split(2))
+
+
+@pytest.fixture
+def checkpoint(tmp_path, make_decoder):
+    model = make_decoder("llama", causal=True, tied=True, layers=4)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder, max_shard_size="40KB")
+    assert (folder / "model.safetensors.index.json").exists()
+    return model, folder
+
+
+def _same_outputs(a, b) -> None:
+    ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)
+
+
+def test_streaming_from_a_sharded_checkpoint_equals_compressing_in_memory(checkpoint, tmp_path):
+    model, folder = checkpoint
+    reference, reference_report = compress(model, CONFIG, _batches())
+    report = compress_to_directory(folder, tmp_path / "out", CONFIG, _batches())
+    assert [r.rank for r in report.layers] == [r.rank for r in reference_report.layers]
+    assert report.model_params_after == reference_report.model_params_after
+    out = tmp_path / "out"
+    assert not (out / PROGRESS_NAME).exists() and not (out / WORK_NAME).exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {Path(f).name for f in index.values()} >= {"model-block-00000.safetensors", "model-rest.safetensors"}
+    again = load_compressed(out)  # lazily: an empty skeleton filled shard by shard
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    _same_outputs(again, reference)
+
+
+def test_an_in_memory_model_streams_to_a_directory_too(make_decoder, tmp_path):
+    model = make_decoder("qwen2", causal=True, layers=3)
+    reference, _ = compress(model, CONFIG, _batches())
+    compress_to_directory(model, tmp_path / "out", CONFIG, _batches())  # compresses `model` in place
+    _same_outputs(load_compressed(tmp_path / "out"), reference)
+
+
+_KILLED = textwrap.dedent("""
+    import os, sys, torch
+    from svdkit import CompressConfig
+    from svdkit.compression import streaming
+
+    done = streaming._Progress.block_done
+
+    def die_after_block_1(self, index, *args):
+        done(self, index, *args)
+        if index == 1:
+            os._exit(3)  # the process is killed between blocks
+
+    streaming._Progress.block_done = die_after_block_1
+    batches = list(torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(1)).split(2))
+    streaming.compress_to_directory(sys.argv[1], sys.argv[2], CompressConfig(budget=0.6), batches)
+""")
+
+
+def test_a_run_killed_between_blocks_resumes_to_the_same_result(checkpoint, tmp_path):
+    model, folder = checkpoint
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", _KILLED, str(folder), str(out)], capture_output=True, text=True)
+    assert killed.returncode == 3, killed.stderr[-2000:]
+    progress = json.loads((out / PROGRESS_NAME).read_text())
+    assert progress["blocks_done"] == 2
+    assert (out / "model-block-00001.safetensors").exists() and not (out / "model-block-00002.safetensors").exists()
+    with pytest.raises(FileExistsError, match="unfinished compression .2 blocks done.*--resume"):
+        compress_to_directory(folder, out, CONFIG, _batches())
+    with pytest.raises(ValueError, match="its config differs"):
+        compress_to_directory(folder, out, CompressConfig(budget=0.5), _batches(), resume=True)
+    with pytest.raises(ValueError, match="unfinished compression"):
+        load_compressed(out)
+    compress_to_directory(folder, out, CONFIG, _batches(), resume=True)
+    reference, _ = compress(model, CONFIG, _batches())
+    _same_outputs(load_compressed(out), reference)
+    with pytest.raises(FileExistsError, match="finished compression: there is nothing to resume"):
+        compress_to_directory(folder, out, CONFIG, _batches(), resume=True)
+
+
+def test_nothing_finished_is_touched_without_overwrite(checkpoint, tmp_path):
+    _, folder = checkpoint
+    compress_to_directory(folder, tmp_path / "out", CONFIG, _batches())
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(FileExistsError, match="overwrite"):
+        compress_to_directory(folder, tmp_path / "out", CONFIG, _batches())
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        compress_to_directory(folder, tmp_path / "elsewhere", CONFIG, _batches(), resume=True)
