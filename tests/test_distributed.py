@@ -99,3 +99,35 @@ def test_owners_share_the_cost_and_shards_are_disjoint():
     assert sorted(x for part in parts for x in part) == items and parts[1] == [1, 4, 7]
     with pytest.raises(ValueError, match="2 calibration batch"):
         shard([0, 1], Group(rank=0, world=3))
+
+
+def _analysis_worker(rank: int, world: int, init_file: str, checkpoint: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from svdkit.analysis import analyze_weights
+
+        table = analyze_weights(checkpoint, keep_spectra=False)
+        torch.save({"records": table.to_records(), "jobs": table.meta}, Path(out, f"analysis-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_analyse_the_shards_of_a_checkpoint_as_one_does(tmp_path):
+    from svdkit.analysis import analyze_weights
+
+    model, _ = _model_and_batches("llama")
+    model.float().save_pretrained(tmp_path / "ckpt", max_shard_size="60KB")
+    alone = analyze_weights(tmp_path / "ckpt", keep_spectra=False).to_records()
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_analysis_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ckpt"), str(out)), nprocs=2, join=True)
+    for rank in (0, 1):
+        records = torch.load(out / f"analysis-{rank}.pt", weights_only=False)["records"]
+        assert [r["name"] for r in records] == [r["name"] for r in alone]
+        for mine, reference in zip(records, alone):
+            for key, value in reference.items():
+                if isinstance(value, float) and value == value:  # NaN columns stay NaN
+                    assert mine[key] == pytest.approx(value, rel=1e-12, abs=1e-300), (reference["name"], key)
+                else:
+                    assert mine[key] == value or (isinstance(value, float) and mine[key] != mine[key]), (reference["name"], key)

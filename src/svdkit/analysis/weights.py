@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import current_group
 from ..linalg import DEFAULT_VERDICT_ERROR, verdict_rule
 from ..progress import ProgressLike, track
 from ..surgery import TargetSpec
@@ -208,11 +209,18 @@ def analyze_weights(
         options = {"fit": fit, "mp_fit": mp_fit, "error": error, "min_evals": min_evals, "conv2d": conv2d}
         batched = (not on_cpu) if stack is None else bool(stack)
         jobs = _jobs(items, originals, batched and not streamed, svd_method, options)
+        group = current_group()
+        if group.active:  # under torchrun: each rank reads and analyses its share, costs balanced
+            owners = group.owners([_job_cost(items, job) for job in jobs])
+            jobs = [job for job, owner in zip(jobs, owners) if owner == group.rank]
         results: dict[int, Any] = {}
         for job, result in track(iter_eigenvalues(jobs, _run_job, workers=workers, on_cpu=on_cpu), progress,
                                  desc="weight spectra", total=len(jobs)):
             for index, outcome in zip(job[0], result if isinstance(result, list) else [result] * len(job[0])):
                 results[index] = outcome
+        if group.active:
+            for part in group.gather_objects(results):
+                results.update(part)
     records, spectra = _assemble(items, results, skipped, keep_spectra, conv2d)
     if not records:
         detail = "; ".join(f"{n}: {r}" for n, r in skipped[:10])
@@ -228,6 +236,16 @@ def analyze_weights(
         meta["whitened"] = add_whitened_verdicts(source, records, calibration, forward, error, progress=progress)
     meta["seconds"] = time.perf_counter() - start
     return AnalysisTable(records, skipped, spectra, SUMMARY_COLUMNS, meta, summary_where="ww_eligible")
+
+
+def _job_cost(items, job) -> int:
+    """The eigensolve cost of a job's matrices, ``m * n * min(m, n)`` each (the rank's share of work)."""
+    total = 0
+    for index in job[0]:
+        shape = items[index].shape
+        rows, cols = shape[0], max(1, math.prod(shape) // max(shape[0], 1))
+        total += rows * cols * min(rows, cols)
+    return total
 
 
 def _assemble(items, results, skipped, keep_spectra, conv2d) -> tuple[list[dict], list]:
