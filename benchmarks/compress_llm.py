@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=sorted(CONFIGS))
     parser.add_argument("--calib-seqs", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--gradient-seqs", type=int, default=32)
+    parser.add_argument("--gradient-seqs", type=int, default=64)
     parser.add_argument("--eval-seqs", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--generation", action="store_true", help="tokens/s of greedy generation, dense vs compressed, at 0.8 for the default")

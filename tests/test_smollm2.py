@@ -70,12 +70,13 @@ def test_two_blocks_compressed_block_by_block_save_load_and_generate(smol, tmp_p
 @pytest.mark.slow
 def test_the_readme_compression_of_smollm2_keeps_its_perplexity(smol):
     """The default (fisher with the LM curvature, global budget, block by block) at 0.8, as
-    `svdkit compress smollm2 --params 0.8` runs it. Measured on a quiet 2-core machine: about
-    1.27x dense in-domain and 1.46x on the other domain (docs/benchmarks.md); the bounds here
-    guard against regressions, they are not the targets."""
+    `svdkit compress smollm2 --params 0.8` runs it (128 windows of 256 tokens, the curvature from
+    64 of them). Measured on a quiet 2-core machine: about 1.23x dense in-domain and 1.38x on the
+    other domain (docs/benchmarks.md); the bounds here guard against regressions, they are not
+    the targets."""
     dense = language_model_quality(smol.module, smol.tokenizer)
     ids = calibration_tokens("builtin", smol.tokenizer, n_seqs=128, seq_len=256, seed=0)
-    small, report = compress(smol.module, CompressConfig(budget=0.8, gradient_batches=8), list(ids.split(4)))
+    small, report = compress(smol.module, CompressConfig(budget=0.8, gradient_batches=16), list(ids.split(4)))
     assert report.pipeline == "blocks" and report.kept_fraction == pytest.approx(0.8, abs=2e-3)
     quality = language_model_quality(small, smol.tokenizer)
     assert quality["in-domain"] < 1.4 * dense["in-domain"]

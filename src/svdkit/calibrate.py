@@ -362,7 +362,7 @@ class GradientRecorder:
             self.stats[name].merge(increment)
 
         def hook(module, inputs, output):
-            if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            if not isinstance(output, torch.Tensor) or not output.is_floating_point() or not torch.is_grad_enabled():
                 return
             if not output.requires_grad:
                 if not self.make_leaves:

@@ -38,7 +38,7 @@ DEFAULT_LM_PARAMS = 0.8
 SENTENCES = 256
 SENTENCE_BATCH = 32
 LM_SEQS, LM_SEQ_LEN, LM_BATCH = 128, 256, 4
-GRADIENT_SEQS = 32
+GRADIENT_SEQS = 64
 PROMPT = "The for statement in Python"
 
 def register(subparsers) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..calibrate import BatchRunner, GradientRecorder, InputStats, NonFiniteCalibration, collect_input_stats
+from ..calibrate import BatchRunner, GradientRecorder, InputRecorder, InputStats, NonFiniteCalibration
 from ..progress import ProgressLike, track
 
 __all__ = ["LayerStats", "collect_layer_stats", "model_output"]
@@ -87,44 +87,6 @@ def model_output(result: Any) -> torch.Tensor:
     raise TypeError(f"cannot find an output tensor in a {type(result).__name__}")
 
 
-def _collect_gradient_stats(
-    model: nn.Module,
-    targets: list[tuple[str, nn.Module]],
-    batches: Iterable[Any],
-    forward: Callable[[nn.Module, Any], Any] | None,
-    *,
-    curvature: str,
-    probes: int,
-    seed: int,
-    progress: ProgressLike = None,
-) -> dict[str, InputStats]:
-    """Gram of output gradients ``g = d objective / d y`` at every target's output ``y``
-    (see :func:`output_objectives`)."""
-    params = [p for p in model.parameters()]
-    saved = [(p.grad, p.requires_grad) for p in params]
-    generator = torch.Generator().manual_seed(seed)
-    try:
-        # No weight gradients are needed: only the gradients at the targets' outputs.
-        for p in params:
-            p.requires_grad_(False)
-        with GradientRecorder(targets, make_leaves=True) as recorder, BatchRunner(model, forward, what="calibration batch") as run, torch.enable_grad():
-            for index, batch in enumerate(track(batches, progress, desc="gradient batches")):
-                recorder.next_batch(index)
-                result = run(batch)
-                for objective in output_objectives(result, batch, curvature, probes, generator):
-                    if not objective.requires_grad:
-                        raise ValueError("the model output does not depend on any target layer's output")
-                    if not bool(torch.isfinite(objective.detach()).all()):
-                        raise NonFiniteCalibration(f"calibration batch {index}: the model's output is NaN or infinite")
-                    objective.backward(retain_graph=True)
-                del result
-    finally:
-        for p, (grad, requires) in zip(params, saved):
-            p.grad = grad
-            p.requires_grad_(requires)
-    return recorder.stats
-
-
 def _input_ids(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, torch.Tensor) and not batch.is_floating_point():
         return batch
@@ -194,39 +156,78 @@ def collect_layer_stats(
     gradient_batches: int | None = None,
     progress: ProgressLike = None,
 ) -> dict[str, LayerStats]:
-    """Input (and optionally output-gradient) statistics for every target layer.
+    """Input (and optionally output-gradient) statistics for every target layer, in one pass.
+
+    Each batch runs forward once: its inputs are recorded, and on the first ``gradient_batches``
+    batches the backward passes of the objective (:func:`output_objectives`) record the Gram of
+    the gradients at each target's output (no weight gradients are computed).
 
     Parameters
     ----------
     model : nn.Module
-        Run in eval mode; its training flag and parameter gradients are restored afterwards.
+        Run in eval mode; its training flag, ``requires_grad`` flags and gradients are restored.
     targets : list of (name, module)
     batches : iterable
-        Re-iterated when ``gradients`` is True, so pass a list, not a generator.
+        Calibration batches.
     forward : callable, optional
         ``forward(module, batch) -> result``.
     gradients : bool
-        Also collect the Gram of output gradients (one backward pass per probe and batch).
+        Also collect the Gram of output gradients.
+    curvature : {"probes", "labels", "sampled"}
+        The objective whose gradients are recorded.
     probes : int
-        Random output directions ``z`` per batch.
+        Random output directions (or sampled tokens) per batch.
     seed : int
         Seed of the probes.
     gradient_batches : int, optional
-        Use only the first this many batches for the gradient statistics.
+        Use only the first this many batches for the gradient statistics (None: all).
     progress : bool or callable, optional
-        Progress of the first pass (see :mod:`svdkit.progress`).
+        Progress over the batches (see :mod:`svdkit.progress`).
 
     Returns
     -------
     dict of name -> LayerStats
+
+    Raises
+    ------
+    NonFiniteCalibration
+        A batch gave NaN or infinite inputs, gradients or outputs (naming the batch and layer).
+    ValueError
+        No batch, a target never reached, or a model output that depends on no target.
     """
-    batches = list(batches) if gradients else batches
     was_training = model.training
+    params = list(model.parameters())
+    saved = [(p.grad, p.requires_grad) for p in params]
+    generator = torch.Generator().manual_seed(seed)
+    n_batches = 0
     model.eval()
     try:
-        inputs = collect_input_stats(model, targets, batches, forward, progress=progress)
-        grad_data = batches[:gradient_batches] if gradient_batches else batches
-        grads = _collect_gradient_stats(model, targets, grad_data, forward, curvature=curvature, probes=probes, seed=seed, progress=progress) if gradients else {}
+        for p in params:  # only the gradients at the targets' outputs are needed
+            p.requires_grad_(False)
+        with InputRecorder(targets) as inputs, GradientRecorder(targets, make_leaves=True) as grads, \
+                BatchRunner(model, forward, what="calibration batch") as run:
+            for index, batch in enumerate(track(batches, progress, desc="calibration batches")):
+                inputs.next_batch(index)
+                grads.next_batch(index)
+                n_batches += 1
+                with_gradients = gradients and (gradient_batches is None or index < gradient_batches)
+                with torch.set_grad_enabled(with_gradients):
+                    result = run(batch)
+                if not with_gradients:
+                    continue
+                for objective in output_objectives(result, batch, curvature, probes, generator):
+                    if not objective.requires_grad:
+                        raise ValueError("the model output does not depend on any target layer's output")
+                    if not bool(torch.isfinite(objective.detach()).all()):
+                        raise NonFiniteCalibration(f"calibration batch {index}: the model's output is NaN or infinite")
+                    objective.backward(retain_graph=True)
+                del result
     finally:
+        for p, (grad, requires) in zip(params, saved):
+            p.grad = grad
+            p.requires_grad_(requires)
         model.train(was_training)
-    return {name: LayerStats(inputs[name], grads.get(name)) for name, _ in targets}
+    if n_batches == 0:
+        raise ValueError("the calibration data held no batches")
+    inputs.check_reached()
+    return {name: LayerStats(inputs.stats[name], grads.stats.get(name)) for name, _ in targets}
