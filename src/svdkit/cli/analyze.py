@@ -103,7 +103,10 @@ def _run(args: argparse.Namespace) -> int:
     check_outputs(files=(args.output, args.html, args.json))
     if args.plots:
         check_outputs(directories=(args.plots,), overwrite=True)
-    progress = progress_option(args)
+    from ..distributed import init_from_env
+
+    group = init_from_env()  # under torchrun the ranks share the matrices; rank 0 reports
+    progress = progress_option(args) and group.rank == 0
     source, loaded = _weight_source(args.model, args.weights_only)
     sentences = None
     if args.activations:
@@ -119,6 +122,8 @@ def _run(args: argparse.Namespace) -> int:
     activations = None
     if args.activations:
         activations = analyze_activations(loaded, sentences, args.layers, cka=args.cka, progress=progress)
+    if group.rank != 0:
+        return 0
     _emit(args, weights, activations, print_table)
     if args.json:
         write_json(args.json, _json_text(weights, activations))
