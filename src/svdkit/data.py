@@ -67,16 +67,28 @@ def _topics() -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=None)
 def _docstrings() -> tuple[str, ...]:
-    root = Path(sysconfig.get_paths()["stdlib"])
     sentences: list[str] = []
+    for module_doc, _ in _stdlib_docstrings():
+        if module_doc:
+            sentences.extend(split_sentences(module_doc))
+    return tuple(_dedupe(sentences))
+
+
+@functools.lru_cache(maxsize=None)
+def _stdlib_docstrings() -> tuple[tuple[str | None, tuple[str, ...]], ...]:
+    """Per standard-library file (sorted): its module docstring, and every module, class and
+    function docstring of at least 80 characters. Read with ``ast``: nothing is imported."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
     for path in sorted(root.glob("*.py")):
         try:
-            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8", errors="replace")))
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
         except (SyntaxError, ValueError, OSError):
             continue
-        if doc:
-            sentences.extend(split_sentences(doc))
-    return tuple(_dedupe(sentences))
+        docs = [ast.get_docstring(node) for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        files.append((ast.get_docstring(tree), tuple(d.strip() for d in docs if d and len(d) >= 80)))
+    return tuple(files)
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,22 +121,7 @@ def _topic_documents() -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=None)
 def _docstring_documents() -> tuple[str, ...]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    documents = []
-    for path in sorted(root.glob("*.py")):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
-        except (SyntaxError, ValueError, OSError):
-            continue
-        parts = []
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= 80:
-                    parts.append(doc.strip())
-        if parts:
-            documents.append("\n\n".join(parts))
-    return tuple(documents)
+    return tuple("\n\n".join(docs) for _, docs in _stdlib_docstrings() if docs)
 
 
 @functools.lru_cache(maxsize=None)

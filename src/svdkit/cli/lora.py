@@ -20,6 +20,7 @@ from ._common import (
     add_rank_options,
     add_target_options,
     check_outputs,
+    positive_int,
     progress_option,
     rank_from_options,
     target_spec,
@@ -38,16 +39,6 @@ def _ranks(value: str) -> list[int]:
     if not ranks or any(r < 1 for r in ranks):
         raise argparse.ArgumentTypeError(f"ranks must be integers >= 1, got {value!r}")
     return ranks
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
-    return number
 
 
 def _add_models(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +66,7 @@ def register(subparsers) -> None:
     _add_models(analyze)
     analyze.add_argument("--ranks", type=_ranks, nargs="+", default=[list(DEFAULT_RANKS)], metavar="K",
                          help="ranks whose relative error to show, e.g. --ranks 1 4 8 (default 1 4 8 16 32)")
-    analyze.add_argument("--top", type=_positive, default=10, help="leading singular values for the energy share (default 10)")
+    analyze.add_argument("--top", type=positive_int, default=10, help="leading singular values for the energy share (default 10)")
     add_output_options(analyze, json_help="also write the spectra as JSON to FILE ('-': standard output, instead of the table)")
     analyze.set_defaults(run=run_analyze)
 

@@ -46,6 +46,7 @@ __all__ = [
     "read_description",
     "save_compressed",
     "weight_files",
+    "write_companions",
 ]
 
 FORMAT_VERSION = 2
@@ -184,13 +185,7 @@ def save_compressed(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         st.torch.save_model(model, str(staging / WEIGHTS_NAME))
-        if _is_transformers_model(model):
-            _saved_config(model).save_pretrained(str(staging))
-            generation = getattr(model, "generation_config", None)
-            if generation is not None and hasattr(generation, "save_pretrained"):
-                generation.save_pretrained(str(staging))
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(str(staging))
+        write_companions(model, staging, tokenizer)
         meta = {
             "format_version": FORMAT_VERSION,
             "svdkit_version": __version__,
@@ -206,6 +201,18 @@ def save_compressed(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def write_companions(model: nn.Module, directory: Path, tokenizer: Any = None) -> None:
+    """What a transformers model needs beside its weights to load and generate on its own: its
+    config (and generation config), and the tokenizer when one is given."""
+    if _is_transformers_model(model):
+        _saved_config(model).save_pretrained(str(directory))
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and hasattr(generation, "save_pretrained"):
+            generation.save_pretrained(str(directory))
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(directory))
 
 
 def _is_transformers_model(model: nn.Module) -> bool:

@@ -23,6 +23,7 @@ decorated with :func:`register_method`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,26 +73,34 @@ class Factorization:
     U : Tensor of shape (m, r), float64
     S : Tensor of shape (r,), float64
     Vh : Tensor of shape (r, n), float64
-    undo_left, undo_right, method, note, importance
-        As in :class:`Transform`.
+    transform : Transform
+        The way back, the method, its note and importance (its matrix ``M`` is not kept).
     """
 
     U: torch.Tensor
     S: torch.Tensor
     Vh: torch.Tensor
-    undo_left: Callable[[torch.Tensor], torch.Tensor] | None = None
-    undo_right: Callable[[torch.Tensor], torch.Tensor] | None = None
-    method: str = "svd"
-    note: str = ""
-    importance: float = 1.0
+    transform: Transform
+
+    @property
+    def method(self) -> str:
+        return self.transform.method
+
+    @property
+    def note(self) -> str:
+        return self.transform.note
+
+    @property
+    def importance(self) -> float:
+        return self.transform.importance
 
     def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Balanced rank-``k`` factors ``left`` (m, k), ``right`` (k, n) with ``W' = left @ right``."""
         left, right = split_factors(self.U[:, :k], self.S[:k], self.Vh[:k])
-        if self.undo_left is not None:
-            left = self.undo_left(left)
-        if self.undo_right is not None:
-            right = self.undo_right(right)
+        if self.transform.undo_left is not None:
+            left = self.transform.undo_left(left)
+        if self.transform.undo_right is not None:
+            right = self.transform.undo_right(right)
         return left, right
 
     def predicted_error(self, k: int) -> float:
@@ -104,7 +113,8 @@ def factorize(transform: Transform) -> Factorization:
     eigendecomposition of the smaller Gram matrix, a third of an SVD's time; every truncation
     is the exact projection of ``M`` on the computed singular subspace), carrying the way back."""
     U, S, Vh = gram_svd(transform.M)
-    return Factorization(U, S, Vh, transform.undo_left, transform.undo_right, transform.method, transform.note, transform.importance)
+    # The factorization keeps the way back, not the (m, n) matrix it no longer needs.
+    return Factorization(U, S, Vh, dataclasses.replace(transform, M=transform.M.new_empty(0)))
 
 
 def transformed_spectrum(transform: Transform) -> torch.Tensor:

@@ -12,6 +12,7 @@ from ..progress import ProgressLike, track
 from ..views import get_view
 from .config import CompressConfig
 from .methods import METHODS, Factorization, Transform, factorize, plain_svd
+from .ranks import LayerCost
 from .report import LayerReport
 from .stats import LayerStats
 
@@ -19,7 +20,7 @@ __all__ = ["LayerPlan", "layer_transforms", "plan_layer", "plan_layers"]
 
 
 @dataclass
-class LayerPlan:
+class LayerPlan(LayerCost):
     """One target layer with the factorization of each of its groups.
 
     Attributes
@@ -40,16 +41,8 @@ class LayerPlan:
     shape: tuple[int, int] = (0, 0)
 
     @property
-    def groups(self) -> int:
+    def groups(self) -> int:  # type: ignore[override]
         return len(self.factorizations)
-
-    @property
-    def dense_params(self) -> int:
-        return self.groups * self.shape[0] * self.shape[1]
-
-    @property
-    def rank_cost(self) -> int:
-        return self.groups * (self.shape[0] + self.shape[1])
 
     @property
     def singular_values(self) -> torch.Tensor:

@@ -10,7 +10,25 @@ from ..linalg import allocate_ranks, resolve_rank
 from ..surgery import check_patterns, pattern_value
 from .config import CompressConfig
 
-__all__ = ["RankCandidate", "choose_ranks"]
+__all__ = ["LayerCost", "RankCandidate", "choose_ranks"]
+
+
+class LayerCost:
+    """The parameter arithmetic of a layer factorized group by group (a mixin for classes with
+    ``shape`` (m, n), the per-group matrix, and ``groups``)."""
+
+    shape: tuple[int, int]
+    groups: int
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters of the dense weight, ``groups * m * n``."""
+        return self.groups * self.shape[0] * self.shape[1]
+
+    @property
+    def rank_cost(self) -> int:
+        """Parameters one more rank costs, ``groups * (m + n)``."""
+        return self.groups * (self.shape[0] + self.shape[1])
 
 
 class RankCandidate(Protocol):

@@ -134,7 +134,7 @@ def _refit_factorization(W: torch.Tensor, pair_gram: torch.Tensor, pair_cross: t
     L, _ = cholesky_factor(pair_gram, damping=damping)
     # M = W C^T L^-T = (L^-1 C W^T)^T, C = E[x~ x^T]
     M = torch.linalg.solve_triangular(L, pair_cross @ W.to(torch.float64).T, upper=False).T
-    undo_left = base.undo_left
+    undo_left = base.transform.undo_left
     if undo_left is not None:
         # The base factorization weighted the output side by R^T (fisher): apply the same weight.
         eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)

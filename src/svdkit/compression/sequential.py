@@ -42,7 +42,7 @@ from .blocks import BlockInput, BlockStack, capture_block_inputs, head_loss_grad
 from .config import CompressConfig
 from .methods import transformed_spectrum
 from .plan import layer_transforms, plan_layer
-from .ranks import choose_ranks
+from .ranks import LayerCost, choose_ranks
 from .report import LayerReport
 from .stats import LayerStats, output_objectives
 
@@ -50,7 +50,7 @@ __all__ = ["BlockHome", "BlockRun", "Curvature", "Resume", "compress_blocks", "l
 
 
 @dataclass
-class LayerSpectrum:
+class LayerSpectrum(LayerCost):
     """A layer's spectrum measured in pass 1, before it is factorized (a rank candidate)."""
 
     name: str
@@ -58,14 +58,6 @@ class LayerSpectrum:
     groups: int
     values: list[torch.Tensor]
     importance: float = 1.0
-
-    @property
-    def dense_params(self) -> int:
-        return self.groups * self.shape[0] * self.shape[1]
-
-    @property
-    def rank_cost(self) -> int:
-        return self.groups * (self.shape[0] + self.shape[1])
 
     @property
     def singular_values(self) -> torch.Tensor:

@@ -39,7 +39,7 @@ from ..progress import ProgressLike
 from ..surgery import find_targets
 from .blocks import BlockInput, BlockStack, find_blocks
 from .config import CompressConfig
-from .io import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, PROGRESS_NAME, _saved_config, _transformers_skeleton, sha256
+from .io import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, PROGRESS_NAME, _transformers_skeleton, sha256, write_companions
 from .pipeline import _check_token_batches, _check_weights, _curvature
 from .report import CompressionReport, LayerReport, peak_memory
 from .sequential import BlockHome, Curvature, Resume, _Spill, compress_blocks, measure_curvature
@@ -330,12 +330,7 @@ def _finish(model: nn.Module, stack: BlockStack, directory: Path, state: dict[st
         with Checkpoint(directory / name) as part:
             weight_map.update({key: name for key in part.keys()})
     (directory / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    _saved_config(model).save_pretrained(str(directory))
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and hasattr(generation, "save_pretrained"):
-        generation.save_pretrained(str(directory))
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(directory))
+    write_companions(model, directory, tokenizer)
     meta = {
         "format_version": FORMAT_VERSION, "svdkit_version": __version__, "source": spec, "config": config.to_dict(),
         "report": report.totals(), "layers": state["layers"], "files": {name: sha256(directory / name) for name in files},
