@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-__all__ = ["Group", "RankFailure", "current_group", "init_from_env", "shard"]
+__all__ = ["Group", "RankFailure", "current_group", "init_from_env", "leave_group", "shard"]
 
 
 class RankFailure(RuntimeError):
@@ -179,7 +179,33 @@ def init_from_env(backend: str | None = None, *, timeout_seconds: float = 1800.0
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds))
+        _joined.append(True)
     return current_group()
+
+
+_joined: list[bool] = []  # whether init_from_env created the default process group
+
+
+def leave_group(*, succeeded: bool) -> None:
+    """Leave the process group that :func:`init_from_env` joined (a no-op otherwise).
+
+    After success the ranks first wait for each other, so that none exits while another still
+    talks to it; after a failure they do not (the others may be gone). Then the group is
+    destroyed before the interpreter exits: torch's communication threads stopped in order,
+    not torn down with the process.
+    """
+    if not _joined:
+        return
+    import torch.distributed as dist
+
+    _joined.clear()
+    if not dist.is_initialized():
+        return
+    try:
+        if succeeded:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def shard(items: Sequence[Any], group: Group) -> list[Any]:

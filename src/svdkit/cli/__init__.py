@@ -43,11 +43,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
+    status = 1
     try:
-        return int(args.run(args) or 0)
+        status = int(args.run(args) or 0)
     except (ValueError, OSError, ImportError, KeyError) as exc:
         print(f"svdkit {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    finally:
+        distributed = sys.modules.get("svdkit.distributed")  # loaded only by commands that may join a group
+        if distributed is not None:
+            distributed.leave_group(succeeded=status == 0)
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover
