@@ -193,9 +193,9 @@ def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False) -
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     causal = _is_causal_config(config)
     if empty:
-        from .compression.io import _transformers_skeleton
+        from .compression.transformers_files import transformers_skeleton
 
-        module = _transformers_skeleton(path)
+        module = transformers_skeleton(path)
     else:
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
         module = auto.from_pretrained(str(path), local_files_only=True).to(device)

@@ -13,7 +13,9 @@ low-resource mode). This module finds the blocks and runs them:
 - :func:`run_block`: one block on one cached input;
 - :func:`head_loss_gradient`: the gradient of the model's loss at the last block's output,
   found by running the model with its blocks swapped for a stand-in that returns the cached
-  output (so the head is run by the model's own forward, whatever it is).
+  output (so the head is run by the model's own forward, whatever it is);
+- :class:`BlockHome`: where the blocks' weights stay between visits (in memory, or in a
+  checkpoint read one block at a time).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import nn
 
 from ..calibrate import BatchRunner, current_token_mask, run_batch, token_mask
 
-__all__ = ["BlockInput", "BlockStack", "capture_block_inputs", "find_blocks", "head_loss_gradient", "run_block"]
+__all__ = ["BlockHome", "BlockInput", "BlockStack", "capture_block_inputs", "find_blocks", "head_loss_gradient", "load_parameters", "release_parameters", "run_block"]
 
 # Keyword arguments a block gets from the model that must not survive into a replay: a KV
 # cache would grow with every call, and returning attention weights wastes memory.
@@ -283,3 +285,63 @@ def _batch_row(batch: Any, index: int) -> Any:
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         return type(batch)([batch[0][index:index + 1], *batch[1:]])
     raise TypeError(f"cannot take one sequence of a {type(batch).__name__} batch")
+
+
+class BlockHome:
+    """Where the blocks' weights stay between visits, and how a block visits the compute device.
+
+    In memory (the default): a visit moves the block to ``device`` and back. From a checkpoint
+    (the model built on empty parameters, see :func:`svdkit.compression.transformers_files.empty_parameters`):
+    a visit reads the block's tensors from the checkpoint onto ``device`` and gives them back
+    afterwards, so host memory holds one block at a time.
+
+    Parameters
+    ----------
+    device : optional
+        The compute device (None: where the weights are).
+    checkpoint : svdkit.checkpoint.Checkpoint, optional
+        The weights of a model whose blocks hold empty (meta) parameters.
+    """
+
+    def __init__(self, device: torch.device | str | None = None, checkpoint: Any = None) -> None:
+        self.device = None if device is None else torch.device(device)
+        self.checkpoint = checkpoint
+
+    @contextlib.contextmanager
+    def visit(self, stack: BlockStack, index: int) -> Iterator[nn.Module]:
+        block = stack.blocks[index]
+        if self.checkpoint is not None:
+            load_parameters(block, self.checkpoint, f"{stack.block_name(index)}.", self.device)
+            try:
+                yield block
+            finally:
+                release_parameters(block)
+            return
+        home = next((p.device for p in block.parameters()), None)
+        moved = self.device is not None and home is not None and self.device != home
+        if moved:
+            block.to(self.device)
+        try:
+            yield block
+        finally:
+            if moved:
+                block.to(home)
+
+
+def load_parameters(module: nn.Module, checkpoint: Any, prefix: str, device: torch.device | None) -> None:
+    """Give every empty (meta) parameter of ``module`` its tensor ``prefix + name`` from ``checkpoint``."""
+    for name, param in list(module.named_parameters()):
+        if not param.is_meta:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        tensor = checkpoint.tensor(prefix + name, device=device or "cpu")
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=param.requires_grad)
+
+
+def release_parameters(module: nn.Module) -> None:
+    """Empty every parameter of ``module`` again (meta tensors of the same shape and dtype)."""
+    for owner in module.modules():
+        for attr, param in list(owner._parameters.items()):
+            if param is not None and not param.is_meta:
+                owner._parameters[attr] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)

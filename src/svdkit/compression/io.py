@@ -16,7 +16,6 @@ given base exactly as it was. :func:`decompress` turns factorized layers back in
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -24,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -32,6 +31,7 @@ from torch import nn
 from .. import __version__
 from ..layers.lowrank import LowRankLayer, low_rank_from_spec
 from ..surgery import get_module, replace_module
+from .transformers_files import transformers_skeleton, write_companions
 
 __all__ = [
     "CONFIG_NAME",
@@ -40,13 +40,11 @@ __all__ = [
     "PROGRESS_NAME",
     "WEIGHTS_NAME",
     "decompress",
-    "empty_parameters",
     "factorized_layers",
     "load_compressed",
     "read_description",
     "save_compressed",
     "weight_files",
-    "write_companions",
 ]
 
 FORMAT_VERSION = 2
@@ -203,36 +201,6 @@ def save_compressed(
     return target
 
 
-def write_companions(model: nn.Module, directory: Path, tokenizer: Any = None) -> None:
-    """What a transformers model needs beside its weights to load and generate on its own: its
-    config (and generation config), and the tokenizer when one is given."""
-    if _is_transformers_model(model):
-        _saved_config(model).save_pretrained(str(directory))
-        generation = getattr(model, "generation_config", None)
-        if generation is not None and hasattr(generation, "save_pretrained"):
-            generation.save_pretrained(str(directory))
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(directory))
-
-
-def _is_transformers_model(model: nn.Module) -> bool:
-    """A transformers ``PreTrainedModel`` (checked by duck typing, without importing transformers)."""
-    config = getattr(model, "config", None)
-    return hasattr(model, "base_model_prefix") and hasattr(config, "save_pretrained") and hasattr(config, "to_json_string")
-
-
-def _saved_config(model: nn.Module) -> Any:
-    """The transformers config to save: naming the model's class (as ``save_pretrained`` does),
-    without a GGUF quantization entry (the weights were dequantized when loaded)."""
-    config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
-    quantization = getattr(config, "quantization_config", None)
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
-    if quantization is not None and str(method) == "gguf":
-        delattr(config, "quantization_config")
-    return config
-
-
 def read_description(directory: str | os.PathLike) -> dict[str, Any]:
     """The validated ``svdkit_compressed.json`` of a saved directory.
 
@@ -285,48 +253,6 @@ def _verify_files(directory: Path, meta: Mapping[str, Any]) -> None:
                 f"{path} does not match the SHA-256 recorded in {CONFIG_NAME}: the file is damaged or was changed "
                 "(pass verify=False to load it anyway)"
             )
-
-
-@contextlib.contextmanager
-def empty_parameters() -> Iterator[None]:
-    """Within this context, new modules get their parameters on the ``meta`` device (no memory);
-    buffers stay real, so buffers computed at construction (rotary frequencies) are kept."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
-def _transformers_skeleton(directory: Path) -> nn.Module:
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ImportError(f"{directory} holds a transformers model: pip install 'svdkit[hf]'") from exc
-    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    architectures = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
-    if cls is None:
-        cls = transformers.AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in architectures) else transformers.AutoModel
-        with empty_parameters():
-            model = cls.from_config(config)
-    else:
-        with empty_parameters():
-            model = cls(config)
-    tie = getattr(model, "tie_weights", None)
-    if callable(tie):  # tied weights are saved once: the skeleton must know which they are
-        tie()
-    generation = directory / "generation_config.json"
-    if generation.exists() and hasattr(model, "generation_config"):
-        model.generation_config = transformers.GenerationConfig.from_pretrained(str(directory))
-    return model.eval()
 
 
 def _skeletons(model: nn.Module, layers: Mapping[str, Any], where: Path) -> dict[str, nn.Module]:
@@ -460,7 +386,7 @@ def load_compressed(
             source = meta.get("source")
             hint = f"svdkit.load_model({str(directory)!r}) rebuilds it on its recorded source {source!r}" if source else "pass base="
             raise ValueError(f"{directory} holds no transformers config to rebuild the model from: pass base= (a dense model), or {hint}")
-        model = _transformers_skeleton(directory)
+        model = transformers_skeleton(directory)
         built_here = True
     else:
         model = base if inplace else copy.deepcopy(base)

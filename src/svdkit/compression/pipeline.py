@@ -17,14 +17,14 @@ from ..progress import ProgressLike
 from ..layers.lowrank import low_rank_class
 from ..surgery import find_targets, replace_module, shared_weight_groups
 from ..views import get_view
-from .blocks import BlockStack, find_blocks
+from .blocks import BlockHome, BlockStack, find_blocks
 from .config import CompressConfig
 from .heal import heal
 from .plan import LayerPlan, plan_layers
 from .ranks import choose_ranks
 from .refit import refit
 from .report import CompressionReport, LayerReport, peak_memory
-from .sequential import BlockHome, compress_blocks, measure_curvature
+from .sequential import compress_blocks, measure_curvature
 from .stats import LayerStats, collect_layer_stats
 
 __all__ = ["compress", "compress_sweep"]

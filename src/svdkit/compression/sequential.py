@@ -22,12 +22,9 @@ Blocks can live on the CPU and visit ``device`` only while they are processed.
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -38,15 +35,16 @@ from ..layers.lowrank import low_rank_from_spec
 from ..progress import ProgressLike, track
 from ..surgery import check_patterns, replace_module
 from ..views import weight_matrix
-from .blocks import BlockInput, BlockStack, capture_block_inputs, head_loss_gradient, run_block
+from .blocks import BlockHome, BlockInput, BlockStack, capture_block_inputs, head_loss_gradient, run_block
 from .config import CompressConfig
 from .methods import transformed_spectrum
 from .plan import layer_transforms, plan_layer
 from .ranks import LayerCost, choose_ranks
 from .report import LayerReport
+from .spill import Spill
 from .stats import LayerStats, output_objectives
 
-__all__ = ["BlockHome", "BlockRun", "Curvature", "Resume", "compress_blocks", "load_parameters", "measure_curvature", "release_parameters"]
+__all__ = ["BlockRun", "Curvature", "Resume", "compress_blocks", "measure_curvature"]
 
 
 @dataclass
@@ -85,40 +83,6 @@ class BlockRun:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-class _Spill:
-    """Tensors kept on disk between passes, one file per key: in a temporary directory removed
-    when closed, or in ``path`` (kept, for a run that may be resumed)."""
-
-    def __init__(self, path: Path | None = None) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="svdkit-") if path is None else None
-        self.path = Path(self._dir.name) if self._dir is not None else Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-
-    def put(self, key: str, value: Any) -> None:
-        torch.save(value, self.path / f"{key}.pt")
-
-    def put_statistics(self, key: str, stats: dict[str, InputStats]) -> None:
-        """Keep gradient statistics for pass 2 in float32 (half the disk traffic): pass 2 reads only
-        their whitening factors, which a relative damping of 1e-2 makes insensitive to 1e-7
-        rounding."""
-        light = {}
-        for name, s in stats.items():
-            kept = InputStats(s.gram.float(), s.abs_sum.float(), s.count)
-            kept._whitening.update({d: (L.float(), used) for d, (L, used) in s._whitening.items()})
-            light[name] = kept
-        self.put(key, light)
-
-    def get(self, key: str) -> Any:
-        return torch.load(self.path / f"{key}.pt", map_location="cpu", weights_only=False)
-
-    def drop(self, key: str) -> None:
-        (self.path / f"{key}.pt").unlink(missing_ok=True)
-
-    def close(self) -> None:
-        if self._dir is not None:
-            self._dir.cleanup()
-
-
 def _block_targets(stack: BlockStack, targets: list[tuple[str, nn.Module]]) -> dict[int, list[tuple[str, nn.Module]]]:
     by_block: dict[int, list[tuple[str, nn.Module]]] = {}
     for name, module in targets:
@@ -136,7 +100,7 @@ def _curvature_pass(
     forward: Callable[[nn.Module, Any], Any] | None,
     config: CompressConfig,
     curvature: str | None,
-    spill: _Spill,
+    spill: Spill,
     home: BlockHome,
     progress: ProgressLike,
     group: Group,
@@ -222,66 +186,6 @@ def _sweep_block(
     return inputs_seen.stats, gradients_seen.stats, new_grads if grads is not None else None
 
 
-class BlockHome:
-    """Where the blocks' weights stay between visits, and how a block visits the compute device.
-
-    In memory (the default): a visit moves the block to ``device`` and back. From a checkpoint
-    (the model built on empty parameters, see :func:`svdkit.compression.io.empty_parameters`):
-    a visit reads the block's tensors from the checkpoint onto ``device`` and gives them back
-    afterwards, so host memory holds one block at a time.
-
-    Parameters
-    ----------
-    device : optional
-        The compute device (None: where the weights are).
-    checkpoint : svdkit.checkpoint.Checkpoint, optional
-        The weights of a model whose blocks hold empty (meta) parameters.
-    """
-
-    def __init__(self, device: torch.device | str | None = None, checkpoint: Any = None) -> None:
-        self.device = None if device is None else torch.device(device)
-        self.checkpoint = checkpoint
-
-    @contextlib.contextmanager
-    def visit(self, stack: BlockStack, index: int) -> Iterator[nn.Module]:
-        block = stack.blocks[index]
-        if self.checkpoint is not None:
-            load_parameters(block, self.checkpoint, f"{stack.block_name(index)}.", self.device)
-            try:
-                yield block
-            finally:
-                release_parameters(block)
-            return
-        home = next((p.device for p in block.parameters()), None)
-        moved = self.device is not None and home is not None and self.device != home
-        if moved:
-            block.to(self.device)
-        try:
-            yield block
-        finally:
-            if moved:
-                block.to(home)
-
-
-def load_parameters(module: nn.Module, checkpoint: Any, prefix: str, device: torch.device | None) -> None:
-    """Give every empty (meta) parameter of ``module`` its tensor ``prefix + name`` from ``checkpoint``."""
-    for name, param in list(module.named_parameters()):
-        if not param.is_meta:
-            continue
-        owner_name, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        tensor = checkpoint.tensor(prefix + name, device=device or "cpu")
-        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=param.requires_grad)
-
-
-def release_parameters(module: nn.Module) -> None:
-    """Empty every parameter of ``module`` again (meta tensors of the same shape and dtype)."""
-    for owner in module.modules():
-        for attr, param in list(owner._parameters.items()):
-            if param is not None and not param.is_meta:
-                owner._parameters[attr] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-
-
 def _compression_pass(
     out: nn.Module,
     stack: BlockStack,
@@ -290,7 +194,7 @@ def _compression_pass(
     forward: Callable[[nn.Module, Any], Any] | None,
     config: CompressConfig,
     ranks: dict[str, int | None] | None,
-    spill: _Spill | None,
+    spill: Spill | None,
     home: BlockHome,
     progress: ProgressLike,
     group: Group,
@@ -368,7 +272,7 @@ def _factorize_owned(
     index: int,
     config: CompressConfig,
     ranks: dict[str, int | None] | None,
-    spill: _Spill | None,
+    spill: Spill | None,
     group: Group,
     owners: dict[str, int],
 ) -> dict[str, tuple[LayerReport, nn.Module | None]]:
@@ -421,14 +325,14 @@ class Curvature:
     ----------
     spectra : dict of name -> LayerSpectrum
         Each target's spectrum in the method's metric.
-    spill : _Spill or None
+    spill : Spill or None
         The output-gradient statistics, one file per block (``fisher``).
     seconds : float
     gradient_batches : int
     """
 
     spectra: dict[str, LayerSpectrum]
-    spill: _Spill | None
+    spill: Spill | None
     seconds: float
     gradient_batches: int
 
@@ -449,7 +353,7 @@ def measure_curvature(
     home: BlockHome | None = None,
     progress: ProgressLike = None,
     group: Group = Group(),
-    spill: _Spill | None = None,
+    spill: Spill | None = None,
 ) -> Curvature | None:
     """Pass 1 on the dense ``model`` (see the module docstring), when the method needs output
     gradients (``fisher``) or the config a global budget; None otherwise.
@@ -483,7 +387,7 @@ def measure_curvature(
     check_patterns(config.rank_pattern, [name for name, _ in targets], field="rank_pattern")
     start = time.perf_counter()
     grad_batches = batches[: config.gradient_batches] if config.gradient_batches else batches
-    spill = spill or _Spill()
+    spill = spill or Spill()
     home = home or BlockHome()
     flags = _frozen(model)
     try:

@@ -37,12 +37,14 @@ from ..distributed import Group, current_group, shard
 from ..layers.lowrank import LowRankLayer
 from ..progress import ProgressLike
 from ..surgery import find_targets
-from .blocks import BlockInput, BlockStack, find_blocks
+from .blocks import BlockHome, BlockInput, BlockStack, find_blocks
 from .config import CompressConfig
-from .io import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, PROGRESS_NAME, _transformers_skeleton, sha256, write_companions
+from .io import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, PROGRESS_NAME, sha256
 from .pipeline import _check_token_batches, _check_weights, _curvature
 from .report import CompressionReport, LayerReport, peak_memory
-from .sequential import BlockHome, Curvature, Resume, _Spill, compress_blocks, measure_curvature
+from .sequential import Curvature, Resume, compress_blocks, measure_curvature
+from .spill import Spill
+from .transformers_files import transformers_skeleton, write_companions
 
 __all__ = ["compress_to_directory"]
 
@@ -131,7 +133,7 @@ def _open_source(source: nn.Module | str | os.PathLike) -> tuple[nn.Module, Chec
         raise FileNotFoundError(f"{directory} is not a transformers checkpoint directory (no config.json)")
     checkpoint = Checkpoint(directory)
     try:
-        model = _transformers_skeleton(directory)
+        model = transformers_skeleton(directory)
     except BaseException:
         checkpoint.close()
         raise
@@ -270,7 +272,7 @@ def compress_to_directory(
         device = config.device or (group.device if group.device.type == "cuda" else None)
         home = BlockHome(device, checkpoint)
         work = directory / WORK_NAME
-        spill = _Spill(work / f"rank-{group.rank}")
+        spill = Spill(work / f"rank-{group.rank}")
         needs_pass1 = config.method == "fisher" or config.budget is not None
         if state is None:
             measured = measure_curvature(model, stack, targets, calibration, config, forward=forward, curvature=_curvature(config, model),

@@ -1,0 +1,87 @@
+"""The transformers side of a saved model: its companions (config, generation config, tokenizer)
+and the skeleton that its ``config.json`` describes, built without memory for its parameters."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Any, Iterator
+
+from torch import nn
+
+__all__ = ["empty_parameters", "is_transformers_model", "transformers_skeleton", "write_companions"]
+
+
+def write_companions(model: nn.Module, directory: Path, tokenizer: Any = None) -> None:
+    """What a transformers model needs beside its weights to load and generate on its own: its
+    config (and generation config), and the tokenizer when one is given."""
+    if is_transformers_model(model):
+        _saved_config(model).save_pretrained(str(directory))
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and hasattr(generation, "save_pretrained"):
+            generation.save_pretrained(str(directory))
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(directory))
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (checked by duck typing, without importing transformers)."""
+    config = getattr(model, "config", None)
+    return hasattr(model, "base_model_prefix") and hasattr(config, "save_pretrained") and hasattr(config, "to_json_string")
+
+
+def _saved_config(model: nn.Module) -> Any:
+    """The transformers config to save: naming the model's class (as ``save_pretrained`` does),
+    without a GGUF quantization entry (the weights were dequantized when loaded)."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if quantization is not None and str(method) == "gguf":
+        delattr(config, "quantization_config")
+    return config
+
+
+@contextlib.contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Within this context, new modules get their parameters on the ``meta`` device (no memory);
+    buffers stay real, so buffers computed at construction (rotary frequencies) are kept."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def transformers_skeleton(directory: Path) -> nn.Module:
+    """The transformers model that ``directory``'s ``config.json`` describes, its parameters on
+    the ``meta`` device (see :func:`empty_parameters`), tied as the config says, in eval mode."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(f"{directory} holds a transformers model: pip install 'svdkit[hf]'") from exc
+    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    architectures = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in architectures) else transformers.AutoModel
+        with empty_parameters():
+            model = cls.from_config(config)
+    else:
+        with empty_parameters():
+            model = cls(config)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):  # tied weights are saved once: the skeleton must know which they are
+        tie()
+    generation = directory / "generation_config.json"
+    if generation.exists() and hasattr(model, "generation_config"):
+        model.generation_config = transformers.GenerationConfig.from_pretrained(str(directory))
+    return model.eval()
