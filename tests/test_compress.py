@@ -391,7 +391,7 @@ def test_config_json_round_trip():
         CompressConfig.from_dict({"ranks": 3})
 
 
-def test_report_table_and_json():
+def test_report_table_and_json(tmp_path):
     _, report = compress(mlp(), CompressConfig(method="svd", rank=4))
     table = report.to_table()
     first = table.splitlines()[2].split()
@@ -400,6 +400,12 @@ def test_report_table_and_json():
     data = json.loads(report.to_json())
     assert data["totals"]["target_params_after"] == report.target_params_after
     assert len(data["layers"]) == 3
+    report.to_json(tmp_path / "report.json")
+    assert json.loads((tmp_path / "report.json").read_text()) == data
+    pd = pytest.importorskip("pandas")
+    frame = report.to_pandas()
+    assert isinstance(frame, pd.DataFrame) and list(frame["name"]) == ["0", "2", "4"]
+    assert int(frame["params_after"].sum()) == sum(layer.params_after for layer in report.layers)
 
 
 def test_heal_lowers_the_output_error_and_only_trains_the_factorized_layers():

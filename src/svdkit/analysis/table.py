@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..exports import json_text, pandas
 from .text import render_table
 
 __all__ = ["AnalysisTable"]
@@ -163,10 +163,7 @@ class AnalysisTable:
         ImportError
             Without pandas.
         """
-        try:
-            import pandas as pd
-        except ImportError as exc:
-            raise ImportError("to_pandas needs pandas: pip install pandas") from exc
+        pd = pandas()
         return pd.DataFrame.from_records(self.records, columns=self.columns)
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,11 +177,7 @@ class AnalysisTable:
 
     def to_json(self, path: str | os.PathLike | None = None, *, indent: int = 2) -> str:
         """JSON text of :meth:`to_dict`; written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-        return text
+        return json_text(self.to_dict(), path, indent=indent)
 
     def to_csv(self, path: str | os.PathLike | None = None, columns: Sequence[str] | None = None, *, summary: bool = True) -> str:
         """CSV text, one row per record (lists joined by spaces), then the :meth:`summary` means as a

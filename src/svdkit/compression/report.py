@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from ..exports import json_text, pandas
 
 __all__ = ["CompressionReport", "LayerReport", "peak_memory"]
 
@@ -143,8 +145,19 @@ class CompressionReport:
             "quality": dict(self.quality),
         }
 
-    def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), indent=kwargs.pop("indent", 2), **kwargs)
+    def to_json(self, path: str | os.PathLike | None = None, *, indent: int = 2) -> str:
+        """JSON text of :meth:`to_dict`; written to ``path`` when given."""
+        return json_text(self.to_dict(), path, indent=indent)
+
+    def to_pandas(self):
+        """A ``pandas.DataFrame``, one row per layer (the fields of :class:`LayerReport`).
+
+        Raises
+        ------
+        ImportError
+            Without pandas.
+        """
+        return pandas().DataFrame.from_records([asdict(layer) for layer in self.layers])
 
     def to_table(self) -> str:
         """A plain-text table, one row per layer and a total row."""

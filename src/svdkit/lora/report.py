@@ -9,10 +9,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
+
+from ..exports import json_text, pandas
 
 __all__ = ["DeltaReport", "DeltaSpectrum", "ExtractionReport", "LayerExtraction"]
 
@@ -25,22 +26,6 @@ def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[st
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return [line(header), "  ".join("-" * w for w in widths), *[line(r) for r in rows]]
-
-
-def _write_json(data: dict[str, Any], path: str | os.PathLike | None, indent: int) -> str:
-    text = json.dumps(data, indent=indent)
-    if path is not None:
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-    return text
-
-
-def _pandas():
-    try:
-        import pandas as pd
-    except ImportError as exc:
-        raise ImportError("to_pandas needs pandas: pip install pandas") from exc
-    return pd
 
 
 @dataclass(frozen=True)
@@ -128,11 +113,11 @@ class ExtractionReport:
 
     def to_json(self, path: str | os.PathLike | None = None, *, indent: int = 2) -> str:
         """JSON text of :meth:`to_dict`; written to ``path`` when given."""
-        return _write_json(self.to_dict(), path, indent)
+        return json_text(self.to_dict(), path, indent=indent)
 
     def to_pandas(self):
         """A ``pandas.DataFrame`` with one row per layer (needs pandas)."""
-        return _pandas().DataFrame.from_records([layer.to_dict() for layer in self.layers])
+        return pandas().DataFrame.from_records([layer.to_dict() for layer in self.layers])
 
     def to_table(self) -> str:
         """A plain-text table, one row per layer, and a summary line."""
@@ -235,7 +220,7 @@ class DeltaReport:
 
     def to_json(self, path: str | os.PathLike | None = None, *, indent: int = 2) -> str:
         """JSON text of :meth:`to_dict`; written to ``path`` when given."""
-        return _write_json(self.to_dict(), path, indent)
+        return json_text(self.to_dict(), path, indent=indent)
 
     def to_pandas(self):
         """A ``pandas.DataFrame``, one row per layer: the columns of :meth:`to_table` as numbers
@@ -246,7 +231,7 @@ class DeltaReport:
             row.update({f"err@{k}": v for k, v in s.rank_errors.items()})
             row.update(top_energy_share=s.top_energy_share, rank_90=s.rank_90, rank_99=s.rank_99, delta_norm=s.delta_norm)
             rows.append(row)
-        return _pandas().DataFrame.from_records(rows)
+        return pandas().DataFrame.from_records(rows)
 
     def to_table(self) -> str:
         """A plain-text table: one row per layer with its shape, ``||dW||/||W||``, the relative

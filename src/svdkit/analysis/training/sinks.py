@@ -16,13 +16,14 @@ not computed at that step::
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from pathlib import Path
 from typing import IO, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+from ...exports import json_text, pandas
 
 __all__ = ["CSVSink", "Sink", "TensorBoardSink", "TrackerHistory", "read_tracker_csv"]
 
@@ -164,10 +165,7 @@ class TrackerHistory:
 
     def to_json(self, path: PathLike | None = None, *, indent: int = 2) -> str:
         """JSON text of :meth:`to_dict`; written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            Path(path).write_text(text + "\n", encoding="utf-8")
-        return text
+        return json_text(self.to_dict(), path, indent=indent)
 
     def to_pandas(self):
         """A ``pandas.DataFrame`` with columns ``step, layer, *metrics`` (NaN where not computed).
@@ -177,10 +175,7 @@ class TrackerHistory:
         ImportError
             Without pandas.
         """
-        try:
-            import pandas as pd
-        except ImportError as exc:
-            raise ImportError("to_pandas needs pandas: pip install pandas") from exc
+        pd = pandas()
         return pd.DataFrame.from_records(self.to_rows(), columns=["step", "layer", *self.metrics])
 
     def to_table(self) -> str:

@@ -34,16 +34,15 @@ another (T - 1) * dim * 4 bytes while they run; flattening needs one parameter's
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
+from ...exports import json_text, pandas
 from ...linalg import effective_rank, energy, energy_rank
 from ._checks import positive_int
 from .callbacks import trainer_callback
@@ -119,10 +118,7 @@ class TrajectoryAnalysis:
 
     def to_json(self, path: str | os.PathLike | None = None, *, indent: int = 2) -> str:
         """JSON text of :meth:`to_dict`; written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            Path(path).write_text(text + "\n", encoding="utf-8")
-        return text
+        return json_text(self.to_dict(), path, indent=indent)
 
     def to_pandas(self):
         """A ``pandas.DataFrame``, one row per direction: ``direction``, ``singular_value``, ``explained``.
@@ -132,10 +128,7 @@ class TrajectoryAnalysis:
         ImportError
             Without pandas.
         """
-        try:
-            import pandas as pd
-        except ImportError as exc:
-            raise ImportError("to_pandas needs pandas: pip install pandas") from exc
+        pd = pandas()
         k = np.arange(1, len(self.singular_values) + 1)
         return pd.DataFrame({"direction": k, "singular_value": self.singular_values, "explained": self.explained})
 
