@@ -115,3 +115,32 @@ def test_nothing_finished_is_touched_without_overwrite(checkpoint, tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         compress_to_directory(folder, tmp_path / "elsewhere", CONFIG, _batches(), resume=True)
+
+
+def _resident_file_mib() -> float:
+    """This process's resident file-backed memory (Linux ``/proc/self/status`` RssFile), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_reading_a_checkpoint_tensor_by_tensor_keeps_no_read_pages_resident(tmp_path):
+    """Each tensor is copied out of a mapping of its own: after reading (and freeing) 96 MiB of
+    tensors, the process holds none of the file's pages, so a block-by-block pass over a
+    checkpoint holds one block, not every block read so far."""
+    from safetensors.torch import save_file
+
+    from svdkit.checkpoint import Checkpoint
+
+    tensors = {f"layer{i}.weight": torch.randn(1024, 2048) for i in range(12)}  # 12 x 8 MiB
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with Checkpoint(tmp_path / "model.safetensors") as checkpoint:
+        before = _resident_file_mib()
+        for key, expected in tensors.items():
+            got = checkpoint.tensor(key)
+            assert torch.equal(got, expected)
+            del got
+        grown = _resident_file_mib() - before
+    assert grown < 16, f"{grown:.0f} MiB of the checkpoint stayed resident after reading 96 MiB tensor by tensor"

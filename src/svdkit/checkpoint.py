@@ -7,7 +7,9 @@ index names but the directory lacks, or a tensor the index places in a shard tha
 it, is an error that names them.
 
 Files are memory-mapped by safetensors, so opening a checkpoint of any size costs no memory;
-:meth:`Checkpoint.tensor` reads one tensor.
+:meth:`Checkpoint.tensor` reads one tensor through a mapping of its own, released as soon as the
+tensor is copied out: the pages read do not stay in the process's resident memory, so reading a
+checkpoint block by block holds one block, not every block read so far.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class Checkpoint:
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError("reading .safetensors files needs safetensors: pip install 'svdkit[hf]'") from exc
         self.path = Path(path)
+        self._open = safe_open
         self._stack = contextlib.ExitStack()
         self._where: dict[str, tuple[Any, Path]] = {}
         self.files, weight_map = checkpoint_files(self.path)
@@ -141,9 +144,12 @@ class Checkpoint:
         """One tensor, read from its file (and moved to ``device`` / cast to ``dtype``)."""
         if key not in self._where:
             raise KeyError(f"{self.path} holds no tensor {key!r}")
-        handle, file = self._where[key]
+        _, file = self._where[key]
         try:
-            tensor = handle.get_tensor(key)
+            # A fresh mapping, closed after the copy: the open handle's mapping would keep every
+            # page read resident for as long as the checkpoint is open.
+            with self._open(str(file), framework="pt", device="cpu") as handle:
+                tensor = handle.get_tensor(key)
         except Exception as exc:
             raise ValueError(f"cannot read tensor {key!r} from {str(file)!r}: {exc}") from exc
         return tensor.to(device=device, dtype=dtype) if device is not None or dtype is not None else tensor
