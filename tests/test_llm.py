@@ -165,6 +165,17 @@ def test_first_block_of_the_block_pipeline_equals_whole_model_whitening(make_dec
     assert not torch.allclose(whole.get_submodule(name).dense_weight(), blocks.get_submodule(name).dense_weight())
 
 
+def test_a_one_block_decoder_runs_the_block_pipeline_as_the_whole_model_does(make_decoder):
+    model = make_decoder("llama", causal=True, layers=1)
+    batches = _batches()
+    whole, _ = compress(model, CompressConfig(method="whiten", rank=4, pipeline="model"), batches)
+    blocks, report = compress(model, CompressConfig(method="whiten", rank=4, pipeline="blocks"), batches)
+    assert report.pipeline == "blocks" and sum(layer.compressed for layer in report.layers) == 7
+    for name, module in whole.named_modules():
+        if isinstance(module, LowRankLinear):
+            torch.testing.assert_close(blocks.get_submodule(name).dense_weight(), module.dense_weight(), rtol=1e-6, atol=1e-7)
+
+
 def test_block_pipeline_holds_one_blocks_statistics_whatever_the_depth(make_decoder, monkeypatch):
     """The Gram matrices alive (bytes) when a block has its statistics do not grow with the depth."""
     from svdkit.compression import sequential

@@ -66,12 +66,13 @@ class BlockStack:
 def find_blocks(model: nn.Module, target_names: Iterable[str]) -> BlockStack | None:
     """The longest ``nn.ModuleList`` of blocks of one class that holds every target layer.
 
+    One block is a stack too (a one-layer decoder, or one block of a large model measured alone).
     Returns None when there is no such list (then the model is compressed as a whole).
     """
     names = list(target_names)
     best: BlockStack | None = None
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if len({type(block) for block in module}) != 1:
             continue
