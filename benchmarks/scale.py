@@ -13,10 +13,13 @@ Three measurements, each in fresh processes so that peak memory is the run's own
                  4096 / 11008 / 14336 / 28672, the factorization (the smaller Gram's eigensolve) of
                  each weight shape of LLaMA-7B, LLaMA-3-8B and a 70B model, and the bytes a block's
                  statistics put on the wire.
+``--plan``       from those costs, the projected time and per-GPU memory of LLaMA-7B, LLaMA-3-8B and
+                 a 70B model (the GPU's rates are assumptions, given as options).
 
     python benchmarks/scale.py --memory --blocks 4 --json memory.json
     python benchmarks/scale.py --processes --json processes.json
     python benchmarks/scale.py --costs --json costs.json
+    python benchmarks/scale.py --plan costs.json             # 7B / 8B / 70B on this CPU and on 1, 8, 16 GPUs
 """
 
 from __future__ import annotations
@@ -190,6 +193,72 @@ def costs(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# name -> (blocks, hidden, MLP width, key/value width)
+_PLAN_MODELS = {"LLaMA-7B": (32, 4096, 11008, 4096), "LLaMA-3-8B": (32, 4096, 14336, 1024), "70B (LLaMA-3-70B shape)": (80, 8192, 28672, 1024)}
+
+
+def _block_shape(hidden: int, mlp: int, kv: int) -> dict[str, Any]:
+    """One decoder block's weights (out, in) and the widths of its input and output Grams."""
+    weights = {"q": (hidden, hidden), "k": (kv, hidden), "v": (kv, hidden), "o": (hidden, hidden),
+               "gate": (mlp, hidden), "up": (mlp, hidden), "down": (hidden, mlp)}
+    inputs = (hidden, hidden, hidden, mlp)  # q/k/v share one input, gate/up another
+    return {"weights": weights, "params": sum(m * n for m, n in weights.values()),
+            "input_entries": sum(d * d for d in inputs), "output_entries": sum(m * m for m, _ in weights.values())}
+
+
+def plan(costs: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Wall time and memory of compressing large models, projected from the costs measured here.
+
+    FLOPs per block: forward 2 * params per token (+ attention 4 * seq * hidden), in both passes over
+    the calibration tokens; the curvature pass adds, per gradient token, the block's share of one
+    backward pass through the model (2x its forward, plus that forward) and the output-gradient
+    Grams; both passes accumulate the input Grams. The head and embeddings are left out. Factorization: one float64 eigensolve of each layer's smaller side
+    (measured here for these sides). This machine's rate is its measured float32 Gram product; a
+    GPU's is ``--gpu-tflops`` and its eigensolves ``--gpu-eigh-speedup`` times this machine's
+    (assumptions, not measurements). Statistics are float64 and all-reduced once per block and pass
+    (ring: 2x the bytes over ``--link-gbps``); every rank holds a block's statistics in full.
+    """
+    rate = 2 * 4096 ** 2 / costs["gram_s_per_token_4096"]  # FLOP/s of a float32 Gram product here
+    eigh = {}  # smaller side -> seconds of its float64 eigensolve here
+    for key, seconds in costs.items():
+        if key.startswith("factorize_s_"):
+            m, n = map(int, key.removeprefix("factorize_s_").split()[0].split("x"))
+            eigh[min(m, n)] = seconds
+    rows = []
+    tokens, gradient_tokens, seq = args.plan_tokens, args.plan_gradient_tokens, 2048
+    for name, (blocks, hidden, mlp, kv) in _PLAN_MODELS.items():
+        shape = _block_shape(hidden, mlp, kv)
+        forward = 2 * shape["params"] + 4 * seq * hidden
+        # per block: two forward passes, one backward (+ its forward) per gradient token, the Grams
+        flops = blocks * (2 * tokens * forward + gradient_tokens * 3 * forward
+                          + 2 * tokens * 2 * shape["input_entries"] + gradient_tokens * 2 * shape["output_entries"])
+        sides = [min(m, n) for m, n in shape["weights"].values()]
+        if not all(side in eigh for side in sides):
+            continue
+        factorize_here = blocks * sum(eigh[side] for side in sides)
+        statistics_bytes = 8 * (shape["input_entries"] + shape["output_entries"])
+        for gpus in (0, 1, 8, 16):
+            if gpus == 0:  # this machine, one process
+                seconds = flops / rate + factorize_here
+                per_device = None
+            else:
+                compute = flops / (args.gpu_tflops * 1e12) / gpus
+                largest = max(eigh[side] for side in sides) / args.gpu_eigh_speedup
+                factorize = blocks * max(sum(eigh[side] for side in sides) / args.gpu_eigh_speedup / gpus, largest)
+                wire = 0.0 if gpus == 1 else blocks * 2 * 2 * statistics_bytes / (args.link_gbps * 1e9)
+                seconds = compute + factorize + wire
+                activations = 2 * (tokens / gpus) * hidden * 2  # a block's inputs and outputs, bfloat16
+                per_device = (4 * shape["params"] + statistics_bytes + activations) / 2**30
+            rows.append({"model": name, "devices": "this CPU" if gpus == 0 else f"{gpus} GPU", "pflop": flops / 1e15,
+                         "hours": seconds / 3600, "seconds": seconds, "per_device_gib": per_device,
+                         "fits_80gb": None if per_device is None else per_device < 80 * 0.93})
+    print(f"\nplan: {tokens:,} calibration tokens, {gradient_tokens:,} gradient tokens; this machine {rate / 1e9:.0f} GFLOP/s; "
+          f"assumed GPU {args.gpu_tflops:g} TFLOP/s, eigensolves {args.gpu_eigh_speedup:g}x this machine's, links {args.link_gbps:g} GB/s")
+    print(format_table(rows, [("model", "model", ""), ("devices", "devices", ""), ("pflop", "PFLOP", ".2f"), ("seconds", "projected s", ".0f"),
+                              ("hours", "h", ".2f"), ("per_device_gib", "GiB per GPU", ".1f"), ("fits_80gb", "fits 80 GB", "")]))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--memory", action="store_true")
@@ -200,10 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--costs", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-side", type=int, default=8192, help="skip eigensolves larger than this")
+    parser.add_argument("--plan", metavar="COSTS_JSON", nargs="?", const="", default=None,
+                        help="project large models from the costs of this run (with --costs) or of an earlier --costs JSON")
+    parser.add_argument("--plan-tokens", type=int, default=256 * 2048, help="calibration tokens (SVD-LLM: 256 x 2048)")
+    parser.add_argument("--plan-gradient-tokens", type=int, default=64 * 2048, help="tokens of the curvature pass")
+    parser.add_argument("--gpu-tflops", type=float, default=100.0, help="assumed sustained matrix-product rate of one GPU")
+    parser.add_argument("--gpu-eigh-speedup", type=float, default=20.0, help="assumed float64 eigensolve speed-up of one GPU over this machine")
+    parser.add_argument("--link-gbps", type=float, default=100.0, help="assumed all-reduce bandwidth per GPU, GB/s")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    if not (args.memory or args.processes or args.costs):
-        parser.error("choose --memory, --processes and/or --costs")
+    if not (args.memory or args.processes or args.costs or args.plan is not None):
+        parser.error("choose --memory, --processes, --costs and/or --plan")
     results: dict[str, Any] = {"machine": machine_info()}
     if args.memory:
         results["memory"] = memory(args)
@@ -211,6 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         results["processes"] = processes(args)
     if args.costs:
         results["costs"] = costs(args)
+    if args.plan is not None:
+        if args.plan:
+            measured = json.loads(Path(args.plan).read_text())["costs"]
+        elif args.costs:
+            measured = results["costs"]
+        else:
+            parser.error("--plan needs --costs in the same run or the JSON of an earlier --costs run")
+        results["plan"] = plan(measured, args)
     if args.json:
         write_json(args.json, results)
     return 0
