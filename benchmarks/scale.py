@@ -1,6 +1,6 @@
 """Past one machine's memory and one process: streaming from disk, torchrun, and per-block costs.
 
-Three measurements, each in fresh processes so that peak memory is the run's own:
+Three measurements, each in fresh processes so that peak memory is the run's own, and a projection:
 
 ``--memory``     a synthetic LLaMA-shaped checkpoint (random weights, sharded safetensors) of N
                  and 2N blocks, compressed by ``svdkit compress --stream`` (one block in memory)
