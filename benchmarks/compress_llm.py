@@ -123,12 +123,14 @@ def llama_block(args: argparse.Namespace) -> dict[str, Any]:
     seqs, length = args.block_seqs, args.block_seq_len
     ids = torch.randint(0, 1024, (seqs, length), generator=torch.Generator().manual_seed(0))
     batches = list(ids.split(1))
+    block_params = sum(p.numel() for p in model.model.layers.parameters())  # dense; compressed in place below
     start = time.perf_counter()
     _, report = compress(model, CompressConfig(budget=0.8, pipeline="blocks", gradient_batches=max(1, seqs // 2)), batches, inplace=True)
     seconds = time.perf_counter() - start
     tokens = seqs * length
     return {"tokens": tokens, "gradient_tokens": max(1, seqs // 2) * length, "seconds": seconds, "timings": report.timings,
-            "peak_rss_gib": _peak_rss(), "block_params": sum(p.numel() for p in model.model.layers.parameters())}
+            "peak_rss_gib": _peak_rss(), "block_params": block_params,
+            "compressed_block_params": sum(p.numel() for p in model.model.layers.parameters())}
 
 
 def _spawn(argv: list[str], threads: int) -> dict[str, Any]:
