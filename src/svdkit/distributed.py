@@ -151,6 +151,9 @@ def current_group() -> Group:
     return Group(dist.get_rank(), dist.get_world_size(), device)
 
 
+_joined: list[bool] = []  # [True] while a group that init_from_env created is open
+
+
 def init_from_env(backend: str | None = None, *, timeout_seconds: float = 1800.0) -> Group:
     """Join the process group that ``torchrun`` describes in the environment, if any.
 
@@ -181,9 +184,6 @@ def init_from_env(backend: str | None = None, *, timeout_seconds: float = 1800.0
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds))
         _joined.append(True)
     return current_group()
-
-
-_joined: list[bool] = []  # whether init_from_env created the default process group
 
 
 def leave_group(*, succeeded: bool) -> None:
