@@ -36,7 +36,7 @@ def _model_and_batches(family: str):
     return model, list(ids.split(2))
 
 
-def _worker(rank: int, world: int, init_file: str, out: str, family: str, poisoned: int | None) -> None:
+def _worker(rank: int, world: int, init_file: str, out: str, family: str, poisoned: int | None, gradient_batches: int | None) -> None:
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -45,7 +45,7 @@ def _worker(rank: int, world: int, init_file: str, out: str, family: str, poison
         if poisoned is not None:
             batches[poisoned] = batches[poisoned].double() * float("nan")  # not token ids any more: a bad batch
         try:
-            small, report = compress(model, CompressConfig(**CONFIG), batches)
+            small, report = compress(model, CompressConfig(**CONFIG, gradient_batches=gradient_batches), batches)
         except Exception as exc:
             Path(out, f"{rank}.err").write_text(f"{type(exc).__name__}: {exc}")
             return
@@ -56,18 +56,20 @@ def _worker(rank: int, world: int, init_file: str, out: str, family: str, poison
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path: Path, family: str, poisoned: int | None = None) -> Path:
+def _spawn(tmp_path: Path, family: str, poisoned: int | None = None, gradient_batches: int | None = None) -> Path:
     out = tmp_path / "out"
     out.mkdir()
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), family, poisoned), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), family, poisoned, gradient_batches), nprocs=2, join=True)
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_two_processes_give_the_one_process_result(tmp_path, family):
+@pytest.mark.parametrize("family, gradient_batches", [("llama", None), ("qwen2", 3)])
+def test_two_processes_give_the_one_process_result(tmp_path, family, gradient_batches):
+    """With ``gradient_batches=3`` of 6 the curvature comes from the same three batches (two on
+    rank 0, one on rank 1) as in one process."""
     model, batches = _model_and_batches(family)
-    alone, report = compress(model, CompressConfig(**CONFIG), batches)
-    out = _spawn(tmp_path, family)
+    alone, report = compress(model, CompressConfig(**CONFIG, gradient_batches=gradient_batches), batches)
+    out = _spawn(tmp_path, family, gradient_batches=gradient_batches)
     ids = torch.randint(0, 100, (64,), generator=torch.Generator().manual_seed(3))
     reference = perplexity(alone, ids, seq_len=32).perplexity
     for rank in (0, 1):

@@ -341,6 +341,17 @@ class Curvature:
             self.spill.close()
 
 
+def _local_gradient_batches(total: int, group: Group) -> int:
+    """How many of this rank's batches are among the first ``total`` of the whole calibration
+    list (:func:`svdkit.distributed.shard` gives rank ``r`` the batches ``r, r + world, ...``)."""
+    if total < group.world:
+        raise ValueError(
+            f"gradient_batches={total} cannot be shared by {group.world} processes: give at least one each "
+            f"(gradient_batches >= {group.world})"
+        )
+    return len(range(group.rank, total, group.world))
+
+
 def measure_curvature(
     model: nn.Module,
     stack: BlockStack,
@@ -366,7 +377,9 @@ def measure_curvature(
     targets : list of (name, module)
         Target layers of ``model``, all inside the blocks.
     batches : list
-        Calibration batches; the first ``config.gradient_batches`` are used.
+        Calibration batches (this rank's share, see ``group``); the curvature comes from the first
+        ``config.gradient_batches`` batches of the whole calibration list, whatever the number of
+        processes (each rank takes its share of those).
     config : CompressConfig
     forward : callable, optional
         ``forward(module, batch)``.
@@ -386,7 +399,7 @@ def measure_curvature(
         return None
     check_patterns(config.rank_pattern, [name for name, _ in targets], field="rank_pattern")
     start = time.perf_counter()
-    grad_batches = batches[: config.gradient_batches] if config.gradient_batches else batches
+    grad_batches = batches[: _local_gradient_batches(config.gradient_batches, group)] if config.gradient_batches else batches
     spill = spill or Spill()
     home = home or BlockHome()
     flags = _frozen(model)
