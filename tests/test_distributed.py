@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from svdkit import CompressConfig, compress, load_compressed, save_compressed
-from svdkit.distributed import Group, shard
+from svdkit.distributed import Group, shard, shard_count
 from svdkit.eval import perplexity
 
 pytest.importorskip("transformers")
@@ -133,3 +133,14 @@ def test_two_processes_analyse_the_shards_of_a_checkpoint_as_one_does(tmp_path):
                     assert mine[key] == pytest.approx(value, rel=1e-12, abs=1e-300), (reference["name"], key)
                 else:
                     assert mine[key] == value or (isinstance(value, float) and mine[key] != mine[key]), (reference["name"], key)
+
+
+def test_shard_counts_take_the_first_items_of_the_whole_list_together():
+    items = list(range(10))
+    for world in (1, 2, 3, 4):
+        for total in range(world, 11):
+            taken = sorted(x for rank in range(world) for x in shard(items, Group(rank, world))[: shard_count(total, Group(rank, world))])
+            assert taken == items[:total], (world, total)
+    with pytest.raises(ValueError, match="gradient_batches=1 cannot be shared by 2 processes: give at least 2"):
+        shard_count(1, Group(1, 2), what="gradient_batches")
+

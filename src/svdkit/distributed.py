@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-__all__ = ["Group", "RankFailure", "current_group", "init_from_env", "leave_group", "shard"]
+__all__ = ["Group", "RankFailure", "current_group", "init_from_env", "leave_group", "shard", "shard_count"]
 
 
 class RankFailure(RuntimeError):
@@ -220,3 +220,18 @@ def shard(items: Sequence[Any], group: Group) -> list[Any]:
     if group.active and len(items) < group.world:
         raise ValueError(f"{len(items)} calibration batch(es) cannot be shared by {group.world} processes: give at least one each")
     return items[group.rank::group.world]
+
+
+def shard_count(total: int, group: Group, *, what: str = "items") -> int:
+    """How many of the first ``total`` items of a list this rank's :func:`shard` holds, so that
+    the ranks together take exactly those ``total`` items, as one process would.
+
+    Raises
+    ------
+    ValueError
+        If ``total`` is smaller than the number of ranks: every rank needs one (the message
+        names ``what``).
+    """
+    if total < group.world:
+        raise ValueError(f"{what}={total} cannot be shared by {group.world} processes: give at least {group.world}")
+    return len(range(group.rank, total, group.world))

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..calibrate import GradientRecorder, InputRecorder, InputStats
-from ..distributed import Group
+from ..distributed import Group, shard_count
 from ..layers.lowrank import low_rank_from_spec
 from ..progress import ProgressLike, track
 from ..surgery import check_patterns, replace_module
@@ -341,17 +341,6 @@ class Curvature:
             self.spill.close()
 
 
-def _local_gradient_batches(total: int, group: Group) -> int:
-    """How many of this rank's batches are among the first ``total`` of the whole calibration
-    list (:func:`svdkit.distributed.shard` gives rank ``r`` the batches ``r, r + world, ...``)."""
-    if total < group.world:
-        raise ValueError(
-            f"gradient_batches={total} cannot be shared by {group.world} processes: give at least one each "
-            f"(gradient_batches >= {group.world})"
-        )
-    return len(range(group.rank, total, group.world))
-
-
 def measure_curvature(
     model: nn.Module,
     stack: BlockStack,
@@ -399,7 +388,7 @@ def measure_curvature(
         return None
     check_patterns(config.rank_pattern, [name for name, _ in targets], field="rank_pattern")
     start = time.perf_counter()
-    grad_batches = batches[: _local_gradient_batches(config.gradient_batches, group)] if config.gradient_batches else batches
+    grad_batches = batches[: shard_count(config.gradient_batches, group, what="gradient_batches")] if config.gradient_batches else batches
     spill = spill or Spill()
     home = home or BlockHome()
     flags = _frozen(model)
