@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,24 @@ def build_decoder(
 def make_decoder():
     """The :func:`build_decoder` factory, for tests that build small LLaMA/Qwen2 models."""
     return build_decoder
+
+
+class LoRAMLP(nn.Module):
+    """fc1 (24 -> 32), fc2 (32 -> 32), head (32 -> 10), ReLU between: the LoRA tests' small model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(24, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.fixture
+def mlp():
+    """A seeded :class:`LoRAMLP` in eval mode (the LoRA tests' model)."""
+    torch.manual_seed(0)
+    return LoRAMLP().eval()
+

@@ -18,23 +18,6 @@ from svdkit.lora import LoRAConfig, add_lora, apply_lora, extract_lora, lora_lay
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(24, 32)
-        self.fc2 = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
-@pytest.fixture
-def mlp():
-    torch.manual_seed(0)
-    return MLP().eval()
-
-
 def test_peft_names_are_the_fields_and_svdkit_names_are_aliases():
     peft_style = LoRAConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.1, init_lora_weights="pissa",

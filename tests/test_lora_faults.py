@@ -25,23 +25,6 @@ from svdkit.lora import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(24, 32)
-        self.fc2 = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
-@pytest.fixture
-def mlp():
-    torch.manual_seed(0)
-    return MLP().eval()
-
-
 def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
