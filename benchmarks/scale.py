@@ -254,7 +254,7 @@ def plan(costs: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]
                 per_device = (4 * shape["params"] + statistics_bytes + activations) / 2**30
             rows.append({"model": name, "devices": "this CPU" if gpus == 0 else f"{gpus} GPU", "pflop": flops / 1e15,
                          "hours": seconds / 3600, "seconds": seconds, "per_device_gib": per_device,
-                         "fits_80gb": None if per_device is None else per_device < 80 * 0.93})
+                         "fits_80gb": None if per_device is None else per_device < 80e9 / 2**30})  # 80 GB = 74.5 GiB
     print(f"\nplan: {tokens:,} calibration tokens, {gradient_tokens:,} gradient tokens; this machine {rate / 1e9:.0f} GFLOP/s; "
           f"assumed GPU {args.gpu_tflops:g} TFLOP/s, eigensolves {args.gpu_eigh_speedup:g}x this machine's, links {args.link_gbps:g} GB/s")
     print(format_table(rows, [("model", "model", ""), ("devices", "devices", ""), ("pflop", "PFLOP", ".2f"), ("seconds", "projected s", ".0f"),

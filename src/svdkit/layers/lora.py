@@ -135,7 +135,7 @@ class LoRALayer(nn.Module):
         (nothing is modified; callers validate a whole selection with it before wrapping any)."""
 
     def _make_adapters(self, base_layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _make_adapters")  # pragma: no cover - abstract
 
     # -- shapes and factors -----------------------------------------------------------------
     @property
