@@ -133,11 +133,11 @@ def test_fisher_lowers_the_model_output_error_against_whiten():
 def test_gram_accumulation_matches_a_float64_reference(dtype):
     """Narrow input is multiplied in float32 chunks and summed in float64: the Gram stays within
     float32 rounding of the exact one, however many rows arrive (heavy-tailed, as activations are)."""
-    from svdkit.calibrate import GRAM_CHUNK, InputStats
+    from svdkit.calibrate import GRAM_CHUNK, GramStats
 
     g = torch.Generator().manual_seed(0)
     rows = [torch.distributions.StudentT(3.0).sample((n, 48)) * torch.rand(48, generator=g) * 10 for n in (7, GRAM_CHUNK + 5, 3000)]
-    stats = InputStats.zeros(48)
+    stats = GramStats.zeros(48)
     for X in rows:
         stats.update(X.to(dtype))
     exact = np.concatenate([X.to(dtype).double().numpy() for X in rows])

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from svdkit import CompressConfig, compress, load_compressed, save_compressed
-from svdkit.calibrate import NonFiniteCalibration
+from svdkit.calibrate import NonFiniteData
 from svdkit.cli import main
 from svdkit.layers import LowRankLayer
 from svdkit.linalg import ParamRatio
@@ -65,7 +65,7 @@ def _assert_unchanged(model: nn.Module, before: dict) -> None:
 @pytest.mark.parametrize("method", ["whiten", "fisher", "asvd"])
 def test_a_nan_batch_names_the_batch_and_the_first_layer(method):
     data = batches() + [torch.full((16, 16), float("nan"))]
-    with pytest.raises(NonFiniteCalibration, match=r"calibration batch 4: the input of layer 0 holds NaN"):
+    with pytest.raises(NonFiniteData, match=r"calibration batch 4: the input of layer 0 holds NaN"):
         compress(mlp(), CompressConfig(method=method, rank=4), data)
 
 
@@ -73,7 +73,7 @@ def test_nan_that_appears_inside_the_model_names_the_layer_it_reaches():
     model = mlp()
     with torch.no_grad():
         model[2].bias[0] = float("inf")  # not a target: only layers 0 and 4 are compressed
-    with pytest.raises(NonFiniteCalibration, match=r"calibration batch 0: the input of layer 4"):
+    with pytest.raises(NonFiniteData, match=r"calibration batch 0: the input of layer 4"):
         compress(model, CompressConfig(method="whiten", rank=4, target_modules=["0", "4"]), batches())
 
 

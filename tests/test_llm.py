@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from svdkit import CompressConfig, compress, load_compressed, save_compressed
-from svdkit.calibrate import InputStats
+from svdkit.calibrate import GramStats
 from svdkit.compression.blocks import find_blocks
 from svdkit.eval import _windows, perplexity
 from svdkit.layers import LowRankLinear
@@ -178,11 +178,11 @@ def test_a_one_block_decoder_runs_the_block_pipeline_as_the_whole_model_does(mak
 
 def test_block_pipeline_holds_one_blocks_statistics_whatever_the_depth(make_decoder, monkeypatch):
     """The Gram matrices alive (bytes) when a block has its statistics do not grow with the depth."""
-    from svdkit.compression import sequential
+    from svdkit.compression.block_driver import BlockDriver
 
     alive: weakref.WeakSet = weakref.WeakSet()
-    zeros = InputStats.zeros.__func__
-    sweep = sequential._sweep_block
+    zeros = GramStats.zeros.__func__
+    sweep = BlockDriver._sweep
     peak = {"bytes": 0}
 
     def tracked(cls, dim, device="cpu"):
@@ -196,8 +196,8 @@ def test_block_pipeline_holds_one_blocks_statistics_whatever_the_depth(make_deco
         peak["bytes"] = max(peak["bytes"], sum(g.numel() * g.element_size() for g in alive))
         return result
 
-    monkeypatch.setattr(InputStats, "zeros", classmethod(tracked))
-    monkeypatch.setattr(sequential, "_sweep_block", measured)
+    monkeypatch.setattr(GramStats, "zeros", classmethod(tracked))
+    monkeypatch.setattr(BlockDriver, "_sweep", measured)
     peaks = []
     for layers in (2, 6):
         peak["bytes"] = 0
@@ -241,17 +241,18 @@ def test_calibration_ids_outside_the_vocabulary_are_refused(make_decoder):
 
 
 def test_a_block_pipeline_sweep_measures_the_curvature_once_and_equals_separate_runs(make_decoder, monkeypatch):
-    from svdkit.compression import compress_sweep, sequential
+    from svdkit.compression import compress_sweep
+    from svdkit.compression.block_driver import BlockDriver
 
     model = make_decoder("llama", causal=True, layers=2)
     calls = {"curvature": 0}
-    measure = sequential._curvature_pass
+    measure = BlockDriver._curvature_pass
 
     def counted(*args, **kwargs):
         calls["curvature"] += 1
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(sequential, "_curvature_pass", counted)
+    monkeypatch.setattr(BlockDriver, "_curvature_pass", counted)
     config = CompressConfig(method="fisher", budget=0.5, pipeline="blocks")
     swept = compress_sweep(model, config, [0.4, 0.7], _batches())
     assert calls["curvature"] == 1

@@ -241,9 +241,9 @@ def test_eva_with_integer_or_nan_data_names_the_layer(mlp):
     bad[2, 3] = float("nan")
     with pytest.raises(ValueError, match="batch 0.*layer '?fc1'?.*NaN"):
         add_lora(mlp, None, r=2, init="eva", calibration=[bad])
-    from svdkit.calibrate import InputStats
+    from svdkit.calibrate import GramStats
 
-    stats = InputStats.zeros(24)
+    stats = GramStats.zeros(24)
     stats.gram[0, 0] = float("nan")
     with pytest.raises(ValueError, match="layer 'fc1': its input statistics hold NaN/Inf.*init 'eva' needs it finite"):
         add_lora(mlp, ["fc1"], r=2, init="eva", input_stats={"fc1": stats})

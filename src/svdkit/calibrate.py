@@ -1,23 +1,17 @@
-"""Stream per-layer input statistics from calibration data through forward hooks.
+"""Stream per-layer Gram statistics from calibration data through hooks, and run batches.
 
-For each target layer the hooks accumulate, over every input vector ``x`` the layer sees
-(tokens of a sequence, patches of a convolution):
+For each target layer the hooks accumulate a :class:`GramStats` over every vector they see:
 
-- the Gram matrix ``G = sum x x^T`` in float64, shape (d, d);
-- ``sum |x|`` per input feature, for ASVD-style channel scaling.
+- :class:`InputRecorder`: the layer's input vectors ``x`` (tokens of a sequence, patches of a
+  convolution: its kind's ``input_rows``, :mod:`svdkit.views`): ``G = sum x x^T`` and ``sum |x|``;
+- :class:`GradientRecorder`: the gradients ``g`` of an objective at the layer's output vectors:
+  ``sum g g^T``.
 
-Memory grows with the layers' input widths, never with the number of tokens. Padding tokens
-are left out when the batch carries an attention mask (a dict batch with ``attention_mask``, or
-any forward that wraps its call in :func:`token_mask`). Hooks are removed in ``finally``.
-
-What "input vector" means per layer kind:
-
-==============================  ==========================================================
-Linear, transformers Conv1D     the last axis of the input; leading axes are samples
-Conv2d                          each unfolded patch (``F.unfold`` with the layer's kernel,
-                                stride, padding and dilation), so ``d = C_in * kh * kw``
-                                matches :func:`svdkit.views.weight_matrix` columns
-==============================  ==========================================================
+Grams are float64, shape (d, d); memory grows with the layers' widths, never with the number of
+tokens. Padding tokens are left out when the batch carries an attention mask (a dict batch with
+``attention_mask``, or any forward that wraps its call in :func:`token_mask`). Hooks are removed
+on exit. :class:`BatchRunner` runs batches and names the batch and the layer in errors;
+:func:`output_tensor` finds the tensor a forward result stands for.
 """
 
 from __future__ import annotations
@@ -35,17 +29,20 @@ from torch import nn
 
 from .linalg import cholesky_factor
 from .progress import ProgressLike, track
-from .views import get_view, weight_matrix
+from .views import WeightView, get_view, kinds
 
 __all__ = [
     "BatchRunner",
     "GradientRecorder",
     "InputRecorder",
-    "InputStats",
-    "NonFiniteCalibration",
+    "GramStats",
+    "NonFiniteData",
+    "check_finite",
     "collect_input_stats",
     "current_token_mask",
     "layer_inputs",
+    "layer_outputs",
+    "output_tensor",
     "run_batch",
     "token_mask",
 ]
@@ -69,21 +66,22 @@ def current_token_mask() -> torch.Tensor | None:
 
 
 GRAM_CHUNK = 4096
-"""Rows per float32 product when :meth:`InputStats.update` accumulates narrow input."""
+"""Rows per float32 product when :meth:`GramStats.update` accumulates narrow input."""
 
 
 @dataclass
-class InputStats:
-    """Input statistics of one layer.
+class GramStats:
+    """Streamed Gram statistics of one stream of vectors (a layer's inputs, or the gradients at
+    its outputs).
 
     Attributes
     ----------
     gram : Tensor of shape (d, d), float64
-        ``sum x x^T`` over all input vectors.
+        ``sum x x^T`` over all vectors.
     abs_sum : Tensor of shape (d,), float64
-        ``sum |x|`` per input feature.
+        ``sum |x|`` per feature.
     count : int
-        Number of input vectors seen.
+        Number of vectors seen.
     """
 
     gram: torch.Tensor
@@ -107,7 +105,7 @@ class InputStats:
         return self._whitening[damping]
 
     @classmethod
-    def zeros(cls, dim: int, device: torch.device | str = "cpu") -> "InputStats":
+    def zeros(cls, dim: int, device: torch.device | str = "cpu") -> "GramStats":
         """Empty statistics for inputs of width ``dim``."""
         return cls(
             torch.zeros(dim, dim, dtype=torch.float64, device=device),
@@ -140,7 +138,7 @@ class InputStats:
                 self.abs_sum += chunk.abs().sum(dim=0).to(self.abs_sum.device, torch.float64)
         self.count += X.shape[0]
 
-    def merge(self, other: "InputStats") -> "InputStats":
+    def merge(self, other: "GramStats") -> "GramStats":
         """Statistics of both streams together (in place; returns self)."""
         self._whitening.clear()
         self.gram += other.gram.to(self.gram.device)
@@ -155,27 +153,56 @@ class InputStats:
 
 
 def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input vectors a layer applies its weight matrix to, shape (N, d).
+    """The input vectors a layer applies its weight matrix to, shape (N, d): its kind's
+    ``input_rows`` (:mod:`svdkit.views`), with the current :func:`token_mask` applied.
 
     Parameters
     ----------
     module : nn.Module
-        A Linear, transformers Conv1D or Conv2d.
+        A layer of a calibrated kind (Linear, transformers Conv1D, Conv2d, or a registered one).
     x : Tensor
         The layer's input: (..., d) for Linear/Conv1D, (B, C, H, W) for Conv2d.
     """
-    if isinstance(module, nn.Conv2d):
-        # Pad explicitly (as Conv2d does: (left, right, top, bottom)), then unfold without padding;
-        # this covers every padding mode and padding="same"/"valid".
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        padding = 0
-        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    mask = _TOKEN_MASK.get()
-    if mask is not None and x.ndim == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-        return x[mask.to(x.device).bool()]
-    return x.reshape(-1, x.shape[-1])
+    return _calibrated_view(module).input_rows(module, x, _TOKEN_MASK.get())
+
+
+def layer_outputs(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The output vectors of a layer (where output gradients are recorded), shape (N, d_out),
+    with the current :func:`token_mask` applied."""
+    return _calibrated_view(module).rows_of_output(module, y, _TOKEN_MASK.get())
+
+
+def _calibrated_view(module: nn.Module) -> WeightView:
+    view = get_view(module)
+    if view is None or not view.calibrated:
+        raise TypeError(f"{type(module).__name__} is not a layer applied to input vectors; calibrated kinds: {', '.join(kinds(lambda v: v.calibrated))}")
+    return view
+
+
+def output_tensor(result: Any) -> torch.Tensor:
+    """The tensor a forward result stands for: a sentence embedding, logits, the last hidden
+    state, a block's hidden state (a tensor, or the first tensor of a tuple), or the first
+    floating-point tensor found.
+
+    Raises
+    ------
+    TypeError
+        When the result holds no tensor.
+    """
+    if isinstance(result, torch.Tensor):
+        return result
+    if isinstance(result, dict) or hasattr(result, "keys"):
+        for key in ("sentence_embedding", "logits", "last_hidden_state"):
+            if key in result and isinstance(result[key], torch.Tensor):
+                return result[key]
+        for value in result.values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value
+    if isinstance(result, (tuple, list)):
+        for value in result:
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value
+    raise TypeError(f"cannot find an output tensor in a {type(result).__name__}")
 
 
 def run_batch(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None) -> Any:
@@ -201,16 +228,19 @@ def run_batch(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], 
     )
 
 
-class NonFiniteCalibration(ValueError):
-    """Calibration produced NaN or infinite values: the batch and the first layer they reached."""
+class NonFiniteData(ValueError):
+    """Data produced NaN or infinite values (a calibration batch, or a batch analysed): the
+    message names the batch and the first layer they reached."""
 
 
-def _check_finite(increment: "InputStats", name: str, what: str, batch: int | None) -> None:
+def check_finite(increment: "GramStats", name: str, what: str, batch: int | None) -> None:
+    """Raise :class:`NonFiniteData` (naming the batch, the layer and what was recorded) when the
+    statistics hold NaN or infinite values."""
     # A NaN or infinite entry of a row x makes its own diagonal entry sum x_i**2 NaN or infinite,
     # so the d diagonal entries of the Gram tell for all d**2 of them.
     if not bool(torch.isfinite(increment.gram.diagonal()).all()):
         where = f"calibration batch {batch}" if batch is not None else "a calibration batch"
-        raise NonFiniteCalibration(
+        raise NonFiniteData(
             f"{where}: the {what} of layer {name} holds NaN or infinite values (the first target layer they reach); "
             "check that batch's data, or the model's weights upstream of that layer"
         )
@@ -220,10 +250,8 @@ def _check_input_width(module: nn.Module, x: torch.Tensor, name: str, batch: int
     """Refuse an input the layer cannot take, naming the batch and the layer (the layer itself
     would fail with a bare shape error, after the statistics were already corrupted)."""
     where = f"calibration batch {batch}" if batch is not None else "a calibration batch"
-    if isinstance(module, nn.Conv2d):
-        axis, width = -3, module.in_channels
-    else:
-        axis, width = -1, int(weight_matrix(module).shape[1])
+    view = _calibrated_view(module)
+    axis, width = view.input_axis, view.width(module)
     if x.ndim < -axis or x.shape[axis] != width:
         raise ValueError(
             f"{where} reaches layer {name!r} as a tensor of shape {tuple(x.shape)}, but the layer takes {width} input "
@@ -242,18 +270,21 @@ class InputRecorder:
 
     Attributes
     ----------
-    stats : dict of name -> InputStats
+    stats : dict of name -> GramStats
     """
 
     def __init__(self, targets: Iterable[tuple[str, nn.Module]]) -> None:
         self.targets = list(targets)
         for name, module in self.targets:
             view = get_view(module)
-            if view is None or view.kind == "embedding":
-                raise ValueError(f"cannot calibrate {name} ({type(module).__name__}): only Linear, Conv1D and Conv2d layers")
-        self.stats: dict[str, InputStats] = {}
+            if view is None or not view.calibrated:
+                raise ValueError(
+                    f"cannot calibrate {name} ({type(module).__name__}): only layers applied to input vectors "
+                    f"(kinds {', '.join(kinds(lambda v: v.calibrated))})"
+                )
+        self.stats: dict[str, GramStats] = {}
         self.batch: int | None = None
-        self._increments: dict[tuple, tuple[weakref.ref, InputStats, int]] = {}
+        self._increments: dict[tuple, tuple[weakref.ref, GramStats, int]] = {}
         self._sources: dict[str, list[int]] = {}
         self._serial = 0
         self._handles: list = []
@@ -295,15 +326,15 @@ class InputRecorder:
             else:
                 _check_input_width(module, x, name, self.batch)
                 rows = layer_inputs(module, x)
-                increment = InputStats.zeros(rows.shape[1], device=rows.device)
+                increment = GramStats.zeros(rows.shape[1], device=rows.device)
                 increment.update(rows)
-                _check_finite(increment, name, "input", self.batch)
+                check_finite(increment, name, "input", self.batch)
                 self._serial += 1
                 serial = self._serial
                 self._increments[key] = (weakref.ref(x), increment, serial)
             self._sources.setdefault(name, []).append(serial)
             if name not in self.stats:
-                self.stats[name] = InputStats.zeros(increment.gram.shape[0], device=increment.gram.device)
+                self.stats[name] = GramStats.zeros(increment.gram.shape[0], device=increment.gram.device)
             self.stats[name].merge(increment)
         return hook
 
@@ -327,14 +358,14 @@ class GradientRecorder:
 
     Attributes
     ----------
-    stats : dict of name -> InputStats
+    stats : dict of name -> GramStats
         ``gram`` is ``sum g g^T`` over output vectors, shape (d_out, d_out).
     """
 
     def __init__(self, targets: Iterable[tuple[str, nn.Module]], *, make_leaves: bool = False) -> None:
         self.targets = list(targets)
         self.make_leaves = make_leaves
-        self.stats: dict[str, InputStats] = {}
+        self.stats: dict[str, GramStats] = {}
         self.batch: int | None = None
         self._handles: list = []
 
@@ -353,12 +384,12 @@ class GradientRecorder:
     def _hook(self, name: str):
         def record(module: nn.Module, grad: torch.Tensor, mask: torch.Tensor | None, batch: int | None) -> None:
             with token_mask(mask):
-                rows = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1]) if isinstance(module, nn.Conv2d) else layer_inputs(module, grad)
-            increment = InputStats.zeros(rows.shape[1], device=rows.device)
+                rows = layer_outputs(module, grad)
+            increment = GramStats.zeros(rows.shape[1], device=rows.device)
             increment.update(rows)
-            _check_finite(increment, name, "output gradient", batch)
+            check_finite(increment, name, "output gradient", batch)
             if name not in self.stats:
-                self.stats[name] = InputStats.zeros(rows.shape[1], device=rows.device)
+                self.stats[name] = GramStats.zeros(rows.shape[1], device=rows.device)
             self.stats[name].merge(increment)
 
         def hook(module, inputs, output):
@@ -390,18 +421,14 @@ class BatchRunner:
         ``forward(module, batch) -> output``; default :func:`svdkit.calibrate.run_batch`.
     what : str
         How batches are called in messages (``"batch"``, ``"calibration batch"``).
-    passthrough : tuple of exception types
-        Raised as they are (they already name the batch and the layer), like
-        :class:`~svdkit.calibrate.NonFiniteCalibration`.
     first, step : int
         The index of the first batch and the step between batches (this process's share of a
         calibration list), as messages name them.
     """
 
     def __init__(self, module: nn.Module, forward: Callable[[nn.Module, Any], Any] | None = None, *, what: str = "batch",
-                 passthrough: tuple[type[BaseException], ...] = (), first: int = 0, step: int = 1) -> None:
+                 first: int = 0, step: int = 1) -> None:
         self.module, self.what = module, what
-        self._passthrough = (NonFiniteCalibration, *passthrough)
         self._forward = forward
         self._handles: list = []
         self._counter = itertools.count(first, step)
@@ -430,7 +457,7 @@ class BatchRunner:
         self.current = None
         try:
             return run_batch(self.module, batch, self._forward)
-        except self._passthrough:
+        except NonFiniteData:
             raise  # already names the batch and the layer
         except _USER_ERRORS as exc:
             where = ""
@@ -447,7 +474,7 @@ def collect_input_stats(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     *,
     progress: ProgressLike = None,
-) -> dict[str, InputStats]:
+) -> dict[str, GramStats]:
     """Stream input statistics of ``targets`` over ``batches``.
 
     Parameters
@@ -465,11 +492,11 @@ def collect_input_stats(
 
     Returns
     -------
-    dict of name -> InputStats
+    dict of name -> GramStats
 
     Raises
     ------
-    NonFiniteCalibration
+    NonFiniteData
         A batch made some target's input NaN or infinite (the message names the batch and the
         first such layer).
     ValueError

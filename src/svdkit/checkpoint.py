@@ -10,6 +10,10 @@ Files are memory-mapped by safetensors, so opening a checkpoint of any size cost
 :meth:`Checkpoint.tensor` reads one tensor through a mapping of its own, released as soon as the
 tensor is copied out: the pages read do not stay in the process's resident memory, so reading a
 checkpoint block by block holds one block, not every block read so far.
+
+This module also owns the parameters of a model built without memory for them: modules built
+inside :func:`empty_parameters` hold ``meta`` parameters; :func:`materialize` gives them their
+tensors from a checkpoint and :func:`release` empties them again.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from torch import nn
 
-__all__ = ["Checkpoint", "checkpoint_files", "read_index"]
+__all__ = ["Checkpoint", "checkpoint_files", "empty_parameters", "materialize", "read_index", "release"]
 
 
 def read_index(index: Path) -> dict[str, str]:
@@ -140,6 +145,12 @@ class Checkpoint:
         for key, (handle, file) in self._where.items():
             yield key, handle.get_slice(key), file
 
+    def file_of(self, key: str) -> Path:
+        """The file that holds tensor ``key``."""
+        if key not in self._where:
+            raise KeyError(f"{self.path} holds no tensor {key!r}")
+        return self._where[key][1]
+
     def tensor(self, key: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, read from its file (and moved to ``device`` / cast to ``dtype``)."""
         if key not in self._where:
@@ -153,3 +164,67 @@ class Checkpoint:
         except Exception as exc:
             raise ValueError(f"cannot read tensor {key!r} from {str(file)!r}: {exc}") from exc
         return tensor.to(device=device, dtype=dtype) if device is not None or dtype is not None else tensor
+
+
+@contextlib.contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Within this context, new modules get their parameters on the ``meta`` device (no memory);
+    buffers stay real, so buffers computed at construction (rotary frequencies) are kept."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def materialize(module: nn.Module, checkpoint: Checkpoint, prefix: str = "", *, device: torch.device | str | None = None,
+                skip: str | None = None) -> None:
+    """Give every empty (``meta``) parameter of ``module`` its tensor ``prefix + name`` from
+    ``checkpoint``, in place (a parameter tied to another is read once).
+
+    Parameters
+    ----------
+    module : nn.Module
+    checkpoint : Checkpoint
+    prefix : str
+        The module's name in the checkpoint, with a trailing dot (e.g. ``"model.layers.3."``).
+    device : optional
+        Where the tensors go (default: the CPU).
+    skip : str, optional
+        Leave the parameters whose names start with it empty (e.g. the blocks, read one at a time).
+
+    Raises
+    ------
+    KeyError
+        A tensor the checkpoint does not hold.
+    ValueError
+        A tensor whose shape differs from the parameter's, naming both and the file.
+    """
+    for name, param in list(module.named_parameters()):
+        if not param.is_meta or (skip is not None and name.startswith(skip)):
+            continue
+        key = prefix + name
+        tensor = checkpoint.tensor(key, device=device or "cpu")
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(
+                f"tensor {key!r} in {checkpoint.file_of(key)} has shape {tuple(tensor.shape)}, but the model's config "
+                f"makes it {tuple(param.shape)}: the checkpoint and its config.json do not match"
+            )
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=param.requires_grad)
+
+
+def release(module: nn.Module) -> None:
+    """Empty every parameter of ``module`` again (``meta`` tensors of the same shape and dtype)."""
+    for owner in module.modules():
+        for attr, param in list(owner._parameters.items()):
+            if param is not None and not param.is_meta:
+                owner._parameters[attr] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)

@@ -62,7 +62,7 @@ class Group:
         return owner
 
     def sum_statistics(self, stats: Sequence[Any]) -> None:
-        """Sum streamed statistics (:class:`svdkit.calibrate.InputStats`: ``gram``, ``abs_sum``,
+        """Sum streamed statistics (:class:`svdkit.calibrate.GramStats`: ``gram``, ``abs_sum``,
         ``count``) over the ranks, in place, float64. Each object is summed once, however many
         layers share it; every rank calls this with the same objects in the same order."""
         if not self.active:

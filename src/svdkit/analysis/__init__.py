@@ -1,6 +1,6 @@
 """Diagnose a network through spectra: weights, activations and the training trajectory."""
 
-from .activations import NonFiniteActivations, analyze_activations, compare_activations
+from .activations import NonFiniteData, analyze_activations, compare_activations
 from .covariance import CovarianceAccumulator, linear_cka
 from .marchenko_pastur import MPFit, fit_marchenko_pastur
 from .powerlaw import PowerLawFit, fit_power_law
@@ -18,7 +18,7 @@ from .training import (
 
 __all__ = [
     "AnalysisTable",
-    "NonFiniteActivations",
+    "NonFiniteData",
     "CovarianceAccumulator",
     "MPFit",
     "PowerLawFit",

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibrate import BatchRunner, run_batch
+from ..calibrate import BatchRunner, NonFiniteData, run_batch
 from ..linalg import effective_rank, energy_rank
 from ..progress import ProgressLike, track
 from ..surgery import matches_target
@@ -45,7 +45,7 @@ from .table import AnalysisTable
 
 __all__ = [
     "ACTIVATION_SUMMARY",
-    "NonFiniteActivations",
+    "NonFiniteData",
     "activation_metrics",
     "analyze_activations",
     "compare_activations",
@@ -193,16 +193,12 @@ def _hook_outputs(targets, batches: _Batches, samples: str, sink: dict[str, torc
             X = to_samples(name, out.detach(), batches.mask, samples)
             if not bool(torch.isfinite(X).all()):
                 bad = int((~torch.isfinite(X)).sum())
-                raise NonFiniteActivations(f"batch {runner.index}: the output of layer {name} ({type(module).__name__}) holds {bad} NaN or "
+                raise NonFiniteData(f"batch {runner.index}: the output of layer {name} ({type(module).__name__}) holds {bad} NaN or "
                                  f"infinite values of {X.numel()} (the first hooked layer they reach); check that batch's data")
             sink[name] = X
         return hook
 
     return [module.register_forward_hook(make(name)) for name, module in targets]
-
-
-class NonFiniteActivations(ValueError):
-    """A batch made a hooked layer's output NaN or infinite; the message names the batch and the layer."""
 
 
 def activation_metrics(acc: CovarianceAccumulator, top_k: int = 10) -> tuple[dict[str, Any], np.ndarray]:
@@ -311,7 +307,7 @@ def analyze_activations(
     joint: CovarianceAccumulator | None = None
     dims: dict[str, int] = {}
     n_batches = 0
-    runner = BatchRunner(module, batches.run, passthrough=(NonFiniteActivations,))
+    runner = BatchRunner(module, batches.run)
     handles = _hook_outputs(chosen, batches, samples, sink, runner)
     was_training = module.training
     module.eval()
@@ -423,8 +419,8 @@ def compare_activations(
     sink_b: dict[str, torch.Tensor] = {}
     accs: dict[str, CovarianceAccumulator] = {}
     dims: dict[str, int] = {}
-    run_a = BatchRunner(mod_a, batches.run, passthrough=(NonFiniteActivations,))
-    run_b = BatchRunner(mod_b, batches.run, what="batch (second model)", passthrough=(NonFiniteActivations,))
+    run_a = BatchRunner(mod_a, batches.run)
+    run_b = BatchRunner(mod_b, batches.run, what="batch (second model)")
     handles = _hook_outputs(chosen, batches, samples, sink_a, run_a) + _hook_outputs(chosen_b, batches, samples, sink_b, run_b)
     states = (mod_a.training, mod_b.training)
     mod_a.eval()

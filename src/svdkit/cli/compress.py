@@ -85,14 +85,14 @@ def _config(args: argparse.Namespace, loaded) -> Any:
     from ..compression import CompressConfig
     from ..linalg import ParamRatio
 
-    fields: dict[str, Any] = {"method": args.method, "refit": args.refit, "exclude": tuple(args.exclude), "pipeline": args.pipeline}
+    fields: dict[str, Any] = {"method": args.method, "refit": args.refit, "exclude_modules": tuple(args.exclude), "pipeline": args.pipeline}
     targets = target_spec(args.targets)
     if targets is not None:
         fields["target_modules"] = targets
     elif loaded.is_sentence_model:
         # A BERT pooler does not shape a sentence-transformers embedding (it pools the tokens).
         poolers = tuple(name for name, _ in loaded.module.named_modules() if ".pooler." in f".{name}." and name.endswith("dense"))
-        fields["exclude"] = tuple(args.exclude) + poolers
+        fields["exclude_modules"] = tuple(args.exclude) + poolers
     if args.device is not None:
         fields["device"] = args.device
     rank = rank_from_options(args)

@@ -27,9 +27,10 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..calibrate import BatchRunner, current_token_mask, run_batch, token_mask
+from ..calibrate import BatchRunner, current_token_mask, output_tensor, run_batch, token_mask
+from ..checkpoint import materialize, release
 
-__all__ = ["BlockHome", "BlockInput", "BlockStack", "capture_block_inputs", "find_blocks", "head_loss_gradient", "load_parameters", "release_parameters", "run_block"]
+__all__ = ["BlockHome", "BlockInput", "BlockStack", "capture_block_inputs", "find_blocks", "head_loss_gradient", "run_block"]
 
 # Keyword arguments a block gets from the model that must not survive into a replay: a KV
 # cache would grow with every call, and returning attention weights wastes memory.
@@ -185,21 +186,12 @@ def capture_block_inputs(
     return caught
 
 
-def block_output(result: Any) -> torch.Tensor:
-    """The hidden state a block returns (a tensor, or the first item of a tuple)."""
-    if isinstance(result, torch.Tensor):
-        return result
-    if isinstance(result, (tuple, list)) and result and isinstance(result[0], torch.Tensor):
-        return result[0]
-    raise TypeError(f"a block returned a {type(result).__name__}; expected a tensor or a tuple starting with one")
-
-
 def run_block(block: nn.Module, item: BlockInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Run ``block`` on a cached input (or on ``hidden`` with the cached keyword arguments)."""
     device = _block_device(block)
     x = item.hidden if hidden is None else hidden
     with token_mask(item.mask):
-        return block_output(block(_to(x, device), **_to(item.kwargs, device)))
+        return output_tensor(block(_to(x, device), **_to(item.kwargs, device)))
 
 
 def _block_device(block: nn.Module) -> torch.device | None:
@@ -292,7 +284,7 @@ class BlockHome:
     """Where the blocks' weights stay between visits, and how a block visits the compute device.
 
     In memory (the default): a visit moves the block to ``device`` and back. From a checkpoint
-    (the model built on empty parameters, see :func:`svdkit.compression.transformers_files.empty_parameters`):
+    (the model built on empty parameters, see :func:`svdkit.checkpoint.empty_parameters`):
     a visit reads the block's tensors from the checkpoint onto ``device`` and gives them back
     afterwards, so host memory holds one block at a time.
 
@@ -312,11 +304,11 @@ class BlockHome:
     def visit(self, stack: BlockStack, index: int) -> Iterator[nn.Module]:
         block = stack.blocks[index]
         if self.checkpoint is not None:
-            load_parameters(block, self.checkpoint, f"{stack.block_name(index)}.", self.device)
+            materialize(block, self.checkpoint, f"{stack.block_name(index)}.", device=self.device)
             try:
                 yield block
             finally:
-                release_parameters(block)
+                release(block)
             return
         home = next((p.device for p in block.parameters()), None)
         moved = self.device is not None and home is not None and self.device != home
@@ -327,22 +319,3 @@ class BlockHome:
         finally:
             if moved:
                 block.to(home)
-
-
-def load_parameters(module: nn.Module, checkpoint: Any, prefix: str, device: torch.device | None) -> None:
-    """Give every empty (meta) parameter of ``module`` its tensor ``prefix + name`` from ``checkpoint``."""
-    for name, param in list(module.named_parameters()):
-        if not param.is_meta:
-            continue
-        owner_name, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        tensor = checkpoint.tensor(prefix + name, device=device or "cpu")
-        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=param.requires_grad)
-
-
-def release_parameters(module: nn.Module) -> None:
-    """Empty every parameter of ``module`` again (meta tensors of the same shape and dtype)."""
-    for owner in module.modules():
-        for attr, param in list(owner._parameters.items()):
-            if param is not None and not param.is_meta:
-                owner._parameters[attr] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Mapping
 
 import torch
 
 from ..linalg import ParamRatio, RankLike, RankSpec, rank_from_dict
+from ..views import kinds as registered_kinds
 
-__all__ = ["CompressConfig"]
+__all__ = ["CompressConfig", "REFIT_NEEDS_THE_WHOLE_MODEL"]
 
-_KINDS = ("linear", "conv1d", "conv2d", "embedding")
+REFIT_NEEDS_THE_WHOLE_MODEL = (
+    "the closed-form refit runs the dense and the compressed model side by side, stage by stage, on every "
+    "calibration batch, which the block pipeline (one block in memory, possibly streamed from disk) cannot do; "
+    "the block pipeline fits each block to the inputs the compressed blocks before it produce instead "
+    "(an anchored refit of SmolLM2's blocks to the dense outputs made perplexity worse: it fits the calibration text)"
+)
+
+# Names of fields in configs saved by earlier svdkit versions -> today's names.
+_RENAMED = {"overrides": "rank_pattern", "exclude": "exclude_modules", "alpha": "asvd_alpha"}
 
 
 def _rank_to_json(rank: RankLike) -> Any:
@@ -47,37 +57,38 @@ class CompressConfig:
         wins); honoured with a budget too (their parameters are paid first). A key that matches
         no target layer is an error.
     method : str
-        A key of :data:`svdkit.compression.methods.METHODS`: ``"svd"``, ``"asvd"``, ``"whiten"`` or
-        ``"fisher"`` (the default; the best in the benchmarks).
-    target_modules, exclude : str, list of str, or None
+        A registered method (:data:`svdkit.compression.methods.METHODS`): ``"svd"``, ``"asvd"``,
+        ``"whiten"`` or ``"fisher"`` (the default; the best in the benchmarks).
+    target_modules, exclude_modules : str, list of str, or None
         PEFT-style selection (regex string, or names/suffixes).
     kinds : tuple of str, optional
-        View kinds to target.
+        Layer kinds to target (:func:`svdkit.views.kinds`).
     include_embeddings, include_head : bool
         Embeddings and the output head are left dense unless asked for.
-    alpha : float
-        ASVD's exponent.
+    asvd_alpha : float
+        ASVD's exponent on the mean absolute input.
     damping : float
         Relative damping of the input Gram (raised tenfold until Cholesky succeeds).
     output_damping : float
         Relative damping of the output-gradient Gram (``fisher``).
-    curvature : {"auto", "probes", "labels", "sampled"}
-        The output-side statistics of ``fisher`` (see
-        :func:`svdkit.compression.stats.output_objectives`): random probes of the model output,
-        or the gradients of a causal LM's log-likelihood at the true next tokens (the empirical
-        Fisher) or at tokens sampled from the model (the true Fisher). ``"auto"``: ``"labels"``
-        for causal language models, ``"probes"`` otherwise.
+    curvature : str
+        The output-side statistics of methods that need gradients, a registered estimate (see
+        :mod:`svdkit.compression.curvature`): ``"probes"`` (random probes of the model output),
+        ``"labels"`` (the gradients of a causal LM's log-likelihood at the true next tokens: the
+        empirical Fisher) or ``"sampled"`` (at tokens sampled from the model: the true Fisher).
+        ``"auto"``: ``"labels"`` for causal language models, ``"probes"`` otherwise.
     probes : int
         Random output directions (or sampled tokens) per batch for the gradient statistics.
     gradient_batches : int, optional
         Use the first this many calibration batches for the output-gradient statistics of
         ``fisher`` (backward passes cost twice a forward); None: every batch.
     pipeline : {"auto", "model", "blocks"}
-        ``"blocks"``: block by block (:mod:`svdkit.compression.sequential`; memory of one block's
-        statistics, each block fitted to the inputs the compressed blocks before it produce);
-        ``"model"``: the whole model at once (small models; needed by ``refit`` and ``heal``);
-        ``"auto"``: blocks for causal language models whose layers sit in a stack of blocks,
-        the whole model otherwise. The report says which ran.
+        ``"blocks"``: block by block (:mod:`svdkit.compression.block_driver`; memory of one
+        block's statistics, each block fitted to the inputs the compressed blocks before it
+        produce); ``"model"``: the whole model at once (:mod:`svdkit.compression.model_driver`;
+        small models; needed by ``refit``); ``"auto"``: blocks for causal language models whose
+        layers sit in a stack of blocks and ask for no refit or healing, the whole model otherwise.
+        The report says which ran.
     device : str, optional
         Compute device of the block pipeline: each block visits it while it is processed and
         goes back to where it was (e.g. ``"cuda"`` for a model kept on the CPU).
@@ -86,10 +97,11 @@ class CompressConfig:
     refit : int
         Closed-form refit passes (:mod:`svdkit.compression.refit`): each re-solves every factorized
         layer, stage by stage, for the inputs the compressed model actually feeds it, to give the
-        dense layer's outputs on the dense model's inputs (whole-model pipeline only: the block
-        pipeline already fits each block to the compressed model's inputs).
+        dense layer's outputs on the dense model's inputs. Whole-model pipeline only (see
+        :data:`REFIT_NEEDS_THE_WHOLE_MODEL`). Methods registered with ``refit=True`` only.
     heal_steps : int
-        Distillation steps toward the original after compression (:mod:`svdkit.compression.heal`); 0: none.
+        Distillation steps toward the original after compression (:mod:`svdkit.compression.heal`),
+        after either pipeline (the dense model must be kept: not with ``inplace``); 0: none.
     heal_lr : float
         Learning rate of the distillation (Adam).
     seed : int
@@ -101,14 +113,14 @@ class CompressConfig:
     rank_pattern: Mapping[str, RankLike] = field(default_factory=dict)
     method: str = "fisher"
     target_modules: str | tuple[str, ...] | None = None
-    exclude: str | tuple[str, ...] = ()
+    exclude_modules: str | tuple[str, ...] = ()
     kinds: tuple[str, ...] | None = None
     include_embeddings: bool = False
     include_head: bool = False
-    alpha: float = 0.5
+    asvd_alpha: float = 0.5
     damping: float = 1e-6
     output_damping: float = 1e-2
-    curvature: Literal["auto", "probes", "labels", "sampled"] = "auto"
+    curvature: str = "auto"
     probes: int = 2
     gradient_batches: int | None = None
     pipeline: Literal["auto", "model", "blocks"] = "auto"
@@ -120,17 +132,18 @@ class CompressConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from .curvature import CURVATURES
         from .methods import METHODS
 
         _check_rank("rank", self.rank)
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1):
             raise ValueError(f"budget: the fraction of parameters kept must be in (0, 1], got {self.budget!r}")
-        if self.curvature not in ("auto", "probes", "labels", "sampled"):
-            raise ValueError(f"curvature: expected 'auto', 'probes', 'labels' or 'sampled', got {self.curvature!r}")
+        if self.curvature != "auto" and self.curvature not in CURVATURES:
+            raise ValueError(f"curvature: expected 'auto' or one of {sorted(CURVATURES)}, got {self.curvature!r}")
         if self.pipeline not in ("auto", "model", "blocks"):
             raise ValueError(f"pipeline: expected 'auto', 'model' or 'blocks', got {self.pipeline!r}")
-        if self.pipeline == "blocks" and (self.refit or self.heal_steps):
-            raise ValueError("refit and heal_steps work on the whole model: use pipeline='model' (or 'auto') with them")
+        if self.pipeline == "blocks" and self.refit:
+            raise ValueError(f"refit: {REFIT_NEEDS_THE_WHOLE_MODEL}; use pipeline='model' (or 'auto') with it")
         if self.gradient_batches is not None and (isinstance(self.gradient_batches, bool) or not isinstance(self.gradient_batches, int) or self.gradient_batches < 1):
             raise ValueError(f"gradient_batches: expected an int >= 1 or None, got {self.gradient_batches!r}")
         if self.device is not None:
@@ -155,18 +168,21 @@ class CompressConfig:
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
         if self.method not in METHODS:
             raise ValueError(f"method: unknown method {self.method!r}; choose one of {sorted(METHODS)}")
-        for name in ("target_modules", "exclude"):
+        unknown_options = [o for o in METHODS[self.method].options if o not in {f.name for f in fields(self)}]
+        if unknown_options:
+            raise ValueError(f"method {self.method!r} is registered with options {unknown_options} that are no CompressConfig fields")
+        for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
         if self.kinds is not None:
             object.__setattr__(self, "kinds", tuple(self.kinds))
-            unknown = set(self.kinds) - set(_KINDS)
+            unknown = set(self.kinds) - set(registered_kinds())
             if unknown:
-                raise ValueError(f"kinds: unknown layer kinds {sorted(unknown)}; choose from {_KINDS}")
+                raise ValueError(f"kinds: unknown layer kinds {sorted(unknown)}; choose from {registered_kinds()}")
         if isinstance(self.heal_lr, bool) or not isinstance(self.heal_lr, (int, float)) or not self.heal_lr > 0:
             raise ValueError(f"heal_lr: expected a number > 0, got {self.heal_lr!r}")
-        for name in ("alpha", "damping", "output_damping"):
+        for name in ("asvd_alpha", "damping", "output_damping"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
@@ -174,20 +190,23 @@ class CompressConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-        if self.refit and self.method not in ("whiten", "fisher"):
-            raise ValueError(f"refit: the closed-form refit works in the whitened metric; use method 'whiten' or 'fisher', not {self.method!r}")
+        if self.refit and not METHODS[self.method].refit:
+            refittable = sorted(name for name, m in METHODS.items() if m.refit)
+            raise ValueError(f"refit: the closed-form refit works in the whitened metric; use a method among {refittable}, not {self.method!r}")
 
     @property
     def needs_data(self) -> bool:
-        """Whether the method needs calibration data."""
-        return self.method != "svd" or self.refit > 0 or self.heal_steps > 0
+        """Whether the method (or refit, or healing) needs calibration data."""
+        from .methods import METHODS
+
+        return METHODS[self.method].needs_data or self.refit > 0 or self.heal_steps > 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (rank specs as ``{"kind", "value"}``)."""
         out = asdict(self)
         out["rank"] = _rank_to_json(self.rank)
         out["rank_pattern"] = {name: _rank_to_json(rank) for name, rank in self.rank_pattern.items()}
-        for name in ("target_modules", "exclude", "kinds"):
+        for name in ("target_modules", "exclude_modules", "kinds"):
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
         return out
@@ -196,14 +215,19 @@ class CompressConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "CompressConfig":
         """Inverse of :meth:`to_dict`; unknown keys raise an error naming them.
 
-        ``overrides`` (the name of ``rank_pattern`` in configs saved by svdkit 0.1) is read as
-        ``rank_pattern``.
+        Fields under the names of configs saved by earlier versions (``overrides``, ``exclude``,
+        ``alpha``) are read under today's names (``rank_pattern``, ``exclude_modules``,
+        ``asvd_alpha``) with a ``DeprecationWarning``.
         """
         if not isinstance(data, Mapping):
             raise ValueError(f"a CompressConfig is a JSON object, got {type(data).__name__}")
         values = dict(data)
-        if "overrides" in values and "rank_pattern" not in values:
-            values["rank_pattern"] = values.pop("overrides")
+        for old, new in _RENAMED.items():
+            if old in values:
+                if new in values:
+                    raise ValueError(f"a CompressConfig gives both {old!r} (an earlier name) and {new!r}")
+                warnings.warn(f"CompressConfig field {old!r} is now called {new!r}", DeprecationWarning, stacklevel=2)
+                values[new] = values.pop(old)
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:

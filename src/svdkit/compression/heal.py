@@ -18,7 +18,7 @@ from torch import nn
 from ..progress import ProgressLike, track
 
 from ..layers.lowrank import low_rank_types
-from .stats import model_output
+from ..calibrate import output_tensor, run_batch
 
 __all__ = ["heal"]
 
@@ -37,7 +37,7 @@ def heal(
     original: nn.Module,
     compressed: nn.Module,
     batches: list[Any],
-    forward: Callable[[nn.Module, Any], Any],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
     *,
     steps: int = 100,
     lr: float = 1e-4,
@@ -51,8 +51,8 @@ def heal(
         The dense model (left unchanged) and its compressed copy.
     batches : list
         Calibration batches, cycled.
-    forward : callable
-        ``forward(module, batch) -> output``.
+    forward : callable, optional
+        ``forward(module, batch) -> output`` (default :func:`svdkit.calibrate.run_batch`).
     steps : int
         Optimizer steps (Adam).
     lr : float
@@ -89,8 +89,8 @@ def heal(
         for _ in track(range(steps), progress, desc="heal steps"):
             batch = next(cycle)
             with torch.no_grad():
-                reference = model_output(forward(original, batch))
-            result = model_output(forward(compressed, batch))
+                reference = output_tensor(run_batch(original, batch, forward))
+            result = output_tensor(run_batch(compressed, batch, forward))
             layer_loss = sum(_relative(outputs[n] - targets[n], targets[n]) for n in names) / len(names)
             loss = layer_loss + _relative(result - reference, reference)
             optimizer.zero_grad(set_to_none=True)

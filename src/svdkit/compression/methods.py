@@ -9,16 +9,19 @@ of ``M`` measure what truncation costs in the method's own metric:
 method       M                                        sum of dropped s_i**2 equals
 ===========  =======================================  =========================================
 ``svd``      ``W``                                    ``||W - W'||_F**2``
-``asvd``     ``W diag(mean|x|**alpha)``               (a heuristic; ASVD, arXiv:2312.05821)
+``asvd``     ``W diag(mean|x|**asvd_alpha)``          (a heuristic; ASVD, arXiv:2312.05821)
 ``whiten``   ``W L`` with ``L L^T = E[x x^T]``        mean squared output error on the data
 ``fisher``   ``C^T W L`` with ``C C^T = E[g g^T]``    second-order estimate of the change of the
                                                       model's objective (``g``: its gradients at
                                                       the layer's output; Kronecker-factored)
 ===========  =======================================  =========================================
 
-The SVD itself happens in one place, :func:`factorize` (or :func:`transformed_spectrum` when
-only the singular values are needed, as for a global budget). Adding a method is one function
-decorated with :func:`register_method`.
+A method is registered with what it needs (:class:`Method`): calibration inputs, output
+gradients, the :class:`~svdkit.compression.CompressConfig` fields it reads, whether the
+closed-form refit applies to it. The config's validation, both pipelines and the analysis read
+that record; no code outside a method's entry names it. The SVD itself happens in one place,
+:func:`factorize` (or :func:`transformed_spectrum` when only the singular values are needed, as
+for a global budget). Adding a method is one function decorated with :func:`register_method`.
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ from typing import Callable
 
 import torch
 
-from ..linalg import gram_svd, split_factors, tail_error
-from .stats import LayerStats
+from ..linalg import gram_svd, gram_svdvals, split_factors, tail_error
+from .statistics import LayerStats
 
-__all__ = ["METHODS", "CompressionMethod", "Factorization", "Transform", "factorize", "register_method", "transformed_spectrum"]
+__all__ = ["METHODS", "Method", "Factorization", "Transform", "factorize", "register_method", "transformed_spectrum"]
 
 
 @dataclass
@@ -118,48 +121,104 @@ def factorize(transform: Transform) -> Factorization:
 
 
 def transformed_spectrum(transform: Transform) -> torch.Tensor:
-    """The singular values of ``transform.M``, shape (min(m, n),), float64, descending.
+    """The singular values of ``transform.M``, shape (min(m, n),), float64, descending
+    (:func:`svdkit.linalg.gram_svdvals`: values below about ``1e-8 * s_max`` are noise, which
+    a budget never keeps)."""
+    return gram_svdvals(transform.M)
 
-    Taken from the eigenvalues of the smaller Gram matrix ``M^T M`` or ``M M^T`` (a symmetric
-    eigensolve of the short side instead of an SVD): this squares the condition number, so
-    values below about ``1e-8 * s_max`` come out as noise, which a budget never keeps.
+
+TransformFunction = Callable[..., Transform]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered compression method and what it needs.
+
+    Attributes
+    ----------
+    name : str
+    transform : callable
+        ``transform(W, stats, **options) -> Transform``; ``stats`` is the layer's
+        :class:`~svdkit.compression.statistics.LayerStats` (None without calibration data).
+    needs_inputs : bool
+        It reads the layer's input statistics (calibration data is required).
+    needs_gradients : bool
+        It reads the Gram of the objective's gradients at the layer's output (the pipelines run
+        backward passes for it).
+    options : tuple of str
+        The :class:`~svdkit.compression.CompressConfig` fields passed to ``transform`` by name.
+    refit : bool
+        Its factors live in the input-whitened metric, so the closed-form refit
+        (:mod:`svdkit.compression.refit`) applies.
     """
-    M = transform.M.to(torch.float64)
-    gram = M.T @ M if M.shape[0] >= M.shape[1] else M @ M.T
-    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+
+    name: str
+    transform: TransformFunction
+    needs_inputs: bool = False
+    needs_gradients: bool = False
+    options: tuple[str, ...] = ()
+    refit: bool = False
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the method needs calibration data."""
+        return self.needs_inputs or self.needs_gradients
 
 
-CompressionMethod = Callable[..., Transform]
-METHODS: dict[str, CompressionMethod] = {}
+METHODS: dict[str, Method] = {}
+_NEEDS = ("inputs", "gradients")
 
 
-def register_method(name: str) -> Callable[[CompressionMethod], CompressionMethod]:
-    """Decorator adding ``fn(W, stats, **options) -> Transform`` to :data:`METHODS`."""
+def register_method(
+    name: str, *, needs: tuple[str, ...] = (), options: tuple[str, ...] = (), refit: bool = False
+) -> Callable[[TransformFunction], TransformFunction]:
+    """Decorator adding ``fn(W, stats, **options) -> Transform`` to :data:`METHODS`.
 
-    def decorate(fn: CompressionMethod) -> CompressionMethod:
-        METHODS[name] = fn
+    Parameters
+    ----------
+    name : str
+        The method's name (``CompressConfig.method``, ``--method``).
+    needs : tuple of {"inputs", "gradients"}
+        What the method reads of the calibration (see :class:`Method`).
+    options : tuple of str
+        ``CompressConfig`` fields ``fn`` takes as keyword arguments.
+    refit : bool
+        Whether the closed-form refit applies to its factors.
+
+    Raises
+    ------
+    ValueError
+        For an unknown need, or an option that is no ``CompressConfig`` field (checked when a
+        config names the method).
+    """
+    unknown = set(needs) - set(_NEEDS)
+    if unknown:
+        raise ValueError(f"register_method({name!r}): unknown needs {sorted(unknown)}; choose from {_NEEDS}")
+
+    def decorate(fn: TransformFunction) -> TransformFunction:
+        METHODS[name] = Method(name, fn, "inputs" in needs or "gradients" in needs, "gradients" in needs, tuple(options), refit)
         return fn
 
     return decorate
 
 
 @register_method("svd")
-def plain_svd(W: torch.Tensor, stats: LayerStats | None = None, **_: object) -> Transform:
+def plain_svd(W: torch.Tensor, stats: LayerStats | None = None) -> Transform:
     """Plain truncated SVD of ``W``."""
     return Transform(W.to(torch.float64), method="svd")
 
 
-@register_method("asvd")
-def activation_scaled_svd(W: torch.Tensor, stats: LayerStats | None = None, *, alpha: float = 0.5, **_: object) -> Transform:
-    """ASVD: scale input channel ``j`` by ``mean|x_j|**alpha + 1e-6`` before the SVD, unscale after."""
+@register_method("asvd", needs=("inputs",), options=("asvd_alpha",))
+def activation_scaled_svd(W: torch.Tensor, stats: LayerStats | None = None, *, asvd_alpha: float = 0.5) -> Transform:
+    """ASVD: scale input channel ``j`` by ``mean|x_j|**asvd_alpha + 1e-6`` before the SVD, unscale after."""
     if stats is None:
         raise ValueError("method 'asvd' needs calibration data")
-    scale = (stats.abs_mean.to(torch.float64) ** alpha + 1e-6).to(W.device)
+    scale = (stats.abs_mean.to(torch.float64) ** asvd_alpha + 1e-6).to(W.device)
     return Transform(W.to(torch.float64) * scale, undo_right=lambda Y: Y / scale, method="asvd")
 
 
-@register_method("whiten")
-def whitened_svd(W: torch.Tensor, stats: LayerStats | None = None, *, damping: float = 1e-6, **_: object) -> Transform:
+@register_method("whiten", needs=("inputs",), options=("damping",), refit=True)
+def whitened_svd(W: torch.Tensor, stats: LayerStats | None = None, *, damping: float = 1e-6) -> Transform:
     """SVD-LLM truncation-aware whitening: SVD of ``W L``, ``L^-1`` folded into the right factor.
 
     Falls back to plain SVD (with the reason in :attr:`Transform.note`) if the layer saw only
@@ -181,9 +240,9 @@ def whitened_svd(W: torch.Tensor, stats: LayerStats | None = None, *, damping: f
     )
 
 
-@register_method("fisher")
+@register_method("fisher", needs=("inputs", "gradients"), options=("damping", "output_damping"), refit=True)
 def fisher_whitened_svd(
-    W: torch.Tensor, stats: LayerStats | None = None, *, damping: float = 1e-6, output_damping: float = 1e-2, **_: object
+    W: torch.Tensor, stats: LayerStats | None = None, *, damping: float = 1e-6, output_damping: float = 1e-2
 ) -> Transform:
     """Two-sided whitening: SVD of ``C^T W L`` with ``L`` from the input Gram and ``C`` from the
     Gram of the gradients of the model's objective at the layer's output (Kronecker-factored

@@ -1,118 +1,34 @@
-"""``compress()``: targets -> calibration statistics -> spectra -> ranks -> factors -> new layers."""
+"""``compress()``: targets -> calibration statistics -> spectra -> ranks -> factors -> new layers.
+
+The entry point of both pipelines: it checks the input (:mod:`svdkit.compression.checks`),
+chooses the pipeline, runs the one :class:`~svdkit.compression.compressor.LayerCompressor`
+through its driver (:mod:`~svdkit.compression.model_driver` or
+:mod:`~svdkit.compression.block_driver`), heals the result when asked, and fills the report.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-import torch
 from torch import nn
 
-from ..calibrate import run_batch
 from ..distributed import current_group, shard
 from ..progress import ProgressLike
-from ..layers.lowrank import low_rank_class
-from ..surgery import find_targets, replace_module, shared_weight_groups
-from ..views import get_view
+from .block_driver import BlockDriver
 from .blocks import BlockHome, BlockStack, find_blocks
+from .checks import check_token_batches, check_weights, is_causal_lm, select_targets
+from .compressor import LayerCompressor
 from .config import CompressConfig
 from .heal import heal
-from .plan import LayerPlan, plan_layers
-from .ranks import choose_ranks
-from .refit import refit
-from .report import CompressionReport, LayerReport, peak_memory
-from .sequential import compress_blocks, measure_curvature
-from .stats import LayerStats, collect_layer_stats
+from .model_driver import apply_plan, plan_model
+from .report import CompressionReport, peak_memory
 
 __all__ = ["compress", "compress_sweep"]
 
-def _check_weights(targets: list[tuple[str, nn.Module]]) -> None:
-    for name, module in targets:
-        for what in ("weight", "bias"):
-            tensor = getattr(module, what, None)
-            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-                continue
-            tensor = tensor.detach()
-            if bool(torch.isfinite(tensor.sum())):  # the sum of finite values is finite
-                continue
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                raise ValueError(f"layer {name} ({type(module).__name__}, {what} {tuple(tensor.shape)}) has {bad} non-finite values")
-
-
-def _check_token_batches(model: nn.Module, calibration: list[Any]) -> None:
-    """Refuse token ids outside the vocabulary of a model that says how large it is (an
-    embedding lookup would fail deep inside the forward, or silently read another row)."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not isinstance(vocab, int):
-        return
-    for index, batch in enumerate(calibration):
-        ids = batch.get("input_ids") if isinstance(batch, dict) else batch
-        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.numel():
-            low, high = int(ids.min()), int(ids.max())
-            if low < 0 or high >= vocab:
-                raise ValueError(
-                    f"calibration batch {index} holds token ids in [{low}, {high}], outside the model's vocabulary [0, {vocab})"
-                )
-
-
-def _tied_followers(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> dict[str, list[str]]:
-    """For each group of layers that hold one weight (tied weights) and include a target: the
-    layer factorized for all of them -> the others, which will share its factors.
-
-    The factorized one is a targeted Linear-like member when there is one (it has calibration
-    statistics; an embedding's input is a token id), else the first targeted member. Members
-    that were not targeted are pulled in: factorizing one alone would untie the weights.
-    """
-    names = {name for name, _ in targets}
-    followers: dict[str, list[str]] = {}
-    for group in shared_weight_groups(model):
-        targeted = [n for n in group if n in names]
-        if not targeted:
-            continue
-        primary = next((n for n in targeted if get_view(model.get_submodule(n)).kind != "embedding"), targeted[0])
-        followers[primary] = [n for n in group if n != primary]
-    return followers
-
-
-def _tie_follower(out: nn.Module, name: str, primary: str, factorized: nn.Module | None, primary_row: LayerReport) -> LayerReport:
-    """Replace the tied layer ``name`` by one that shares ``factorized``'s factors; its report row
-    counts no parameters (they are counted in ``primary``'s row)."""
-    dense = out.get_submodule(name)
-    row = LayerReport(name=name, kind=get_view(dense).kind, shape=primary_row.shape, method=primary_row.method)
-    if factorized is None:
-        row.skip_reason = f"its weight is tied to {primary}'s, which stays dense"
-        return row
-    follower = low_rank_class(dense).from_factors(dense, factorized.u.detach(), factorized.v.detach())
-    follower.share_factors_with(factorized)
-    replace_module(out, name, follower)
-    row.rank = primary_row.rank
-    row.skip_reason = f"its weight is tied to {primary}'s: shares its factors (their parameters are counted there)"
-    return row
-
-
-def _untie_in_config(model: nn.Module) -> None:
-    """A factorized tied head shares its factors with the embedding itself; a transformers
-    config that still asks to tie ``lm_head.weight`` to the embedding's weight (which no longer
-    exist) would make ``tie_weights()`` fail, so it stops asking."""
-    config = getattr(model, "config", None)
-    if getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False
-
-
-def _curvature(config: CompressConfig, model: nn.Module) -> str:
-    if config.curvature != "auto":
-        return config.curvature
-    return "labels" if _is_causal_lm(model) else "probes"
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    architectures = getattr(config, "architectures", None) or []
-    return any(str(a).endswith("ForCausalLM") for a in architectures) or type(model).__name__.endswith("ForCausalLM")
+Forward = Callable[[nn.Module, Any], Any]
 
 
 def _choose_pipeline(model: nn.Module, targets: list[tuple[str, nn.Module]], config: CompressConfig) -> BlockStack | None:
@@ -128,7 +44,7 @@ def _choose_pipeline(model: nn.Module, targets: list[tuple[str, nn.Module]], con
                 f"but no such stack holds all of them (e.g. {outside}); use pipeline='model' or narrow target_modules"
             )
         return stack
-    return stack if _is_causal_lm(model) else None
+    return stack if is_causal_lm(model) else None
 
 
 def compress(
@@ -220,31 +136,25 @@ def _compress_all(
     configs: list[CompressConfig],
     calibration: Iterable[Any] | None,
     *,
-    forward: Callable[[nn.Module, Any], Any] | None,
+    forward: Forward | None,
     inplace: bool,
     progress: ProgressLike,
 ) -> list[tuple[nn.Module, CompressionReport]]:
     """One result per config; the configs differ in their budget only."""
     config = configs[0]
     start = time.perf_counter()
-    targets = find_targets(
-        model, config.target_modules, exclude=config.exclude, kinds=config.kinds,
-        include_embeddings=config.include_embeddings, include_head=config.include_head,
-    )
-    if not targets:
-        raise ValueError(
-            f"no supported layer matched target_modules={config.target_modules!r}, exclude={config.exclude!r}, "
-            f"kinds={config.kinds!r} (supported: Linear, transformers Conv1D, Conv2d, Embedding)"
-        )
-    _check_weights(targets)
+    targets = select_targets(model, config)
+    check_weights(targets)
     if config.needs_data and calibration is None:
         raise ValueError(
             f"method {config.method!r} (refit={config.refit}, heal_steps={config.heal_steps}) needs calibration data; "
-            "pass calibration= or use method='svd' alone"
+            "pass calibration= or use a method that needs none (method='svd') without refit or healing"
         )
+    if config.heal_steps and inplace:
+        raise ValueError("heal_steps distils the compressed model toward the dense one, which inplace=True does not keep: pass inplace=False")
     calibration = list(calibration) if calibration is not None else None
     if calibration is not None:
-        _check_token_batches(model, calibration)
+        check_token_batches(model, calibration)
     stack = _choose_pipeline(model, targets, config) if config.needs_data else None
     group = current_group()
     if group.active and stack is None:
@@ -254,105 +164,53 @@ def _compress_all(
         )
     if group.active:
         calibration = shard(calibration, group)
-    device = config.device or (group.device if group.device.type == "cuda" else None)
     params_before = sum(p.numel() for p in model.parameters())
-    results = []
     if stack is not None:
-        curvature = _curvature(config, model)
-        home = BlockHome(device)
-        measured = measure_curvature(model, stack, targets, calibration, config, forward=forward, curvature=curvature,
-                                     home=home, progress=progress, group=group)
-        try:
-            for cfg in configs:
-                out = model if inplace else copy.deepcopy(model)
-                out_stack = BlockStack(stack.name, out.get_submodule(stack.name))
-                rows, run = compress_blocks(model, out, out_stack, targets, calibration, cfg, forward=forward,
-                                            measured=measured, home=home, progress=progress, group=group)
-                report = CompressionReport(method=cfg.method, model_params_before=params_before, layers=rows, pipeline="blocks")
-                report.timings.update(run.seconds)
-                results.append((out, report))
-        finally:
-            if measured is not None:
-                measured.close()
+        device = config.device or (group.device if group.device.type == "cuda" else None)
+        results = _by_blocks(model, stack, targets, calibration, configs, forward, inplace, BlockHome(device), progress, group)
     else:
-        shared = _plan_whole(model, targets, calibration, config, forward, progress)
-        for cfg in configs:
-            out = model if inplace else copy.deepcopy(model)
-            report = CompressionReport(method=cfg.method, model_params_before=params_before)
-            _apply_whole(model, out, shared, calibration, cfg, forward, report, progress)
-            results.append((out, report))
-    for out, report in results:
+        results = _whole_model(model, targets, calibration, configs, forward, inplace, progress)
+    for (out, report), cfg in zip(results, configs):
+        if cfg.heal_steps:
+            losses = heal(model, out, calibration, forward, steps=cfg.heal_steps, lr=cfg.heal_lr, progress=progress)
+            report.quality["heal loss first/last"] = f"{losses[0]:.4g} -> {losses[-1]:.4g}"
+        report.model_params_before = params_before
         report.model_params_after = sum(p.numel() for p in out.parameters())
         report.seconds = time.perf_counter() - start
         report.peak_memory = peak_memory()
     return results
 
 
-@dataclass
-class _WholePlan:
-    """What every budget of the whole-model pipeline shares: the factorized targets and their tied followers."""
-
-    plans: list[LayerPlan]
-    tied: dict[str, list[str]]
-    other_params: int
-
-
-def _plan_whole(
-    model: nn.Module,
-    targets: list[tuple[str, nn.Module]],
-    calibration: list[Any] | None,
-    config: CompressConfig,
-    forward: Callable[[nn.Module, Any], Any] | None,
-    progress: ProgressLike,
-) -> _WholePlan:
-    """Every layer's statistics from whole-model forwards (and backwards), then every factorization."""
-    tied = _tied_followers(model, targets)
-    followers = {name for names in tied.values() for name in names}
-    targets = [(n, m) for n, m in targets if n not in followers]
-    stats: dict[str, LayerStats] = {}
-    data_targets = [(n, m) for n, m in targets if get_view(m).kind != "embedding"]
-    if config.method != "svd" and data_targets:
-        stats = collect_layer_stats(
-            model, data_targets, calibration, forward,
-            gradients=config.method == "fisher", curvature=_curvature(config, model), probes=config.probes,
-            seed=config.seed, gradient_batches=config.gradient_batches, progress=progress,
-        )
-    plans = plan_layers(targets, stats, config, progress)
-    others = sum(p.numel() for p in model.parameters()) - sum(plan.dense_params for plan in plans)
-    return _WholePlan(plans, tied, others)
+def _by_blocks(model: nn.Module, stack: BlockStack, targets: list[tuple[str, nn.Module]], calibration: list[Any],
+               configs: list[CompressConfig], forward: Forward | None, inplace: bool, home: BlockHome, progress: ProgressLike,
+               group) -> list[tuple[nn.Module, CompressionReport]]:
+    """The block pipeline: pass 1 once, pass 2 per budget."""
+    drivers = [BlockDriver(LayerCompressor(cfg, model), stack, targets, calibration, forward=forward, home=home,
+                           group=group, progress=progress) for cfg in configs]
+    measured = drivers[0].measure(model)
+    results = []
+    try:
+        for cfg, driver in zip(configs, drivers):
+            out = model if inplace else copy.deepcopy(model)
+            rows, run = driver.compress(model, out, measured)
+            report = CompressionReport(method=cfg.method, layers=rows, pipeline="blocks")
+            report.timings.update(run.seconds)
+            results.append((out, report))
+    finally:
+        if measured is not None:
+            measured.close()
+    return results
 
 
-def _apply_whole(
-    model: nn.Module,
-    out: nn.Module,
-    shared: _WholePlan,
-    calibration: list[Any] | None,
-    config: CompressConfig,
-    forward: Callable[[nn.Module, Any], Any] | None,
-    report: CompressionReport,
-    progress: ProgressLike,
-) -> None:
-    """Choose the ranks of one budget, replace the layers of ``out``, then refit and heal."""
-    run = forward if forward is not None else (lambda module, batch: run_batch(module, batch))
-    plans = shared.plans
-    ranks = choose_ranks(plans, config, other_params=shared.other_params)
-    rows = []
-    for plan, k in zip(plans, ranks):
-        row = plan.report(k)
-        new = plan.build(row.rank) if row.rank is not None else None
-        if new is not None:
-            replace_module(out, plan.name, new)
-        rows.append(row)
-        report.layers.append(row)
-        for follower in shared.tied.get(plan.name, []):
-            report.layers.append(_tie_follower(out, follower, plan.name, new, row))
-        if new is not None and plan.name in shared.tied:
-            _untie_in_config(out)
-    for _ in range(config.refit):
-        plans = refit(model, out, plans, [row.rank for row in rows], calibration, run, damping=config.damping, progress=progress)
-        for row, plan in zip(rows, plans):
-            if row.rank is not None:
-                row.method = plan.factorizations[0].method
-    if config.heal_steps:
-        losses = heal(model, out, calibration, run, steps=config.heal_steps, lr=config.heal_lr, progress=progress)
-        report.quality["heal loss first/last"] = f"{losses[0]:.4g} -> {losses[-1]:.4g}"
+def _whole_model(model: nn.Module, targets: list[tuple[str, nn.Module]], calibration: list[Any] | None,
+                 configs: list[CompressConfig], forward: Forward | None, inplace: bool, progress: ProgressLike
+                 ) -> list[tuple[nn.Module, CompressionReport]]:
+    """The whole-model pipeline: statistics and factorizations once, ranks and layers per budget."""
+    shared = plan_model(model, LayerCompressor(configs[0], model), targets, calibration, forward, progress)
+    results = []
+    for cfg in configs:
+        out = model if inplace else copy.deepcopy(model)
+        rows = apply_plan(model, out, shared, LayerCompressor(cfg, model), calibration, forward, progress)
+        results.append((out, CompressionReport(method=cfg.method, layers=rows)))
+    return results
+

@@ -20,51 +20,64 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..progress import ProgressLike, track
-
-from ..calibrate import layer_inputs
+from ..calibrate import GramStats, check_finite, layer_inputs, run_batch
 from ..linalg import cholesky_factor
+from ..progress import ProgressLike, track
 from ..surgery import replace_module
-from ..views import weight_matrix
+from ..views import get_view, weight_matrix
 from .methods import Factorization, Transform, factorize
 from .plan import LayerPlan
 
 __all__ = ["refit"]
 
+Forward = Callable[[nn.Module, Any], Any]
+
 
 class _PairStats:
-    """Streams ``sum x~ x~^T`` and ``sum x~ x^T`` for one layer."""
+    """Streams ``sum x~ x~^T`` and ``sum x~ x^T`` for one layer: the Gram of the rows ``[x~, x]``
+    (:class:`~svdkit.calibrate.GramStats`: chunked products, float64 sums), whose top blocks they are."""
 
-    def __init__(self, dim: int, device: torch.device) -> None:
-        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        self.count = 0
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stats: GramStats | None = None
 
-    def update(self, compressed: torch.Tensor, original: torch.Tensor) -> None:
-        Xc, Xo = compressed.to(torch.float64), original.to(self.gram.device, torch.float64)
-        if Xc.shape != Xo.shape:
-            raise RuntimeError(f"original and compressed layers saw inputs of shapes {tuple(Xo.shape)} and {tuple(Xc.shape)}")
-        self.gram.addmm_(Xc.T, Xc)
-        self.cross.addmm_(Xc.T, Xo)
-        self.count += Xc.shape[0]
+    def update(self, compressed: torch.Tensor, original: torch.Tensor, batch: int) -> None:
+        original = original.to(compressed.device)
+        if compressed.shape != original.shape:
+            raise RuntimeError(f"original and compressed layer {self.name} saw inputs of shapes {tuple(original.shape)} and {tuple(compressed.shape)}")
+        rows = torch.cat([compressed, original], dim=1)
+        increment = GramStats.zeros(rows.shape[1], device=rows.device)
+        increment.update(rows)
+        check_finite(increment, self.name, "input (refit)", batch)
+        self.stats = increment if self.stats is None else self.stats.merge(increment)
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``E[x~ x~^T]`` and ``E[x~ x^T]``, each (d, d), float64."""
+        d = self.stats.gram.shape[0] // 2
+        gram = self.stats.gram / self.stats.count
+        return gram[:d, :d], gram[:d, d:]
 
 
 class _StageDone(Exception):
     """Raised from a hook once every layer of the stage has its input: the rest of the forward is not needed."""
 
 
-def _call_order(compressed: nn.Module, plans: list[LayerPlan], batch: Any, forward: Callable[[nn.Module, Any], Any]) -> list[list[LayerPlan]]:
+def _call_order(compressed: nn.Module, plans: list[LayerPlan], batch: Any, forward: Forward | None) -> list[list[LayerPlan]]:
     """Plans in the order the compressed model calls them, grouped into stages of layers that
-    read the same input tensor (such as query, key and value)."""
-    calls: list[tuple[str, int]] = []
+    read the same input tensor (such as query, key and value).
+
+    The input tensors are kept alive until the order is read, so two stages never look alike
+    because a freed tensor's id was reused.
+    """
+    calls: list[tuple[str, torch.Tensor]] = []
     handles = [
         compressed.get_submodule(plan.name).register_forward_pre_hook(
-            lambda module, inputs, name=plan.name: calls.append((name, id(inputs[0]))))
+            lambda module, inputs, name=plan.name: calls.append((name, inputs[0])))
         for plan in plans
     ]
     try:
         with torch.no_grad():
-            forward(compressed, batch)
+            run_batch(compressed, batch, forward)
     finally:
         for handle in handles:
             handle.remove()
@@ -72,15 +85,15 @@ def _call_order(compressed: nn.Module, plans: list[LayerPlan], batch: Any, forwa
     stages: list[list[LayerPlan]] = []
     last_input = None
     placed: set[str] = set()
-    for name, input_id in calls:
+    for name, tensor in calls:
         if name in placed:
             continue
         placed.add(name)
-        if stages and input_id == last_input:
+        if stages and tensor is last_input:
             stages[-1].append(by_name[name])
         else:
             stages.append([by_name[name]])
-        last_input = input_id
+        last_input = tensor
     return stages
 
 
@@ -89,14 +102,15 @@ def _collect_pairs(
     compressed: nn.Module,
     stage: list[LayerPlan],
     batches: Iterable[Any],
-    forward: Callable[[nn.Module, Any], Any],
+    forward: Forward | None,
 ) -> dict[str, _PairStats]:
     """Input statistics of one stage, with both forwards stopped as soon as the stage is reached."""
     seen: dict[str, torch.Tensor] = {}
-    pairs: dict[str, _PairStats] = {}
+    pairs = {plan.name: _PairStats(plan.name) for plan in stage}
     done: set[str] = set()
     names = {plan.name for plan in stage}
     handles = []
+    current = [0]
     for plan in stage:
         def keep_original(module, inputs, name=plan.name):
             seen[name] = layer_inputs(module, inputs[0])
@@ -104,10 +118,7 @@ def _collect_pairs(
                 raise _StageDone
 
         def pair(module, inputs, name=plan.name, dense=plan.module):
-            rows = layer_inputs(dense, inputs[0])
-            if name not in pairs:
-                pairs[name] = _PairStats(rows.shape[1], rows.device)
-            pairs[name].update(rows, seen[name])
+            pairs[name].update(layer_inputs(dense, inputs[0]), seen[name], current[0])
             done.add(name)
             if names <= done:
                 raise _StageDone
@@ -116,10 +127,11 @@ def _collect_pairs(
         handles.append(compressed.get_submodule(plan.name).register_forward_pre_hook(pair))
     try:
         with torch.no_grad():
-            for batch in batches:
+            for index, batch in enumerate(batches):
+                current[0] = index
                 for model in (original, compressed):
                     try:
-                        forward(model, batch)
+                        run_batch(model, batch, forward)
                     except _StageDone:
                         pass
                 seen.clear()
@@ -152,7 +164,7 @@ def refit(
     plans: list[LayerPlan],
     ranks: list[int | None],
     batches: list[Any],
-    forward: Callable[[nn.Module, Any], Any],
+    forward: Forward | None = None,
     *,
     damping: float = 1e-6,
     progress: ProgressLike = None,
@@ -172,8 +184,8 @@ def refit(
         The rank of each plan; None (dense) plans are left alone.
     batches : list
         Calibration batches.
-    forward : callable
-        ``forward(module, batch)`` runs ``module`` on a batch.
+    forward : callable, optional
+        ``forward(module, batch)`` runs ``module`` on a batch (default :func:`svdkit.calibrate.run_batch`).
     damping : float
         Relative damping of ``A~``.
     progress : bool or callable, optional
@@ -190,7 +202,7 @@ def refit(
     the stage's layers have their inputs.
     """
     rank_of = {plan.name: k for plan, k in zip(plans, ranks)}
-    active = [plan for plan in plans if rank_of[plan.name] is not None and plan.kind in ("linear", "conv1d", "conv2d")
+    active = [plan for plan in plans if rank_of[plan.name] is not None and get_view(plan.module).calibrated
               and not isinstance(compressed.get_submodule(plan.name), type(plan.module))]
     if not active or not batches:
         return plans
@@ -215,11 +227,9 @@ def refit(
 def _refit_plan(plan: LayerPlan, stats: _PairStats, damping: float) -> LayerPlan:
     blocks = weight_matrix(plan.module).detach().reshape(plan.groups, plan.shape[0], plan.shape[1])
     size = plan.shape[1]
+    gram, cross = stats.means()
     factorizations = []
     for g in range(plan.groups):
         part = slice(g * size, (g + 1) * size)
-        factorizations.append(_refit_factorization(
-            blocks[g], stats.gram[part, part] / stats.count, stats.cross[part, part] / stats.count,
-            plan.factorizations[g], damping,
-        ))
+        factorizations.append(_refit_factorization(blocks[g], gram[part, part], cross[part, part], plan.factorizations[g], damping))
     return LayerPlan(plan.name, plan.module, plan.kind, factorizations, plan.shape)

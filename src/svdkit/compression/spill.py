@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..calibrate import InputStats
+from ..calibrate import GramStats
 
 __all__ = ["Spill"]
 
@@ -25,13 +25,13 @@ class Spill:
     def put(self, key: str, value: Any) -> None:
         torch.save(value, self.path / f"{key}.pt")
 
-    def put_statistics(self, key: str, stats: dict[str, InputStats]) -> None:
+    def put_statistics(self, key: str, stats: dict[str, GramStats]) -> None:
         """Keep gradient statistics for pass 2 in float32 (half the disk traffic): pass 2 reads only
         their whitening factors, which a relative damping of 1e-2 makes insensitive to 1e-7
         rounding."""
         light = {}
         for name, s in stats.items():
-            kept = InputStats(s.gram.float(), s.abs_sum.float(), s.count)
+            kept = GramStats(s.gram.float(), s.abs_sum.float(), s.count)
             kept._whitening.update({d: (L.float(), used) for d, (L, used) in s._whitening.items()})
             light[name] = kept
         self.put(key, light)

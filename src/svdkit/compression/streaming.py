@@ -1,6 +1,6 @@
 """Compress a decoder LLM block by block straight into a directory: resumable, and from disk.
 
-:func:`compress_to_directory` runs the block pipeline (:mod:`svdkit.compression.sequential`)
+:func:`compress_to_directory` runs the block pipeline (:mod:`svdkit.compression.block_driver`)
 and writes each compressed block to its own shard as soon as it is done. The source is a model
 in memory, or a transformers checkpoint directory (safetensors, sharded with
 ``model.safetensors.index.json`` or not) that is never loaded whole: the model is built on empty
@@ -32,17 +32,17 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, materialize
 from ..distributed import Group, current_group, shard
 from ..layers.lowrank import LowRankLayer
 from ..progress import ProgressLike
-from ..surgery import find_targets
+from .block_driver import BlockDriver, DenseMeasurements, Resume
 from .blocks import BlockHome, BlockInput, BlockStack, find_blocks
+from .checks import check_token_batches, check_weights, select_targets
+from .compressor import LayerCompressor
 from .config import CompressConfig
 from .io import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, PROGRESS_NAME, sha256
-from .pipeline import _check_token_batches, _check_weights, _curvature
 from .report import CompressionReport, LayerReport, peak_memory
-from .sequential import Curvature, Resume, compress_blocks, measure_curvature
 from .spill import Spill
 from .transformers_files import transformers_skeleton, write_companions
 
@@ -140,19 +140,6 @@ def _open_source(source: nn.Module | str | os.PathLike) -> tuple[nn.Module, Chec
     return model, checkpoint, str(directory.resolve())
 
 
-def _load_outside(model: nn.Module, stack: BlockStack, checkpoint: Checkpoint) -> None:
-    """Read every empty parameter outside the blocks (embeddings, final norm, head) once."""
-    prefix = f"{stack.name}."
-    for name, param in list(model.named_parameters()):
-        if param.is_meta and not name.startswith(prefix):
-            owner_name, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_name) if owner_name else model
-            owner._parameters[attr] = nn.Parameter(checkpoint.tensor(name), requires_grad=False)
-    tie = getattr(model, "tie_weights", None)
-    if callable(tie):
-        tie()
-
-
 def _start_state(directory: Path, config: CompressConfig, digest: str, source_spec: str | None, resume: bool, overwrite: bool,
                  world: int) -> dict[str, Any] | None:
     """The progress of an unfinished run to resume, or None to start; refuses what it must not touch."""
@@ -238,28 +225,25 @@ def compress_to_directory(
     config = config or CompressConfig()
     if config.pipeline == "model" or config.refit or config.heal_steps:
         raise ValueError("compress_to_directory runs the block pipeline: pipeline='model', refit and heal_steps are not available")
+    if calibration is None:
+        raise ValueError("the block pipeline needs calibration data (token-id batches)")
     start_time = time.perf_counter()
     directory = Path(directory)
     group = current_group()
     model, checkpoint, spec = _open_source(source)
     spec = source_spec or spec
     try:
-        targets = find_targets(model, config.target_modules, exclude=config.exclude, kinds=config.kinds,
-                               include_embeddings=config.include_embeddings, include_head=config.include_head)
-        if not targets:
-            raise ValueError(f"no supported layer matched target_modules={config.target_modules!r}, exclude={config.exclude!r}")
+        targets = select_targets(model, config)
         params = sum(p.numel() for p in model.parameters())  # shapes are known even for empty parameters
         stack = find_blocks(model, [name for name, _ in targets])
         if stack is None:
             raise ValueError("compress_to_directory needs every target inside one stack of identical blocks (an nn.ModuleList)")
-        if checkpoint is None:
-            _check_weights(targets)
-        else:
-            _load_outside(model, stack, checkpoint)
-        if calibration is None:
-            raise ValueError("the block pipeline needs calibration data (token-id batches)")
+        check_weights(targets)
+        if checkpoint is not None:  # everything outside the blocks is read once; the blocks one at a time
+            materialize(model, checkpoint, skip=f"{stack.name}.")
+            _tie(model)
         calibration = list(calibration)
-        _check_token_batches(model, calibration)
+        check_token_batches(model, calibration)
         digest = _digest(calibration)
         state = None
         with group.checked():
@@ -270,49 +254,68 @@ def compress_to_directory(
         if group.active:
             calibration = shard(calibration, group)
         device = config.device or (group.device if group.device.type == "cuda" else None)
-        home = BlockHome(device, checkpoint)
-        work = directory / WORK_NAME
-        spill = Spill(work / f"rank-{group.rank}")
-        needs_pass1 = config.method == "fisher" or config.budget is not None
+        compressor = LayerCompressor(config, model)
+        driver = BlockDriver(compressor, stack, targets, calibration, forward=forward, home=BlockHome(device, checkpoint),
+                             group=group, progress=progress)
+        spill = Spill(directory / WORK_NAME / f"rank-{group.rank}")
         if state is None:
-            measured = measure_curvature(model, stack, targets, calibration, config, forward=forward, curvature=_curvature(config, model),
-                                         home=home, progress=progress, group=group, spill=spill)
-            state = {"format": 1, "svdkit_version": __version__, "config": config.to_dict(), "calibration": digest,
-                     "source": spec, "world": group.world, "curvature_seconds": measured.seconds if measured else 0.0,
-                     "blocks_done": 0, "layers": {}, "rows": []}
-            writer = _Progress(directory, state, 0, None, [], stack, group)
-            with group.checked():
-                if group.rank == 0:
-                    if measured is not None:
-                        torch.save(measured.spectra, work / "spectra.pt")
-                    writer.save()
+            measured, writer = _start(driver, model, directory, config, digest, spec, spill)
         else:
-            measured = None
-            if needs_pass1:
-                measured = Curvature(torch.load(work / "spectra.pt", weights_only=False), spill if config.method == "fisher" else None,
-                                     state["curvature_seconds"], 0)
-            writer = _Progress(directory, state, state["blocks_done"], None, [_row(r) for r in state["rows"]], stack, group)
-            if state["blocks_done"]:
-                kept = torch.load(writer.inputs_path, map_location="cpu", weights_only=False)
-                if kept["blocks_done"] != state["blocks_done"]:  # the crash came between a block's inputs and its progress
-                    raise ValueError(f"cannot resume {directory}: its kept inputs are of block {kept['blocks_done']}, its progress "
-                                     f"of block {state['blocks_done']}; start again with --overwrite")
-                writer.inputs = kept["inputs"]
-        rows, run = compress_blocks(model, model, stack, targets, calibration, config, forward=forward, measured=measured,
-                                    home=home, progress=progress, group=group, resume=writer)
+            measured, writer = _reload(driver, directory, state, spill)
+        rows, run = driver.compress(model, model, measured, resume=writer)
         report = CompressionReport(method=config.method, layers=rows, pipeline="blocks", model_params_before=params)
         report.model_params_after = params - report.target_params_before + report.target_params_after
         report.timings.update(run.seconds)
-        report.timings["curvature"] = state.get("curvature_seconds", 0.0)
+        report.timings["curvature"] = writer.state.get("curvature_seconds", 0.0)
         with group.checked():
             if group.rank == 0:
-                _finish(model, stack, directory, state, config, spec, tokenizer, report, checkpoint, home)
+                _finish(model, stack, directory, writer.state, config, spec, tokenizer, report, checkpoint, driver.home)
         report.seconds = time.perf_counter() - start_time
         report.peak_memory = peak_memory()
         return report
     finally:
         if checkpoint is not None:
             checkpoint.close()
+
+
+def _tie(model: nn.Module) -> None:
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+
+
+def _start(driver: BlockDriver, model: nn.Module, directory: Path, config: CompressConfig, digest: str, spec: str | None,
+           spill: Spill) -> tuple[DenseMeasurements | None, "_Progress"]:
+    """A new run: pass 1, then the first progress file (rank 0)."""
+    group = driver.group
+    measured = driver.measure(model, spill)
+    state = {"format": 1, "svdkit_version": __version__, "config": config.to_dict(), "calibration": digest,
+             "source": spec, "world": group.world, "curvature_seconds": measured.seconds if measured else 0.0,
+             "blocks_done": 0, "layers": {}, "rows": []}
+    writer = _Progress(directory, state, 0, None, [], driver.stack, group)
+    with group.checked():
+        if group.rank == 0:
+            if measured is not None:
+                torch.save(measured.spectra, directory / WORK_NAME / "spectra.pt")
+            writer.save()
+    return measured, writer
+
+
+def _reload(driver: BlockDriver, directory: Path, state: dict[str, Any], spill: Spill) -> tuple[DenseMeasurements | None, "_Progress"]:
+    """An unfinished run: pass 1's results and the inputs of the first unfinished block, from the work directory."""
+    compressor = driver.compressor
+    measured = None
+    if compressor.needs_gradients or compressor.config.budget is not None:
+        spectra = torch.load(directory / WORK_NAME / "spectra.pt", weights_only=False)
+        measured = DenseMeasurements(spectra, spill if compressor.needs_gradients else None, state["curvature_seconds"], 0)
+    writer = _Progress(directory, state, state["blocks_done"], None, [_row(r) for r in state["rows"]], driver.stack, driver.group)
+    if state["blocks_done"]:
+        kept = torch.load(writer.inputs_path, map_location="cpu", weights_only=False)
+        if kept["blocks_done"] != state["blocks_done"]:  # the crash came between a block's inputs and its progress
+            raise ValueError(f"cannot resume {directory}: its kept inputs are of block {kept['blocks_done']}, its progress "
+                             f"of block {state['blocks_done']}; start again with --overwrite")
+        writer.inputs = kept["inputs"]
+    return measured, writer
 
 
 def _finish(model: nn.Module, stack: BlockStack, directory: Path, state: dict[str, Any], config: CompressConfig,

@@ -3,14 +3,15 @@ and the skeleton that its ``config.json`` describes, built without memory for it
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from torch import nn
 
-__all__ = ["empty_parameters", "is_transformers_model", "transformers_skeleton", "write_companions"]
+from ..checkpoint import empty_parameters
+
+__all__ = ["is_transformers_model", "transformers_skeleton", "write_companions"]
 
 
 def write_companions(model: nn.Module, directory: Path, tokenizer: Any = None) -> None:
@@ -41,24 +42,6 @@ def _saved_config(model: nn.Module) -> Any:
     if quantization is not None and str(method) == "gguf":
         delattr(config, "quantization_config")
     return config
-
-
-@contextlib.contextmanager
-def empty_parameters() -> Iterator[None]:
-    """Within this context, new modules get their parameters on the ``meta`` device (no memory);
-    buffers stay real, so buffers computed at construction (rotary frequencies) are kept."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def transformers_skeleton(directory: Path) -> nn.Module:

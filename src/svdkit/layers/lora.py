@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..views import get_view, set_weight_matrix, weight_matrix
+from ..views import get_view, kinds, set_weight_matrix, view_of_kind, weight_matrix
 
 __all__ = [
     "LoRAConv1D",
@@ -33,7 +33,9 @@ __all__ = [
     "LoRALayer",
     "LoRALinear",
     "is_lora_layer",
+    "lora_kinds",
     "lora_wrapper_class",
+    "register_lora_wrapper",
     "wrap_lora",
 ]
 
@@ -335,23 +337,40 @@ class LoRALayer(nn.Module):
         )
 
 
+def register_lora_wrapper(kind: str):
+    """Class decorator: ``cls`` wraps layers of ``kind`` with LoRA (it becomes the kind's record's
+    ``lora_wrapper``, see :mod:`svdkit.views`).
+
+    Raises
+    ------
+    KeyError
+        For a kind that :func:`svdkit.views.register_view` has not registered.
+    """
+
+    def decorate(cls: type[LoRALayer]) -> type[LoRALayer]:
+        cls.kind = kind
+        view_of_kind(kind).lora_wrapper = cls
+        return cls
+
+    return decorate
+
+
+@register_lora_wrapper("linear")
 class LoRALinear(LoRALayer):
     """LoRA on an ``nn.Linear``: ``A`` is (r, in), ``B`` is (out, r). See :class:`LoRALayer`."""
-
-    kind = "linear"
 
     def _make_adapters(self, base_layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
         out_features, in_features = weight_matrix(base_layer).shape
         return nn.Linear(in_features, rank, bias=False), nn.Linear(rank, out_features, bias=False)
 
 
+@register_lora_wrapper("conv1d")
 class LoRAConv1D(LoRALinear):
     """LoRA on transformers' ``Conv1D`` (weight stored in x out); the factors are those of
     :class:`LoRALinear` on the (out, in) matrix, as PEFT does with ``fan_in_fan_out=True``."""
 
-    kind = "conv1d"
 
-
+@register_lora_wrapper("conv2d")
 class LoRAConv2d(LoRALayer):
     """LoRA on an ``nn.Conv2d`` (``groups == 1``), PEFT's layout.
 
@@ -359,8 +378,6 @@ class LoRAConv2d(LoRALayer):
     ``B`` is a 1x1 Conv2d, weight (C_out, r, 1, 1). As matrices they factor the (C_out, C_in*kh*kw)
     view of the kernel.
     """
-
-    kind = "conv2d"
 
     @classmethod
     def check_base(cls, base_layer: nn.Module) -> None:
@@ -377,9 +394,6 @@ class LoRAConv2d(LoRALayer):
         return A, B
 
 
-_WRAPPERS: dict[str, type[LoRALayer]] = {cls.kind: cls for cls in (LoRALinear, LoRAConv1D, LoRAConv2d)}
-
-
 def is_lora_layer(module: nn.Module) -> bool:
     """Whether ``module`` is one of svdkit's LoRA wrappers."""
     return isinstance(module, LoRALayer)
@@ -394,10 +408,15 @@ def lora_wrapper_class(module: nn.Module) -> type[LoRALayer]:
         For layers without a LoRA wrapper (embeddings, unknown types).
     """
     view = get_view(module)
-    if view is None or view.kind not in _WRAPPERS:
+    if view is None or view.lora_wrapper is None:
         kind = view.kind if view is not None else type(module).__name__
-        raise TypeError(f"no LoRA wrapper for {type(module).__name__} ({kind}); supported: {', '.join(sorted(_WRAPPERS))}")
-    return _WRAPPERS[view.kind]
+        raise TypeError(f"no LoRA wrapper for {type(module).__name__} ({kind}); supported: {', '.join(sorted(lora_kinds()))}")
+    return view.lora_wrapper
+
+
+def lora_kinds() -> tuple[str, ...]:
+    """The layer kinds LoRA can wrap (those with a registered wrapper)."""
+    return kinds(lambda view: view.lora_wrapper)
 
 
 def wrap_lora(module: nn.Module, rank: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False) -> LoRALayer:

@@ -4,7 +4,7 @@ NumPy arrays in give NumPy arrays out; tensors keep their device. Nothing here i
 ``torch.nn``.
 """
 
-from .gram import gram_svd
+from .gram import gram_eigenvalues, gram_svd, gram_svdvals
 from .randomized import AUTO_MAX_N_ITER, AUTO_TOL, RandomizedSVDInfo, randomized_svd
 from .rank import allocate_ranks, Energy, ErrorTol, ParamRatio, RankLike, RankRatio, RankSpec, rank_from_dict, resolve_rank
 from .spectrum import (
@@ -56,7 +56,9 @@ __all__ = [
     "energy_rank",
     "explained_variance_ratio",
     "frobenius_norm",
+    "gram_eigenvalues",
     "gram_svd",
+    "gram_svdvals",
     "nuclear_norm",
     "numerical_rank",
     "participation_ratio",

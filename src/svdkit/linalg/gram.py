@@ -16,7 +16,7 @@ import torch
 
 from .svd import SVDResult, svd_flip
 
-__all__ = ["gram_svd"]
+__all__ = ["gram_eigenvalues", "gram_svd", "gram_svdvals"]
 
 
 def gram_svd(M: torch.Tensor) -> SVDResult:
@@ -54,3 +54,33 @@ def gram_svd(M: torch.Tensor) -> SVDResult:
         Vh = (U.T @ M) * inverse.unsqueeze(1)
         U, Vh = svd_flip(U, Vh)
     return SVDResult(U, S, Vh)
+
+
+def gram_eigenvalues(G: torch.Tensor) -> torch.Tensor:
+    """The eigenvalues of a symmetric positive semi-definite (Gram) matrix, descending, float64.
+
+    Parameters
+    ----------
+    G : Tensor of shape (..., d, d)
+        A Gram matrix ``X^T X`` (its eigenvalues are the squared singular values of ``X``).
+
+    Returns
+    -------
+    Tensor of shape (..., d), float64, descending, clamped at 0 (rounding makes the smallest
+    ones slightly negative).
+    """
+    return torch.linalg.eigvalsh(G.to(torch.float64)).flip(-1).clamp_min(0)
+
+
+def gram_svdvals(M: torch.Tensor) -> torch.Tensor:
+    """The singular values of ``M`` (m, n) from the eigenvalues of its smaller Gram matrix.
+
+    A symmetric eigensolve of the short side instead of an SVD; it squares the condition number,
+    so values below about ``1e-8 * s_max`` come out as noise (float64).
+
+    Returns
+    -------
+    Tensor of shape (min(m, n),), float64, descending.
+    """
+    M = M.to(torch.float64)
+    return gram_eigenvalues(M.T @ M if M.shape[0] >= M.shape[1] else M @ M.T).sqrt()

@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Literal
 import torch
 from torch import nn
 
-from ..calibrate import InputStats
+from ..calibrate import GramStats
 from ..layers.lora import LoRALayer
 from ..linalg import split_factors, svd, svd_flip, svdvals, truncated_svd
 from ..views import weight_matrix
@@ -84,7 +84,7 @@ class InitContext:
         Extra sketch columns of :func:`svdkit.linalg.randomized_svd`.
     delta : Tensor of shape (out, d) or None
         Target weight change, for ``svd_delta``.
-    input_stats : InputStats or None
+    input_stats : GramStats or None
         Calibration statistics of the layer's inputs, for ``eva``.
     """
 
@@ -94,7 +94,7 @@ class InitContext:
     n_iter: int | Literal["auto"] = 4
     oversamples: int = 0
     delta: torch.Tensor | None = None
-    input_stats: InputStats | None = None
+    input_stats: GramStats | None = None
 
 
 @dataclass(frozen=True)
@@ -132,21 +132,21 @@ class LoRAInit:
 _INITS: dict[str, LoRAInit] = {}
 
 
-def _weight_spectrum(module: nn.Module, delta: torch.Tensor | None, stats: InputStats | None) -> torch.Tensor:
+def _weight_spectrum(module: nn.Module, delta: torch.Tensor | None, stats: GramStats | None) -> torch.Tensor:
     return svdvals(_working(weight_matrix(module).detach()))
 
 
-def _delta_spectrum(module: nn.Module, delta: torch.Tensor | None, stats: InputStats | None) -> torch.Tensor:
+def _delta_spectrum(module: nn.Module, delta: torch.Tensor | None, stats: GramStats | None) -> torch.Tensor:
     return svdvals(_working(delta.detach()))
 
 
-def _input_spectrum(module: nn.Module, delta: torch.Tensor | None, stats: InputStats | None) -> torch.Tensor:
+def _input_spectrum(module: nn.Module, delta: torch.Tensor | None, stats: GramStats | None) -> torch.Tensor:
     eigenvalues = torch.linalg.eigvalsh(stats.gram.double()).flip(-1)
     return eigenvalues.clamp_min(0).sqrt()
 
 
 # spectrum source -> singular values of that matrix, descending
-_SPECTRA: dict[str, Callable[[nn.Module, torch.Tensor | None, InputStats | None], torch.Tensor]] = {
+_SPECTRA: dict[str, Callable[[nn.Module, torch.Tensor | None, GramStats | None], torch.Tensor]] = {
     "weight": _weight_spectrum,
     "delta": _delta_spectrum,
     "inputs": _input_spectrum,
@@ -211,7 +211,7 @@ def get_init(name: str) -> LoRAInit:
 
 
 def init_spectrum(init: LoRAInit, module: nn.Module, *, delta: torch.Tensor | None = None,
-                  input_stats: InputStats | None = None) -> torch.Tensor:
+                  input_stats: GramStats | None = None) -> torch.Tensor:
     """The singular values a typed rank is resolved on for ``init`` on ``module``.
 
     Returns
@@ -224,7 +224,7 @@ def init_spectrum(init: LoRAInit, module: nn.Module, *, delta: torch.Tensor | No
 
 
 def check_init_inputs(init: LoRAInit, name: str, module: nn.Module, *, delta: torch.Tensor | None = None,
-                      input_stats: InputStats | None = None, spectrum_needed: bool = False) -> None:
+                      input_stats: GramStats | None = None, spectrum_needed: bool = False) -> None:
     """Raise ``ValueError`` naming the layer if what ``init`` decomposes has the wrong shape or is
     not finite (checked before any layer is modified).
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 import torch
 from torch import nn
 
-from ..calibrate import InputStats, collect_input_stats
+from ..calibrate import GramStats, collect_input_stats
 from ..layers.lora import LoRALayer, lora_wrapper_class, wrap_lora
 from ..linalg import Energy, ErrorTol, RankLike, resolve_rank
 from ..progress import ProgressLike, track
@@ -94,7 +94,7 @@ def apply_lora(
     *,
     inplace: bool = False,
     deltas: Mapping[str, torch.Tensor] | None = None,
-    input_stats: Mapping[str, InputStats] | None = None,
+    input_stats: Mapping[str, GramStats] | None = None,
     calibration: Iterable[Any] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     progress: ProgressLike = False,
@@ -111,7 +111,7 @@ def apply_lora(
     deltas : dict of name -> Tensor of shape (out, d), optional
         Target weight changes for ``init="svd_delta"`` (in :func:`svdkit.views.weight_matrix`
         orientation). With ``target_modules=None`` the layers are exactly the keys.
-    input_stats : dict of name -> InputStats, optional
+    input_stats : dict of name -> GramStats, optional
         Input statistics for ``init="eva"``, as :func:`svdkit.calibrate.collect_input_stats`
         returns them.
     calibration : iterable of batches, optional
@@ -233,7 +233,7 @@ def _layer_seed(seed: int, index: int) -> int:
     return (int(seed) * 1_000_003 + index) % (2**63 - 1)
 
 
-def _eva_stats(model, selected, input_stats, calibration, forward, progress) -> Mapping[str, InputStats]:
+def _eva_stats(model, selected, input_stats, calibration, forward, progress) -> Mapping[str, GramStats]:
     names = [name for name, _ in selected]
     if input_stats is not None:
         missing = [n for n in names if n not in input_stats]
@@ -269,7 +269,7 @@ def add_lora(
     alpha_pattern: Mapping[str, float] | None = None,
     inplace: bool = False,
     deltas: Mapping[str, torch.Tensor] | None = None,
-    input_stats: Mapping[str, InputStats] | None = None,
+    input_stats: Mapping[str, GramStats] | None = None,
     calibration: Iterable[Any] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     progress: ProgressLike = False,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ...linalg import RankLike, split_factors, truncated_svd
-from ...views import get_view, weight_matrix
+from ...views import get_view, kinds, view_of_kind, weight_matrix
 
 __all__ = ["LowRankLayer", "grouped_matrices", "low_rank_class", "low_rank_from_spec", "low_rank_types", "register_low_rank"]
 
@@ -79,6 +79,11 @@ class LowRankLayer(nn.Module):
         self.u, self.v = theirs  # type: ignore[assignment]
 
     @classmethod
+    def refusal(cls, dense: nn.Module) -> str | None:
+        """Why ``dense`` cannot be factorized by this class although its kind fits (None: it can)."""
+        return None
+
+    @classmethod
     def _check_dense(cls, dense: nn.Module) -> None:
         view = get_view(dense)
         if view is None or view.kind not in cls.kinds:
@@ -105,33 +110,37 @@ class LowRankLayer(nn.Module):
         return cls.from_factors(dense, left.to(dtype), right.to(dtype))
 
 
-_REGISTRY: dict[str, type[LowRankLayer]] = {}
+def register_low_rank(*kinds_: str) -> Callable[[type[LowRankLayer]], type[LowRankLayer]]:
+    """Class decorator: ``cls`` factorizes layers of these kinds (it becomes their record's
+    ``low_rank``, see :mod:`svdkit.views`).
 
-
-def register_low_rank(*kinds: str) -> Callable[[type[LowRankLayer]], type[LowRankLayer]]:
-    """Class decorator: ``cls`` factorizes layers of these view kinds."""
+    Raises
+    ------
+    KeyError
+        For a kind that :func:`svdkit.views.register_view` has not registered.
+    """
 
     def decorate(cls: type[LowRankLayer]) -> type[LowRankLayer]:
-        cls.kinds = tuple(kinds)
-        for kind in kinds:
-            _REGISTRY[kind] = cls
+        cls.kinds = tuple(kinds_)
+        for kind in kinds_:
+            view_of_kind(kind).low_rank = cls
         return cls
 
     return decorate
 
 
 def low_rank_class(dense: nn.Module) -> type[LowRankLayer]:
-    """The class that factorizes ``dense`` (by its view kind)."""
+    """The class that factorizes ``dense`` (its kind's ``low_rank``)."""
     view = get_view(dense)
-    if view is None or view.kind not in _REGISTRY:
-        kinds = ", ".join(sorted(_REGISTRY))
-        raise TypeError(f"no low-rank layer for {type(dense).__name__}; supported kinds: {kinds}")
-    return _REGISTRY[view.kind]
+    if view is None or view.low_rank is None:
+        known = ", ".join(kinds(lambda v: v.low_rank))
+        raise TypeError(f"no low-rank layer for {type(dense).__name__}; supported kinds: {known}")
+    return view.low_rank
 
 
 def low_rank_types() -> tuple[type[LowRankLayer], ...]:
     """Every registered low-rank class."""
-    return tuple(dict.fromkeys(_REGISTRY.values()))
+    return tuple(dict.fromkeys(view_of_kind(kind).low_rank for kind in kinds(lambda v: v.low_rank)))
 
 
 def low_rank_from_spec(spec: Mapping[str, Any], dense: nn.Module, *, name: str = "") -> LowRankLayer:

@@ -40,10 +40,17 @@ class LowRankEmbedding(LowRankLayer):
         return F.embedding(ids, self.u, self.padding_idx) @ self.v
 
     @classmethod
+    def refusal(cls, dense: nn.Module) -> str | None:
+        if getattr(dense, "max_norm", None) is not None or getattr(dense, "sparse", False):
+            return "embeddings with max_norm or sparse gradients are not factorized"
+        return None
+
+    @classmethod
     def _check_dense(cls, dense: nn.Module) -> None:
         super()._check_dense(dense)
-        if dense.max_norm is not None or dense.sparse:
-            raise ValueError("embeddings with max_norm or sparse gradients cannot be factorized")
+        reason = cls.refusal(dense)
+        if reason is not None:
+            raise ValueError(reason)
 
     @classmethod
     def from_factors(cls, dense: nn.Embedding, left: torch.Tensor, right: torch.Tensor) -> "LowRankEmbedding":

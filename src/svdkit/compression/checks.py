@@ -1,0 +1,79 @@
+"""What every compression entry point checks and resolves before any work: the targets, their
+weights, the calibration batches, whether the model is a causal language model.
+
+:func:`svdkit.compress` (both pipelines) and
+:func:`svdkit.compression.compress_to_directory` (streamed) call these, so a bad input gets the
+same message whichever path it takes, before minutes of work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..surgery import find_targets
+from ..views import kinds
+from .config import CompressConfig
+
+__all__ = ["check_token_batches", "check_weights", "is_causal_lm", "select_targets"]
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal language model (a transformers ``...ForCausalLM``, by its
+    class name or its config's ``architectures``)."""
+    config = getattr(model, "config", None)
+    architectures = getattr(config, "architectures", None) or []
+    return any(str(a).endswith("ForCausalLM") for a in architectures) or type(model).__name__.endswith("ForCausalLM")
+
+
+def select_targets(model: nn.Module, config: CompressConfig) -> list[tuple[str, nn.Module]]:
+    """The layers ``config`` selects (see :func:`svdkit.surgery.find_targets`).
+
+    Raises
+    ------
+    ValueError
+        When no supported layer matches, naming the selection and the supported kinds.
+    """
+    targets = find_targets(
+        model, config.target_modules, exclude=config.exclude_modules, kinds=config.kinds,
+        include_embeddings=config.include_embeddings, include_head=config.include_head,
+    )
+    if not targets:
+        raise ValueError(
+            f"no supported layer matched target_modules={config.target_modules!r}, "
+            f"exclude_modules={config.exclude_modules!r}, kinds={config.kinds!r} (supported kinds: {', '.join(kinds())})"
+        )
+    return targets
+
+
+def check_weights(targets: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a target whose weight or bias holds NaN or infinite values, naming it and the count."""
+    for name, module in targets:
+        for what in ("weight", "bias"):
+            tensor = getattr(module, what, None)
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.is_meta:
+                continue
+            tensor = tensor.detach()
+            if bool(torch.isfinite(tensor.sum())):  # the sum of finite values is finite
+                continue
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ValueError(f"layer {name} ({type(module).__name__}, {what} {tuple(tensor.shape)}) has {bad} non-finite values")
+
+
+def check_token_batches(model: nn.Module, calibration: list[Any]) -> None:
+    """Refuse token ids outside the vocabulary of a model that says how large it is (an
+    embedding lookup would fail deep inside the forward, or silently read another row)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int):
+        return
+    for index, batch in enumerate(calibration):
+        ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.numel():
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab:
+                raise ValueError(
+                    f"calibration batch {index} holds token ids in [{low}, {high}], outside the model's vocabulary [0, {vocab})"
+                )

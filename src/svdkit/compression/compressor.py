@@ -1,0 +1,285 @@
+"""The one per-layer compressor that both pipelines drive.
+
+:class:`LayerCompressor` knows the configured method (what it needs, its options), the curvature
+estimate and the rank rules. A pipeline (:mod:`~svdkit.compression.model_driver` for the whole
+model, :mod:`~svdkit.compression.block_driver` block by block, streamed or across torchrun
+ranks) only decides *when* batches run and *which* targets are live:
+
+1. :meth:`LayerCompressor.recording` installs the recorders the method needs on a set of
+   targets (input Grams; output-gradient Grams when it needs gradients, the pipeline then runs
+   the backward passes of :meth:`LayerCompressor.objectives`);
+2. :meth:`LayerCompressor.spectrum` (a rank candidate, for a global budget) or
+   :meth:`LayerCompressor.plan` (the factorization) turns a layer's statistics into the method's
+   transform and its SVD;
+3. :meth:`LayerCompressor.choose_ranks` takes the ranks (per layer, ``rank_pattern``, or the
+   global budget);
+4. :meth:`LayerCompressor.replace` builds the low-rank layers, replaces them at every place they
+   sit, and makes tied layers share the factors, returning the report rows.
+
+Neither pipeline names a method: what differs between methods is in their registry entry
+(:mod:`svdkit.compression.methods`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..calibrate import GradientRecorder, GramStats, InputRecorder
+from ..layers.lowrank import grouped_matrices, low_rank_class
+from ..progress import ProgressLike, track
+from ..surgery import replace_module, shared_weight_groups
+from ..views import get_view
+from .config import CompressConfig
+from .curvature import objectives, resolve_curvature
+from .methods import METHODS, Transform, factorize, plain_svd, transformed_spectrum
+from .plan import LayerPlan
+from .ranks import LayerCost, RankCandidate, choose_ranks
+from .report import LayerReport
+from .statistics import LayerStats
+
+__all__ = ["LayerCompressor", "LayerSpectrum", "Recording", "TiedLayers"]
+
+
+@dataclass
+class LayerSpectrum(LayerCost):
+    """A layer's spectrum in the method's metric, before it is factorized (a rank candidate).
+
+    Attributes
+    ----------
+    name : str
+    shape : (m, n)
+        The per-group matrix.
+    groups : int
+    values : list of Tensor of shape (r,)
+        Each group's transformed singular values.
+    importance : float
+        The factor on them when layers are compared for a budget.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    groups: int
+    values: list[torch.Tensor]
+    importance: float = 1.0
+
+    @property
+    def singular_values(self) -> torch.Tensor:
+        return self.values[0]
+
+    def spectrum(self) -> torch.Tensor:
+        return torch.stack(self.values).square().sum(0).sqrt() * self.importance
+
+
+class Recording:
+    """The recorders of a set of target layers while batches run (a context manager).
+
+    Call :meth:`next_batch` before each batch. Output-gradient Grams are recorded when a
+    backward pass reaches a target's output (only with ``gradients``).
+
+    Attributes
+    ----------
+    inputs : dict of name -> GramStats
+        Input Grams (layers fed the same tensor share one object).
+    gradients : dict of name -> GramStats
+        Output-gradient Grams.
+    """
+
+    def __init__(self, targets: Sequence[tuple[str, nn.Module]], gradients: bool) -> None:
+        self._stack = contextlib.ExitStack()
+        self._inputs = InputRecorder(targets)
+        self._gradients = GradientRecorder(targets, make_leaves=True) if gradients else None
+
+    def __enter__(self) -> "Recording":
+        self._stack.enter_context(self._inputs)
+        if self._gradients is not None:
+            self._stack.enter_context(self._gradients)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def next_batch(self, index: int | None = None) -> None:
+        """Start batch ``index`` (its number in the whole calibration list names it in errors)."""
+        self._inputs.next_batch(index)
+        if self._gradients is not None:
+            self._gradients.next_batch(index)
+
+    def check_reached(self) -> None:
+        """Raise if a target never received an input (see :meth:`InputRecorder.check_reached`)."""
+        self._inputs.check_reached()
+
+    @property
+    def inputs(self) -> dict[str, GramStats]:
+        return self._inputs.stats
+
+    @property
+    def gradients(self) -> dict[str, GramStats]:
+        return self._gradients.stats if self._gradients is not None else {}
+
+    def statistics(self) -> dict[str, LayerStats]:
+        """Each recorded target's :class:`LayerStats`."""
+        return {name: LayerStats(stats, self.gradients.get(name)) for name, stats in self.inputs.items()}
+
+
+@dataclass
+class TiedLayers:
+    """Targets that hold one weight (tied weights): each group is factorized once.
+
+    Attributes
+    ----------
+    followers : dict of str -> list of str
+        The layer factorized for a group -> the other layers of the group, which share its
+        factors (layers of the group that were not targeted are pulled in: factorizing one
+        alone would untie the weights).
+    """
+
+    followers: dict[str, list[str]]
+
+    @classmethod
+    def find(cls, model: nn.Module, targets: Sequence[tuple[str, nn.Module]]) -> "TiedLayers":
+        """The tied groups among ``targets``. The factorized layer is a calibrated member when there
+        is one (it has statistics; an embedding's input is a token id), else the first targeted one."""
+        names = {name for name, _ in targets}
+        followers: dict[str, list[str]] = {}
+        for group in shared_weight_groups(model):
+            targeted = [n for n in group if n in names]
+            if not targeted:
+                continue
+            primary = next((n for n in targeted if get_view(model.get_submodule(n)).calibrated), targeted[0])
+            followers[primary] = [n for n in group if n != primary]
+        return cls(followers)
+
+    def primaries(self, targets: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+        """``targets`` without the followers."""
+        following = {name for names in self.followers.values() for name in names}
+        return [(n, m) for n, m in targets if n not in following]
+
+
+class LayerCompressor:
+    """Compresses target layers with one config: statistics -> transforms -> ranks -> layers.
+
+    Parameters
+    ----------
+    config : CompressConfig
+    model : nn.Module
+        The model being compressed (resolves ``curvature="auto"``).
+
+    Attributes
+    ----------
+    config : CompressConfig
+    method : Method
+        The registry entry of ``config.method``.
+    curvature : str or None
+        The curvature estimate, when the method needs gradients.
+    """
+
+    def __init__(self, config: CompressConfig, model: nn.Module) -> None:
+        self.config = config
+        self.method = METHODS[config.method]
+        self.curvature = resolve_curvature(config.curvature, model) if self.method.needs_gradients else None
+
+    @property
+    def needs_inputs(self) -> bool:
+        return self.method.needs_inputs
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.method.needs_gradients
+
+    def recording(self, targets: Sequence[tuple[str, nn.Module]], *, gradients: bool | None = None) -> Recording:
+        """The recorders of ``targets`` (input Grams; output-gradient Grams when the method needs
+        them, or as ``gradients`` says)."""
+        return Recording(targets, self.needs_gradients if gradients is None else gradients)
+
+    def generator(self) -> torch.Generator:
+        """A fresh generator for :meth:`objectives`, seeded with the config's seed."""
+        return torch.Generator().manual_seed(self.config.seed)
+
+    def objectives(self, result: Any, batch: Any, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """The scalars whose backward passes record the output-gradient Grams (see
+        :mod:`svdkit.compression.curvature`)."""
+        if self.curvature is None:
+            raise ValueError(f"method {self.method.name!r} needs no gradients")
+        return objectives(self.curvature, result, batch, self.config.probes, generator)
+
+    def transforms(self, module: nn.Module, stats: LayerStats | None) -> list[Transform]:
+        """The method's transform of each group's weight matrix (a layer without statistics,
+        such as an embedding: plain SVD)."""
+        blocks = grouped_matrices(module)
+        groups = blocks.shape[0]
+        if stats is None or not get_view(module).calibrated:
+            return [plain_svd(blocks[g]) for g in range(groups)]
+        options = {name: getattr(self.config, name) for name in self.method.options}
+        return [self.method.transform(blocks[g], stats.group(g, groups), **options) for g in range(groups)]
+
+    def spectrum(self, name: str, module: nn.Module, stats: LayerStats | None) -> LayerSpectrum:
+        """The layer's spectrum in the method's metric (singular values only: a rank candidate)."""
+        transforms = self.transforms(module, stats)
+        return LayerSpectrum(name, tuple(transforms[0].M.shape), len(transforms),
+                             [transformed_spectrum(t) for t in transforms], transforms[0].importance)
+
+    def plan(self, name: str, module: nn.Module, stats: LayerStats | None) -> LayerPlan:
+        """The layer's factorization (each group's transform and its SVD)."""
+        factorizations = [factorize(t) for t in self.transforms(module, stats)]
+        shape = tuple(grouped_matrices(module).shape[1:])
+        return LayerPlan(name, module, get_view(module).kind, factorizations, shape)  # type: ignore[arg-type]
+
+    def plans(self, targets: Sequence[tuple[str, nn.Module]], stats: dict[str, LayerStats], progress: ProgressLike = None) -> list[LayerPlan]:
+        """Every target's factorization."""
+        return [self.plan(name, module, stats.get(name)) for name, module in track(targets, progress, desc="layers factorized")]
+
+    def choose_ranks(self, candidates: Sequence[RankCandidate], *, other_params: int = 0, check: bool = True) -> list[int | None]:
+        """The rank of each candidate, None for dense (see :func:`~svdkit.compression.ranks.choose_ranks`)."""
+        return choose_ranks(candidates, self.config, other_params=other_params, check=check)
+
+    def replace(self, out: nn.Module, plans: Sequence[LayerPlan], ranks: Sequence[int | None],
+                tied: TiedLayers | None = None) -> list[LayerReport]:
+        """Put each plan's rank-``k`` layer in ``out`` (in place; at every place the layer sits)
+        and return the report rows, tied followers included.
+
+        A layer stays dense (its row says why) when its rank is None or would not save
+        parameters. A tied follower shares its primary's factors and counts no parameters.
+        """
+        followers = tied.followers if tied is not None else {}
+        rows: list[LayerReport] = []
+        for plan, k in zip(plans, ranks):
+            row = plan.report(k)
+            new = plan.build(row.rank) if row.rank is not None else None
+            if new is not None:
+                replace_module(out, plan.name, new)
+            rows.append(row)
+            for follower in followers.get(plan.name, []):
+                rows.append(_tie_follower(out, follower, plan.name, new, row))
+            if new is not None and plan.name in followers:
+                _untie_in_config(out)
+        return rows
+
+
+def _tie_follower(out: nn.Module, name: str, primary: str, factorized: nn.Module | None, primary_row: LayerReport) -> LayerReport:
+    """Replace the tied layer ``name`` by one that shares ``factorized``'s factors; its report row
+    counts no parameters (they are counted in ``primary``'s row)."""
+    dense = out.get_submodule(name)
+    row = LayerReport(name=name, kind=get_view(dense).kind, shape=primary_row.shape, method=primary_row.method)
+    if factorized is None:
+        row.skip_reason = f"its weight is tied to {primary}'s, which stays dense"
+        return row
+    follower = low_rank_class(dense).from_factors(dense, factorized.u.detach(), factorized.v.detach())
+    follower.share_factors_with(factorized)
+    replace_module(out, name, follower)
+    row.rank = primary_row.rank
+    row.skip_reason = f"its weight is tied to {primary}'s: shares its factors (their parameters are counted there)"
+    return row
+
+
+def _untie_in_config(model: nn.Module) -> None:
+    """A factorized tied head shares its factors with the embedding itself; a transformers
+    config that still asks to tie ``lm_head.weight`` to the embedding's weight (which no longer
+    exist) would make ``tie_weights()`` fail, so it stops asking."""
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
