@@ -105,10 +105,28 @@ class _DeadBranch(nn.Module):
         return self.b(h + 0.0 * self.dead(h))
 
 
-def test_asvd_and_fisher_run_and_fisher_without_output_dependence_is_flagged():
+def test_asvd_scales_by_the_inputs_and_lowers_the_output_error_of_outlier_channels():
+    """ASVD's effect, not its label: on inputs with a few large channels (as LLM activations have),
+    scaling by mean|x|**asvd_alpha keeps what those channels need, so the layer's output error on the
+    data is lower than plain SVD's at the same rank; with asvd_alpha=0 it is plain SVD exactly."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(32, 32))
+    g = torch.Generator().manual_seed(3)
+    scale = torch.ones(32)
+    scale[:3] = 30.0
+    batches = [torch.randn(64, 32, generator=g) * scale for _ in range(4)]
+    X = torch.cat(batches)
+    errors = {}
+    for method, alpha in (("svd", 0.5), ("asvd", 0.5), ("asvd", 0.0)):
+        out, report = compress(layer, CompressConfig(method=method, rank=6, asvd_alpha=alpha), batches)
+        assert {row.method for row in report.layers} == {method}
+        errors[method, alpha] = (out(X) - layer(X)).norm().item()
+    assert errors["asvd", 0.5] < 0.8 * errors["svd", 0.5]
+    assert errors["asvd", 0.0] == pytest.approx(errors["svd", 0.5], rel=1e-5)
+
+
+def test_fisher_without_output_dependence_is_flagged():
     batches = correlated_batches()
-    _, report = compress(mlp(), CompressConfig(method="asvd", rank=5), batches)
-    assert {row.method for row in report.layers} == {"asvd"}
     _, report = compress(_DeadBranch(), CompressConfig(method="fisher", rank=5), batches)
     rows = {row.name: row for row in report.layers}
     assert rows["a"].method == rows["b"].method == "fisher" and not rows["a"].skip_reason
@@ -252,7 +270,9 @@ def test_global_budget_is_respected_and_shares_ranks_unevenly():
     model = mlp()
     batches = correlated_batches()
     _, report = compress(model, CompressConfig(method="fisher", budget=0.5), batches)
-    assert report.kept_fraction <= 0.5 + 1e-9
+    # within the budget, and short of it by less than one more rank of the costliest layer
+    step = max((row.shape[0] + row.shape[1]) * row.groups for row in report.layers) / report.target_params_before
+    assert 0.5 - step <= report.kept_fraction <= 0.5 + 1e-9
     assert len({row.rank for row in report.layers}) > 1
 
 

@@ -64,6 +64,7 @@ def _spawn(tmp_path: Path, family: str, poisoned: int | None = None, gradient_ba
 
 
 @pytest.mark.parametrize("family, gradient_batches", [("llama", None), ("qwen2", 3)])
+@pytest.mark.distributed
 def test_two_processes_give_the_one_process_result(tmp_path, family, gradient_batches):
     """With ``gradient_batches=3`` of 6 the curvature comes from the same three batches (two on
     rank 0, one on rank 1) as in one process."""
@@ -83,6 +84,7 @@ def test_two_processes_give_the_one_process_result(tmp_path, family, gradient_ba
     assert perplexity(written, ids, seq_len=32).perplexity == pytest.approx(reference, rel=1e-9)
 
 
+@pytest.mark.distributed
 def test_a_failure_on_one_process_stops_both_with_its_message(tmp_path):
     out = _spawn(tmp_path, "llama", poisoned=3)  # batch 3 is on rank 1 (every other batch)
     messages = {rank: (out / f"{rank}.err").read_text() for rank in (0, 1)}
@@ -115,6 +117,7 @@ def _analysis_worker(rank: int, world: int, init_file: str, checkpoint: str, out
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_two_processes_analyse_the_shards_of_a_checkpoint_as_one_does(tmp_path):
     from svdkit.analysis import analyze_weights
 

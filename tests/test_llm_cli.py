@@ -97,6 +97,7 @@ def test_a_gguf_file_that_is_not_a_model_is_refused(tmp_path, capsys):
         load_model(str(fake))
 
 
+@pytest.mark.distributed
 def test_torchrun_with_two_processes_writes_the_one_process_result(lm_dir, tmp_path):
     """`torchrun --nproc_per_node=2 -m svdkit compress ...` (gloo on CPUs) against one process."""
     import subprocess

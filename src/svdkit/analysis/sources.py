@@ -35,7 +35,7 @@ from torch import nn
 
 from ..checkpoint import Checkpoint
 from ..surgery import TargetSpec, find_targets, matches_target
-from ..views import get_view
+from ..views import get_view, weight_matrix
 
 __all__ = ["WeightItem", "collect_items", "open_safetensors"]
 
@@ -116,12 +116,9 @@ def _from_module(model: nn.Module, targets, exclude, kinds) -> tuple[list[Weight
             continue
         seen[key] = name
         tensor = weight.detach()
-        if kind == "conv1d":
-            matrix = tensor.T  # (out, in), as svdkit.views reads it
-        elif kind == "conv2d":
-            matrix = tensor  # 4-D; the analysis makes both views
-        else:
-            matrix = tensor
+        # A conv kernel stays 4-D (the analysis makes both its matrix and its slices); any other
+        # kind is read as its view's matrix (Conv1D's (out, in), a registered kind's own layout).
+        matrix = tensor if kind == "conv2d" else weight_matrix(module).detach()
         items.append(WeightItem(name, kind, tuple(tensor.shape), tensor.dtype, (lambda m=matrix: m), str(tensor.device)))
     return items, skipped
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..layers.lora import LoRALayer
+from ..layers.lora import LoRALayer, lora_kinds
 from ..linalg import energy_rank, svdvals, tail_error
 from ..progress import ProgressLike, track
 from ..surgery import find_targets
@@ -135,7 +135,7 @@ def weight_deltas(
             raise ValueError(f"the {which} model has LoRA layers; merge_and_unload() it before comparing weights")
     spec = target_modules if target_modules is None or isinstance(target_modules, str) else tuple(target_modules)
     excl = exclude if isinstance(exclude, str) else tuple(exclude)
-    kinds = ("linear", "conv1d", "conv2d")
+    kinds = lora_kinds()
     base_layers = dict(find_targets(base_model, spec, exclude=excl, kinds=kinds))
     ft_layers = dict(find_targets(finetuned_model, spec, exclude=excl, kinds=kinds))
     only_base = sorted(set(base_layers) - set(ft_layers))

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from ..calibrate import GramStats, collect_input_stats
-from ..layers.lora import LoRALayer, lora_wrapper_class, wrap_lora
+from ..layers.lora import LoRALayer, lora_kinds, lora_wrapper_class, wrap_lora
 from ..linalg import Energy, ErrorTol, RankLike, resolve_rank
 from ..progress import ProgressLike, track
 from ..surgery import check_patterns, find_targets, replace_module
-from ..views import weight_matrix
+from ..views import token_rows, view_of_kind, weight_matrix
 from .config import LoRAConfig, merge_aliases
 from .inits import InitContext, LoRAInit, SVDMethod, check_init_inputs, get_init, init_spectrum
 from .state import (
@@ -49,7 +49,6 @@ __all__ = [
     "unmerge_lora",
 ]
 
-_LORA_KINDS = ("linear", "conv1d", "conv2d")
 
 
 def select_lora_targets(
@@ -72,9 +71,9 @@ def select_lora_targets(
             "merge_and_unload() it before adding new adapters"
         )
     if target_modules == "all-linear":
-        selected = find_targets(model, None, exclude=_as_spec(exclude), kinds=("linear", "conv1d"))
+        selected = find_targets(model, None, exclude=_as_spec(exclude), kinds=_vector_kinds())
     else:
-        selected = find_targets(model, _as_spec(target_modules), exclude=_as_spec(exclude), kinds=_LORA_KINDS)
+        selected = find_targets(model, _as_spec(target_modules), exclude=_as_spec(exclude), kinds=lora_kinds())
     if not selected:
         raise ValueError(
             f"no Linear, Conv1D or Conv2d layer of the model matches target_modules={target_modules!r} (exclude={exclude!r})"
@@ -227,6 +226,11 @@ def _resolve_spec(spec: RankLike, init: LoRAInit, module: nn.Module, delta, stat
         n = int(S.shape[0])
         return min(resolve_rank(S, spec, (n, n)), min(shape))
     return resolve_rank(None, spec, shape)
+
+
+def _vector_kinds() -> tuple[str, ...]:
+    """PEFT's "all-linear": the kinds LoRA wraps that act on the last axis of their input (no convolutions)."""
+    return tuple(kind for kind in lora_kinds() if view_of_kind(kind).input_rows is token_rows)
 
 
 def _layer_seed(seed: int, index: int) -> int:

@@ -121,7 +121,8 @@ def register_low_rank(*kinds_: str) -> Callable[[type[LowRankLayer]], type[LowRa
     """
 
     def decorate(cls: type[LowRankLayer]) -> type[LowRankLayer]:
-        cls.kinds = tuple(kinds_)
+        own = cls.__dict__.get("kinds", ())
+        cls.kinds = tuple(dict.fromkeys((*own, *kinds_)))
         for kind in kinds_:
             view_of_kind(kind).low_rank = cls
         return cls
