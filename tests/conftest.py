@@ -67,6 +67,35 @@ def build_decoder(
     return classes[family, causal](config).eval()
 
 
+# Tiny configs of every causal-LM family svdkit is tested on: (config class, model class, fields).
+_ATTENTION = dict(num_hidden_layers=2, num_attention_heads=4)
+CAUSAL_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=32, intermediate_size=64, num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=32, intermediate_size=64, num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(hidden_size=32, intermediate_size=64, num_key_value_heads=2, head_dim=8)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(hidden_size=32, intermediate_size=64, num_key_value_heads=2)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(hidden_size=32, intermediate_size=64, num_key_value_heads=2, head_dim=8)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(hidden_size=32, intermediate_size=64, num_key_value_heads=2, head_dim=8)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(hidden_size=32, intermediate_size=64, num_key_value_heads=2)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(hidden_size=32, intermediate_size=64)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=32)),
+}
+
+
+def tiny_causal_lm(family: str, seed: int = 0):
+    """A tiny random causal LM of ``family`` (a key of :data:`CAUSAL_FAMILIES`), vocabulary 100, in eval mode."""
+    import transformers
+
+    config_name, model_name, fields = CAUSAL_FAMILIES[family]
+    fields = dict(fields, vocab_size=100, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if family != "gpt2":
+        fields.update(_ATTENTION)
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(getattr(transformers, config_name)(**fields)).eval()
+
+
 @pytest.fixture(scope="session")
 def make_decoder():
     """The :func:`build_decoder` factory, for tests that build small LLaMA/Qwen2 models."""

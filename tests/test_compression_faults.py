@@ -396,3 +396,14 @@ def test_cli_sweep_writes_one_output_per_budget(tmp_path, capsys, factory):
     for suffix, budget in (("40", 0.4), ("70", 0.7)):
         meta = json.loads((tmp_path / f"m-{suffix}" / "svdkit_compressed.json").read_text())
         assert meta["config"]["budget"] == budget
+
+
+def test_one_token_windows_are_refused_before_any_work(make_decoder):
+    """A window of one token has no next token: the LM curvature would be zero and every layer
+    would fall to rank 1 whatever the budget (it did, silently)."""
+    model = make_decoder("llama", causal=True)
+    ones = [torch.randint(0, 100, (4, 1), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.raises(ValueError, match=r"calibration batch 0 holds windows of 1 token: curvature='labels' .* at least 2 tokens \(--seq-len\)"):
+        compress(model, CompressConfig(budget=0.8), ones)
+    _, report = compress(model, CompressConfig(method="whiten", budget=0.8), ones)  # no curvature: one token is data enough
+    assert 0.7 < report.kept_fraction <= 0.8 + 1e-9

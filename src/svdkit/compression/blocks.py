@@ -21,6 +21,7 @@ low-resource mode). This module finds the blocks and runs them:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -158,12 +159,7 @@ def capture_block_inputs(
     caught: list[BlockInput] = []
 
     def catch(module, args, kwargs):
-        if not args:
-            hidden = kwargs.pop("hidden_states")
-        else:
-            hidden, args = args[0], args[1:]
-            if args:
-                raise TypeError(f"{type(module).__name__} takes more than one positional input; svdkit replays blocks by keyword")
+        hidden, kwargs = _by_keyword(module, args, kwargs)
         kept = {k: v for k, v in kwargs.items() if k not in _DROPPED}
         kept.update({k: v for k, v in _FORCED.items() if k in kwargs})
         index = first + len(caught) * step
@@ -186,12 +182,38 @@ def capture_block_inputs(
     return caught
 
 
+def _by_keyword(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A block's call as (hidden state, keyword arguments): positional inputs after the hidden
+    state (GPT-2's past, mask, encoder states) are named by the block's signature, so every call
+    can be replayed by keyword."""
+    if not args:
+        if "hidden_states" not in kwargs:
+            raise TypeError(f"{type(block).__name__} was called without a positional input or hidden_states=")
+        kwargs = dict(kwargs)
+        return kwargs.pop("hidden_states"), kwargs
+    if len(args) == 1:
+        return args[0], kwargs
+    parameters = [p for p in inspect.signature(block.forward).parameters.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(parameters) < len(args) or parameters[0].kind is inspect.Parameter.POSITIONAL_ONLY:
+        raise TypeError(f"{type(block).__name__} takes positional inputs svdkit cannot name; it replays blocks by keyword")
+    named = {p.name: value for p, value in zip(parameters[1:], args[1:])}
+    return args[0], {**named, **kwargs}
+
+
+# Whether a block class returns a tuple (hidden state first, as Falcon's and older transformers'
+# blocks do) or the hidden state itself: a stand-in for the blocks must answer in the same form.
+_RETURNS_TUPLE: dict[type, bool] = {}
+
+
 def run_block(block: nn.Module, item: BlockInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Run ``block`` on a cached input (or on ``hidden`` with the cached keyword arguments)."""
     device = _block_device(block)
     x = item.hidden if hidden is None else hidden
     with token_mask(item.mask):
-        return output_tensor(block(_to(x, device), **_to(item.kwargs, device)))
+        result = block(_to(x, device), **_to(item.kwargs, device))
+    _RETURNS_TUPLE[type(block)] = isinstance(result, (tuple, list))
+    return output_tensor(result)
 
 
 def _block_device(block: nn.Module) -> torch.device | None:
@@ -201,20 +223,23 @@ def _block_device(block: nn.Module) -> torch.device | None:
 
 
 class _Replay(nn.Module):
-    """Stands in for the blocks: returns a given hidden state, whatever it is fed."""
+    """Stands in for the blocks: returns a given hidden state, whatever it is fed (in a tuple when
+    the blocks it stands for return one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, as_tuple: bool) -> None:
         super().__init__()
         self.hidden: torch.Tensor | None = None
+        self.as_tuple = as_tuple
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        assert self.hidden is not None
-        return self.hidden
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, None]:
+        if self.hidden is None:
+            raise RuntimeError("the stand-in for the blocks was run before it was given a hidden state")
+        return (self.hidden, None) if self.as_tuple else self.hidden
 
 
 @contextlib.contextmanager
 def _blocks_replaced(model: nn.Module, stack: BlockStack) -> Iterator[_Replay]:
-    replay = _Replay()
+    replay = _Replay(_RETURNS_TUPLE.get(type(stack.blocks[0]), False))
     parent_name, _, child = stack.name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     original = getattr(parent, child)

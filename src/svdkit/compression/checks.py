@@ -21,11 +21,20 @@ __all__ = ["check_token_batches", "check_weights", "is_causal_lm", "select_targe
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` is a causal language model (a transformers ``...ForCausalLM``, by its
-    class name or its config's ``architectures``)."""
+    """Whether ``model`` is a transformers causal language model: a ``...ForCausalLM``, or a class
+    transformers maps as one (``GPT2LMHeadModel``, ...), by its class name or its config's
+    ``architectures``."""
     config = getattr(model, "config", None)
-    architectures = getattr(config, "architectures", None) or []
-    return any(str(a).endswith("ForCausalLM") for a in architectures) or type(model).__name__.endswith("ForCausalLM")
+    if config is None:
+        return False
+    names = {type(model).__name__, *map(str, getattr(config, "architectures", None) or [])}
+    if any(name.endswith("ForCausalLM") for name in names):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - a config without transformers
+        return False
+    return bool(names & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()))
 
 
 def select_targets(model: nn.Module, config: CompressConfig) -> list[tuple[str, nn.Module]]:

@@ -35,7 +35,7 @@ from ..progress import ProgressLike, track
 from ..surgery import replace_module, shared_weight_groups
 from ..views import get_view
 from .config import CompressConfig
-from .curvature import objectives, resolve_curvature
+from .curvature import CURVATURES, objectives, resolve_curvature
 from .methods import METHODS, Transform, factorize, plain_svd, transformed_spectrum
 from .plan import LayerPlan
 from .ranks import LayerCost, RankCandidate, choose_ranks
@@ -190,6 +190,11 @@ class LayerCompressor:
     @property
     def needs_gradients(self) -> bool:
         return self.method.needs_gradients
+
+    def check_calibration(self, batches: list[Any] | None) -> None:
+        """Refuse, before any work, calibration the curvature estimate cannot use."""
+        if self.curvature is not None and batches is not None:
+            CURVATURES[self.curvature].check_batches(batches)
 
     def recording(self, targets: Sequence[tuple[str, nn.Module]], *, gradients: bool | None = None) -> Recording:
         """The recorders of ``targets`` (input Grams; output-gradient Grams when the method needs

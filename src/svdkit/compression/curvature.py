@@ -46,25 +46,41 @@ class Curvature:
         ``objectives(result, batch, probes, generator) -> iterator of scalars``.
     default_for_causal_lm, default_otherwise : bool
         Whether ``curvature="auto"`` picks it for causal language models, or for other models.
+    next_token : bool
+        It scores next tokens, so each calibration window needs at least two tokens.
     """
 
     name: str
     objectives: ObjectiveFunction
     default_for_causal_lm: bool = False
     default_otherwise: bool = False
+    next_token: bool = False
+
+    def check_batches(self, batches: list[Any]) -> None:
+        """Refuse, before any work, batches this estimate cannot use (windows of one token)."""
+        if not self.next_token:
+            return
+        for index, batch in enumerate(batches):
+            ids = _input_ids(batch)
+            if ids is not None and ids.ndim == 2 and ids.shape[1] < 2:
+                raise ValueError(
+                    f"calibration batch {index} holds windows of {ids.shape[1]} token: curvature={self.name!r} scores the next "
+                    "token of each position, and a one-token window has none (the curvature would be zero and the budget "
+                    "meaningless); use windows of at least 2 tokens (--seq-len)"
+                )
 
 
 CURVATURES: dict[str, Curvature] = {}
 
 
 def register_curvature(
-    name: str, *, default_for_causal_lm: bool = False, default_otherwise: bool = False
+    name: str, *, default_for_causal_lm: bool = False, default_otherwise: bool = False, next_token: bool = False
 ) -> Callable[[ObjectiveFunction], ObjectiveFunction]:
     """Decorator adding ``fn(result, batch, probes, generator) -> iterator of scalars`` to
     :data:`CURVATURES` (see :class:`Curvature`)."""
 
     def decorate(fn: ObjectiveFunction) -> ObjectiveFunction:
-        CURVATURES[name] = Curvature(name, fn, default_for_causal_lm, default_otherwise)
+        CURVATURES[name] = Curvature(name, fn, default_for_causal_lm, default_otherwise, next_token)
         return fn
 
     return decorate
@@ -97,14 +113,14 @@ def random_probes(result: Any, batch: Any, probes: int, generator: torch.Generat
         yield (output * z).sum()
 
 
-@register_curvature("labels", default_for_causal_lm=True)
+@register_curvature("labels", default_for_causal_lm=True, next_token=True)
 def next_token_labels(result: Any, batch: Any, probes: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """The summed negative log-likelihood of the true next tokens."""
     flat, ids, keep = _next_token_logits(result, batch, "labels")
     yield _nll(flat, ids[:, 1:].reshape(-1).to(flat.device), keep)
 
 
-@register_curvature("sampled")
+@register_curvature("sampled", next_token=True)
 def sampled_tokens(result: Any, batch: Any, probes: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """The summed negative log-likelihood of ``probes`` next tokens sampled from the model."""
     flat, _, keep = _next_token_logits(result, batch, "sampled")

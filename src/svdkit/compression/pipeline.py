@@ -155,6 +155,7 @@ def _compress_all(
     calibration = list(calibration) if calibration is not None else None
     if calibration is not None:
         check_token_batches(model, calibration)
+        LayerCompressor(config, model).check_calibration(calibration)
     stack = _choose_pipeline(model, targets, config) if config.needs_data else None
     group = current_group()
     if group.active and stack is None:

@@ -244,6 +244,7 @@ def compress_to_directory(
             _tie(model)
         calibration = list(calibration)
         check_token_batches(model, calibration)
+        LayerCompressor(config, model).check_calibration(calibration)
         digest = _digest(calibration)
         state = None
         with group.checked():
