@@ -36,14 +36,18 @@ def _model_and_batches(family: str):
     return model, list(ids.split(2))
 
 
-def _worker(rank: int, world: int, init_file: str, out: str, family: str, poisoned: int | None, gradient_batches: int | None) -> None:
+def _worker(rank: int, world: int, init_file: str, out: str, family: str, fault: str | None, gradient_batches: int | None) -> None:
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model, batches = _model_and_batches(family)
-        if poisoned is not None:
-            batches[poisoned] = batches[poisoned].double() * float("nan")  # not token ids any more: a bad batch
+        if fault == "nan-batch-3":
+            batches[3] = batches[3].double() * float("nan")  # not token ids any more: a bad batch (rank 1's share)
+        elif fault == "vocabulary-on-rank-1" and rank == 1:
+            batches[0] = batches[0] + 1000  # a check before any collective fails on rank 1 only
+        elif fault == "other-data-on-rank-1" and rank == 1:
+            batches = [b.flip(0) for b in batches]
         try:
             small, report = compress(model, CompressConfig(**CONFIG, gradient_batches=gradient_batches), batches)
         except Exception as exc:
@@ -56,10 +60,10 @@ def _worker(rank: int, world: int, init_file: str, out: str, family: str, poison
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path: Path, family: str, poisoned: int | None = None, gradient_batches: int | None = None) -> Path:
+def _spawn(tmp_path: Path, family: str, fault: str | None = None, gradient_batches: int | None = None) -> Path:
     out = tmp_path / "out"
     out.mkdir()
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), family, poisoned, gradient_batches), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), family, fault, gradient_batches), nprocs=2, join=True)
     return out
 
 
@@ -85,8 +89,23 @@ def test_two_processes_give_the_one_process_result(tmp_path, family, gradient_ba
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("fault, message", [
+    ("vocabulary-on-rank-1", "ValueError: calibration batch 0 holds token ids in"),
+    ("other-data-on-rank-1", "ValueError: the ranks were given different calibration data (ranks [1] differ from rank 0)"),
+])
+def test_a_failure_before_the_first_block_stops_every_rank_with_its_message(tmp_path, fault, message):
+    """A check that fails on one rank only (before any collective), or ranks that were given different
+    calibration data: every rank stops with the message, nobody waits for a rank that is gone."""
+    out = _spawn(tmp_path, "llama", fault=fault)
+    messages = {rank: (out / f"{rank}.err").read_text() for rank in (0, 1)}
+    assert not any((out / f"{rank}.pt").exists() for rank in (0, 1))
+    assert message in messages[1], messages[1]
+    assert message in messages[0], messages[0]
+
+
+@pytest.mark.distributed
 def test_a_failure_on_one_process_stops_both_with_its_message(tmp_path):
-    out = _spawn(tmp_path, "llama", poisoned=3)  # batch 3 is on rank 1 (every other batch)
+    out = _spawn(tmp_path, "llama", fault="nan-batch-3")  # batch 3 is on rank 1 (every other batch)
     messages = {rank: (out / f"{rank}.err").read_text() for rank in (0, 1)}
     assert not any((out / f"{rank}.pt").exists() for rank in (0, 1))
     assert messages[1].startswith("ValueError: calibration batch 3 in layer model.embed_tokens"), messages[1]

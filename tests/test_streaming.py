@@ -8,6 +8,7 @@ run killed between blocks must resume to the same result; nothing finished is lo
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -144,3 +145,93 @@ def test_reading_a_checkpoint_tensor_by_tensor_keeps_no_read_pages_resident(tmp_
             del got
         grown = _resident_file_mib() - before
     assert grown < 16, f"{grown:.0f} MiB of the checkpoint stayed resident after reading 96 MiB tensor by tensor"
+
+
+@pytest.fixture(scope="module")
+def _killed_once(tmp_path_factory):
+    from conftest import build_decoder
+
+    root = tmp_path_factory.mktemp("killed")
+    build_decoder("llama", causal=True, tied=True, layers=4).save_pretrained(root / "ckpt", max_shard_size="40KB")
+    killed = subprocess.run([sys.executable, "-c", _KILLED, str(root / "ckpt"), str(root / "out")], capture_output=True, text=True)
+    assert killed.returncode == 3, killed.stderr[-2000:]
+    return root
+
+
+@pytest.fixture
+def killed_after_two_blocks(_killed_once, tmp_path):
+    """An unfinished output (a copy of one killed after its second block) and its checkpoint."""
+    shutil.copytree(_killed_once / "out", tmp_path / "out")
+    return _killed_once / "ckpt", tmp_path / "out"
+
+
+def _no_work(monkeypatch):
+    """Make any block compression fail: a refusal must come before any work."""
+    from svdkit.compression.block_driver import BlockDriver
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the refusal")
+
+    monkeypatch.setattr(BlockDriver, "measure", refuse)
+    monkeypatch.setattr(BlockDriver, "compress", refuse)
+
+
+def test_a_run_that_died_before_its_first_block_can_be_resumed_or_overwritten(checkpoint, tmp_path):
+    _, folder = checkpoint
+    out = tmp_path / "out"
+    (out / WORK_NAME / "rank-0").mkdir(parents=True)  # what a run killed in its curvature pass leaves
+    with pytest.raises(FileExistsError, match=r"stopped before its first block \(only \.svdkit-work/\): pass resume=True \(--resume\) or overwrite=True"):
+        compress_to_directory(folder, out, CONFIG, _batches())
+    compress_to_directory(folder, out, CONFIG, _batches(), resume=True)
+    assert load_compressed(out) is not None
+    shutil.rmtree(out)
+    (out / WORK_NAME).mkdir(parents=True)
+    compress_to_directory(folder, out, CONFIG, _batches(), overwrite=True)
+    assert not (out / WORK_NAME).exists()
+
+
+def test_a_damaged_progress_file_is_named(killed_after_two_blocks):
+    folder, out = killed_after_two_blocks
+    (out / PROGRESS_NAME).write_text("{ not json")
+    with pytest.raises(ValueError, match=r"cannot read .*svdkit_progress\.json.*damaged: start again with --overwrite"):
+        compress_to_directory(folder, out, CONFIG, _batches(), resume=True)
+
+
+def test_a_deleted_work_directory_is_named(killed_after_two_blocks, monkeypatch):
+    folder, out = killed_after_two_blocks
+    shutil.rmtree(out / WORK_NAME)
+    _no_work(monkeypatch)
+    with pytest.raises(FileNotFoundError, match=r"work directory .*\.svdkit-work is missing; start again with --overwrite"):
+        compress_to_directory(folder, out, CONFIG, _batches(), resume=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit"])
+def test_a_changed_finished_shard_is_refused_before_any_work(killed_after_two_blocks, monkeypatch, damage):
+    folder, out = killed_after_two_blocks
+    shard = out / "model-block-00001.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-4] + b"\x00\x00\x80\x3f")
+    _no_work(monkeypatch)
+    with pytest.raises(ValueError, match=r"finished shard model-block-00001\.safetensors does not match the SHA-256 .*--overwrite"):
+        compress_to_directory(folder, out, CONFIG, _batches(), resume=True)
+
+
+def test_a_resume_that_differs_names_the_field_and_both_values(killed_after_two_blocks, monkeypatch):
+    folder, out = killed_after_two_blocks
+    _no_work(monkeypatch)
+    with pytest.raises(ValueError, match=r"config differs from this run's \(budget: 0\.6 then, 0\.5 now\)"):
+        compress_to_directory(folder, out, CompressConfig(budget=0.5), _batches(), resume=True)
+    other = list(torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(1)).split(4))
+    with pytest.raises(ValueError, match=r"calibration differs .*4 batches of \(2, 16\) then, 2 batches of \(4, 16\) now.*--batch-size"):
+        compress_to_directory(folder, out, CONFIG, other, resume=True)
+    state = json.loads((out / PROGRESS_NAME).read_text())
+    (out / PROGRESS_NAME).write_text(json.dumps(dict(state, world=2)))
+    with pytest.raises(ValueError, match=r"ran with 2 process\(es\), this run has 1; resume it with 2 \(torchrun --nproc_per_node=2\)"):
+        compress_to_directory(folder, out, CONFIG, _batches(), resume=True)
+
+
+def test_the_same_source_spelled_relative_or_absolute_resumes(killed_after_two_blocks, monkeypatch):
+    folder, out = killed_after_two_blocks
+    monkeypatch.chdir(folder.parent)
+    compress_to_directory(Path(folder.name), out, CONFIG, _batches(), resume=True, source_spec=f"./{folder.name}")
+    assert not (out / PROGRESS_NAME).exists()

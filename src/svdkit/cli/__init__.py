@@ -48,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = int(args.run(args) or 0)
     except (ValueError, OSError, ImportError, KeyError) as exc:
         print(f"svdkit {args.command}: error: {exc}", file=sys.stderr)
+    except RuntimeError as exc:
+        distributed = sys.modules.get("svdkit.distributed")
+        if distributed is None or not isinstance(exc, distributed.RankFailure):
+            raise
+        print(f"svdkit {args.command}: error: {exc}", file=sys.stderr)  # another rank failed: its message
     finally:
         distributed = sys.modules.get("svdkit.distributed")  # loaded only by commands that may join a group
         if distributed is not None:

@@ -221,9 +221,10 @@ def run(args: argparse.Namespace) -> int:
     progress = progress_option(args) and lead
     if lead:
         print(f"loading {args.model} ..." + (f" ({group.world} processes)" if group.active else ""), file=sys.stderr)
-    loaded = load_model(args.model)
-    config = _config(args, loaded)
-    calibration = _calibration(args, loaded) if config.needs_data else None
+    with group.checked():  # a failure on one rank reaches every rank with its message
+        loaded = load_model(args.model)
+        config = _config(args, loaded)
+        calibration = _calibration(args, loaded) if config.needs_data else None
     before = _lm_quality(loaded, loaded.module, progress) if loaded.is_causal_lm and not args.no_eval and lead else None
     if lead:
         print(f"compressing with {config.method} ...", file=sys.stderr)
@@ -252,11 +253,12 @@ def _run_to_directory(args: argparse.Namespace, group) -> int:
         raise ValueError("--stream and --resume write one output: give one --params fraction")
     check_outputs(files=(args.json,))
     progress = progress_option(args) and group.rank == 0
-    loaded = load_model(args.model, empty=args.stream)
-    if not loaded.is_causal_lm:
-        raise ValueError(f"--stream and --resume compress causal language models block by block; {args.model!r} is a {loaded.kind} model")
-    config = _config(args, loaded)
-    calibration = _lm_calibration(args, loaded)
+    with group.checked():  # a failure on one rank reaches every rank with its message
+        loaded = load_model(args.model, empty=args.stream)
+        if not loaded.is_causal_lm:
+            raise ValueError(f"--stream and --resume compress causal language models block by block; {args.model!r} is a {loaded.kind} model")
+        config = _config(args, loaded)
+        calibration = _lm_calibration(args, loaded)
     if group.rank == 0:
         print(f"compressing {args.model} block by block into {args.output} ...", file=sys.stderr)
     report = compress_to_directory(

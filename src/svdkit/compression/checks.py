@@ -8,16 +8,18 @@ same message whichever path it takes, before minutes of work.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..distributed import Group
 from ..surgery import find_targets
 from ..views import kinds
 from .config import CompressConfig
 
-__all__ = ["check_token_batches", "check_weights", "is_causal_lm", "select_targets"]
+__all__ = ["calibration_digest", "check_same_calibration", "check_token_batches", "check_weights", "is_causal_lm", "select_targets"]
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -86,3 +88,37 @@ def check_token_batches(model: nn.Module, calibration: list[Any]) -> None:
                 raise ValueError(
                     f"calibration batch {index} holds token ids in [{low}, {high}], outside the model's vocabulary [0, {vocab})"
                 )
+
+
+def calibration_digest(batches: list[Any]) -> str:
+    """SHA-256 of a calibration list: every batch's tensors (shapes and values) in order."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        tensors = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                digest.update(str(tuple(t.shape)).encode())
+                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+            else:
+                digest.update(repr(t).encode())
+    return digest.hexdigest()
+
+
+def check_same_calibration(group: Group, digest: str) -> None:
+    """Every rank of ``group`` must hold the same calibration list (each then takes its share):
+    ranks given different data would compress on it silently. Compares the digests before any work.
+
+    Raises
+    ------
+    ValueError
+        On every rank, naming the ranks whose calibration differs from rank 0's.
+    """
+    if not group.active:
+        return
+    digests = group.gather_objects(digest)
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise ValueError(
+            f"the ranks were given different calibration data (ranks {differ} differ from rank 0): every rank must load the "
+            "same calibration list (same --calib, --calib-seqs, --seq-len, --batch-size, --calib-seed), each takes its share"
+        )

@@ -19,7 +19,7 @@ from ..distributed import current_group, shard
 from ..progress import ProgressLike
 from .block_driver import BlockDriver
 from .blocks import BlockHome, BlockStack, find_blocks
-from .checks import check_token_batches, check_weights, is_causal_lm, select_targets
+from .checks import calibration_digest, check_same_calibration, check_token_batches, check_weights, is_causal_lm, select_targets
 from .compressor import LayerCompressor
 from .config import CompressConfig
 from .heal import heal
@@ -143,27 +143,11 @@ def _compress_all(
     """One result per config; the configs differ in their budget only."""
     config = configs[0]
     start = time.perf_counter()
-    targets = select_targets(model, config)
-    check_weights(targets)
-    if config.needs_data and calibration is None:
-        raise ValueError(
-            f"method {config.method!r} (refit={config.refit}, heal_steps={config.heal_steps}) needs calibration data; "
-            "pass calibration= or use a method that needs none (method='svd') without refit or healing"
-        )
-    if config.heal_steps and inplace:
-        raise ValueError("heal_steps distils the compressed model toward the dense one, which inplace=True does not keep: pass inplace=False")
-    calibration = list(calibration) if calibration is not None else None
-    if calibration is not None:
-        check_token_batches(model, calibration)
-        LayerCompressor(config, model).check_calibration(calibration)
-    stack = _choose_pipeline(model, targets, config) if config.needs_data else None
     group = current_group()
-    if group.active and stack is None:
-        raise ValueError(
-            f"compressing with {group.world} processes runs the block pipeline, but this model or config takes the "
-            "whole-model one (pipeline='blocks' needs every target inside one stack of blocks, and calibration data)"
-        )
+    with group.checked():  # a bad input on one rank stops every rank with its message, before any collective
+        targets, calibration, stack = _prepare(model, config, calibration, inplace, group)
     if group.active:
+        check_same_calibration(group, calibration_digest(calibration))
         calibration = shard(calibration, group)
     params_before = sum(p.numel() for p in model.parameters())
     if stack is not None:
@@ -180,6 +164,32 @@ def _compress_all(
         report.seconds = time.perf_counter() - start
         report.peak_memory = peak_memory()
     return results
+
+
+def _prepare(model: nn.Module, config: CompressConfig, calibration: Iterable[Any] | None, inplace: bool, group
+             ) -> tuple[list[tuple[str, nn.Module]], list[Any] | None, BlockStack | None]:
+    """Every check that needs no work, and the pipeline: (the targets, the calibration as a list,
+    the stack of blocks or None for the whole-model pipeline)."""
+    targets = select_targets(model, config)
+    check_weights(targets)
+    if config.needs_data and calibration is None:
+        raise ValueError(
+            f"method {config.method!r} (refit={config.refit}, heal_steps={config.heal_steps}) needs calibration data; "
+            "pass calibration= or use a method that needs none (method='svd') without refit or healing"
+        )
+    if config.heal_steps and inplace:
+        raise ValueError("heal_steps distils the compressed model toward the dense one, which inplace=True does not keep: pass inplace=False")
+    calibration = list(calibration) if calibration is not None else None
+    if calibration is not None:
+        check_token_batches(model, calibration)
+        LayerCompressor(config, model).check_calibration(calibration)
+    stack = _choose_pipeline(model, targets, config) if config.needs_data else None
+    if group.active and stack is None:
+        raise ValueError(
+            f"compressing with {group.world} processes runs the block pipeline, but this model or config takes the "
+            "whole-model one (pipeline='blocks' needs every target inside one stack of blocks, and calibration data)"
+        )
+    return targets, calibration, stack
 
 
 def _by_blocks(model: nn.Module, stack: BlockStack, targets: list[tuple[str, nn.Module]], calibration: list[Any],

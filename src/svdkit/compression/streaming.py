@@ -20,8 +20,8 @@ transformers config and the tokenizer, which :func:`svdkit.load_compressed` load
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -38,7 +38,7 @@ from ..layers.lowrank import LowRankLayer
 from ..progress import ProgressLike
 from .block_driver import BlockDriver, DenseMeasurements, Resume
 from .blocks import BlockHome, BlockInput, BlockStack, find_blocks
-from .checks import check_token_batches, check_weights, select_targets
+from .checks import calibration_digest, check_same_calibration, check_token_batches, check_weights, select_targets
 from .compressor import LayerCompressor
 from .config import CompressConfig
 from .io import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, PROGRESS_NAME, sha256
@@ -47,6 +47,8 @@ from .spill import Spill
 from .transformers_files import transformers_skeleton, write_companions
 
 __all__ = ["compress_to_directory"]
+
+logger = logging.getLogger(__name__)
 
 WORK_NAME = ".svdkit-work"
 REST_NAME = "model-rest.safetensors"
@@ -75,19 +77,6 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     _write_atomic(path, lambda t: save_file(kept, str(t), metadata={"format": "pt"}))
 
 
-def _digest(batches: list[Any]) -> str:
-    digest = hashlib.sha256()
-    for batch in batches:
-        tensors = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                digest.update(str(tuple(t.shape)).encode())
-                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-            else:
-                digest.update(repr(t).encode())
-    return digest.hexdigest()
-
-
 class _Progress(Resume):
     """The resumable writer: each block done goes to its shard, the next inputs and the progress file."""
 
@@ -107,6 +96,7 @@ class _Progress(Resume):
         specs = {f"{prefix}{name}": module.spec() for name, module in block.named_modules() if isinstance(module, LowRankLayer)}
         self.state["layers"].update(specs)
         self.state["rows"].extend(_row_dict(row) for row in rows)
+        self.state.setdefault("shards", {})[_block_file(index)] = sha256(self.directory / _block_file(index))
         self.state["blocks_done"] = index + 1
         self.save()
 
@@ -140,34 +130,100 @@ def _open_source(source: nn.Module | str | os.PathLike) -> tuple[nn.Module, Chec
     return model, checkpoint, str(directory.resolve())
 
 
-def _start_state(directory: Path, config: CompressConfig, digest: str, source_spec: str | None, resume: bool, overwrite: bool,
-                 world: int) -> dict[str, Any] | None:
-    """The progress of an unfinished run to resume, or None to start; refuses what it must not touch."""
+def _normal_spec(spec: str) -> str:
+    """A spec that names a path, absolute (a run resumed from another directory names the same source)."""
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
+def _start_state(directory: Path, run: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """The progress of an unfinished run to resume, or None to start; refuses what it must not touch.
+
+    ``run`` holds this run's ``config``, ``calibration``, ``calibration_shapes``, ``source`` and
+    ``world``, compared with the unfinished run's before anything is computed.
+    """
     if not directory.exists():
         if resume:
             raise FileNotFoundError(f"nothing to resume at {directory}")
         return None
     progress = directory / PROGRESS_NAME
     if progress.exists():
-        state = json.loads(progress.read_text())
         if overwrite:
             shutil.rmtree(directory)
             return None
+        state = _read_progress(progress)
         if not resume:
             raise FileExistsError(
                 f"{directory} holds an unfinished compression ({state.get('blocks_done', 0)} blocks done): "
                 "pass resume=True (--resume) to continue it, or overwrite=True (--overwrite) to start again"
             )
-        for key, value in (("config", config.to_dict()), ("calibration", digest), ("source", source_spec), ("world", world)):
-            if state.get(key) != value:
-                raise ValueError(f"cannot resume {directory}: its {key} differs from this run's; start again with --overwrite")
+        _check_resumable(directory, state, run)
         return state
-    if (directory / CONFIG_NAME).exists() and overwrite:
-        shutil.rmtree(directory)
-        return None
-    if resume and (directory / CONFIG_NAME).exists():
-        raise FileExistsError(f"{directory} holds a finished compression: there is nothing to resume")
+    if (directory / CONFIG_NAME).exists():
+        if overwrite:
+            shutil.rmtree(directory)
+            return None
+        if resume:
+            raise FileExistsError(f"{directory} holds a finished compression: there is nothing to resume")
+    elif {p.name for p in directory.iterdir()} <= {WORK_NAME}:
+        # A run that stopped before its first block (in the curvature pass) kept nothing to continue.
+        if resume or overwrite:
+            if resume:
+                logger.warning("%s holds a compression that stopped before its first block: starting it again", directory)
+            shutil.rmtree(directory)
+            return None
+        raise FileExistsError(
+            f"{directory} holds a compression that stopped before its first block (only {WORK_NAME}/): "
+            "pass resume=True (--resume) or overwrite=True (--overwrite) to start it again"
+        )
     raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace an svdkit output")
+
+
+def _read_progress(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}; the progress file is damaged: start again with --overwrite") from None
+    if not isinstance(state, dict) or not isinstance(state.get("blocks_done"), int):
+        raise ValueError(f"{path} is not an svdkit progress file (no 'blocks_done'): start again with --overwrite")
+    return state
+
+
+def _check_resumable(directory: Path, state: dict[str, Any], run: dict[str, Any]) -> None:
+    """Refuse to resume a run that differs from this one (naming what differs and both values),
+    or whose kept files are missing or changed, before any work."""
+    hint = "resume with the same options, or start again with --overwrite"
+    saved, now = state.get("config", {}), run["config"]
+    fields = [f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if fields:
+        raise ValueError(f"cannot resume {directory}: its config differs from this run's ({'; '.join(fields)}); {hint}")
+    if state.get("calibration") != run["calibration"]:
+        raise ValueError(
+            f"cannot resume {directory}: its calibration differs from this run's ({state.get('calibration_shapes', 'unknown')} then, "
+            f"{run['calibration_shapes']} now; or the same shapes with other tokens: --calib, --calib-seqs, --seq-len, "
+            f"--batch-size and --calib-seed must be as before); {hint}"
+        )
+    if state.get("source") != run["source"]:
+        raise ValueError(f"cannot resume {directory}: it compresses {state.get('source')!r}, this run {run['source']!r}; {hint}")
+    if state.get("world") != run["world"]:
+        raise ValueError(
+            f"cannot resume {directory}: it ran with {state.get('world')} process(es), this run has {run['world']}; resume it "
+            f"with {state.get('world')} (torchrun --nproc_per_node={state.get('world')}), or start again with --overwrite"
+        )
+    work = directory / WORK_NAME
+    if not work.is_dir():
+        raise FileNotFoundError(f"cannot resume {directory}: its work directory {work} is missing; start again with --overwrite")
+    for name, digest in state.get("shards", {}).items():
+        path = directory / name
+        if not path.is_file() or sha256(path) != digest:
+            why = "is missing" if not path.is_file() else "does not match the SHA-256 recorded when it was written (damaged or changed)"
+            raise ValueError(f"cannot resume {directory}: its finished shard {name} {why}; start again with --overwrite")
+
+
+def _calibration_shapes(batches: list[Any]) -> str:
+    """The calibration's batches in words, e.g. ``"32 batches of (4, 256)"``."""
+    shapes = [tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__ for b in batches]
+    distinct = list(dict.fromkeys(shapes))
+    return f"{len(batches)} batches of " + ", ".join(map(str, distinct[:3])) + (" ..." if len(distinct) > 3 else "")
 
 
 def compress_to_directory(
@@ -231,7 +287,7 @@ def compress_to_directory(
     directory = Path(directory)
     group = current_group()
     model, checkpoint, spec = _open_source(source)
-    spec = source_spec or spec
+    spec = _normal_spec(source_spec) if source_spec is not None else spec
     try:
         targets = select_targets(model, config)
         params = sum(p.numel() for p in model.parameters())  # shapes are known even for empty parameters
@@ -245,11 +301,14 @@ def compress_to_directory(
         calibration = list(calibration)
         check_token_batches(model, calibration)
         LayerCompressor(config, model).check_calibration(calibration)
-        digest = _digest(calibration)
+        digest = calibration_digest(calibration)
+        check_same_calibration(group, digest)
+        run_info = {"config": config.to_dict(), "calibration": digest, "calibration_shapes": _calibration_shapes(calibration),
+                    "source": spec, "world": group.world}
         state = None
         with group.checked():
             if group.rank == 0:
-                state = _start_state(directory, config, digest, spec, resume, overwrite, group.world)
+                state = _start_state(directory, run_info, resume, overwrite)
                 (directory / WORK_NAME).mkdir(parents=True, exist_ok=True)
         state = group.broadcast_objects([state], owner=0)[0]
         if group.active:
@@ -260,7 +319,7 @@ def compress_to_directory(
                              group=group, progress=progress)
         spill = Spill(directory / WORK_NAME / f"rank-{group.rank}")
         if state is None:
-            measured, writer = _start(driver, model, directory, config, digest, spec, spill)
+            measured, writer = _start(driver, model, directory, run_info, spill)
         else:
             measured, writer = _reload(driver, directory, state, spill)
         rows, run = driver.compress(model, model, measured, resume=writer)
@@ -285,14 +344,13 @@ def _tie(model: nn.Module) -> None:
         tie()
 
 
-def _start(driver: BlockDriver, model: nn.Module, directory: Path, config: CompressConfig, digest: str, spec: str | None,
+def _start(driver: BlockDriver, model: nn.Module, directory: Path, run_info: dict[str, Any],
            spill: Spill) -> tuple[DenseMeasurements | None, "_Progress"]:
     """A new run: pass 1, then the first progress file (rank 0)."""
     group = driver.group
     measured = driver.measure(model, spill)
-    state = {"format": 1, "svdkit_version": __version__, "config": config.to_dict(), "calibration": digest,
-             "source": spec, "world": group.world, "curvature_seconds": measured.seconds if measured else 0.0,
-             "blocks_done": 0, "layers": {}, "rows": []}
+    state = {"format": 1, "svdkit_version": __version__, **run_info, "curvature_seconds": measured.seconds if measured else 0.0,
+             "blocks_done": 0, "layers": {}, "rows": [], "shards": {}}
     writer = _Progress(directory, state, 0, None, [], driver.stack, group)
     with group.checked():
         if group.rank == 0:
@@ -307,16 +365,22 @@ def _reload(driver: BlockDriver, directory: Path, state: dict[str, Any], spill: 
     compressor = driver.compressor
     measured = None
     if compressor.needs_gradients or compressor.config.budget is not None:
-        spectra = torch.load(directory / WORK_NAME / "spectra.pt", weights_only=False)
+        spectra = torch.load(_kept(directory / WORK_NAME / "spectra.pt"), weights_only=False)
         measured = DenseMeasurements(spectra, spill if compressor.needs_gradients else None, state["curvature_seconds"], 0)
     writer = _Progress(directory, state, state["blocks_done"], None, [_row(r) for r in state["rows"]], driver.stack, driver.group)
     if state["blocks_done"]:
-        kept = torch.load(writer.inputs_path, map_location="cpu", weights_only=False)
+        kept = torch.load(_kept(writer.inputs_path), map_location="cpu", weights_only=False)
         if kept["blocks_done"] != state["blocks_done"]:  # the crash came between a block's inputs and its progress
             raise ValueError(f"cannot resume {directory}: its kept inputs are of block {kept['blocks_done']}, its progress "
                              f"of block {state['blocks_done']}; start again with --overwrite")
         writer.inputs = kept["inputs"]
     return measured, writer
+
+
+def _kept(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path}, which the unfinished run kept, is missing; start again with --overwrite")
+    return path
 
 
 def _finish(model: nn.Module, stack: BlockStack, directory: Path, state: dict[str, Any], config: CompressConfig,
