@@ -43,11 +43,13 @@ __all__ = [
     "layer_inputs",
     "layer_outputs",
     "output_tensor",
+    "row_weights",
     "run_batch",
     "token_mask",
 ]
 
 _TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("svdkit_token_mask", default=None)
+_ROW_WEIGHTS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("svdkit_row_weights", default=None)
 
 
 @contextlib.contextmanager
@@ -58,6 +60,19 @@ def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
         yield
     finally:
         _TOKEN_MASK.reset(handle)
+
+
+@contextlib.contextmanager
+def row_weights(weights: torch.Tensor | None) -> Iterator[None]:
+    """Within this context, a layer's input rows carry these weights, shape (N,): a mixture of
+    experts' routing weights for the tokens routed to one expert (its output is scaled by them).
+    Recorders that are asked to weigh rows (:class:`InputRecorder` ``weighted=True``) add
+    ``w**2 x x^T``: the Gram of the rows as they reach the layer's output."""
+    handle = _ROW_WEIGHTS.set(weights)
+    try:
+        yield
+    finally:
+        _ROW_WEIGHTS.reset(handle)
 
 
 def current_token_mask() -> torch.Tensor | None:
@@ -268,13 +283,21 @@ class InputRecorder:
     :meth:`next_batch` before each batch: layers fed the same tensor in one batch (query, key and
     value) share one Gram update, and the batch index names the batch in errors.
 
+    Parameters
+    ----------
+    targets : iterable of (name, module)
+    weighted : bool
+        Weigh each input row by the current :func:`row_weights` (a mixture's routing weights),
+        so an expert's Gram is that of its inputs as they reach the layer's output.
+
     Attributes
     ----------
     stats : dict of name -> GramStats
     """
 
-    def __init__(self, targets: Iterable[tuple[str, nn.Module]]) -> None:
+    def __init__(self, targets: Iterable[tuple[str, nn.Module]], *, weighted: bool = False) -> None:
         self.targets = list(targets)
+        self.weighted = weighted
         for name, module in self.targets:
             view = get_view(module)
             if view is None or not view.calibrated:
@@ -326,6 +349,9 @@ class InputRecorder:
             else:
                 _check_input_width(module, x, name, self.batch)
                 rows = layer_inputs(module, x)
+                weights = _ROW_WEIGHTS.get() if self.weighted else None
+                if weights is not None and weights.shape[0] == rows.shape[0]:
+                    rows = rows * weights.to(rows.dtype).unsqueeze(1)
                 increment = GramStats.zeros(rows.shape[1], device=rows.device)
                 increment.update(rows)
                 check_finite(increment, name, "input", self.batch)
@@ -338,9 +364,11 @@ class InputRecorder:
             self.stats[name].merge(increment)
         return hook
 
-    def check_reached(self) -> None:
-        """Raise if some target never received an input, listing them."""
-        missing = [name for name, _ in self.targets if name not in self.stats or self.stats[name].count == 0]
+    def check_reached(self, optional: Iterable[str] = ()) -> None:
+        """Raise if some target never received an input, listing them (``optional``: targets that
+        may go without, such as experts no calibration token was routed to)."""
+        optional = set(optional)
+        missing = [name for name, _ in self.targets if (name not in self.stats or self.stats[name].count == 0) and name not in optional]
         if missing:
             raise ValueError(
                 f"the calibration data never reached {len(missing)} target layer(s): {', '.join(missing)}; "

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from torch import nn
 
+from .layers.experts import router_names
 from .views import get_view
 
 __all__ = [
@@ -160,9 +161,16 @@ def find_targets(
     Returns
     -------
     list of (name, module)
+
+    Raises
+    ------
+    ValueError
+        When a regular expression in ``target_modules`` selects a mixture-of-experts router
+        (:func:`svdkit.layers.experts.router_names`): routers stay dense unless named in a list.
     """
     kinds = set(kinds) if kinds is not None else None
     heads = output_head_names(model)
+    routers = router_names(model)
     explicit = target_modules is not None
     selected = []
     for name, module in model.named_modules():
@@ -179,8 +187,20 @@ def find_targets(
             continue
         if not explicit and name in heads and not include_head:
             continue
+        if name in routers and not _names_exactly(name, target_modules):
+            if isinstance(target_modules, str):
+                raise ValueError(
+                    f"target_modules={target_modules!r} selects the mixture-of-experts router {name}, which scores the experts "
+                    f"and stays dense unless named: exclude it, or list it by name (target_modules=[{name!r}, ...]) to factorize it"
+                )
+            continue
         selected.append((name, module))
     return selected
+
+
+def _names_exactly(name: str, targets: TargetSpec) -> bool:
+    """Whether a list selection names ``name`` itself (in full or as a dotted suffix)."""
+    return targets is not None and not isinstance(targets, str) and matches_target(name, targets)
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import Checkpoint
+from ..experts import expert_banks
 from ..surgery import TargetSpec, find_targets, matches_target
 from ..views import get_view, weight_matrix
 
@@ -102,6 +103,12 @@ def _classify(name: str, shape: tuple[int, ...], dtype: torch.dtype | None) -> t
 
 
 def _from_module(model: nn.Module, targets, exclude, kinds) -> tuple[list[WeightItem], list[tuple[str, str]]]:
+    # A mixture's fused experts are read one matrix per expert (the bank shares their storage).
+    with expert_banks(model, strict=False):
+        return _module_items(model, targets, exclude, kinds)
+
+
+def _module_items(model: nn.Module, targets, exclude, kinds) -> tuple[list[WeightItem], list[tuple[str, str]]]:
     items, skipped = [], []
     seen: dict[int, str] = {}
     for name, module in find_targets(model, targets, exclude=exclude, kinds=kinds, include_embeddings=True, include_head=True):

@@ -214,27 +214,38 @@ class BlockDriver:
                 with group.checked():
                     boundary = spill.get(f"boundary-{index}")
                     spill.drop(f"boundary-{index}")
-                    recording, grads = self._sweep(block, targets, inputs, boundary, grads)
-                group.sum_statistics([recording.inputs[n] for n, _ in targets]
-                                     + [recording.gradients[n] for n, _ in targets if n in recording.gradients])
+                    recording, grads = self._sweep(block, targets, inputs, boundary, grads, index)
+                self._sum(recording, targets)
                 with group.checked():
-                    stats = recording.statistics()
+                    stats = self.compressor.experts.pooled(recording.statistics())
                     for name, module in targets:
                         if self.owners[name] == group.rank:
                             mine[name] = self.compressor.spectrum(name, module, stats[name])
-                    owned = {name: s for name, s in recording.gradients.items() if self.owners[name] == group.rank}
+                    owned = {name: stats[name].gradients for name in recording.gradients if self.owners[name] == group.rank}
                     if owned:
                         spill.put_statistics(f"gradients-{index}", owned)
             for part in group.gather_objects(mine):
                 spectra.update(part)
         return spectra
 
+    def _sum(self, recording: Recording, targets: Targets) -> None:
+        """A block's statistics (and its MoE blocks' token counts) summed over the ranks, in place."""
+        self.group.sum_statistics([recording.inputs[n] for n, _ in targets]
+                                  + [recording.gradients[n] for n, _ in targets if n in recording.gradients])
+        tokens = self.compressor.experts.tokens
+        counted = sorted(c for c in recording.counted)
+        for container, total in zip(counted, self.group.sum_ints([tokens[c] for c in counted])):
+            tokens[container] = total
+
     def _sweep(self, block: nn.Module, targets: Targets, inputs: list[BlockInput], boundary: list[torch.Tensor],
-               grads: list[torch.Tensor] | None) -> tuple[Recording, list[torch.Tensor] | None]:
-        """Run ``block`` on its inputs with the recorders on its targets; with ``grads`` (the
+               grads: list[torch.Tensor] | None, index: int) -> tuple[Recording, list[torch.Tensor] | None]:
+        """Run block ``index`` on its inputs with the recorders on its targets; with ``grads`` (the
         gradients at the block's output), also push them back to the block's input and return those."""
         new_grads: list[torch.Tensor] = []
-        with self.compressor.recording(targets, gradients=grads is not None) as recording:
+        prefix = f"{self.stack.block_name(index)}."
+        with self.compressor.recording(targets, gradients=grads is not None) as recording, \
+                self.compressor.experts.counting(block, prefix) as counted:
+            recording.counted = counted
             for index, (item, h) in enumerate(zip(inputs, boundary)):
                 recording.next_batch(item.index)
                 if grads is None:
@@ -311,8 +322,8 @@ class BlockDriver:
                 block_rows = []
                 if targets:
                     with group.checked():
-                        recording, _ = self._sweep(block, targets, inputs, [item.hidden for item in inputs], None)
-                    group.sum_statistics([recording.inputs[name] for name, _ in targets])
+                        recording, _ = self._sweep(block, targets, inputs, [item.hidden for item in inputs], None, index)
+                    self._sum(recording, targets)
                     with group.checked():
                         built = self._factorize_owned(targets, recording, index, ranks, spill)
                     built = self._share_layers(built, targets)
@@ -340,9 +351,11 @@ class BlockDriver:
             return {}
         key = f"gradients-{index}"
         gradient_stats = spill.get(key) if spill is not None and (spill.path / f"{key}.pt").exists() else {}
+        # the block's input statistics (experts pooled with their siblings); gradients were pooled in pass 1
+        stats = self.compressor.experts.pooled({name: LayerStats(recording.inputs[name]) for name, _ in targets}, gradients=False)
         built = {}
         for name, module in owned:
-            plan = self.compressor.plan(name, module, LayerStats(recording.inputs[name], gradient_stats.get(name)))
+            plan = self.compressor.plan(name, module, LayerStats(stats[name].inputs, gradient_stats.get(name), stats[name].share, stats[name].tokens))
             k = ranks[name] if ranks is not None else self.compressor.choose_ranks([plan], check=False)[0]
             row = plan.report(k)
             built[name] = (row, plan.build(row.rank) if row.rank is not None else None)

@@ -35,6 +35,7 @@ from ..progress import ProgressLike, track
 from ..surgery import replace_module, shared_weight_groups
 from ..views import get_view
 from .config import CompressConfig
+from .experts import ExpertStatistics
 from .curvature import CURVATURES, objectives, resolve_curvature
 from .methods import METHODS, Transform, factorize, plain_svd, transformed_spectrum
 from .plan import LayerPlan
@@ -89,10 +90,15 @@ class Recording:
         Output-gradient Grams.
     """
 
-    def __init__(self, targets: Sequence[tuple[str, nn.Module]], gradients: bool) -> None:
+    def __init__(self, targets: Sequence[tuple[str, nn.Module]], gradients: bool, experts: ExpertStatistics | None = None) -> None:
         self._stack = contextlib.ExitStack()
-        self._inputs = InputRecorder(targets)
+        self.targets = list(targets)
+        # Without gradients the input side carries the routing weight of an expert's tokens (with
+        # gradients it reaches the output side through the backward pass).
+        self._inputs = InputRecorder(targets, weighted=not gradients)
         self._gradients = GradientRecorder(targets, make_leaves=True) if gradients else None
+        self.experts = experts
+        self.counted: list[str] = []  # the experts containers whose tokens were counted
 
     def __enter__(self) -> "Recording":
         self._stack.enter_context(self._inputs)
@@ -110,8 +116,12 @@ class Recording:
             self._gradients.next_batch(index)
 
     def check_reached(self) -> None:
-        """Raise if a target never received an input (see :meth:`InputRecorder.check_reached`)."""
-        self._inputs.check_reached()
+        """Raise if a target never received an input (see :meth:`InputRecorder.check_reached`);
+        experts no token was routed to get empty statistics instead."""
+        experts = self.experts.names if self.experts is not None else set()
+        self._inputs.check_reached(optional=experts)
+        if self.experts is not None:
+            self.experts.complete(self._inputs.stats, self._gradients.stats if self._gradients is not None else None, self.targets)
 
     @property
     def inputs(self) -> dict[str, GramStats]:
@@ -167,7 +177,10 @@ class LayerCompressor:
     ----------
     config : CompressConfig
     model : nn.Module
-        The model being compressed (resolves ``curvature="auto"``).
+        The model being compressed (resolves ``curvature="auto"``, finds the experts).
+    targets : sequence of (name, module)
+        Its target layers (those inside a mixture's experts get routing-aware statistics,
+        :mod:`svdkit.compression.experts`).
 
     Attributes
     ----------
@@ -178,10 +191,11 @@ class LayerCompressor:
         The curvature estimate, when the method needs gradients.
     """
 
-    def __init__(self, config: CompressConfig, model: nn.Module) -> None:
+    def __init__(self, config: CompressConfig, model: nn.Module, targets: Sequence[tuple[str, nn.Module]] = ()) -> None:
         self.config = config
         self.method = METHODS[config.method]
         self.curvature = resolve_curvature(config.curvature, model) if self.method.needs_gradients else None
+        self.experts = ExpertStatistics(model, targets)
 
     @property
     def needs_inputs(self) -> bool:
@@ -199,7 +213,7 @@ class LayerCompressor:
     def recording(self, targets: Sequence[tuple[str, nn.Module]], *, gradients: bool | None = None) -> Recording:
         """The recorders of ``targets`` (input Grams; output-gradient Grams when the method needs
         them, or as ``gradients`` says)."""
-        return Recording(targets, self.needs_gradients if gradients is None else gradients)
+        return Recording(targets, self.needs_gradients if gradients is None else gradients, self.experts)
 
     def generator(self) -> torch.Generator:
         """A fresh generator for :meth:`objectives`, seeded with the config's seed."""
@@ -220,7 +234,11 @@ class LayerCompressor:
         if stats is None or not get_view(module).calibrated:
             return [plain_svd(blocks[g]) for g in range(groups)]
         options = {name: getattr(self.config, name) for name in self.method.options}
-        return [self.method.transform(blocks[g], stats.group(g, groups), **options) for g in range(groups)]
+        transforms = [self.method.transform(blocks[g], stats.group(g, groups), **options) for g in range(groups)]
+        if stats.share != 1.0:
+            for t in transforms:
+                t.importance *= stats.share ** 0.5
+        return transforms
 
     def spectrum(self, name: str, module: nn.Module, stats: LayerStats | None) -> LayerSpectrum:
         """The layer's spectrum in the method's metric (singular values only: a rank candidate)."""
@@ -232,7 +250,8 @@ class LayerCompressor:
         """The layer's factorization (each group's transform and its SVD)."""
         factorizations = [factorize(t) for t in self.transforms(module, stats)]
         shape = tuple(grouped_matrices(module).shape[1:])
-        return LayerPlan(name, module, get_view(module).kind, factorizations, shape)  # type: ignore[arg-type]
+        tokens = stats.tokens if stats is not None else None
+        return LayerPlan(name, module, get_view(module).kind, factorizations, shape, tokens)  # type: ignore[arg-type]
 
     def plans(self, targets: Sequence[tuple[str, nn.Module]], stats: dict[str, LayerStats], progress: ProgressLike = None) -> list[LayerPlan]:
         """Every target's factorization."""

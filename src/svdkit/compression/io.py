@@ -256,10 +256,15 @@ def _verify_files(directory: Path, meta: Mapping[str, Any]) -> None:
 
 
 def _skeletons(model: nn.Module, layers: Mapping[str, Any], where: Path) -> dict[str, nn.Module]:
+    """The replacement of every described layer, built empty, keyed by the names to replace in
+    ``model``. A layer described inside one described before it (an expert of an
+    :class:`~svdkit.layers.experts.ExpertBank`) is put inside that one."""
     built: dict[str, nn.Module] = {}
+    top: dict[str, nn.Module] = {}
     for name, spec in layers.items():
+        owner, inner = _owner(model, built, name)
         try:
-            dense = get_module(model, name)
+            dense = get_module(owner, inner)
         except KeyError:
             raise ValueError(f"the base model has no layer {name!r} that {where} factorizes: wrong base model?") from None
         alias = spec.get("same_as") if isinstance(spec, Mapping) else None
@@ -269,17 +274,32 @@ def _skeletons(model: nn.Module, layers: Mapping[str, Any], where: Path) -> dict
             if get_module(model, alias) is not dense:
                 raise ValueError(f"saved layers {alias} and {name} are one module, but they are two in the base model")
             built[name] = built[alias]
+            if owner is model:
+                top[name] = built[alias]
             continue
         built[name] = low_rank_from_spec(spec, dense, name=name)
-        owner = spec.get("shares_factors_with")
-        if owner is not None:
-            if not isinstance(built.get(owner), LowRankLayer):
-                raise ValueError(f"saved layer {name} shares the factors of {owner!r}, which is not described before it")
+        if owner is model:
+            top[name] = built[name]
+        else:
+            replace_module(owner, inner, built[name])
+        factor_owner = spec.get("shares_factors_with")
+        if factor_owner is not None:
+            if not isinstance(built.get(factor_owner), LowRankLayer):
+                raise ValueError(f"saved layer {name} shares the factors of {factor_owner!r}, which is not described before it")
             try:
-                built[name].share_factors_with(built[owner])
+                built[name].share_factors_with(built[factor_owner])
             except TypeError as exc:
-                raise ValueError(f"saved layers {owner} and {name} cannot share factors: {exc}") from None
-    return built
+                raise ValueError(f"saved layers {factor_owner} and {name} cannot share factors: {exc}") from None
+    return top
+
+
+def _owner(model: nn.Module, built: Mapping[str, nn.Module], name: str) -> tuple[nn.Module, str]:
+    """(the module that holds layer ``name``, its name there): the innermost layer built before
+    that contains it, else the model."""
+    for prefix in sorted(built, key=len, reverse=True):
+        if name.startswith(prefix + "."):
+            return built[prefix], name[len(prefix) + 1:]
+    return model, name
 
 
 def _expected_state(model: nn.Module, skeletons: Mapping[str, nn.Module]) -> tuple[dict[str, tuple[int, ...]], list[list[str]]]:

@@ -79,7 +79,8 @@ def model_statistics(
     try:
         for p in params:  # only the gradients at the targets' outputs are needed
             p.requires_grad_(False)
-        with compressor.recording(targets) as recording, BatchRunner(model, forward, what="calibration batch") as run:
+        with compressor.recording(targets) as recording, compressor.experts.counting(model), \
+                BatchRunner(model, forward, what="calibration batch") as run:
             for index, batch in enumerate(track(batches, progress, desc="calibration batches")):
                 recording.next_batch(index)
                 n_batches += 1
@@ -103,7 +104,7 @@ def model_statistics(
     if n_batches == 0:
         raise ValueError("the calibration data held no batches")
     recording.check_reached()
-    return recording.statistics()
+    return compressor.experts.pooled(recording.statistics())
 
 
 def plan_model(

@@ -8,6 +8,7 @@ through its driver (:mod:`~svdkit.compression.model_driver` or
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -16,7 +17,9 @@ from typing import Any, Callable, Iterable, Sequence
 from torch import nn
 
 from ..distributed import current_group, shard
+from ..experts import expert_banks, fold_dense_banks
 from ..progress import ProgressLike
+from ..surgery import matches_target
 from .block_driver import BlockDriver
 from .blocks import BlockHome, BlockStack, find_blocks
 from .checks import calibration_digest, check_same_calibration, check_token_batches, check_weights, is_causal_lm, select_targets
@@ -144,18 +147,23 @@ def _compress_all(
     config = configs[0]
     start = time.perf_counter()
     group = current_group()
-    with group.checked():  # a bad input on one rank stops every rank with its message, before any collective
-        targets, calibration, stack = _prepare(model, config, calibration, inplace, group)
-    if group.active:
-        check_same_calibration(group, calibration_digest(calibration))
-        calibration = shard(calibration, group)
     params_before = sum(p.numel() for p in model.parameters())
-    if stack is not None:
-        device = config.device or (group.device if group.device.type == "cuda" else None)
-        results = _by_blocks(model, stack, targets, calibration, configs, forward, inplace, BlockHome(device), progress, group)
-    else:
-        results = _whole_model(model, targets, calibration, configs, forward, inplace, progress)
+    with contextlib.ExitStack() as scope:
+        with group.checked():  # a bad input on one rank stops every rank with its message, before any collective
+            # A mixture's fused experts are unfolded into one module per expert while compressing
+            # (sharing their storage); the compressed copies keep the banks whose experts they factorize.
+            scope.enter_context(expert_banks(model, keep=inplace, unfold=lambda name: _reaches_experts(config, name)))
+            targets, calibration, stack = _prepare(model, config, calibration, inplace, group)
+        if group.active:
+            check_same_calibration(group, calibration_digest(calibration))
+            calibration = shard(calibration, group)
+        if stack is not None:
+            device = config.device or (group.device if group.device.type == "cuda" else None)
+            results = _by_blocks(model, stack, targets, calibration, configs, forward, inplace, BlockHome(device), progress, group)
+        else:
+            results = _whole_model(model, targets, calibration, configs, forward, inplace, progress)
     for (out, report), cfg in zip(results, configs):
+        fold_dense_banks(out)
         if cfg.heal_steps:
             losses = heal(model, out, calibration, forward, steps=cfg.heal_steps, lr=cfg.heal_lr, progress=progress)
             report.quality["heal loss first/last"] = f"{losses[0]:.4g} -> {losses[-1]:.4g}"
@@ -164,6 +172,15 @@ def _compress_all(
         report.seconds = time.perf_counter() - start
         report.peak_memory = peak_memory()
     return results
+
+
+def _reaches_experts(config: CompressConfig, name: str) -> bool:
+    """Whether the selection may reach the experts of the fused module ``name`` (a list of names
+    cannot: a fused module's experts have no names until it is unfolded, so it is unfolded only
+    for a selection of everything or a regular expression)."""
+    if config.exclude_modules and matches_target(name, config.exclude_modules):
+        return False
+    return config.target_modules is None or isinstance(config.target_modules, str)
 
 
 def _prepare(model: nn.Module, config: CompressConfig, calibration: Iterable[Any] | None, inplace: bool, group
@@ -196,7 +213,7 @@ def _by_blocks(model: nn.Module, stack: BlockStack, targets: list[tuple[str, nn.
                configs: list[CompressConfig], forward: Forward | None, inplace: bool, home: BlockHome, progress: ProgressLike,
                group) -> list[tuple[nn.Module, CompressionReport]]:
     """The block pipeline: pass 1 once, pass 2 per budget."""
-    drivers = [BlockDriver(LayerCompressor(cfg, model), stack, targets, calibration, forward=forward, home=home,
+    drivers = [BlockDriver(LayerCompressor(cfg, model, targets), stack, targets, calibration, forward=forward, home=home,
                            group=group, progress=progress) for cfg in configs]
     measured = drivers[0].measure(model)
     results = []
@@ -217,11 +234,11 @@ def _whole_model(model: nn.Module, targets: list[tuple[str, nn.Module]], calibra
                  configs: list[CompressConfig], forward: Forward | None, inplace: bool, progress: ProgressLike
                  ) -> list[tuple[nn.Module, CompressionReport]]:
     """The whole-model pipeline: statistics and factorizations once, ranks and layers per budget."""
-    shared = plan_model(model, LayerCompressor(configs[0], model), targets, calibration, forward, progress)
+    shared = plan_model(model, LayerCompressor(configs[0], model, targets), targets, calibration, forward, progress)
     results = []
     for cfg in configs:
         out = model if inplace else copy.deepcopy(model)
-        rows = apply_plan(model, out, shared, LayerCompressor(cfg, model), calibration, forward, progress)
+        rows = apply_plan(model, out, shared, LayerCompressor(cfg, model, targets), calibration, forward, progress)
         results.append((out, CompressionReport(method=cfg.method, layers=rows)))
     return results
 

@@ -29,6 +29,8 @@ class LayerPlan(LayerCost):
         One per group (one for everything but grouped convolutions).
     shape : (m, n)
         The per-group matrix shape.
+    tokens : int or None
+        For a mixture's expert, the calibration tokens routed to it.
     """
 
     name: str
@@ -36,6 +38,7 @@ class LayerPlan(LayerCost):
     kind: str
     factorizations: list[Factorization] = field(default_factory=list)
     shape: tuple[int, int] = (0, 0)
+    tokens: int | None = None
 
     @property
     def groups(self) -> int:  # type: ignore[override]
@@ -67,6 +70,7 @@ class LayerPlan(LayerCost):
             macs_before=per_vector, macs_after=per_vector,
             method=self.factorizations[0].method,
             skip_reason="; ".join(sorted({f.note for f in self.factorizations if f.note})),
+            calibration_tokens=self.tokens,
         )
         if k is None:
             row.skip_reason = "the budget keeps it dense: its break-even rank is reached"

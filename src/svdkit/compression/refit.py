@@ -232,4 +232,4 @@ def _refit_plan(plan: LayerPlan, stats: _PairStats, damping: float) -> LayerPlan
     for g in range(plan.groups):
         part = slice(g * size, (g + 1) * size)
         factorizations.append(_refit_factorization(blocks[g], gram[part, part], cross[part, part], plan.factorizations[g], damping))
-    return LayerPlan(plan.name, plan.module, plan.kind, factorizations, plan.shape)
+    return LayerPlan(plan.name, plan.module, plan.kind, factorizations, plan.shape, plan.tokens)

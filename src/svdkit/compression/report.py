@@ -22,6 +22,14 @@ def peak_memory() -> int | None:
     return int(peak) * (1 if sys.platform == "darwin" else 1024)
 
 
+def _tokens_note(layer: LayerReport) -> str:
+    if layer.calibration_tokens is None:
+        return ""
+    if layer.calibration_tokens == 0:
+        return "no calibration token was routed to this expert: whitened by its siblings' statistics"
+    return f"{layer.calibration_tokens} calibration tokens routed"
+
+
 def _memory_note(peak: int | None) -> str:
     return f", peak memory {peak / 2**30:.2f} GiB" if peak else ""
 
@@ -50,6 +58,8 @@ class LayerReport:
         The method that produced the factors (may differ from the requested one after a fallback).
     skip_reason : str
         Why the layer stayed dense, or why the method fell back; empty otherwise.
+    calibration_tokens : int or None
+        For a mixture's expert: the calibration tokens routed to it (None for other layers).
     """
 
     name: str
@@ -64,10 +74,16 @@ class LayerReport:
     predicted_error: float | None = None
     method: str = ""
     skip_reason: str = ""
+    calibration_tokens: int | None = None
 
     @property
     def compressed(self) -> bool:
         return self.rank is not None
+
+    @property
+    def expert(self) -> bool:
+        """Whether the layer is one of a mixture's experts."""
+        return self.calibration_tokens is not None
 
 
 @dataclass
@@ -118,7 +134,12 @@ class CompressionReport:
         return self.target_params_after / max(self.target_params_before, 1)
 
     def totals(self) -> dict[str, Any]:
-        """Summary numbers."""
+        """Summary numbers (with ``expert_params_before`` / ``_after`` when experts were targeted)."""
+        experts = [layer for layer in self.layers if layer.expert]
+        split = {}
+        if experts:
+            split = {"expert_layers": len(experts), "expert_params_before": sum(layer.params_before for layer in experts),
+                     "expert_params_after": sum(layer.params_after for layer in experts)}
         return {
             "layers": len(self.layers),
             "compressed": sum(layer.compressed for layer in self.layers),
@@ -134,6 +155,7 @@ class CompressionReport:
             "pipeline": self.pipeline,
             "timings": dict(self.timings),
             "peak_memory": self.peak_memory,
+            **split,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,7 +194,7 @@ class CompressionReport:
                 f"{layer.params_after / max(layer.params_before, 1):.0%}",
                 "" if layer.predicted_error is None else f"{layer.predicted_error:.3f}",
                 layer.method,
-                layer.skip_reason,
+                "; ".join(n for n in (layer.skip_reason, _tokens_note(layer)) if n),
             ))
         t = self.totals()
         rows.append((

@@ -23,10 +23,17 @@ class LayerStats:
     gradients : GramStats or None
         Gram of the gradients of the objective at the layer's output vectors (d_out, d_out),
         when the method needs them.
+    share : float
+        The fraction of its block's tokens the layer sees (1 but for a mixture's experts): its
+        spectrum is weighed by ``sqrt(share)`` when layers are compared for a budget.
+    tokens : int or None
+        Calibration tokens routed to an expert (None for other layers).
     """
 
     inputs: GramStats
     gradients: GramStats | None = None
+    share: float = 1.0
+    tokens: int | None = None
 
     def input_gram(self) -> torch.Tensor:
         """``E[x x^T]``, shape (d_in, d_in), float64."""
@@ -57,7 +64,8 @@ class LayerStats:
         """The statistics of one group of a grouped convolution (diagonal blocks of the Grams)."""
         if groups == 1:
             return self
-        return LayerStats(_block(self.inputs, index, groups), None if self.gradients is None else _block(self.gradients, index, groups))
+        return LayerStats(_block(self.inputs, index, groups), None if self.gradients is None else _block(self.gradients, index, groups),
+                          self.share, self.tokens)
 
 
 def _block(stats: GramStats, index: int, groups: int) -> GramStats:

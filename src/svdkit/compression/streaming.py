@@ -314,7 +314,7 @@ def compress_to_directory(
         if group.active:
             calibration = shard(calibration, group)
         device = config.device or (group.device if group.device.type == "cuda" else None)
-        compressor = LayerCompressor(config, model)
+        compressor = LayerCompressor(config, model, targets)
         driver = BlockDriver(compressor, stack, targets, calibration, forward=forward, home=BlockHome(device, checkpoint),
                              group=group, progress=progress)
         spill = Spill(directory / WORK_NAME / f"rank-{group.rank}")

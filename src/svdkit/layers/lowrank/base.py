@@ -10,7 +10,7 @@ from torch import nn
 from ...linalg import RankLike, split_factors, truncated_svd
 from ...views import get_view, kinds, view_of_kind, weight_matrix
 
-__all__ = ["LowRankLayer", "grouped_matrices", "low_rank_class", "low_rank_from_spec", "low_rank_types", "register_low_rank"]
+__all__ = ["LowRankLayer", "grouped_matrices", "low_rank_class", "low_rank_from_spec", "low_rank_types", "register_low_rank", "register_spec_class"]
 
 
 def _saving(dense: int, factored: int) -> str:
@@ -144,6 +144,17 @@ def low_rank_types() -> tuple[type[LowRankLayer], ...]:
     return tuple(dict.fromkeys(view_of_kind(kind).low_rank for kind in kinds(lambda v: v.low_rank)))
 
 
+_STRUCTURAL: list[type[LowRankLayer]] = []
+
+
+def register_spec_class(cls: type[LowRankLayer]) -> type[LowRankLayer]:
+    """Class decorator: a replacement layer that is saved and rebuilt by its spec like the low-rank
+    classes, though it factorizes no kind itself (:class:`svdkit.layers.experts.ExpertBank`:
+    a fused experts module unfolded into one module per expert)."""
+    _STRUCTURAL.append(cls)
+    return cls
+
+
 def low_rank_from_spec(spec: Mapping[str, Any], dense: nn.Module, *, name: str = "") -> LowRankLayer:
     """An empty factorized layer of the saved geometry ``spec`` for the dense layer ``dense``.
 
@@ -155,7 +166,7 @@ def low_rank_from_spec(spec: Mapping[str, Any], dense: nn.Module, *, name: str =
     """
     if not isinstance(spec, Mapping):
         raise ValueError(f"saved layer {name}: expected a JSON object, got {type(spec).__name__}")
-    by_name = {cls.__name__: cls for cls in low_rank_types()}
+    by_name = {cls.__name__: cls for cls in (*low_rank_types(), *_STRUCTURAL)}
     cls = by_name.get(spec.get("type"))  # type: ignore[arg-type]
     if cls is None:
         raise ValueError(f"saved layer {name} has unknown type {spec.get('type')!r}; known: {sorted(by_name)}")
