@@ -31,7 +31,12 @@ def _model_and_batches(family: str):
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import build_decoder
 
-    model = build_decoder(family, causal=True, layers=3, kv_heads=2).double()
+    if family == "mixtral":  # a mixture of experts: its experts' statistics follow the routing on each rank
+        from test_moe import mixtral
+
+        model = mixtral().double()
+    else:
+        model = build_decoder(family, causal=True, layers=3, kv_heads=2).double()
     ids = torch.randint(0, 100, (12, 16), generator=torch.Generator().manual_seed(1))
     return model, list(ids.split(2))
 
@@ -67,7 +72,7 @@ def _spawn(tmp_path: Path, family: str, fault: str | None = None, gradient_batch
     return out
 
 
-@pytest.mark.parametrize("family, gradient_batches", [("llama", None), ("qwen2", 3)])
+@pytest.mark.parametrize("family, gradient_batches", [("llama", None), ("qwen2", 3), ("mixtral", None)])
 @pytest.mark.distributed
 def test_two_processes_give_the_one_process_result(tmp_path, family, gradient_batches):
     """With ``gradient_batches=3`` of 6 the curvature comes from the same three batches (two on

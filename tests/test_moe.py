@@ -236,3 +236,28 @@ def test_the_analysis_table_has_a_row_per_expert_matrix():
     table = analyze_weights(mixtral(), error=None)
     names = {record["name"] for record in table.records}
     assert {f"model.layers.1.mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_up_proj", "down_proj")} <= names
+
+
+def test_a_mixture_streams_block_by_block_from_a_checkpoint_of_its_own_names(tmp_path):
+    """A checkpoint whose tensors carry the model's own names (fused experts) streams; one that
+    transformers writes under its older per-expert names is refused before any work."""
+    from safetensors.torch import save_file
+
+    from svdkit.compression import compress_to_directory
+
+    model = mixtral()
+    reference, reference_report = compress(model, CompressConfig(budget=0.7), _batches())
+    own = tmp_path / "own"
+    own.mkdir()
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(own)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(own / "model.safetensors"), metadata={"format": "pt"})
+    report = compress_to_directory(own, tmp_path / "out", CompressConfig(budget=0.7), _batches())
+    assert [r.rank for r in report.layers] == [r.rank for r in reference_report.layers]
+    again = load_compressed(tmp_path / "out")
+    ids = _batches()[1]
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, reference(ids).logits, rtol=1e-6, atol=1e-6)
+    model.save_pretrained(tmp_path / "renamed")  # transformers writes block_sparse_moe.experts.0.w1.weight ...
+    with pytest.raises(ValueError, match=r"lacks \d+ tensor\(s\) of the model under their names .*block_sparse_moe.*without --stream"):
+        compress_to_directory(tmp_path / "renamed", tmp_path / "out2", CompressConfig(budget=0.7), _batches())

@@ -207,8 +207,17 @@ def materialize(module: nn.Module, checkpoint: Checkpoint, prefix: str = "", *, 
     ValueError
         A tensor whose shape differs from the parameter's, naming both and the file.
     """
+    placed = set()
+    for owner_name, owner in module.named_modules():  # modules that know where their tensors are (an ExpertBank)
+        read_own = getattr(owner, "materialize_from", None)
+        if read_own is None or (skip is not None and owner_name.startswith(skip)):
+            continue
+        path = f"{owner_name}." if owner_name else ""
+        if any(p.is_meta for p in owner.parameters()):
+            read_own(lambda key, path=path: checkpoint.tensor(prefix + path + key, device=device or "cpu"))
+        placed.update(path + n for n, _ in owner.named_parameters())
     for name, param in list(module.named_parameters()):
-        if not param.is_meta or (skip is not None and name.startswith(skip)):
+        if not param.is_meta or (skip is not None and name.startswith(skip)) or name in placed:
             continue
         key = prefix + name
         tensor = checkpoint.tensor(key, device=device or "cpu")

@@ -27,32 +27,19 @@ from torch import nn
 from .layers.experts import ExpertBank, ExpertLayout, expert_containers, expert_group, router_names
 from .surgery import replace_module
 
-__all__ = ["ExpertLayout", "expert_banks", "expert_containers", "expert_group", "fold_dense_banks", "router_names"]
+__all__ = ["ExpertLayout", "expert_banks", "expert_containers", "expert_group", "fold_dense_banks", "router_names", "unfold_experts"]
 
 
-@contextlib.contextmanager
-def expert_banks(model: nn.Module, *, keep: bool = False, unfold: Callable[[str], bool] = lambda name: True,
-                 strict: bool = True) -> Iterator[list[str]]:
-    """Unfold every fused experts module of ``model`` into an :class:`ExpertBank` (sharing its
-    storage) for the time of the context; yields the names of the banks.
-
-    Parameters
-    ----------
-    model : nn.Module
-    keep : bool
-        Leave the banks in the model on exit (a compressed model keeps those whose experts were
-        factorized; see :func:`fold_dense_banks`). Otherwise each fused module is put back.
-    unfold : callable, optional
-        ``name -> bool``: which fused modules to unfold (those a selection may reach).
-    strict : bool
-        Raise for a fused module of a layout svdkit cannot unfold that ``unfold`` selects
-        (otherwise it is left fused).
+def unfold_experts(model: nn.Module, *, unfold: Callable[[str], bool] = lambda name: True,
+                   strict: bool = True) -> list[tuple[str, nn.Module]]:
+    """Replace every fused experts module of ``model`` that ``unfold`` selects by an
+    :class:`ExpertBank` sharing its storage (in place); returns (name, fused module) of each.
 
     Raises
     ------
     TypeError
-        With ``strict``, a fused module of an unknown layout (naming it, its layout and what
-        svdkit compresses).
+        With ``strict``, a selected fused module of a layout svdkit cannot unfold (naming it, its
+        layout and what svdkit compresses); otherwise such a module is left fused.
     """
     made: list[tuple[str, nn.Module]] = []
     for layout in expert_containers(model):
@@ -65,6 +52,18 @@ def expert_banks(model: nn.Module, *, keep: bool = False, unfold: Callable[[str]
         fused = model.get_submodule(layout.name)
         replace_module(model, layout.name, ExpertBank.from_fused(fused))
         made.append((layout.name, fused))
+    return made
+
+
+@contextlib.contextmanager
+def expert_banks(model: nn.Module, *, keep: bool = False, unfold: Callable[[str], bool] = lambda name: True,
+                 strict: bool = True) -> Iterator[list[str]]:
+    """:func:`unfold_experts` for the time of the context; yields the names of the banks.
+
+    With ``keep`` the banks stay in the model on exit (a compressed model keeps those whose
+    experts were factorized; see :func:`fold_dense_banks`); otherwise each fused module is put back.
+    """
+    made = unfold_experts(model, unfold=unfold, strict=strict)
     try:
         yield [name for name, _ in made]
     finally:

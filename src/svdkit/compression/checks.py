@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from ..distributed import Group
-from ..surgery import find_targets
+from ..surgery import find_targets, matches_target
 from ..views import kinds
 from .config import CompressConfig
 
-__all__ = ["calibration_digest", "check_same_calibration", "check_token_batches", "check_weights", "is_causal_lm", "select_targets"]
+__all__ = ["calibration_digest", "check_same_calibration", "check_token_batches", "check_weights", "is_causal_lm", "reaches_experts",
+           "select_targets"]
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -57,6 +58,15 @@ def select_targets(model: nn.Module, config: CompressConfig) -> list[tuple[str, 
             f"exclude_modules={config.exclude_modules!r}, kinds={config.kinds!r} (supported kinds: {', '.join(kinds())})"
         )
     return targets
+
+
+def reaches_experts(config: CompressConfig, name: str) -> bool:
+    """Whether the selection may reach the experts of the fused module ``name`` (a list of names
+    cannot: a fused module's experts have no names until it is unfolded, so it is unfolded for a
+    selection of everything or a regular expression, unless excluded)."""
+    if config.exclude_modules and matches_target(name, config.exclude_modules):
+        return False
+    return config.target_modules is None or isinstance(config.target_modules, str)
 
 
 def check_weights(targets: list[tuple[str, nn.Module]]) -> None:

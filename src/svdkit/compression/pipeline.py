@@ -19,10 +19,9 @@ from torch import nn
 from ..distributed import current_group, shard
 from ..experts import expert_banks, fold_dense_banks
 from ..progress import ProgressLike
-from ..surgery import matches_target
 from .block_driver import BlockDriver
 from .blocks import BlockHome, BlockStack, find_blocks
-from .checks import calibration_digest, check_same_calibration, check_token_batches, check_weights, is_causal_lm, select_targets
+from .checks import calibration_digest, check_same_calibration, check_token_batches, check_weights, is_causal_lm, reaches_experts, select_targets
 from .compressor import LayerCompressor
 from .config import CompressConfig
 from .heal import heal
@@ -152,7 +151,7 @@ def _compress_all(
         with group.checked():  # a bad input on one rank stops every rank with its message, before any collective
             # A mixture's fused experts are unfolded into one module per expert while compressing
             # (sharing their storage); the compressed copies keep the banks whose experts they factorize.
-            scope.enter_context(expert_banks(model, keep=inplace, unfold=lambda name: _reaches_experts(config, name)))
+            scope.enter_context(expert_banks(model, keep=inplace, unfold=lambda name: reaches_experts(config, name)))
             targets, calibration, stack = _prepare(model, config, calibration, inplace, group)
         if group.active:
             check_same_calibration(group, calibration_digest(calibration))
@@ -172,15 +171,6 @@ def _compress_all(
         report.seconds = time.perf_counter() - start
         report.peak_memory = peak_memory()
     return results
-
-
-def _reaches_experts(config: CompressConfig, name: str) -> bool:
-    """Whether the selection may reach the experts of the fused module ``name`` (a list of names
-    cannot: a fused module's experts have no names until it is unfolded, so it is unfolded only
-    for a selection of everything or a regular expression)."""
-    if config.exclude_modules and matches_target(name, config.exclude_modules):
-        return False
-    return config.target_modules is None or isinstance(config.target_modules, str)
 
 
 def _prepare(model: nn.Module, config: CompressConfig, calibration: Iterable[Any] | None, inplace: bool, group

@@ -38,7 +38,8 @@ from ..layers.lowrank import LowRankLayer
 from ..progress import ProgressLike
 from .block_driver import BlockDriver, DenseMeasurements, Resume
 from .blocks import BlockHome, BlockInput, BlockStack, find_blocks
-from .checks import calibration_digest, check_same_calibration, check_token_batches, check_weights, select_targets
+from ..experts import fold_dense_banks, unfold_experts
+from .checks import calibration_digest, check_same_calibration, check_token_batches, check_weights, reaches_experts, select_targets
 from .compressor import LayerCompressor
 from .config import CompressConfig
 from .io import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, PROGRESS_NAME, sha256
@@ -92,6 +93,7 @@ class _Progress(Resume):
         if not self.lead:
             return
         prefix = f"{self.stack.block_name(index)}."
+        fold_dense_banks(block)
         _save_tensors(self.directory / _block_file(index), {prefix + k: v for k, v in block.state_dict(keep_vars=True).items()})
         specs = {f"{prefix}{name}": module.spec() for name, module in block.named_modules() if isinstance(module, LowRankLayer)}
         self.state["layers"].update(specs)
@@ -124,10 +126,28 @@ def _open_source(source: nn.Module | str | os.PathLike) -> tuple[nn.Module, Chec
     checkpoint = Checkpoint(directory)
     try:
         model = transformers_skeleton(directory)
+        _check_names(model, checkpoint, directory)
     except BaseException:
         checkpoint.close()
         raise
     return model, checkpoint, str(directory.resolve())
+
+
+def _check_names(model: nn.Module, checkpoint: Checkpoint, directory: Path) -> None:
+    """Every parameter of the model must be in the checkpoint under its own name (a tied one
+    under one of its names), before any work: streaming reads each block's tensors by name."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    missing = [group[0] for group in names.values() if not any(n in checkpoint for n in group)]
+    if not missing:
+        return
+    known = {n for group in names.values() for n in group}
+    foreign = [key for key in checkpoint.keys() if key not in known]
+    hint = (f"; it holds tensors the model has no parameter for (e.g. {', '.join(foreign[:3])}): transformers renames or "
+            "merges such checkpoints when it loads them (a mixture's per-expert weights into fused ones, say), which "
+            "streaming does not do: compress it in memory (without --stream)") if foreign else ""
+    raise ValueError(f"{directory} lacks {len(missing)} tensor(s) of the model under their names (e.g. {', '.join(missing[:3])}){hint}")
 
 
 def _normal_spec(spec: str) -> str:
@@ -289,6 +309,9 @@ def compress_to_directory(
     model, checkpoint, spec = _open_source(source)
     spec = _normal_spec(source_spec) if source_spec is not None else spec
     try:
+        # a mixture's fused experts are unfolded (one module per expert) for good: each block is
+        # written with the banks of its factorized experts (dense ones folded back)
+        unfold_experts(model, unfold=lambda name: reaches_experts(config, name))
         targets = select_targets(model, config)
         params = sum(p.numel() for p in model.parameters())  # shapes are known even for empty parameters
         stack = find_blocks(model, [name for name, _ in targets])
@@ -390,6 +413,7 @@ def _finish(model: nn.Module, stack: BlockStack, directory: Path, state: dict[st
     for index in range(done, len(stack.blocks)):  # blocks after the last target, copied as they are
         with home.visit(stack, index) as block:
             prefix = f"{stack.block_name(index)}."
+            fold_dense_banks(block)
             _save_tensors(directory / _block_file(index), {prefix + k: v for k, v in block.state_dict(keep_vars=True).items()})
     prefix = f"{stack.name}."
     rest = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(prefix)}

@@ -170,6 +170,17 @@ class ExpertBank(LowRankLayer, nn.ModuleList):
             out.index_add_(0, token_idx, (result * weights).to(out.dtype))
         return out
 
+    def materialize_from(self, read: Any) -> None:
+        """Give empty experts their weights from a checkpoint of the fused module:
+        ``read(key) -> Tensor`` reads ``gate_up_proj`` and ``down_proj`` (each once)."""
+        for key in ("gate_up_proj", "down_proj"):
+            fused = read(key)
+            expected = (self.num_experts, *getattr(self[0], key).weight.shape)
+            if tuple(fused.shape) != expected:
+                raise ValueError(f"the checkpoint's {key} has shape {tuple(fused.shape)}, the model's config makes it {expected}")
+            for e, expert in enumerate(self):
+                getattr(expert, key).weight = nn.Parameter(fused[e], requires_grad=False)
+
     def spec(self) -> dict[str, Any]:
         return {"type": type(self).__name__, "experts": self.num_experts, "hidden": self.hidden_size,
                 "intermediate": self.intermediate_size}
