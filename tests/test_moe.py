@@ -261,3 +261,46 @@ def test_a_mixture_streams_block_by_block_from_a_checkpoint_of_its_own_names(tmp
     model.save_pretrained(tmp_path / "renamed")  # transformers writes block_sparse_moe.experts.0.w1.weight ...
     with pytest.raises(ValueError, match=r"lacks \d+ tensor\(s\) of the model under their names .*block_sparse_moe.*without --stream"):
         compress_to_directory(tmp_path / "renamed", tmp_path / "out2", CompressConfig(budget=0.7), _batches())
+
+
+def _experts_sharing_a_basis(model, rank: int = 6):
+    """Experts built as one rank-``rank`` right factor times per-expert left factors, plus a little
+    noise: what a shared basis captures with fewer parameters than per-expert factors."""
+    g = torch.Generator().manual_seed(5)
+    for layer in model.model.layers:
+        fused = layer.mlp.experts
+        with torch.no_grad():
+            for name in ("gate_up_proj", "down_proj"):
+                weight = getattr(fused, name)
+                experts, m, n = weight.shape
+                shared = torch.randn(rank, n, generator=g)
+                for e in range(experts):
+                    weight[e] = torch.randn(m, rank, generator=g) @ shared / n ** 0.5 + 1e-3 * torch.randn(m, n, generator=g)
+    return model
+
+
+@pytest.mark.parametrize("pipeline", ["blocks", "model"])
+def test_a_shared_basis_is_taken_where_it_leaves_less_error_at_equal_parameters(pipeline, tmp_path):
+    model = _experts_sharing_a_basis(mixtral())
+    config = CompressConfig(budget=0.6, expert_basis="shared", pipeline=pipeline)
+    out, report = compress(model, config, _batches())
+    shared = [row for row in report.layers if "+shared-" in row.method]
+    assert shared and all("error" in row.skip_reason for row in shared)
+    # equal parameters: what the report counts is what the model holds, the shared factor once
+    assert sum(p.numel() for p in out.parameters()) == report.model_params_after
+    assert report.target_params_after <= 0.6 * report.target_params_before
+    container, _, projection = shared[0].name.rpartition(".0.")
+    side = "v" if "shared-right" in shared[0].method else "u"
+    factors = {id(getattr(out.get_submodule(f"{container}.{e}.{projection}"), side)) for e in range(EXPERTS)}
+    assert len(factors) == 1  # one tensor, shared by the layer's experts
+    save_compressed(out, tmp_path / "c", report=report)
+    again = load_compressed(tmp_path / "c")
+    ids = _batches()[1]
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, out(ids).logits, rtol=0, atol=0)
+    # the same experts factorized one by one: more error on the data at the same budget
+    separate, _ = compress(model, CompressConfig(budget=0.6, pipeline=pipeline), _batches())
+    with torch.no_grad():
+        reference = model(ids).logits
+        assert (out(ids).logits - reference).norm() < (separate(ids).logits - reference).norm()
+

@@ -148,7 +148,7 @@ class BlockDriver:
         self.home = home or BlockHome()
         self.group, self.progress = group, progress
         self.by_block = _block_targets(stack, targets)
-        self.owners = layer_owners(targets, group)
+        self.owners = layer_owners(targets, group, compressor.experts.groups if compressor.config.expert_basis == "shared" else None)
         check_patterns(self.config.rank_pattern, [name for name, _ in targets], field="rank_pattern")
 
     # -- pass 1 ------------------------------------------------------------------------------
@@ -353,13 +353,10 @@ class BlockDriver:
         gradient_stats = spill.get(key) if spill is not None and (spill.path / f"{key}.pt").exists() else {}
         # the block's input statistics (experts pooled with their siblings); gradients were pooled in pass 1
         stats = self.compressor.experts.pooled({name: LayerStats(recording.inputs[name]) for name, _ in targets}, gradients=False)
-        built = {}
-        for name, module in owned:
-            plan = self.compressor.plan(name, module, LayerStats(stats[name].inputs, gradient_stats.get(name), stats[name].share, stats[name].tokens))
-            k = ranks[name] if ranks is not None else self.compressor.choose_ranks([plan], check=False)[0]
-            row = plan.report(k)
-            built[name] = (row, plan.build(row.rank) if row.rank is not None else None)
-        return built
+        plans = [self.compressor.plan(name, module, LayerStats(stats[name].inputs, gradient_stats.get(name), stats[name].share, stats[name].tokens))
+                 for name, module in owned]
+        chosen = [ranks[plan.name] if ranks is not None else self.compressor.choose_ranks([plan], check=False)[0] for plan in plans]
+        return {plan.name: pair for plan, pair in zip(plans, self.compressor.build(plans, chosen))}
 
     def _share_layers(self, built: dict[str, tuple[LayerReport, nn.Module | None]], targets: Targets
                       ) -> dict[str, tuple[LayerReport, nn.Module | None]]:
@@ -394,11 +391,19 @@ def _block_targets(stack: BlockStack, targets: Targets) -> dict[int, Targets]:
     return by_block
 
 
-def layer_owners(targets: Targets, group: Group) -> dict[str, int]:
-    """The rank that factorizes each target: costs ``m * n * min(m, n)`` shared evenly."""
-    shapes = [tuple(weight_matrix(module).shape) for _, module in targets]
-    costs = [m * n * min(m, n) for m, n in shapes]
-    return dict(zip([name for name, _ in targets], group.owners(costs)))
+def layer_owners(targets: Targets, group: Group, together: dict[str, tuple] | None = None) -> dict[str, int]:
+    """The rank that factorizes each target: costs ``m * n * min(m, n)`` shared evenly; targets
+    with the same key in ``together`` (a mixture's experts that may share a basis) go to one rank."""
+    units: dict[object, list[str]] = {}
+    for name, _ in targets:
+        key = together[name][:2] if together and name in together else name
+        units.setdefault(key, []).append(name)
+    shapes = {name: tuple(weight_matrix(module).shape) for name, module in targets}
+    costs = [sum(shapes[n][0] * shapes[n][1] * min(shapes[n]) for n in names) for names in units.values()]
+    owners = {}
+    for names, owner in zip(units.values(), group.owners(costs)):
+        owners.update(dict.fromkeys(names, owner))
+    return owners
 
 
 def _frozen(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:

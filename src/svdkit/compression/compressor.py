@@ -41,6 +41,7 @@ from .methods import METHODS, Transform, factorize, plain_svd, transformed_spect
 from .plan import LayerPlan
 from .ranks import LayerCost, RankCandidate, choose_ranks
 from .report import LayerReport
+from .shared_basis import best_sharing
 from .statistics import LayerStats
 
 __all__ = ["LayerCompressor", "LayerSpectrum", "Recording", "TiedLayers"]
@@ -261,19 +262,61 @@ class LayerCompressor:
         """The rank of each candidate, None for dense (see :func:`~svdkit.compression.ranks.choose_ranks`)."""
         return choose_ranks(candidates, self.config, other_params=other_params, check=check)
 
+    def build(self, plans: Sequence[LayerPlan], ranks: Sequence[int | None]) -> list[tuple[LayerReport, nn.Module | None]]:
+        """Each plan's report row and rank-``k`` layer (None: it stays dense; the row says why);
+        with ``expert_basis="shared"``, a layer's experts share a factor where that leaves less
+        error at the same parameters (their rows say which)."""
+        built = []
+        for plan, k in zip(plans, ranks):
+            row = plan.report(k)
+            built.append((row, plan.build(row.rank) if row.rank is not None else None))
+        if self.config.expert_basis == "shared":
+            self._share_expert_bases(plans, [row.rank for row, _ in built], built)
+        return built
+
+    def _share_expert_bases(self, plans: Sequence[LayerPlan], ranks: list[int | None], built: list) -> None:
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, plan in enumerate(plans):
+            if plan.name in self.experts.groups:
+                container, projection, _ = self.experts.groups[plan.name]
+                groups.setdefault((container, projection), []).append(i)
+        for (container, _), members in groups.items():
+            shared = best_sharing([plans[i] for i in members], [ranks[i] for i in members])
+            if shared is None:
+                continue
+            first = None
+            for i in members:
+                plan, (row, _) = plans[i], built[i]
+                left, right = shared.factors[plan.name]
+                dtype = plan.module.weight.dtype
+                layer = low_rank_class(plan.module).from_factors(plan.module, left.to(dtype), right.to(dtype))
+                factor = "v" if shared.side == "right" else "u"
+                m, n = plan.shape
+                row.rank = shared.rank
+                row.params_after = shared.rank * (m if shared.side == "right" else n)
+                if first is None:
+                    first = layer
+                    row.params_after += shared.rank * (n if shared.side == "right" else m)
+                else:
+                    layer.share_factors_with(first, (factor,))
+                row.macs_after = shared.rank * (m + n)
+                row.predicted_error = None
+                row.method = f"{row.method}+shared-{shared.side}"
+                row.skip_reason = (f"shares its {shared.side} factor (rank {shared.rank}) with the {len(members)} experts of {container}: "
+                                   f"error {shared.error:.4g} vs {shared.separate_error:.4g} separately at equal parameters")
+                built[i] = (row, layer)
+
     def replace(self, out: nn.Module, plans: Sequence[LayerPlan], ranks: Sequence[int | None],
                 tied: TiedLayers | None = None) -> list[LayerReport]:
-        """Put each plan's rank-``k`` layer in ``out`` (in place; at every place the layer sits)
-        and return the report rows, tied followers included.
+        """Put each plan's layer (see :meth:`build`) in ``out`` (in place; at every place the layer
+        sits) and return the report rows, tied followers included.
 
         A layer stays dense (its row says why) when its rank is None or would not save
         parameters. A tied follower shares its primary's factors and counts no parameters.
         """
         followers = tied.followers if tied is not None else {}
         rows: list[LayerReport] = []
-        for plan, k in zip(plans, ranks):
-            row = plan.report(k)
-            new = plan.build(row.rank) if row.rank is not None else None
+        for plan, (row, new) in zip(plans, self.build(plans, ranks)):
             if new is not None:
                 replace_module(out, plan.name, new)
             rows.append(row)

@@ -104,6 +104,11 @@ class CompressConfig:
         after either pipeline (the dense model must be kept: not with ``inplace``); 0: none.
     heal_lr : float
         Learning rate of the distillation (Adam).
+    expert_basis : {"separate", "shared"}
+        A mixture's experts: each factorized on its own, or (``"shared"``) with one factor shared
+        by the experts of a layer and a small one each wherever that leaves less error at the
+        same parameters (measured per layer and projection, either side:
+        :mod:`svdkit.compression.shared_basis`).
     seed : int
     """
 
@@ -129,6 +134,7 @@ class CompressConfig:
     refit: int = 0
     heal_steps: int = 0
     heal_lr: float = 1e-4
+    expert_basis: Literal["separate", "shared"] = "separate"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -140,6 +146,8 @@ class CompressConfig:
             raise ValueError(f"budget: the fraction of parameters kept must be in (0, 1], got {self.budget!r}")
         if self.curvature != "auto" and self.curvature not in CURVATURES:
             raise ValueError(f"curvature: expected 'auto' or one of {sorted(CURVATURES)}, got {self.curvature!r}")
+        if self.expert_basis not in ("separate", "shared"):
+            raise ValueError(f"expert_basis: expected 'separate' or 'shared', got {self.expert_basis!r}")
         if self.pipeline not in ("auto", "model", "blocks"):
             raise ValueError(f"pipeline: expected 'auto', 'model' or 'blocks', got {self.pipeline!r}")
         if self.pipeline == "blocks" and self.refit:

@@ -68,7 +68,8 @@ def factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
 
     A layer that sits at several names (one module used twice) is described at its first name;
     every other name maps to ``{"same_as": first_name}``. A layer whose factors are another's
-    (tied weights) says so with ``"shares_factors_with": that_name``.
+    (tied weights) says so with ``"shares_factors_with": that_name``; one that shares only one
+    factor (experts with a shared basis) with ``"shares_factor": {"u" or "v": that_name}``.
     """
     first: dict[int, str] = {}
     factor_owner: dict[int, str] = {}
@@ -80,11 +81,19 @@ def factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
                 continue
             first[id(module)] = name
             layers[name] = module.spec()
-            factor = getattr(module, "u", None)
-            if factor is not None and id(factor) in factor_owner:
-                layers[name]["shares_factors_with"] = factor_owner[id(factor)]
-            elif factor is not None:
-                factor_owner[id(factor)] = name
+            owners = {}
+            for key in ("u", "v"):
+                factor = getattr(module, key, None)
+                if factor is None:
+                    continue
+                if id(factor) in factor_owner:
+                    owners[key] = factor_owner[id(factor)]
+                else:
+                    factor_owner[id(factor)] = name
+            if len(owners) == 2 and owners["u"] == owners["v"]:
+                layers[name]["shares_factors_with"] = owners["u"]
+            elif owners:
+                layers[name]["shares_factor"] = owners
     return layers
 
 
@@ -282,12 +291,14 @@ def _skeletons(model: nn.Module, layers: Mapping[str, Any], where: Path) -> dict
             top[name] = built[name]
         else:
             replace_module(owner, inner, built[name])
-        factor_owner = spec.get("shares_factors_with")
-        if factor_owner is not None:
+        shared = {"u": spec["shares_factors_with"], "v": spec["shares_factors_with"]} if "shares_factors_with" in spec else spec.get("shares_factor", {})
+        if not isinstance(shared, Mapping):
+            raise ValueError(f"saved layer {name}: 'shares_factor' must map 'u' or 'v' to a layer name, got {shared!r}")
+        for factor, factor_owner in shared.items():
             if not isinstance(built.get(factor_owner), LowRankLayer):
                 raise ValueError(f"saved layer {name} shares the factors of {factor_owner!r}, which is not described before it")
             try:
-                built[name].share_factors_with(built[factor_owner])
+                built[name].share_factors_with(built[factor_owner], (factor,))
             except TypeError as exc:
                 raise ValueError(f"saved layers {factor_owner} and {name} cannot share factors: {exc}") from None
     return top

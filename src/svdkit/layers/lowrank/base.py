@@ -60,8 +60,9 @@ class LowRankLayer(nn.Module):
     def to_dense(self) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__} must implement to_dense")  # pragma: no cover - abstract
 
-    def share_factors_with(self, other: "LowRankLayer") -> None:
-        """Use ``other``'s factor parameters (tied weights stay tied once factorized).
+    def share_factors_with(self, other: "LowRankLayer", factors: tuple[str, ...] = ("u", "v")) -> None:
+        """Use ``other``'s factor parameters: both (tied weights stay tied once factorized), or one
+        (``("v",)``: experts that share a basis).
 
         Both layers must keep their factors as ``u`` (m, r) and ``v`` (r, n) of the same shapes:
         :class:`LowRankLinear` and :class:`LowRankEmbedding` (an LM head tied to the input
@@ -72,11 +73,12 @@ class LowRankLayer(nn.Module):
         TypeError
             If the factors cannot be shared.
         """
-        mine = (getattr(self, "u", None), getattr(self, "v", None))
-        theirs = (getattr(other, "u", None), getattr(other, "v", None))
-        if any(p is None for p in (*mine, *theirs)) or [tuple(p.shape) for p in mine] != [tuple(p.shape) for p in theirs]:
-            raise TypeError(f"{type(self).__name__} cannot share the factors of {type(other).__name__}")
-        self.u, self.v = theirs  # type: ignore[assignment]
+        mine = [getattr(self, f, None) for f in factors]
+        theirs = [getattr(other, f, None) for f in factors]
+        if not factors or any(p is None for p in (*mine, *theirs)) or [tuple(p.shape) for p in mine] != [tuple(p.shape) for p in theirs]:
+            raise TypeError(f"{type(self).__name__} cannot share the factors {factors} of {type(other).__name__}")
+        for f, p in zip(factors, theirs):
+            setattr(self, f, p)
 
     @classmethod
     def refusal(cls, dense: nn.Module) -> str | None:
