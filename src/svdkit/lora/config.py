@@ -68,21 +68,23 @@ class LoRAConfig:
     Attributes
     ----------
     r : int or RankSpec
-        Adapter rank: an int ``>= 1`` (each layer also needs ``r <= min(out, in)``), or a typed spec resolved per layer on the spectrum of the init's
-        source matrix: ``Energy(0.9)`` / ``ErrorTol(0.1)`` on the weight's singular values for
-        ``gaussian``, ``kaiming``, ``pissa`` and ``milora``, on the target change's for
-        ``svd_delta`` and on the layer inputs' (square roots of the input Gram's eigenvalues)
-        for ``eva``; ``RankRatio`` / ``ParamRatio`` relative to the weight matrix's shape.
+        Adapter rank: an int ``>= 1`` (each layer also needs ``r <= min(out, in)``), or a typed
+        spec resolved per layer on the spectrum of the init's source matrix: ``Energy(0.9)`` /
+        ``ErrorTol(0.1)`` on the weight's singular values for ``gaussian``, ``kaiming``,
+        ``pissa`` and ``milora``, on the target change's for ``svd_delta`` and on the layer
+        inputs' (square roots of the input Gram's eigenvalues) for ``eva``; ``RankRatio`` /
+        ``ParamRatio`` relative to the weight matrix's shape.
     lora_alpha : float or None
-        Scaling numerator, ``> 0``; None means ``lora_alpha = r`` per layer (scaling 1). Scaling is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+        Scaling numerator, ``> 0``; None means ``lora_alpha = r`` per layer (scaling 1). Scaling
+        is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
     init_lora_weights : str or True
         A registered init (:func:`svdkit.lora.available_inits`): ``gaussian``, ``kaiming``,
         ``pissa``, ``milora``, ``svd_delta``, ``eva``. ``True`` is PEFT's default and means
         ``kaiming``.
     target_modules : str, tuple of str, or None
         PEFT-style selection: a regex matched against full names, a list of exact names or
-        dotted suffixes, ``"all-linear"`` (every Linear/Conv1D but the output
-        head), or None (every Linear, Conv1D and Conv2d but the output head).
+        dotted suffixes, ``"all-linear"`` (every Linear/Conv1D but the output head), or None
+        (every Linear, Conv1D and Conv2d but the output head).
     exclude_modules : str or tuple of str
         Same syntax (PEFT's ``exclude_modules``); matching layers are skipped.
     lora_dropout : float
