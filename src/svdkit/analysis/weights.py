@@ -201,12 +201,14 @@ def analyze_weights(
     if error is not None and not 0 <= error < 1:
         raise ValueError(f"error must be in [0, 1), got {error!r}")
     resolve_route(eigen_route, torch.float32)  # validates the name
-    if calibration is not None:
+    model = getattr(source, "module", None) if not hasattr(source, "named_modules") else source
+    if calibration is not None:  # before any work
+        if model is None:
+            raise ValueError("calibration= needs a model (an nn.Module or LoadedModel), not a state dict or files")
         from .whitened import verdict_transform
 
-        verdict_transform(verdict_method)  # before any work: an unknown or gradient method fails now
+        verdict_transform(verdict_method)  # an unknown method, or one that needs gradients, fails now
     start = time.perf_counter()
-    model = getattr(source, "module", None) if not hasattr(source, "named_modules") else source
     with contextlib.ExitStack() as files:
         items, skipped, streamed = collect_items(
             model if model is not None else source, files, target_modules=target_modules, exclude_modules=exclude_modules, kinds=kinds,
@@ -241,8 +243,6 @@ def analyze_weights(
             "stacked": batched and not streamed, "error": error,
             "verdict_rule": verdict_rule(error) + " (plain spectrum)" if error is not None else None}
     if calibration is not None:
-        if model is None:
-            raise ValueError("calibration= needs a model (an nn.Module or LoadedModel), not a state dict or files")
         from .whitened import add_whitened_verdicts
 
         meta["whitened"] = add_whitened_verdicts(source, records, calibration, forward, error, method=verdict_method, progress=progress)
