@@ -148,10 +148,3 @@ def test_extract_refuses_the_earlier_options(model_dirs, tmp_path, capsys, old, 
         main(["lora", "extract", str(base_dir), str(tuned_dir), "-o", str(tmp_path / "x"), *old])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-
-
-def test_the_svd_method_choices_are_linalgs():
-    from svdkit.cli.lora import SVD_METHODS as cli_choices
-    from svdkit.linalg import SVD_METHODS
-
-    assert cli_choices == SVD_METHODS

@@ -28,8 +28,8 @@ from ._common import (
 )
 
 DEFAULT_RANK = 16
-# svdkit.linalg.SVD_METHODS, spelled here so that `svdkit --help` does not import torch (a test
-# checks that the two agree).
+# svdkit.linalg.SVD_METHODS, spelled here so that `svdkit --help` does not import torch
+# (tests/test_vocabulary.py checks that every --svd-method offers exactly these).
 SVD_METHODS = ("auto", "exact", "randomized")
 DEFAULT_RANKS = (1, 4, 8, 16, 32)
 
