@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from svdkit.analysis.esd import eigenvalues
@@ -74,6 +74,7 @@ def test_metrics_match_numpy():
 
 
 @settings(max_examples=25, deadline=None)
+@example(m=27, n=32, rank=27, dtype=torch.float32, method="auto", seed=1254, small_gram32=True)  # 1.008x the threshold, zeroed
 @given(
     m=st.integers(1, 90), n=st.integers(1, 90), rank=st.integers(0, 90),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
@@ -105,7 +106,10 @@ def _check_against_numpy(m, n, rank, dtype, method, seed):
     resolution = 1e-6 if route == "gram32" else 1e-13
     lam = analyze_weights({"w": W}, eigen_route=method).spectrum(0)
     assert lam.shape == (min(m, n),) and (np.diff(lam) <= 0).all() and (lam >= 0).all()
-    np.testing.assert_allclose(lam, s**2, atol=resolution * s[0] ** 2 + 1e-300)
+    zeroed = (lam == 0) & (route == "gram32")  # gram32 reports what it computes below its resolution as 0
+    np.testing.assert_allclose(lam[~zeroed], (s**2)[~zeroed], atol=resolution * s[0] ** 2 + 1e-300)
+    # a value reported as 0 was computed below the threshold: it is at most the threshold plus that rounding
+    assert (s[zeroed] ** 2 <= 2 * resolution * s[0] ** 2).all()
     # Each eigenvalue is resolved to `resolution * lambda_max`, so their sum / lambda_max to min(m, n) times that.
     assert record["stable_rank"] == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-6, abs=min(m, n) * resolution)
     tol = record["rank_tolerance"] * s[0]
