@@ -168,7 +168,7 @@ def bench_model(name: str, rounds: int, with_ww: bool, method: str = "auto", wor
 
     def svdkit_round():
         nonlocal table
-        wall, cpu, table = timed(lambda: analyze_weights(svdkit_source, exclude=exclude, svd_method=method, workers=workers))
+        wall, cpu, table = timed(lambda: analyze_weights(svdkit_source, exclude_modules=exclude, eigen_route=method, workers=workers))
         svd_times.append(wall)
         svd_cpu.append(cpu)
 
@@ -189,7 +189,7 @@ def bench_model(name: str, rounds: int, with_ww: bool, method: str = "auto", wor
             line += f", WeightWatcher {ww_times[-1]:.2f} s (cpu {ww_cpu[-1]:.2f} s)"
         print(line, flush=True)
     result = {
-        "model": name, "svd_method": method, "layers": len(table), "excluded_like_ww": exclude,
+        "model": name, "eigen_route": method, "layers": len(table), "excluded_like_ww": exclude,
         "routes": sorted(set(table.column("route"))),
         "svdkit_s": svd_times, "svdkit_cpu_s": svd_cpu, "svdkit_median_s": statistics.median(svd_times),
         "svdkit_median_cpu_s": statistics.median(svd_cpu), "plain_svdvals_s": floor,
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["minilm", "gpt2"], choices=["minilm", "gpt2", "llama"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-ww", action="store_true", help="time svdkit alone")
-    parser.add_argument("--svd-method", default="auto", choices=["auto", "gram", "svd"], help="svdkit's eigenvalue route")
+    parser.add_argument("--eigen-route", default="auto", choices=["auto", "gram", "svd"], help="svdkit's eigenvalue route")
     parser.add_argument("--cache-dir", type=Path, help="where the LLaMA-shaped checkpoint is written (default: a temporary folder, removed)")
     parser.add_argument("--activations", action="store_true", help="also time MiniLM activation analysis on 512 sentences")
     parser.add_argument("--threads", type=int, help="limit torch and BLAS to this many threads (1: both tools single-threaded, svdkit with one worker)")
@@ -259,9 +259,9 @@ def _run(args, workers) -> int:
         for name in args.models:
             if cache is not None:
                 cache.mkdir(parents=True, exist_ok=True)
-            r = bench_model(name, args.rounds, not args.no_ww, args.svd_method, workers, cache)
+            r = bench_model(name, args.rounds, not args.no_ww, args.eigen_route, workers, cache)
             results["models"].append(r)
-            print(_summary_line(name, args.svd_method, r), flush=True)
+            print(_summary_line(name, args.eigen_route, r), flush=True)
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)

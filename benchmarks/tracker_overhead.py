@@ -130,9 +130,9 @@ def run_workload(
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         tracker = None
         if config == "fast":
-            tracker = SpectralTracker(model, every=1, targets=targets, mode="fast", **(fast_options or {})).attach(optimizer)
+            tracker = SpectralTracker(model, every=1, target_modules=targets, mode="fast", **(fast_options or {})).attach(optimizer)
         elif config == "full":
-            tracker = SpectralTracker(model, every=block, targets=targets, mode="full").attach(optimizer)
+            tracker = SpectralTracker(model, every=block, target_modules=targets, mode="full").attach(optimizer)
         configs[config] = {"model": model, "optimizer": optimizer, "tracker": tracker, "times": [], "cpu": []}
 
     def sync() -> None:

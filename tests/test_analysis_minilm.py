@@ -42,7 +42,7 @@ def test_weights_of_minilm(minilm):
     assert {r["verdict"] for r in linear} <= {"keep_dense", "marginal"}
     # fp64 SVD as the reference for the default route on trained, ill-conditioned weights.
     for name in ("0.attention.self.key", "0.intermediate.dense", "0.output.dense"):
-        reference = analyze_weights(minilm.module, targets=[name], svd_method="svd")[0]
+        reference = analyze_weights(minilm.module, target_modules=[name], eigen_route="svd")[0]
         fast = table["0.model.encoder.layer." + name]
         assert fast["route"] == "gram"  # small matrices: the float64 Gram costs nothing
         for key in ("alpha", "stable_rank", "log_norm", "log_spectral_norm", "effective_rank", "rank", "verdict_rank"):
@@ -64,7 +64,7 @@ def test_whitened_verdict_tells_compressions_story(minilm):
     verdicts of the two spectra say so under the same rule."""
     from svdkit.data import builtin_sentences
 
-    table = analyze_weights(minilm, targets=r".*encoder\.layer\.[0-5]\..*", calibration=builtin_sentences("topics")[:32])
+    table = analyze_weights(minilm, target_modules=r".*encoder\.layer\.[0-5]\..*", calibration=builtin_sentences("topics")[:32])
     assert len(table) == 36 and table.meta["whitened"]["layers"] == 36
     plain = [r["verdict_params"] for r in table]
     whitened = [r["whitened_verdict_params"] for r in table]
@@ -83,15 +83,16 @@ def test_cli_analyze_end_to_end(minilm, sentences, tmp_path, monkeypatch, capsys
     code = main(["analyze", "minilm", "--targets", "0.attention.self.query", "layer.0.output.dense", "--activations",
                  "--data", str(data), "--format", "json", "--output", str(out), "--plots", str(tmp_path / "png"),
                  "--html", str(tmp_path / "r.html"), "--json", str(tmp_path / "also.json"), "--no-progress",
-                 "--error", "0.3", "--svd-method", "gram"])
+                 "--error", "0.3", "--eigen-route", "gram", "--hook", "encoder.layer.0", "encoder.layer.5"])
     assert code == 0
     payload = json.loads(out.read_text())
     assert json.loads((tmp_path / "also.json").read_text()) == payload
     assert [r["name"] for r in payload["weights"]["layers"]] == [
         "0.model.encoder.layer.0.attention.self.query", "0.model.encoder.layer.0.output.dense"]
     assert all(r["whitened_verdict"] in ("compress", "marginal", "keep_dense") for r in payload["weights"]["layers"])
-    assert payload["weights"]["meta"]["error"] == 0.3 and payload["weights"]["meta"]["svd_method"] == "gram"
-    assert len(payload["activations"]["layers"]) == 6
+    assert payload["weights"]["meta"]["error"] == 0.3 and payload["weights"]["meta"]["eigen_route"] == "gram"
+    # --hook picks the modules whose outputs are analysed, apart from --targets (the weight table's matrices)
+    assert [r["name"] for r in payload["activations"]["layers"]] == ["0.model.encoder.layer.0", "0.model.encoder.layer.5"]
     assert (tmp_path / "r.html").read_text().count("<img") >= 4
     assert main(["analyze", "minilm", "--targets", "pooler.dense", "query", "--format", "csv", "--no-progress"]) == 0
     assert capsys.readouterr().out.startswith("name,kind,view")
@@ -113,7 +114,9 @@ def test_cli_weights_only_safetensors(tmp_path, capsys):
     (["--json", "/nonexistent/dir/out.json"], "cannot write /nonexistent/dir/out.json"),
     (["--targets", "nothing.like.this"], "match no weight"),
     (["--error", "2"], "expected a relative error in [0, 1)"),
-    (["--svd-method", "fast"], "invalid choice: 'fast'"),
+    (["--eigen-route", "fast"], "invalid choice: 'fast'"),
+    (["--svd-method", "gram"], "unrecognized arguments: --svd-method"),  # now --eigen-route
+    (["--layers", "encoder.layer.0"], "unrecognized arguments: --layers"),  # now --hook
 ])
 def test_cli_user_errors_are_one_line(tmp_path, capsys, argv, message):
     safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -88,7 +88,7 @@ def _compare(table, ww, columns):
 def test_every_weightwatcher_column_matches_on_trained_digits_models(trained_cnn, trained_mlp):
     for model, layers in ((trained_cnn, 4), (trained_mlp, 3)):
         ww, _ = _ww(model, mp_fit=True)
-        table = analyze_weights(model, conv2d="slices", mp_fit=True, svd_method="gram")
+        table = analyze_weights(model, conv2d="slices", mp_fit=True, eigen_route="gram")
         matched = _compare(table, ww, WW_COLUMNS)
         assert len(matched) == layers == len(ww)
         for record in matched:  # WeightWatcher's spectral_norm is lambda_max = sigma_max**2, not sigma_max

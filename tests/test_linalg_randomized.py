@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from linalg_helpers import optimal_error, power_law, spectrum_tensor
 from svdkit.linalg import randomized as randomized_module
-from svdkit.linalg import randomized_svd, svd
+from svdkit.linalg import layer_seed, randomized_svd, svd
 from svdkit.linalg.randomized import AUTO_MAX_N_ITER, AUTO_TOL
 
 
@@ -427,6 +427,22 @@ def test_seed_range_and_integer_types():
     assert torch.equal(randomized_svd(A, 3, seed=np.int64(7)).S, randomized_svd(A, 3, seed=7).S)
     randomized_svd(A, 3, seed=-1)  # negative seeds are valid generator seeds
     randomized_svd(A, 3, seed=2**64 - 1)
+
+
+def test_layer_seed_is_one_formula_and_always_a_valid_seed():
+    assert [layer_seed(0, i) for i in range(3)] == [0, 1, 2]
+    assert layer_seed(3, 2) == 3 * 1_000_003 + 2 and layer_seed(np.int64(3), np.int64(2)) == layer_seed(3, 2)
+    for seed in (-1, -(2**63), 2**62, 2**64 - 1):  # any 64-bit seed, also those whose product overflows 64 bits
+        for index in (0, 7):
+            value = layer_seed(seed, index)
+            assert 0 <= value < 2**63 - 1 and value == (seed * 1_000_003 + index) % (2**63 - 1)
+            torch.Generator().manual_seed(value)
+    assert len({layer_seed(11, i) for i in range(1000)}) == 1000  # distinct per layer
+    for seed, index in ((1.5, 0), (True, 0), (0, 1.0), ("1", 0)):
+        with pytest.raises(TypeError, match="layer_seed: (seed|index) must be an int"):
+            layer_seed(seed, index)
+    with pytest.raises(ValueError, match="index must be >= 0, got -1"):
+        layer_seed(0, -1)
 
 
 def test_half_precision_result_that_overflows_raises():

@@ -114,6 +114,11 @@ def test_shared_options_targets_error_svd_method_and_json_file(model_dirs, tmp_p
     assert main(["lora", "extract", str(base_dir), str(tuned_dir), "-o", str(tmp_path / "b"), "--rank", "2",
                  "--svd-method", "randomized", "--targets", r"h\.1\..*"]) == 0
     assert json.loads((tmp_path / "b" / "extraction_report.json").read_text())["svd_method"] == "randomized"
+    assert main(["lora", "extract", str(base_dir), str(tuned_dir), "-o", str(tmp_path / "c"), "--rank", "2",
+                 "--svd-method", "auto", "--lora-alpha", "4", "--targets", "c_attn", "--exclude", "h.0.attn.c_attn"]) == 0
+    assert json.loads((tmp_path / "c" / "extraction_report.json").read_text())["svd_method"] == "auto"
+    adapter = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
+    assert adapter["lora_alpha"] == 4 and adapter["target_modules"] == ["h.1.attn.c_attn"]
     assert main(["lora", "analyze", str(base_dir), str(tuned_dir), "--ranks", "1", "3", "--json", str(tmp_path / "s.json")]) == 0
     assert list(json.loads((tmp_path / "s.json").read_text())["layers"][0]["rank_errors"]) == ["1", "3"]
 
@@ -131,3 +136,15 @@ def test_user_errors_end_without_a_traceback_and_before_any_work(model_dirs, tmp
     assert main(["lora", "extract", str(base_dir), str(tuned_dir), "-o", str(out), "--json", str(not_a_folder / "r.json")]) == 1
     assert f"cannot write {not_a_folder / 'r.json'}" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("old, message", [
+    (["--alpha", "4"], "unrecognized arguments: --alpha 4"),  # now --lora-alpha
+    (["--svd-method", "gram"], "invalid choice: 'gram'"),  # an eigenvalue route of svdkit analyze, not an SVD method
+])
+def test_extract_refuses_the_earlier_options(model_dirs, tmp_path, capsys, old, message):
+    base_dir, tuned_dir, _, _ = model_dirs
+    with pytest.raises(SystemExit) as exit_info:
+        main(["lora", "extract", str(base_dir), str(tuned_dir), "-o", str(tmp_path / "x"), *old])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

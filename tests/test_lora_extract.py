@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from svdkit.linalg import Energy, ErrorTol
+from svdkit.linalg import Energy, ErrorTol, layer_seed, truncated_svd, uses_randomized
 from svdkit.lora import (
     add_lora,
     analyze_deltas,
@@ -53,7 +53,7 @@ def _ids():
 
 def test_rank_r_change_is_recovered_to_float32_precision(pair):
     base, tuned, ranks = pair
-    model, report = extract_lora(base, tuned, rank=5)
+    model, report = extract_lora(base, tuned, r=5)
     deltas = weight_deltas(base, tuned)
     for name, layer in lora_layers(model):
         delta = deltas[name]
@@ -69,19 +69,19 @@ def test_rank_r_change_is_recovered_to_float32_precision(pair):
 def test_extraction_leaves_both_models_alone(pair):
     base, tuned, _ = pair
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    extract_lora(base, tuned, rank=2)
+    extract_lora(base, tuned, r=2)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
     assert not any(isinstance(m, nn.Module) and type(m).__name__.startswith("LoRA") for m in base.modules())
 
 
 def test_truncated_extraction_reports_energy_and_needed_ranks(pair):
     base, tuned, ranks = pair
-    model, report = extract_lora(base, tuned, rank=2)
+    model, report = extract_lora(base, tuned, r=2)
     deltas = weight_deltas(base, tuned)
     for entry in report.layers:
         S = torch.linalg.svdvals(deltas[entry.name])
         kept = float(S[:2].square().sum() / S.square().sum())
-        assert entry.rank == 2 and entry.alpha == 2.0
+        assert entry.rank == 2 and entry.lora_alpha == 2.0
         assert entry.energy_captured == pytest.approx(kept, rel=1e-9)
         assert entry.relative_error == pytest.approx(math.sqrt(1 - kept), abs=1e-7)
         assert entry.rank_99 <= ranks[entry.name] and entry.rank_90 <= entry.rank_99
@@ -94,9 +94,9 @@ def test_truncated_extraction_reports_energy_and_needed_ranks(pair):
 
 def test_energy_and_error_tolerance_specs_pick_ranks_per_layer(pair):
     base, tuned, ranks = pair
-    _, full = extract_lora(base, tuned, rank=Energy(1 - 1e-9))  # float32 rounding leaves a ~1e-14 tail
+    _, full = extract_lora(base, tuned, r=Energy(1 - 1e-9))  # float32 rounding leaves a ~1e-14 tail
     assert {e.name: e.rank for e in full.layers} == ranks
-    model, report = extract_lora(base, tuned, rank=ErrorTol(0.3))
+    model, report = extract_lora(base, tuned, r=ErrorTol(0.3))
     for entry in report.layers:
         assert entry.relative_error <= 0.3 + 1e-9
         assert entry.rank <= ranks[entry.name]
@@ -106,19 +106,41 @@ def test_energy_and_error_tolerance_specs_pick_ranks_per_layer(pair):
 
 def test_randomized_extraction_matches_exact(pair):
     base, tuned, _ = pair
-    exact, _ = extract_lora(base, tuned, rank=5)
-    fast, report = extract_lora(base, tuned, rank=5, svd_method="randomized")
+    exact, _ = extract_lora(base, tuned, r=5)
+    fast, report = extract_lora(base, tuned, r=5, svd_method="randomized")
     for (name, a), (_, b) in zip(lora_layers(exact), lora_layers(fast)):
         torch.testing.assert_close(a.delta_weight(), b.delta_weight(), rtol=0, atol=1e-5)
     assert report.svd_method == "randomized"
     with pytest.raises(ValueError, match="needs each layer's full spectrum"):
-        extract_lora(base, tuned, rank=Energy(0.9), svd_method="randomized")
+        extract_lora(base, tuned, r=Energy(0.9), svd_method="randomized")
+    # "auto" (LoRAConfig's value set): randomized where the rank is below a tenth of min(out, d) = 64
+    for rank, reference in ((5, fast), (7, extract_lora(base, tuned, r=7, svd_method="exact")[0])):
+        auto, auto_report = extract_lora(base, tuned, r=rank, svd_method="auto")
+        assert auto_report.svd_method == "auto"
+        for (name, a), (_, b) in zip(lora_layers(auto), lora_layers(reference)):
+            assert uses_randomized("auto", rank, a.matrix_shape) == (rank == 5), name
+            torch.testing.assert_close(a.delta_weight(), b.delta_weight(), rtol=0, atol=0)
+
+
+def test_randomized_extraction_seeds_layer_i_with_layer_seed(pair):
+    base, tuned, _ = pair
+    seed = 2**62  # seed * 1_000_003 overflows 64 bits: layer_seed keeps it a valid generator seed
+    model, _ = extract_lora(base, tuned, r=3, svd_method="randomized", seed=seed)
+    deltas = weight_deltas(base, tuned)
+    changed = [name for name, delta in deltas.items() if bool(delta.any())]
+    assert [name for name, _ in lora_layers(model)] == changed
+    for index, (name, delta) in enumerate(deltas.items()):  # the index counts every selected layer
+        if name not in changed:
+            continue
+        (U, S, Vh), _ = truncated_svd(delta, 3, svd_method="randomized", seed=layer_seed(seed, index))
+        layer = model.get_submodule(name)
+        torch.testing.assert_close(layer.delta_weight().double(), (U * S) @ Vh, rtol=0, atol=1e-6)
 
 
 def test_alpha_sets_the_scaling_but_not_the_update(pair):
     base, tuned, _ = pair
-    a, _ = extract_lora(base, tuned, rank=4)
-    b, _ = extract_lora(base, tuned, rank=4, alpha=16)
+    a, _ = extract_lora(base, tuned, r=4)
+    b, _ = extract_lora(base, tuned, r=4, lora_alpha=16)
     assert b.h[0].attn.c_attn.scaling == 4.0
     torch.testing.assert_close(a.h[0].attn.c_attn.delta_weight(), b.h[0].attn.c_attn.delta_weight(), rtol=1e-5, atol=1e-6)
 
@@ -126,10 +148,11 @@ def test_alpha_sets_the_scaling_but_not_the_update(pair):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"rank": 65}, "rank 65 exceeds min\\(out, in\\) = 64 of layer"),
-        ({"rank": 0}, "rank must be >= 1"),
-        ({"rank": 4, "alpha": 0}, "alpha must be a finite number > 0"),
-        ({"rank": "16"}, "rank must be an int or a rank spec"),
+        ({"r": 65}, "rank 65 exceeds min\\(out, in\\) = 64 of layer"),
+        ({"r": 0}, "r must be >= 1"),
+        ({"r": 4, "lora_alpha": 0}, "lora_alpha must be a finite number > 0"),
+        ({"r": "16"}, "r must be an int or a rank spec"),
+        ({"r": 4, "svd_method": "fast"}, r"svd_method must be one of \('auto', 'exact', 'randomized'\)"),
     ],
 )
 def test_bad_extraction_arguments(pair, kwargs, match):
@@ -144,26 +167,26 @@ def test_different_architectures_are_refused(pair):
     base, _, _ = pair
     wider = GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0))
     with pytest.raises(ValueError, match="different architectures: layer 'h.0.attn.c_attn'"):
-        extract_lora(base, wider, rank=2)
+        extract_lora(base, wider, r=2)
     deeper = GPT2Model(GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0))
     with pytest.raises(ValueError, match="only in the fine-tuned model: \\['h.2"):
-        extract_lora(base, deeper, rank=2)
+        extract_lora(base, deeper, r=2)
     llama = LlamaModel(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                    vocab_size=100, bos_token_id=0, eos_token_id=0, pad_token_id=0))
     with pytest.raises(ValueError, match="GPT2Model vs LlamaModel"):
-        extract_lora(base, llama, rank=2)
+        extract_lora(base, llama, r=2)
 
 
 def test_identical_models_have_nothing_to_extract(pair):
     base, _, _ = pair
     with pytest.raises(ValueError, match="nothing to extract"):
-        extract_lora(base, copy.deepcopy(base), rank=2)
+        extract_lora(base, copy.deepcopy(base), r=2)
 
 
 def test_models_with_adapters_must_be_merged_first(pair):
     base, tuned, _ = pair
     with pytest.raises(ValueError, match="merge_and_unload"):
-        extract_lora(base, add_lora(tuned, ["c_attn"], rank=2), rank=2)
+        extract_lora(base, add_lora(tuned, ["c_attn"], r=2), r=2)
 
 
 def test_delta_spectrum_matches_numpy():

@@ -90,7 +90,7 @@ def test_pissa_on_a_nan_weight_names_the_layer_and_changes_nothing(mlp, inplace)
         mlp.fc2.weight[3, 4] = float("nan")
     before = _state(mlp)
     with pytest.raises(ValueError, match="layer 'fc2': its weight holds 1 non-finite value.*init 'pissa' needs it finite"):
-        add_lora(mlp, None, r=4, init="pissa", inplace=inplace)
+        add_lora(mlp, None, r=4, init_lora_weights="pissa", inplace=inplace)
     _assert_unchanged(mlp, before)
 
 
@@ -124,7 +124,7 @@ def failing_init():
 def test_a_failing_init_in_place_is_rolled_back(mlp, failing_init):
     before = _state(mlp)
     with pytest.raises(ValueError, match="init 'test_fails_second' failed on layer 'fc2': boom"):
-        add_lora(mlp, None, r=2, init=failing_init, inplace=True)
+        add_lora(mlp, None, r=2, init_lora_weights=failing_init, inplace=True)
     assert isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)
     _assert_unchanged(mlp, before, atol=1e-6)  # the moved part is added back (float rounding)
 
@@ -229,36 +229,36 @@ def test_eva_with_wrong_shape_data_names_the_layer_and_the_batch(mlp):
     batches = [torch.randn(8, 24), torch.randn(8, 20)]
     before = _state(mlp)
     with pytest.raises(ValueError, match=r"calibration batch 1 reaches layer 'fc1' as a tensor of shape \(8, 20\), but the layer takes 24 input features"):
-        add_lora(mlp, None, r=2, init="eva", calibration=batches)
+        add_lora(mlp, None, r=2, init_lora_weights="eva", calibration=batches)
     _assert_unchanged(mlp, before)
     assert not mlp.fc1._forward_pre_hooks  # every hook removed
 
 
 def test_eva_with_integer_or_nan_data_names_the_layer(mlp):
     with pytest.raises(ValueError, match="calibration batch 0 reaches layer 'fc1' as torch.int64"):
-        add_lora(mlp, None, r=2, init="eva", calibration=[torch.ones(4, 24, dtype=torch.long)])
+        add_lora(mlp, None, r=2, init_lora_weights="eva", calibration=[torch.ones(4, 24, dtype=torch.long)])
     bad = torch.randn(8, 24)
     bad[2, 3] = float("nan")
     with pytest.raises(ValueError, match="batch 0.*layer '?fc1'?.*NaN"):
-        add_lora(mlp, None, r=2, init="eva", calibration=[bad])
+        add_lora(mlp, None, r=2, init_lora_weights="eva", calibration=[bad])
     from svdkit.calibrate import GramStats
 
     stats = GramStats.zeros(24)
     stats.gram[0, 0] = float("nan")
     with pytest.raises(ValueError, match="layer 'fc1': its input statistics hold NaN/Inf.*init 'eva' needs it finite"):
-        add_lora(mlp, ["fc1"], r=2, init="eva", input_stats={"fc1": stats})
+        add_lora(mlp, ["fc1"], r=2, init_lora_weights="eva", input_stats={"fc1": stats})
 
 
 def test_eva_on_a_conv_with_the_wrong_channels():
     model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
     with pytest.raises(ValueError, match=r"reaches layer '0' as a tensor of shape \(1, 5, 8, 8\), but the layer takes 3 input features"):
-        add_lora(model, None, r=2, init="eva", calibration=[torch.randn(1, 5, 8, 8)])
+        add_lora(model, None, r=2, init_lora_weights="eva", calibration=[torch.randn(1, 5, 8, 8)])
 
 
 def test_a_grouped_conv_is_refused_before_anything_is_wrapped():
     model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2))
     before = _state(model)
     with pytest.raises(ValueError, match="layer '1': LoRA on a grouped Conv2d"):
-        add_lora(model, None, r=2, init="pissa", inplace=True)
+        add_lora(model, None, r=2, init_lora_weights="pissa", inplace=True)
     _assert_unchanged(model, before)
     assert not any(isinstance(m, LoRALayer) for m in model.modules())

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from svdkit.calibrate import collect_input_stats
+from svdkit.linalg import layer_seed
 from svdkit.lora import (
     LoRAConfig,
     LoRALayer,
@@ -95,7 +96,7 @@ def test_inits_leave_outputs_unchanged(request, model_name, init, svd):
     ids = _ids()
     with torch.no_grad():
         y0 = model(ids).last_hidden_state
-        lora_model = add_lora(model, None, rank=4, alpha=8, init=init, svd_method=svd)
+        lora_model = add_lora(model, None, r=4, lora_alpha=8, init_lora_weights=init, svd_method=svd)
         y = lora_model(ids).last_hidden_state
     assert len(lora_layers(lora_model)) == (8 if model_name == "gpt2" else 14)
     assert _rel_dev(y, y0) <= 1e-5
@@ -103,7 +104,7 @@ def test_inits_leave_outputs_unchanged(request, model_name, init, svd):
 
 def test_pissa_adapter_is_the_principal_part(mlp):
     W = mlp.fc2.weight.detach().clone()
-    lora_model = add_lora(mlp, ["fc2"], rank=5, alpha=10, init="pissa", svd_method="exact")
+    lora_model = add_lora(mlp, ["fc2"], r=5, lora_alpha=10, init_lora_weights="pissa", svd_method="exact")
     layer = lora_model.fc2
     U, S, Vh = torch.linalg.svd(W.double())
     principal = (U[:, :5] * S[:5]) @ Vh[:5]
@@ -124,14 +125,14 @@ def test_randomized_pissa_captures_the_exact_subspace_on_a_decaying_spectrum():
     model = nn.Sequential(nn.Linear(200, 300, bias=False))
     with torch.no_grad():
         model[0].weight.copy_((U[:, :200] * S) @ V.T)
-    exact = add_lora(model, None, rank=8, init="pissa", svd_method="exact")[0]
-    fast = add_lora(model, None, rank=8, init="pissa", svd_method="randomized")[0]
+    exact = add_lora(model, None, r=8, init_lora_weights="pissa", svd_method="exact")[0]
+    fast = add_lora(model, None, r=8, init_lora_weights="pissa", svd_method="randomized")[0]
     torch.testing.assert_close(fast.delta_weight(), exact.delta_weight(), rtol=0, atol=1e-4)
 
 
 def test_milora_adapter_is_the_minor_part(mlp):
     W = mlp.fc2.weight.detach().clone()
-    layer = add_lora(mlp, ["fc2"], rank=3, init="milora").fc2
+    layer = add_lora(mlp, ["fc2"], r=3, init_lora_weights="milora").fc2
     U, S, Vh = torch.linalg.svd(W.double())
     minor = (U[:, -3:] * S[-3:]) @ Vh[-3:]
     torch.testing.assert_close(layer.delta_weight().double(), minor, rtol=0, atol=1e-5)
@@ -140,25 +141,31 @@ def test_milora_adapter_is_the_minor_part(mlp):
 
 def test_milora_refuses_randomized_svd():
     with pytest.raises(ValueError, match="svd_method='randomized' does not apply to init 'milora'"):
-        LoRAConfig(init="milora", svd_method="randomized")
+        LoRAConfig(init_lora_weights="milora", svd_method="randomized")
 
 
 def test_gaussian_init_is_seeded_with_zero_b(mlp):
-    a = add_lora(mlp, None, rank=4, init="gaussian", seed=7)
-    b = add_lora(mlp, None, rank=4, init="gaussian", seed=7)
-    c = add_lora(mlp, None, rank=4, init="gaussian", seed=8)
+    a = add_lora(mlp, None, r=4, init_lora_weights="gaussian", seed=7)
+    b = add_lora(mlp, None, r=4, init_lora_weights="gaussian", seed=7)
+    c = add_lora(mlp, None, r=4, init_lora_weights="gaussian", seed=8)
     A = a.fc1.lora_A.weight.detach()
     torch.testing.assert_close(A, b.fc1.lora_A.weight, rtol=0, atol=0)
     assert not torch.equal(A, c.fc1.lora_A.weight)
     assert not torch.equal(A, a.fc2.lora_A.weight.detach()[:, :24])  # layers draw different values
     assert torch.count_nonzero(a.fc1.lora_B.weight) == 0
     assert float(A.std()) == pytest.approx(1 / 4, rel=0.25)
+    for seed in (7, -3):  # layer i draws from svdkit.linalg.layer_seed(seed, i), negative seeds too
+        model = add_lora(mlp, None, r=4, init_lora_weights="gaussian", seed=seed)
+        for index, (name, layer) in enumerate(lora_layers(model)):
+            generator = torch.Generator().manual_seed(layer_seed(seed, index))
+            expected = torch.randn(layer.lora_A.weight.shape, generator=generator, dtype=torch.float64) / 4
+            torch.testing.assert_close(layer.lora_A.weight, expected.float(), rtol=0, atol=0)
 
 
 def test_svd_delta_is_the_best_rank_r_approximation(mlp):
     torch.manual_seed(1)
     delta = torch.randn(32, 32)
-    lora_model = add_lora(mlp, rank=6, alpha=3, init="svd_delta", deltas={"fc2": delta})
+    lora_model = add_lora(mlp, r=6, lora_alpha=3, init_lora_weights="svd_delta", deltas={"fc2": delta})
     assert [n for n, _ in lora_layers(lora_model)] == ["fc2"]
     U, S, Vh = torch.linalg.svd(delta.double())
     best = (U[:, :6] * S[:6]) @ Vh[:6]
@@ -173,16 +180,16 @@ def test_svd_delta_is_the_best_rank_r_approximation(mlp):
 
 def test_svd_delta_needs_a_delta_for_every_layer(mlp):
     with pytest.raises(ValueError, match="missing: fc1"):
-        add_lora(mlp, ["fc1", "fc2"], rank=2, init="svd_delta", deltas={"fc2": torch.zeros(32, 32)})
+        add_lora(mlp, ["fc1", "fc2"], r=2, init_lora_weights="svd_delta", deltas={"fc2": torch.zeros(32, 32)})
     with pytest.raises(ValueError, match="shape"):
-        add_lora(mlp, ["fc2"], rank=2, init="svd_delta", deltas={"fc2": torch.zeros(32, 24)})
+        add_lora(mlp, ["fc2"], r=2, init_lora_weights="svd_delta", deltas={"fc2": torch.zeros(32, 24)})
 
 
 def test_eva_uses_the_top_right_singular_vectors_of_the_inputs(mlp):
     torch.manual_seed(2)
     batches = [torch.randn(40, 24) @ torch.diag(torch.linspace(3, 0.1, 24)) for _ in range(3)]
     y0 = mlp(batches[0])
-    lora_model = add_lora(mlp, None, rank=4, init="eva", calibration=batches)
+    lora_model = add_lora(mlp, None, r=4, init_lora_weights="eva", calibration=batches)
     torch.testing.assert_close(lora_model(batches[0]), y0, rtol=0, atol=0)  # B = 0
     X = torch.cat(batches).double()
     _, _, Vh = torch.linalg.svd(X, full_matrices=False)
@@ -196,10 +203,10 @@ def test_eva_uses_the_top_right_singular_vectors_of_the_inputs(mlp):
 def test_eva_accepts_precomputed_stats_and_needs_data(mlp):
     batches = [torch.randn(30, 24)]
     stats = collect_input_stats(mlp, [("fc1", mlp.fc1)], batches)
-    lora_model = add_lora(mlp, ["fc1"], rank=2, init="eva", input_stats=stats)
+    lora_model = add_lora(mlp, ["fc1"], r=2, init_lora_weights="eva", input_stats=stats)
     assert lora_model.fc1.rank == 2
     with pytest.raises(ValueError, match="needs calibration data"):
-        add_lora(mlp, ["fc1"], rank=2, init="eva")
+        add_lora(mlp, ["fc1"], r=2, init_lora_weights="eva")
 
 
 def test_conv2d_pissa_and_eva_keep_outputs():
@@ -208,24 +215,24 @@ def test_conv2d_pissa_and_eva_keep_outputs():
     x = torch.randn(2, 3, 8, 8)
     y0 = model(x)
     for init in ("pissa", "eva"):
-        lora_model = add_lora(model, None, rank=3, init=init, calibration=[x])
+        lora_model = add_lora(model, None, r=3, init_lora_weights=init, calibration=[x])
         assert isinstance(lora_model.conv, LoRALayer)
         torch.testing.assert_close(lora_model(x), y0, rtol=1e-5, atol=1e-5)
 
 
 def test_add_lora_copies_by_default_and_is_inplace_on_request(mlp):
     W = mlp.fc1.weight.detach().clone()
-    lora_model = add_lora(mlp, None, rank=4, init="pissa")
+    lora_model = add_lora(mlp, None, r=4, init_lora_weights="pissa")
     assert lora_model is not mlp and isinstance(mlp.fc1, nn.Linear)
     torch.testing.assert_close(mlp.fc1.weight.detach(), W, rtol=0, atol=0)
     assert all(p.requires_grad for p in mlp.parameters())
-    same = add_lora(mlp, None, rank=4, init="pissa", inplace=True)
+    same = add_lora(mlp, None, r=4, init_lora_weights="pissa", inplace=True)
     assert same is mlp and isinstance(mlp.fc1, LoRALayer)
     assert not torch.equal(mlp.fc1.base_layer.weight.detach(), W)
 
 
 def test_only_adapters_are_trainable_and_gradients_flow(mlp):
-    lora_model = add_lora(mlp, None, rank=4, init="pissa")
+    lora_model = add_lora(mlp, None, r=4, init_lora_weights="pissa")
     trainable = {n for n, p in lora_model.named_parameters() if p.requires_grad}
     assert trainable == {f"{layer}.lora_{ab}.weight" for layer in ("fc1", "fc2", "head") for ab in "AB"}
     lora_model(torch.randn(3, 24)).square().sum().backward()
@@ -236,22 +243,22 @@ def test_only_adapters_are_trainable_and_gradients_flow(mlp):
 def test_adapter_state_dict_saves_and_loads(tmp_path, mlp):
     from safetensors.torch import load_file, save_file
 
-    lora_model = add_lora(mlp, None, rank=4, init="pissa", seed=3)
+    lora_model = add_lora(mlp, None, r=4, init_lora_weights="pissa", seed=3)
     with torch.no_grad():
         for _, layer in lora_layers(lora_model):
             layer.lora_B.weight.add_(0.1)
     state = lora_state_dict(lora_model)
     assert set(state) == {f"{l}.{k}" for l in ("fc1", "fc2", "head") for k in ("lora_A.weight", "lora_B.weight", "lora_A_init", "lora_B_init")}
     save_file(state, tmp_path / "adapter.safetensors")
-    fresh = add_lora(mlp, None, rank=4, init="pissa", seed=3)
+    fresh = add_lora(mlp, None, r=4, init_lora_weights="pissa", seed=3)
     load_lora_state_dict(fresh, load_file(tmp_path / "adapter.safetensors"))
     x = torch.randn(4, 24)
     torch.testing.assert_close(fresh(x), lora_model(x), rtol=0, atol=0)
 
 
 def test_load_state_dict_rejects_mismatches(mlp):
-    lora_model = add_lora(mlp, None, rank=4)
-    state = lora_state_dict(add_lora(mlp, None, rank=2))
+    lora_model = add_lora(mlp, None, r=4)
+    state = lora_state_dict(add_lora(mlp, None, r=2))
     with pytest.raises(ValueError, match="shape mismatch"):
         load_lora_state_dict(lora_model, state)
     with pytest.raises(ValueError, match="unexpected keys: other.lora_A.weight"):
@@ -260,7 +267,7 @@ def test_load_state_dict_rejects_mismatches(mlp):
 
 def test_merge_unmerge_and_unload_on_a_model(mlp):
     torch.manual_seed(0)
-    lora_model = add_lora(mlp, None, rank=4, init="gaussian")
+    lora_model = add_lora(mlp, None, r=4, init_lora_weights="gaussian")
     with torch.no_grad():
         for _, layer in lora_layers(lora_model):
             layer.lora_B.weight.normal_()
@@ -275,7 +282,7 @@ def test_merge_unmerge_and_unload_on_a_model(mlp):
 
 
 def test_merge_and_unload_safe_checks_before_writing(mlp):
-    lora_model = add_lora(mlp, None, rank=2)
+    lora_model = add_lora(mlp, None, r=2)
     with torch.no_grad():
         lora_model.head.lora_A.weight.fill_(float("nan"))
         lora_model.head.lora_B.weight.fill_(1.0)
@@ -288,26 +295,26 @@ def test_merge_and_unload_safe_checks_before_writing(mlp):
 
 def test_targets_follow_peft_semantics(gpt2):
     names = lambda m: [n for n, _ in lora_layers(m)]  # noqa: E731
-    assert names(add_lora(gpt2, ["c_attn"], rank=2)) == ["h.0.attn.c_attn", "h.1.attn.c_attn"]
-    assert names(add_lora(gpt2, r"h\.1\..*c_fc", rank=2)) == ["h.1.mlp.c_fc"]
-    assert len(names(add_lora(gpt2, "all-linear", rank=2, exclude=["c_proj"]))) == 4
+    assert names(add_lora(gpt2, ["c_attn"], r=2)) == ["h.0.attn.c_attn", "h.1.attn.c_attn"]
+    assert names(add_lora(gpt2, r"h\.1\..*c_fc", r=2)) == ["h.1.mlp.c_fc"]
+    assert len(names(add_lora(gpt2, "all-linear", r=2, exclude_modules=["c_proj"]))) == 4
     with pytest.raises(ValueError, match="no Linear, Conv1D or Conv2d layer"):
-        add_lora(gpt2, ["nope"], rank=2)
+        add_lora(gpt2, ["nope"], r=2)
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"rank": 40}, "rank 40 exceeds min\\(out, in\\) = 24 of layer 'fc1'"),
-        ({"rank": 4, "alpha": 0}, r"LoRAConfig.lora_alpha \(alpha\) must be a finite number > 0"),
-        ({"rank": 4, "alpha": -2.0}, "LoRAConfig.lora_alpha"),
-        ({"rank": 0}, r"LoRAConfig.r \(rank\) must be an int >= 1 or a rank spec such as Energy\(0.9\), got 0"),
-        ({"rank": 4, "dropout": 1.5}, "LoRAConfig.lora_dropout"),
-        ({"rank": 4, "svd_method": "fast"}, "LoRAConfig.svd_method must be one of"),
-        ({"rank": 4, "init": "olora"}, "unknown LoRA init 'olora'"),
-        ({"rank": 4, "rank_pattern": {"fc1": 0}}, r"LoRAConfig.rank_pattern\['fc1'\]"),
-        ({"rank": 4, "rank_pattern": {"fc_1": 2}}, r"rank_pattern: 1 key\(s\) match none of the 3 selected layers: 'fc_1' \(did you mean 'fc1'"),
-        ({"rank": 4, "alpha_pattern": {"heads": 2.0}}, r"alpha_pattern: .*'heads' \(did you mean 'head'"),
+        ({"r": 40}, "rank 40 exceeds min\\(out, in\\) = 24 of layer 'fc1'"),
+        ({"r": 4, "lora_alpha": 0}, r"LoRAConfig.lora_alpha must be a finite number > 0"),
+        ({"r": 4, "lora_alpha": -2.0}, "LoRAConfig.lora_alpha"),
+        ({"r": 0}, r"LoRAConfig.r must be an int >= 1 or a rank spec such as Energy\(0.9\), got 0"),
+        ({"r": 4, "lora_dropout": 1.5}, "LoRAConfig.lora_dropout"),
+        ({"r": 4, "svd_method": "fast"}, "LoRAConfig.svd_method must be one of"),
+        ({"r": 4, "init_lora_weights": "olora"}, "unknown LoRA init 'olora'"),
+        ({"r": 4, "rank_pattern": {"fc1": 0}}, r"LoRAConfig.rank_pattern\['fc1'\]"),
+        ({"r": 4, "rank_pattern": {"fc_1": 2}}, r"rank_pattern: 1 key\(s\) match none of the 3 selected layers: 'fc_1' \(did you mean 'fc1'"),
+        ({"r": 4, "alpha_pattern": {"heads": 2.0}}, r"alpha_pattern: .*'heads' \(did you mean 'head'"),
     ],
 )
 def test_bad_input_gives_clear_errors_and_modifies_nothing(mlp, kwargs, match):
@@ -320,22 +327,22 @@ def test_bad_input_gives_clear_errors_and_modifies_nothing(mlp, kwargs, match):
 
 
 def test_adding_twice_is_refused(mlp):
-    lora_model = add_lora(mlp, None, rank=2)
+    lora_model = add_lora(mlp, None, r=2)
     with pytest.raises(ValueError, match="already has 3 LoRA layer"):
-        add_lora(lora_model, None, rank=2)
+        add_lora(lora_model, None, r=2)
 
 
 def test_rank_and_alpha_patterns(mlp):
-    lora_model = add_lora(mlp, None, rank=4, alpha=8, rank_pattern={"head": 2}, alpha_pattern={"fc2": 1.0})
-    assert (lora_model.fc1.rank, lora_model.fc1.alpha) == (4, 8.0)
-    assert (lora_model.head.rank, lora_model.head.alpha) == (2, 8.0)
-    assert (lora_model.fc2.rank, lora_model.fc2.alpha) == (4, 1.0)
+    lora_model = add_lora(mlp, None, r=4, lora_alpha=8, rank_pattern={"head": 2}, alpha_pattern={"fc2": 1.0})
+    assert (lora_model.fc1.rank, lora_model.fc1.lora_alpha) == (4, 8.0)
+    assert (lora_model.head.rank, lora_model.head.lora_alpha) == (2, 8.0)
+    assert (lora_model.fc2.rank, lora_model.fc2.lora_alpha) == (4, 1.0)
 
 
 def test_config_round_trips_through_json():
     import json
 
-    config = LoRAConfig(rank=4, alpha=8, init="pissa", targets=["q", "v"], rank_pattern={"q": 2})
+    config = LoRAConfig(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=["q", "v"], rank_pattern={"q": 2})
     assert config.target_modules == ("q", "v")
     again = LoRAConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
@@ -344,7 +351,7 @@ def test_config_round_trips_through_json():
 
 
 def test_apply_lora_with_a_config_object(mlp):
-    config = LoRAConfig(rank=3, init="pissa", targets=("fc1",))
+    config = LoRAConfig(r=3, init_lora_weights="pissa", target_modules=("fc1",))
     lora_model = apply_lora(mlp, config)
     assert [n for n, _ in lora_layers(lora_model)] == ["fc1"]
     with pytest.raises(TypeError, match="LoRAConfig"):
@@ -365,7 +372,7 @@ def ones_init():
 
 
 def test_custom_init_is_one_registered_function(mlp, ones_init):
-    lora_model = add_lora(mlp, None, rank=2, init=ones_init)
+    lora_model = add_lora(mlp, None, r=2, init_lora_weights=ones_init)
     assert torch.all(lora_model.fc1.lora_A.weight == 1)
     assert ones_init in available_inits()
 

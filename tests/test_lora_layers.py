@@ -149,7 +149,7 @@ def test_rslora_scaling():
 def test_dropout_only_touches_the_adapter_path():
     torch.manual_seed(0)
     base = nn.Linear(10, 10)
-    layer = _filled(wrap_lora(base, 2, 2.0, dropout=0.5))
+    layer = _filled(wrap_lora(base, 2, 2.0, lora_dropout=0.5))
     x = torch.randn(64, 10)
     layer.eval()
     y_eval = layer(x)
@@ -163,12 +163,12 @@ def test_dropout_only_touches_the_adapter_path():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"rank": 9, "alpha": 1.0}, "rank 9 exceeds min"),
-        ({"rank": 0, "alpha": 1.0}, "rank must be an int >= 1"),
-        ({"rank": 2, "alpha": 0.0}, "alpha must be a finite number > 0"),
-        ({"rank": 2, "alpha": -1.0}, "alpha must be a finite number > 0"),
-        ({"rank": 2, "alpha": float("nan")}, "alpha"),
-        ({"rank": 2, "alpha": 1.0, "dropout": 1.0}, "dropout"),
+        ({"r": 9, "lora_alpha": 1.0}, "rank 9 exceeds min"),
+        ({"r": 0, "lora_alpha": 1.0}, r"r \(the adapter rank\) must be an int >= 1"),
+        ({"r": 2, "lora_alpha": 0.0}, "lora_alpha must be a finite number > 0"),
+        ({"r": 2, "lora_alpha": -1.0}, "lora_alpha must be a finite number > 0"),
+        ({"r": 2, "lora_alpha": float("nan")}, "lora_alpha"),
+        ({"r": 2, "lora_alpha": 1.0, "lora_dropout": 1.0}, "lora_dropout"),
     ],
 )
 def test_bad_wrapper_arguments_raise_clear_errors(kwargs, match):

@@ -40,7 +40,7 @@ def reference(minilm):
 
 @pytest.fixture(scope="module")
 def pissa_model(minilm):
-    return add_lora(minilm.module, None, rank=16, init="pissa", seed=0)
+    return add_lora(minilm.module, None, r=16, init_lora_weights="pissa", seed=0)
 
 
 def test_pissa_on_every_linear_leaves_embeddings_unchanged(minilm, reference, pissa_model):
@@ -78,7 +78,7 @@ def test_peft_round_trip_on_the_inner_bert(minilm, pissa_model, tmp_path):
 def test_eva_with_sentences(minilm, reference):
     batches = [SENTENCES[:2], SENTENCES[2:]]  # ~50 tokens: enough for rank 8, cheap to run
     model = add_lora(
-        minilm.module, ["query", "value"], rank=8, init="eva", calibration=batches, forward=minilm.forward
+        minilm.module, ["query", "value"], r=8, init_lora_weights="eva", calibration=batches, forward=minilm.forward
     )
     A = model[0].model.encoder.layer[0].attention.self.query.lora_A.weight.detach()
     torch.testing.assert_close(A @ A.T, torch.eye(8), rtol=0, atol=1e-5)

@@ -56,7 +56,7 @@ def _peft_load(original, directory):
 def test_round_trip_through_peft(tmp_path, base, init):
     _, model = base
     calibration = [{"input_ids": _ids()}]
-    lora_model = _train_a_little(add_lora(model, "all-linear", rank=4, alpha=8, init=init, calibration=calibration))
+    lora_model = _train_a_little(add_lora(model, "all-linear", r=4, lora_alpha=8, init_lora_weights=init, calibration=calibration))
     export_peft(lora_model, tmp_path, base_model_name_or_path="tiny-test-model")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
@@ -71,7 +71,7 @@ def test_round_trip_through_peft(tmp_path, base, init):
 @pytest.mark.parametrize("init", ["pissa", "milora"])
 def test_weight_moving_adapters_export_as_rank_2r_plain_lora(tmp_path, base, init):
     _, model = base
-    lora_model = _train_a_little(add_lora(model, None, rank=3, alpha=6, init=init, svd_method="exact"))
+    lora_model = _train_a_little(add_lora(model, None, r=3, lora_alpha=6, init_lora_weights=init, svd_method="exact"))
     export_peft(lora_model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["r"] == 6 and config["lora_alpha"] == 12  # scaling alpha / r unchanged
@@ -81,7 +81,7 @@ def test_weight_moving_adapters_export_as_rank_2r_plain_lora(tmp_path, base, ini
 
 def test_rslora_conversion_keeps_the_scaling(tmp_path, make_decoder):
     model = make_decoder("llama")
-    lora_model = _train_a_little(add_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8, init="pissa", use_rslora=True))
+    lora_model = _train_a_little(add_lora(model, ["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights="pissa", use_rslora=True))
     B, A, rank, alpha = peft_factors(lora_model.layers[0].self_attn.q_proj)
     assert rank == 8 and alpha == pytest.approx(8 * 2**0.5)
     export_peft(lora_model, tmp_path)
@@ -97,7 +97,7 @@ def test_mixed_ranks_use_rank_and_alpha_patterns(tmp_path, base):
                 p.add_(0.02 * torch.randn_like(p))
     from svdkit.linalg import Energy
 
-    lora_model, report = extract_lora(model, tuned, rank=Energy(0.5), exclude=["wte", "wpe", "embed_tokens"])
+    lora_model, report = extract_lora(model, tuned, r=Energy(0.5), exclude_modules=["wte", "wpe", "embed_tokens"])
     assert len({e.rank for e in report.layers}) > 1
     export_peft(lora_model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -129,14 +129,14 @@ def test_import_peft_reads_what_peft_writes(tmp_path, base):
 
 def test_import_refuses_an_adapter_for_another_model(tmp_path, make_decoder):
     small = _gpt2()
-    export_peft(_train_a_little(add_lora(small, None, rank=2)), tmp_path / "gpt2", base_model_name_or_path="gpt2-tiny")
+    export_peft(_train_a_little(add_lora(small, None, r=2)), tmp_path / "gpt2", base_model_name_or_path="gpt2-tiny")
     with pytest.raises(ValueError, match="made for 'gpt2-tiny'.*does not fit this model: it targets 'h.0.attn.c_attn'"):
         import_peft(tmp_path / "gpt2", make_decoder("llama"))
     wider = _gpt2(n_embd=32)
     with pytest.raises(ValueError, match="does not fit layer 'h.0.attn.c_attn' of this model: it has lora_A \\(2, 64\\)"):
         import_peft(tmp_path / "gpt2", wider)
     deeper_adapter = _gpt2(n_layer=3)
-    export_peft(add_lora(deeper_adapter, ["c_attn"], rank=2), tmp_path / "deep")
+    export_peft(add_lora(deeper_adapter, ["c_attn"], r=2), tmp_path / "deep")
     before = {k: v.clone() for k, v in small.state_dict().items()}
     with pytest.raises(ValueError, match="it targets 'h.2.attn.c_attn', which the model lacks"):
         import_peft(tmp_path / "deep", small, inplace=True)
@@ -166,7 +166,7 @@ def test_root_detection_and_explicit_root():
 def test_export_under_a_wrapper_writes_paths_relative_to_the_root(tmp_path):
     model = _gpt2()
     wrapper = torch.nn.Sequential(torch.nn.Identity(), copy.deepcopy(model))
-    lora_wrapper = _train_a_little(add_lora(wrapper, ["c_attn"], rank=2))
+    lora_wrapper = _train_a_little(add_lora(wrapper, ["c_attn"], r=2))
     export_peft(lora_wrapper, tmp_path)
     from safetensors.torch import load_file
 

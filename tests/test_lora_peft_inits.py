@@ -95,7 +95,7 @@ def _edited(tmp_path, base, **changes):
     from svdkit.lora import add_lora
 
     directory = tmp_path / "edited"
-    model = add_lora(base, None, rank=2)
+    model = add_lora(base, None, r=2)
     with torch.no_grad():
         for _, layer in lora_layers(model):
             layer.lora_B.weight.normal_(std=0.1)

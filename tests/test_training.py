@@ -178,11 +178,13 @@ def test_every_must_be_a_positive_int(every):
         TrajectoryRecorder(Mixed(), every=every)
 
 
-def test_targets_matching_nothing_name_the_targets():
-    with pytest.raises(ValueError, match=r"targets=\['attention'\].*select no layer of Mixed.*'wide'"):
-        SpectralTracker(Mixed(), targets=["attention"])
-    with pytest.raises(ValueError, match=r"targets='nope\.\*'"):
-        SpectralTracker(Mixed(), targets="nope.*")
+def test_target_modules_matching_nothing_name_the_selection():
+    with pytest.raises(ValueError, match=r"target_modules=\['attention'\].*select no layer of Mixed.*'wide'"):
+        SpectralTracker(Mixed(), target_modules=["attention"])
+    with pytest.raises(ValueError, match=r"target_modules='nope\.\*'"):
+        SpectralTracker(Mixed(), target_modules="nope.*")
+    with pytest.raises(ValueError, match=r"exclude_modules=\['wide'\]"):
+        SpectralTracker(Mixed(), target_modules=["wide"], exclude_modules=["wide"])
 
 
 def test_fast_mode_refuses_full_spectrum_metrics_without_full_every():

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibrate import output_tensor
 from .progress import ProgressLike, track
 
 __all__ = ["PerplexityResult", "greedy_continuation", "language_model_quality", "perplexity"]
@@ -76,8 +77,11 @@ def _device(model: nn.Module) -> torch.device:
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     out = model(input_ids=ids, use_cache=False)
-    logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
+    try:
+        logits = output_tensor(out)  # svdkit's one rule for the tensor a forward result stands for
+    except TypeError:
+        logits = None
+    if logits is None or logits.ndim != 3:
         raise TypeError(
             f"{type(model).__name__} did not return logits of shape (batch, seq, vocab): perplexity needs a causal "
             "language model (e.g. a transformers ...ForCausalLM)"
@@ -191,7 +195,7 @@ def language_model_quality(
     model: nn.Module,
     tokenizer: Any,
     *,
-    domains: Sequence[str] = ("in-domain", "other-domain"),
+    data: Sequence[str] = ("in-domain", "other-domain"),
     max_tokens: int = 24 * 512,
     seq_len: int = 512,
     stride: int | None = None,
@@ -204,9 +208,9 @@ def language_model_quality(
     model : nn.Module
         A causal language model.
     tokenizer : transformers tokenizer
-    domains : sequence of str
-        ``"in-domain"`` (the odd pydoc topics), ``"other-domain"`` (IDLE's documentation), or
-        paths of ``.txt`` / ``.pt`` files.
+    data : sequence of str
+        The texts scored: ``"in-domain"`` (the odd pydoc topics), ``"other-domain"`` (IDLE's
+        documentation), or paths of ``.txt`` / ``.pt`` files (``svdkit eval --data``).
     max_tokens : int
         Tokens of each text (the default, 24 windows of 512, is the field's usual size).
     seq_len, stride : int
@@ -215,7 +219,7 @@ def language_model_quality(
 
     Returns
     -------
-    dict of domain -> perplexity
+    dict of text (as named in ``data``) -> perplexity
     """
     from .tokens import evaluation_tokens
 
@@ -225,5 +229,5 @@ def language_model_quality(
             model, evaluation_tokens(domain, tokenizer, max_tokens=max_tokens, vocab_size=vocab),
             seq_len=seq_len, stride=stride, progress=progress,
         ).perplexity
-        for domain in domains
+        for domain in data
     }

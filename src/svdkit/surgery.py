@@ -2,9 +2,10 @@ r"""Select modules by name or type, the way PEFT users know, and replace them.
 
 This module is the one place where svdkit matches module names, with PEFT's documented rules:
 
-- **targets** (``target_modules``, ``exclude``): a string is a regular expression that must match
-  a module's full dotted name; a list matches a name exactly or as a dotted suffix (``"query"``
-  matches ``"encoder.layer.0.attention.self.query"``).
+- **targets** (``target_modules``, ``exclude_modules``): a string is a regular expression that
+  must match a module's full dotted name; a list matches a name exactly or as a dotted suffix
+  (``"query"`` matches ``"encoder.layer.0.attention.self.query"``, ``"uery"`` does not). This is
+  PEFT's ``check_target_module_exists``.
 - **patterns** (``rank_pattern``, ``alpha_pattern``): each key is a regular expression matched
   against the end of the name at a dot boundary (PEFT's ``get_pattern_key``:
   ``re.match(rf"(.*\.)?({key})$", name)``), so a plain suffix such as ``"q_proj"`` and a regex
@@ -39,13 +40,14 @@ __all__ = [
 TargetSpec = str | Sequence[str] | None
 
 
-def matches_target(name: str, targets: TargetSpec) -> bool:
-    """Whether a dotted module name is selected by a PEFT-style target spec (None selects all)."""
-    if targets is None:
+def matches_target(name: str, spec: TargetSpec) -> bool:
+    """Whether a dotted module name is selected by a PEFT-style ``target_modules`` or
+    ``exclude_modules`` spec (None selects all)."""
+    if spec is None:
         return True
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
 
 
 def pattern_key(patterns: Iterable[str], name: str) -> str | None:
@@ -138,7 +140,7 @@ def find_targets(
     model: nn.Module,
     target_modules: TargetSpec = None,
     *,
-    exclude: TargetSpec = (),
+    exclude_modules: TargetSpec = (),
     kinds: Iterable[str] | None = None,
     include_embeddings: bool = False,
     include_head: bool = False,
@@ -150,7 +152,7 @@ def find_targets(
     model : nn.Module
     target_modules : str, list of str, or None
         PEFT-style selection; None selects every supported module.
-    exclude : str or list of str
+    exclude_modules : str or list of str
         Same syntax; matching modules are dropped.
     kinds : iterable of str, optional
         View kinds to keep (``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"embedding"``).
@@ -181,7 +183,7 @@ def find_targets(
             continue
         if not matches_target(name, target_modules):
             continue
-        if exclude and matches_target(name, exclude):
+        if exclude_modules and matches_target(name, exclude_modules):
             continue
         if not explicit and view.kind == "embedding" and not include_embeddings:
             continue

@@ -16,7 +16,9 @@ output shape              ``"tokens"`` (default)      ``"pooled"``
 
 Padding tokens are left out when the batch carries an ``attention_mask`` (dict batches, or
 strings tokenized through a :class:`~svdkit.models.LoadedModel`). A module returning a tuple,
-list, dict or ``ModelOutput`` contributes its first tensor.
+list, dict or ``ModelOutput`` contributes the tensor :func:`svdkit.calibrate.output_tensor` finds
+in it (svdkit's one rule: a sentence embedding, logits or last hidden state by name, else the
+first floating-point tensor).
 
 Per layer, from the covariance eigenvalues ``lambda_1 >= ... >= lambda_d``:
 ``effective_rank`` (``exp`` of the entropy of the explained-variance ratios, svdkit's
@@ -36,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibrate import BatchRunner, NonFiniteData, run_batch
-from ..linalg import effective_rank, energy_rank
+from ..calibrate import BatchRunner, NonFiniteData, output_tensor, run_batch
+from ..linalg import effective_rank, energy_rank, gram_eigenvalues
 from ..progress import ProgressLike, track
 from ..surgery import matches_target
 from .covariance import CovarianceAccumulator, cka_from_scatter
@@ -63,7 +65,7 @@ def _module_of(model: Any) -> nn.Module:
 
 def select_modules(
     model: nn.Module,
-    targets: str | Sequence[str] | None = None,
+    target_modules: str | Sequence[str] | None = None,
     types: Sequence[type | str] | None = None,
 ) -> list[tuple[str, nn.Module]]:
     """Modules to hook, in model order.
@@ -71,7 +73,7 @@ def select_modules(
     Parameters
     ----------
     model : nn.Module
-    targets : str, list of str, or None
+    target_modules : str, list of str, or None
         PEFT-style names: a string is a regular expression matched against the full name; a list
         matches names exactly or as dotted suffixes.
     types : sequence of type or str, optional
@@ -80,7 +82,7 @@ def select_modules(
     Returns
     -------
     list of (name, module)
-        With neither ``targets`` nor ``types``: the blocks of the model's longest ``nn.ModuleList``
+        With neither ``target_modules`` nor ``types``: the blocks of the model's longest ``nn.ModuleList``
         (a transformer's layers, a ResNet stage's blocks), or, without one, the top-level children.
 
     Raises
@@ -89,7 +91,7 @@ def select_modules(
         If nothing matches (the message suggests names).
     """
     named = [(n, m) for n, m in model.named_modules() if n]
-    if targets is None and types is None:
+    if target_modules is None and types is None:
         lists = [(n, m) for n, m in named if isinstance(m, nn.ModuleList) and len(m) > 0]
         if lists:
             name, longest = max(lists, key=lambda nm: len(nm[1]))
@@ -97,7 +99,7 @@ def select_modules(
         return list(model.named_children())
     chosen = []
     for name, module in named:
-        if targets is not None and not matches_target(name, targets):
+        if target_modules is not None and not matches_target(name, target_modules):
             continue
         if types is not None and not any(
             (isinstance(t, str) and type(module).__name__ == t) or (isinstance(t, type) and isinstance(module, t)) for t in types
@@ -106,26 +108,8 @@ def select_modules(
         chosen.append((name, module))
     if not chosen:
         sample = ", ".join(n for n, _ in named[:6])
-        raise ValueError(f"no module matches targets={targets!r} types={types!r}; module names look like: {sample} ...")
+        raise ValueError(f"no module matches target_modules={target_modules!r} types={types!r}; module names look like: {sample} ...")
     return chosen
-
-
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict) or hasattr(output, "values"):
-        values = output.values() if callable(getattr(output, "values", None)) else []
-        for value in values:
-            found = _first_tensor(value)
-            if found is not None:
-                return found
-        return None
-    if isinstance(output, (list, tuple)):
-        for value in output:
-            found = _first_tensor(value)
-            if found is not None:
-                return found
-    return None
 
 
 def to_samples(name: str, out: torch.Tensor, mask: torch.Tensor | None, samples: str) -> torch.Tensor:
@@ -154,7 +138,7 @@ class _Batches:
     def __init__(self, model: Any, data: Any, forward: Callable | None, batch_size: int) -> None:
         if data is None:
             raise ValueError("data is None: pass a list of strings (with a model from svdkit.models.load_model), "
-                             "or an iterable of batches (tensors, dicts of tensors, (inputs, targets) pairs)")
+                             "or an iterable of batches (tensors, dicts of tensors, (inputs, labels) pairs)")
         if isinstance(data, (str, bytes)):
             raise TypeError(f"data must be a list of strings or an iterable of batches, not a single {type(data).__name__}")
         if not hasattr(data, "__iter__"):
@@ -184,12 +168,13 @@ class _Batches:
         return run_batch(module, batch)
 
 
-def _hook_outputs(targets, batches: _Batches, samples: str, sink: dict[str, torch.Tensor], runner: BatchRunner):
+def _hook_outputs(hooked, batches: _Batches, samples: str, sink: dict[str, torch.Tensor], runner: BatchRunner):
     def make(name: str):
         def hook(module, inputs, output):
-            out = _first_tensor(output)
-            if out is None:
-                raise ValueError(f"layer {name} ({type(module).__name__}) returned no tensor")
+            try:
+                out = output_tensor(output)
+            except TypeError:
+                raise ValueError(f"layer {name} ({type(module).__name__}) returned no tensor") from None
             X = to_samples(name, out.detach(), batches.mask, samples)
             if not bool(torch.isfinite(X).all()):
                 bad = int((~torch.isfinite(X)).sum())
@@ -198,7 +183,7 @@ def _hook_outputs(targets, batches: _Batches, samples: str, sink: dict[str, torc
             sink[name] = X
         return hook
 
-    return [module.register_forward_hook(make(name)) for name, module in targets]
+    return [module.register_forward_hook(make(name)) for name, module in hooked]
 
 
 def activation_metrics(acc: CovarianceAccumulator, top_k: int = 10) -> tuple[dict[str, Any], np.ndarray]:
@@ -210,8 +195,8 @@ def activation_metrics(acc: CovarianceAccumulator, top_k: int = 10) -> tuple[dic
     lam : ndarray of shape (d,)
         Covariance eigenvalues, descending.
     """
-    lam = torch.linalg.eigvalsh(acc.covariance()).flip(0).clamp_min(0).cpu().numpy()
-    raw = torch.linalg.eigvalsh(acc.second_moment()).flip(0).clamp_min(0).sqrt().cpu().numpy()
+    lam = gram_eigenvalues(acc.covariance()).cpu().numpy()
+    raw = gram_eigenvalues(acc.second_moment()).sqrt().cpu().numpy()
     total = float(lam.sum())
     ratio = lam / total if total > 0 else np.zeros_like(lam)
     cum = np.cumsum(ratio)
@@ -238,7 +223,7 @@ def activation_metrics(acc: CovarianceAccumulator, top_k: int = 10) -> tuple[dic
 def analyze_activations(
     model: Any,
     data: Any,
-    targets: str | Sequence[str] | None = None,
+    target_modules: str | Sequence[str] | None = None,
     *,
     types: Sequence[type | str] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
@@ -255,10 +240,11 @@ def analyze_activations(
     ----------
     model : nn.Module or LoadedModel
     data : list of str, or iterable of batches
-        Strings need a :class:`~svdkit.models.LoadedModel`; batches are tensors, dicts of tensors
-        (``attention_mask`` masks padding) or (inputs, targets) pairs.
-    targets : str or list of str, optional
-        Module names (PEFT-style; see :func:`select_modules`).
+        The data whose representations are analysed. Strings need a
+        :class:`~svdkit.models.LoadedModel`; batches are tensors, dicts of tensors
+        (``attention_mask`` masks padding) or (inputs, labels) pairs.
+    target_modules : str or list of str, optional
+        Names of the modules to hook (PEFT-style; see :func:`select_modules`).
     types : sequence of type or str, optional
         Module classes to hook.
     forward : callable, optional
@@ -299,7 +285,7 @@ def analyze_activations(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     start = time.perf_counter()
     module = _module_of(model)
-    chosen = select_modules(module, targets, types)
+    chosen = select_modules(module, target_modules, types)
     names = [n for n, _ in chosen]
     batches = _Batches(model, data, forward, batch_size)
     sink: dict[str, torch.Tensor] = {}
@@ -380,7 +366,7 @@ def compare_activations(
     model_a: Any,
     model_b: nn.Module | Any,
     data: Any,
-    targets: str | Sequence[str] | None = None,
+    target_modules: str | Sequence[str] | None = None,
     *,
     types: Sequence[type | str] | None = None,
     samples: str = "tokens",
@@ -395,7 +381,7 @@ def compare_activations(
         The reference (for strings, its tokenizer feeds both models).
     model_b : nn.Module or LoadedModel
         E.g. a compressed copy; it must have modules of the same names.
-    data, targets, types, samples, batch_size, progress
+    data, target_modules, types, samples, batch_size, progress
         As for :func:`analyze_activations`.
 
     Returns
@@ -408,7 +394,7 @@ def compare_activations(
         raise ValueError(f"samples must be 'tokens' or 'pooled', got {samples!r}")
     start = time.perf_counter()
     mod_a, mod_b = _module_of(model_a), _module_of(model_b)
-    chosen = select_modules(mod_a, targets, types)
+    chosen = select_modules(mod_a, target_modules, types)
     names = [n for n, _ in chosen]
     try:
         chosen_b = [(n, mod_b.get_submodule(n)) for n in names]

@@ -1,7 +1,8 @@
 """Empirical spectral densities: the eigenvalues ``lambda = s**2`` of weight matrices, fast.
 
 One Gram product and one symmetric eigensolve per matrix; everything else in the analysis is
-read from the eigenvalues. Three routes (``svd_method``):
+read from the eigenvalues. Three routes (``eigen_route``; not an SVD method, which
+``svd_method`` names elsewhere in svdkit):
 
 ``"gram"``
     The Gram matrix of the smaller side, ``W^T W`` or ``W W^T`` (``M x M``, ``M = min(m, n)``),
@@ -28,12 +29,14 @@ values are resolved down to ``sqrt(1e-6) = 1e-3 s_max``; eigenvalues below it ar
 - the numerical rank counts ``s > max(max(m, n) * eps, 1e-3) * s_max`` (the usual tolerance, or
   the route's resolution where that is coarser), so rounding noise is never counted as rank;
 - ``sigma_min`` and ``condition_number`` are reported only when ``sigma_min`` is resolved to 1 %
-  (NaN otherwise: ``svd_method="gram"`` gives them exactly).
+  (NaN otherwise: ``eigen_route="gram"`` gives them exactly).
 
 The eigensolver is float64 on every route: a float32 one (LAPACK ``ssyevd``) errs by about
 ``sqrt(M) * eps32 * lambda_max``, 100 times more. On the CPU it is LAPACK's ``dsyevd``, from
 NumPy's OpenBLAS below :data:`MKL_MIN_SIZE` and from torch's MKL above, whichever is faster at
-that size (MKL's reduction wins on large matrices, OpenBLAS on small ones).
+that size (MKL's reduction wins on large matrices, OpenBLAS on small ones). Off the CPU the
+Gram's eigenvalues are :func:`svdkit.linalg.gram_eigenvalues` (svdkit's one Gram eigensolve);
+the CPU route keeps NumPy's BLAS ``syrk`` product and the faster LAPACK, as above.
 
 Parallelism
 -----------
@@ -55,7 +58,7 @@ from typing import Callable, Iterable, Iterator, Literal, TypeVar
 import numpy as np
 import torch
 
-from ..linalg import svdvals
+from ..linalg import gram_eigenvalues, svdvals
 
 __all__ = [
     "GRAM32_MIN_FLOPS",
@@ -65,13 +68,13 @@ __all__ = [
     "eigenvalues",
     "iter_eigenvalues",
     "resolution",
-    "resolve_method",
+    "resolve_route",
     "sigma_floor",
     "single_threaded",
 ]
 
 EigenRoute = Literal["auto", "gram", "svd"]
-_METHODS = ("auto", "gram", "svd")
+_ROUTES = ("auto", "gram", "svd")
 T = TypeVar("T")
 
 #: Matrices whose Gram product costs fewer multiply-adds (``M * M * N``) keep the float64 Gram on "auto".
@@ -83,8 +86,8 @@ MKL_MIN_SIZE = 2560
 _EPS64 = float(np.finfo(np.float64).eps)
 
 
-def resolve_method(method: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> str:
-    """The route ``method`` takes for a weight of ``dtype`` and matrix ``shape``.
+def resolve_route(route: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> str:
+    """The route ``eigen_route=route`` takes for a weight of ``dtype`` and matrix ``shape``.
 
     Returns
     -------
@@ -94,12 +97,12 @@ def resolve_method(method: str, dtype: torch.dtype, shape: tuple[int, ...] | Non
     Raises
     ------
     ValueError
-        For an unknown method.
+        For an unknown route.
     """
-    if method not in _METHODS:
-        raise ValueError(f"svd_method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
-    if method != "auto":
-        return method
+    if route not in _ROUTES:
+        raise ValueError(f"eigen_route must be one of {', '.join(map(repr, _ROUTES))}, got {route!r}")
+    if route != "auto":
+        return route
     if dtype == torch.float64:
         return "svd"
     if shape is not None:
@@ -110,7 +113,7 @@ def resolve_method(method: str, dtype: torch.dtype, shape: tuple[int, ...] | Non
 
 
 def resolution(route: str) -> float:
-    """Bound on ``|lambda_hat - lambda| / lambda_max`` for a route of :func:`resolve_method`."""
+    """Bound on ``|lambda_hat - lambda| / lambda_max`` for a route of :func:`resolve_route`."""
     return GRAM32_RESOLUTION if route == "gram32" else 64 * _EPS64
 
 
@@ -136,17 +139,17 @@ def _check_finite(G, W: torch.Tensor) -> None:
         n_nan, n_inf = int(torch.isnan(W).sum()), int(torch.isinf(W).sum())
         if n_nan or n_inf:
             raise ValueError(f"matrix of shape {tuple(W.shape)} has non-finite entries: {n_nan} NaN and {n_inf} Inf")
-        raise ValueError(f"the Gram matrix of a matrix of shape {tuple(W.shape)} overflows float32; use svd_method='gram'")
+        raise ValueError(f"the Gram matrix of a matrix of shape {tuple(W.shape)} overflows float32; use eigen_route='gram'")
 
 
-def eigenvalues(W: torch.Tensor, method: str = "auto") -> torch.Tensor:
+def eigenvalues(W: torch.Tensor, route: EigenRoute = "auto") -> torch.Tensor:
     """Eigenvalues ``s**2`` of one matrix or a batch of same-shape matrices, descending.
 
     Parameters
     ----------
     W : Tensor of shape (..., m, n)
         Any real dtype and device; it is not modified.
-    method : {"auto", "gram", "svd"}
+    route : {"auto", "gram", "svd"}
         See the module docstring.
 
     Returns
@@ -156,11 +159,11 @@ def eigenvalues(W: torch.Tensor, method: str = "auto") -> torch.Tensor:
     Raises
     ------
     ValueError
-        For fewer than 2 dimensions, an empty matrix, NaN/Inf entries or an unknown method.
+        For fewer than 2 dimensions, an empty matrix, NaN/Inf entries or an unknown route.
     """
     if W.ndim < 2 or W.shape[-1] == 0 or W.shape[-2] == 0:
         raise ValueError(f"expected a matrix of shape (..., m, n) with m, n >= 1, got {tuple(W.shape)}")
-    route = resolve_method(method, W.dtype, tuple(W.shape))
+    route = resolve_route(route, W.dtype, tuple(W.shape))
     if route == "svd":
         return svdvals(W.detach().to(torch.float64)).square()
     m, n = W.shape[-2:]
@@ -170,13 +173,11 @@ def eigenvalues(W: torch.Tensor, method: str = "auto") -> torch.Tensor:
         flat = W.reshape(-1, m, n)
         G = np.stack([_gram_cpu(w, dtype) for w in flat]).reshape(*W.shape[:-2], k, k)
         _check_finite(G, W)
-        lam = torch.from_numpy(_eigvalsh_cpu(G))
-    else:
-        Wd = W.detach().to(torch.float32 if route == "gram32" else torch.float64)
-        G = Wd.mT @ Wd if m >= n else Wd @ Wd.mT
-        _check_finite(G, W)
-        lam = torch.linalg.eigvalsh(G.to(torch.float64))
-    return lam.flip(-1).clamp_min_(0.0)
+        return torch.from_numpy(_eigvalsh_cpu(G)).flip(-1).clamp_min_(0.0)
+    Wd = W.detach().to(torch.float32 if route == "gram32" else torch.float64)
+    G = Wd.mT @ Wd if m >= n else Wd @ Wd.mT
+    _check_finite(G, W)
+    return gram_eigenvalues(G)
 
 
 @contextlib.contextmanager

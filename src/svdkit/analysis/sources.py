@@ -81,10 +81,10 @@ def _strip(key: str) -> str:
     return key[: -len(".weight")] if key.endswith(".weight") else key
 
 
-def _select(name: str, targets: TargetSpec, exclude: TargetSpec) -> bool:
-    if not matches_target(name, targets):
+def _select(name: str, target_modules: TargetSpec, exclude_modules: TargetSpec) -> bool:
+    if not matches_target(name, target_modules):
         return False
-    return not (exclude and matches_target(name, exclude))
+    return not (exclude_modules and matches_target(name, exclude_modules))
 
 
 def _classify(name: str, shape: tuple[int, ...], dtype: torch.dtype | None) -> tuple[str | None, str]:
@@ -102,16 +102,17 @@ def _classify(name: str, shape: tuple[int, ...], dtype: torch.dtype | None) -> t
     return kind, ""
 
 
-def _from_module(model: nn.Module, targets, exclude, kinds) -> tuple[list[WeightItem], list[tuple[str, str]]]:
+def _from_module(model: nn.Module, target_modules, exclude_modules, kinds) -> tuple[list[WeightItem], list[tuple[str, str]]]:
     # A mixture's fused experts are read one matrix per expert (the bank shares their storage).
     with expert_banks(model, strict=False):
-        return _module_items(model, targets, exclude, kinds)
+        return _module_items(model, target_modules, exclude_modules, kinds)
 
 
-def _module_items(model: nn.Module, targets, exclude, kinds) -> tuple[list[WeightItem], list[tuple[str, str]]]:
+def _module_items(model: nn.Module, target_modules, exclude_modules, kinds) -> tuple[list[WeightItem], list[tuple[str, str]]]:
     items, skipped = [], []
     seen: dict[int, str] = {}
-    for name, module in find_targets(model, targets, exclude=exclude, kinds=kinds, include_embeddings=True, include_head=True):
+    for name, module in find_targets(model, target_modules, exclude_modules=exclude_modules, kinds=kinds,
+                                     include_embeddings=True, include_head=True):
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
             skipped.append((name, "no materialised weight"))
@@ -130,14 +131,14 @@ def _module_items(model: nn.Module, targets, exclude, kinds) -> tuple[list[Weigh
     return items, skipped
 
 
-def _from_mapping(state: Mapping[str, Any], targets, exclude, kinds) -> tuple[list[WeightItem], list[tuple[str, str]]]:
+def _from_mapping(state: Mapping[str, Any], target_modules, exclude_modules, kinds) -> tuple[list[WeightItem], list[tuple[str, str]]]:
     items, skipped = [], []
     for key, value in state.items():
         name = _strip(str(key))
         if not isinstance(value, torch.Tensor):
             skipped.append((name, f"not a tensor ({type(value).__name__})"))
             continue
-        if not _select(name, targets, exclude):
+        if not _select(name, target_modules, exclude_modules):
             continue
         kind, reason = _classify(name, tuple(value.shape), value.dtype)
         if kind is None:
@@ -150,7 +151,7 @@ def _from_mapping(state: Mapping[str, Any], targets, exclude, kinds) -> tuple[li
     return items, skipped
 
 
-def open_safetensors(path: str | os.PathLike, stack: contextlib.ExitStack, targets=None, exclude=(), kinds=None):
+def open_safetensors(path: str | os.PathLike, stack: contextlib.ExitStack, target_modules=None, exclude_modules=(), kinds=None):
     """Items of every tensor in a ``.safetensors`` file or a directory of them, read lazily.
 
     Parameters
@@ -158,7 +159,7 @@ def open_safetensors(path: str | os.PathLike, stack: contextlib.ExitStack, targe
     path : str or PathLike
     stack : contextlib.ExitStack
         Keeps the files open; close it when the analysis is done.
-    targets, exclude, kinds
+    target_modules, exclude_modules, kinds
         As for :func:`collect_items`.
 
     Raises
@@ -176,7 +177,7 @@ def open_safetensors(path: str | os.PathLike, stack: contextlib.ExitStack, targe
     items, skipped = [], []
     for key, view, file in checkpoint.items():
         name = _strip(key)
-        if not _select(name, targets, exclude):
+        if not _select(name, target_modules, exclude_modules):
             continue
         shape = tuple(int(d) for d in view.get_shape())
         dtype = _ST_DTYPES.get(view.get_dtype())
@@ -194,8 +195,8 @@ def collect_items(
     source: Any,
     stack: contextlib.ExitStack,
     *,
-    targets: TargetSpec = None,
-    exclude: TargetSpec = (),
+    target_modules: TargetSpec = None,
+    exclude_modules: TargetSpec = (),
     kinds: Iterable[str] | None = None,
 ) -> tuple[list[WeightItem], list[tuple[str, str]], bool]:
     """Items and skips of any supported source.
@@ -205,7 +206,7 @@ def collect_items(
     source : nn.Module, mapping of str to Tensor, or path to a ``.safetensors`` file or directory
     stack : contextlib.ExitStack
         Holds open files.
-    targets, exclude : PEFT-style selection (see :func:`svdkit.surgery.find_targets`)
+    target_modules, exclude_modules : PEFT-style selection (see :func:`svdkit.surgery.find_targets`)
     kinds : iterable of str, optional
         Kinds to keep.
 
@@ -216,20 +217,20 @@ def collect_items(
     """
     kinds = set(kinds) if kinds is not None else None
     if isinstance(source, nn.Module):
-        found = (*_from_module(source, targets, exclude, kinds), False)
+        found = (*_from_module(source, target_modules, exclude_modules, kinds), False)
         names = [n for n, _ in source.named_modules() if n]
     elif isinstance(source, Mapping):
-        found = (*_from_mapping(source, targets, exclude, kinds), False)
+        found = (*_from_mapping(source, target_modules, exclude_modules, kinds), False)
         names = [_strip(str(k)) for k in source]
     elif isinstance(source, (str, os.PathLike)):
-        found = (*open_safetensors(source, stack, targets, exclude, kinds), True)
+        found = (*open_safetensors(source, stack, target_modules, exclude_modules, kinds), True)
         names = None
     else:
         raise TypeError(
             f"cannot analyse a {type(source).__name__}: pass an nn.Module, a state dict, or the path of a "
             ".safetensors file or directory"
         )
-    if targets is not None and not found[0] and not found[1]:
+    if target_modules is not None and not found[0] and not found[1]:
         sample = f"; names look like: {', '.join(names[:6])} ..." if names else ""
-        raise ValueError(f"targets={targets!r} (exclude={exclude!r}) match no weight of the {type(source).__name__} source{sample}")
+        raise ValueError(f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) match no weight of the {type(source).__name__} source{sample}")
     return found

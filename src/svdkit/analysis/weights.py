@@ -32,7 +32,7 @@ from ..distributed import current_group
 from ..linalg import DEFAULT_VERDICT_ERROR, verdict_rule
 from ..progress import ProgressLike, track
 from ..surgery import TargetSpec
-from .esd import eigenvalues, iter_eigenvalues, resolve_method, sigma_floor
+from .esd import EigenRoute, eigenvalues, iter_eigenvalues, resolve_route, sigma_floor
 from .metrics import WW_COLUMNS, spectrum_metrics
 from .sources import WeightItem, collect_items
 from .table import AnalysisTable
@@ -85,15 +85,15 @@ def _views(item: WeightItem, tensor: torch.Tensor, conv2d: str) -> list[tuple[st
     return out
 
 
-def _spectra(item: WeightItem, conv2d: str, method: str) -> list[tuple[str, tuple[int, int], np.ndarray, int | None, str]]:
+def _spectra(item: WeightItem, conv2d: str, eigen_route: str) -> list[tuple[str, tuple[int, int], np.ndarray, int | None, str]]:
     """Eigenvalues of each view of one weight: (view, shape, lam descending, pooled rank or None, route)."""
     tensor = item.load()
     eps = _rank_eps(item.dtype)
     results = []
     try:
         for view, W in _views(item, tensor, conv2d):
-            route = resolve_method(method, W.dtype, tuple(W.shape))
-            lam = eigenvalues(W, method).cpu().numpy()
+            route = resolve_route(eigen_route, W.dtype, tuple(W.shape))
+            lam = eigenvalues(W, eigen_route).cpu().numpy()
             m, n = (int(d) for d in W.shape[-2:])
             if view == "slices":
                 tol = max(max(m, n) * eps, sigma_floor(route))
@@ -111,16 +111,17 @@ def _spectra(item: WeightItem, conv2d: str, method: str) -> list[tuple[str, tupl
 def analyze_weights(
     source: Any,
     *,
-    targets: TargetSpec = None,
-    exclude: TargetSpec = (),
+    target_modules: TargetSpec = None,
+    exclude_modules: TargetSpec = (),
     kinds: Iterable[str] | None = None,
     conv2d: Conv2dView = "matrix",
     fit: bool = True,
     mp_fit: bool = False,
     error: float | None = DEFAULT_VERDICT_ERROR,
-    svd_method: str = "auto",
+    eigen_route: EigenRoute = "auto",
     calibration: Any = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    verdict_method: str = "whiten",
     min_evals: int = 8,
     workers: int | None = None,
     stack: bool | None = None,
@@ -135,7 +136,7 @@ def analyze_weights(
         A model; a state dict; or a ``.safetensors`` file or directory of shards (with its
         ``model.safetensors.index.json`` when there is one), read one tensor at a time (see
         :mod:`svdkit.analysis.sources`).
-    targets, exclude : str or list of str, optional
+    target_modules, exclude_modules : str or list of str, optional
         PEFT-style selection by name (:func:`svdkit.surgery.matches_target`). Embeddings and the
         output head are included: analysis changes nothing.
     kinds : iterable of str, optional
@@ -148,15 +149,20 @@ def analyze_weights(
     error : float or None
         Relative error of the verdict rule (:func:`svdkit.linalg.compression_suitability`);
         None leaves the verdict columns out.
-    svd_method : {"auto", "gram", "svd"}
-        Eigenvalue route (:mod:`svdkit.analysis.esd`): ``"auto"`` is fastest, ``"gram"``
-        float64-exact, ``"svd"`` the reference.
+    eigen_route : {"auto", "gram", "svd"}
+        How the eigenvalues are computed (:mod:`svdkit.analysis.esd`): ``"auto"`` is fastest,
+        ``"gram"`` float64-exact, ``"svd"`` the reference.
     calibration : iterable of batches, optional
-        Data for the input-whitened verdict of Linear, Conv1D and Conv2d layers (``whitened_*``
-        columns; module sources only): tensors, dicts of tensors, or strings with a
+        Data that calibrates the input-whitened verdict of Linear, Conv1D and Conv2d layers
+        (``whitened_*`` columns; module sources only): tensors, dicts of tensors, or strings with a
         :class:`~svdkit.models.LoadedModel`.
     forward : callable, optional
         ``forward(module, batch) -> output`` runs the model on one calibration batch.
+    verdict_method : str
+        The compression method whose transform the calibrated verdict judges
+        (:data:`svdkit.compression.methods.METHODS`; one that needs only the layer inputs:
+        ``"whiten"``, the default, or ``"asvd"``), with :class:`~svdkit.compression.CompressConfig`'s
+        default options, so the verdict is what that method's compression would truncate.
     min_evals : int
         Layers with fewer eigenvalues get no power-law fit.
     workers : int, optional
@@ -194,11 +200,19 @@ def analyze_weights(
         raise ValueError(f"conv2d must be 'matrix', 'slices' or 'both', got {conv2d!r}")
     if error is not None and not 0 <= error < 1:
         raise ValueError(f"error must be in [0, 1), got {error!r}")
-    resolve_method(svd_method, torch.float32)  # validates the name
-    start = time.perf_counter()
+    resolve_route(eigen_route, torch.float32)  # validates the name
     model = getattr(source, "module", None) if not hasattr(source, "named_modules") else source
+    if calibration is not None:  # before any work
+        if model is None:
+            raise ValueError("calibration= needs a model (an nn.Module or LoadedModel), not a state dict or files")
+        from .whitened import verdict_transform
+
+        verdict_transform(verdict_method)  # an unknown method, or one that needs gradients, fails now
+    start = time.perf_counter()
     with contextlib.ExitStack() as files:
-        items, skipped, streamed = collect_items(model if model is not None else source, files, targets=targets, exclude=exclude, kinds=kinds)
+        items, skipped, streamed = collect_items(
+            model if model is not None else source, files, target_modules=target_modules, exclude_modules=exclude_modules, kinds=kinds,
+        )
         originals = [i for i, item in enumerate(items) if item.tied_to is None]
         if not originals:
             detail = "; ".join(f"{n}: {r}" for n, r in skipped[:10]) or "the source holds no matrices"
@@ -208,7 +222,7 @@ def analyze_weights(
             workers = 1 if streamed else torch.get_num_threads()
         options = {"fit": fit, "mp_fit": mp_fit, "error": error, "min_evals": min_evals, "conv2d": conv2d}
         batched = (not on_cpu) if stack is None else bool(stack)
-        jobs = _jobs(items, originals, batched and not streamed, svd_method, options)
+        jobs = _jobs(items, originals, batched and not streamed, eigen_route, options)
         group = current_group()
         if group.active:  # under torchrun: each rank reads and analyses its share, costs balanced
             owners = group.owners([_job_cost(items, job) for job in jobs])
@@ -225,15 +239,13 @@ def analyze_weights(
     if not records:
         detail = "; ".join(f"{n}: {r}" for n, r in skipped[:10])
         raise ValueError(f"no analysable layers: every candidate was skipped ({detail})")
-    meta = {"svd_method": svd_method, "workers": workers, "streamed": streamed, "conv2d": conv2d,
+    meta = {"eigen_route": eigen_route, "workers": workers, "streamed": streamed, "conv2d": conv2d,
             "stacked": batched and not streamed, "error": error,
             "verdict_rule": verdict_rule(error) + " (plain spectrum)" if error is not None else None}
     if calibration is not None:
-        if model is None:
-            raise ValueError("calibration= needs a model (an nn.Module or LoadedModel), not a state dict or files")
         from .whitened import add_whitened_verdicts
 
-        meta["whitened"] = add_whitened_verdicts(source, records, calibration, forward, error, progress=progress)
+        meta["whitened"] = add_whitened_verdicts(source, records, calibration, forward, error, method=verdict_method, progress=progress)
     meta["seconds"] = time.perf_counter() - start
     return AnalysisTable(records, skipped, spectra, SUMMARY_COLUMNS, meta, summary_where="ww_eligible")
 
@@ -273,11 +285,11 @@ def _assemble(items, results, skipped, keep_spectra, conv2d) -> tuple[list[dict]
     return records, spectra
 
 
-def _jobs(items: list[WeightItem], originals: list[int], batched: bool, method: str, options: dict) -> list[tuple]:
+def _jobs(items: list[WeightItem], originals: list[int], batched: bool, eigen_route: str, options: dict) -> list[tuple]:
     """Work units: one item each, or same-shape 2-D weights stacked into batches."""
     if not batched:
-        return [([i], [items[i]], method, options) for i in originals]
-    jobs = [([i], [items[i]], method, options) for i in originals if items[i].kind == "conv2d"]
+        return [([i], [items[i]], eigen_route, options) for i in originals]
+    jobs = [([i], [items[i]], eigen_route, options) for i in originals if items[i].kind == "conv2d"]
     groups: dict[tuple, list[int]] = {}
     for i in originals:
         if items[i].kind != "conv2d":
@@ -286,7 +298,7 @@ def _jobs(items: list[WeightItem], originals: list[int], batched: bool, method: 
         per = max(1, _BATCH_BYTES // (math.prod(shape) * 8))
         for k in range(0, len(idx), per):
             chunk = idx[k:k + per]
-            jobs.append((chunk, [items[i] for i in chunk], method, options))
+            jobs.append((chunk, [items[i] for i in chunk], eigen_route, options))
     return jobs
 
 
@@ -310,19 +322,19 @@ def _records(item: WeightItem, views: list, options: dict) -> list[tuple[dict, n
 
 def _run_job(job: tuple) -> list:
     """Records for one job: a list with one outcome (list of (record, lam), or Exception) per item."""
-    indices, items, method, options = job
+    indices, items, eigen_route, options = job
     if len(items) > 1:
         tensors = [it.load() for it in items]
         try:
-            lam = eigenvalues(torch.stack(tensors), method).cpu().numpy()
+            lam = eigenvalues(torch.stack(tensors), eigen_route).cpu().numpy()
         except ValueError:
             lam = None  # one of them is bad: go one by one to find it
         if lam is not None:
             shape = tuple(int(d) for d in tensors[0].shape)
-            route = resolve_method(method, tensors[0].dtype, shape)
+            route = resolve_route(eigen_route, tensors[0].dtype, shape)
             return [_guard(item, lambda it=item, row=row: _records(it, [("matrix", shape, row, None, route)], options))
                     for item, row in zip(items, lam)]
-    return [_guard(item, lambda it=item: _records(it, _spectra(it, options["conv2d"], method), options)) for item in items]
+    return [_guard(item, lambda it=item: _records(it, _spectra(it, options["conv2d"], eigen_route), options)) for item in items]
 
 
 def _guard(item: WeightItem, fn):

@@ -28,16 +28,20 @@ def register(subparsers) -> None:
     parser.add_argument("--mp-fit", action="store_true", help="add WeightWatcher's Marchenko-Pastur fit (needs scipy)")
     parser.add_argument("--error", type=_error, default=None,
                         help="relative Frobenius error of the compression verdict's rule (default 0.2)")
-    parser.add_argument("--svd-method", choices=("auto", "gram", "svd"), default="auto",
-                        help="eigenvalue route: auto (fastest), gram (float64-exact), svd (the reference)")
+    parser.add_argument("--eigen-route", choices=("auto", "gram", "svd"), default="auto",
+                        help="how the eigenvalues are computed: auto (fastest), gram (float64-exact), svd (the reference)")
     parser.add_argument("--weights-only", action="store_true",
                         help="read the .safetensors files of a model directory instead of loading the model")
     parser.add_argument("--activations", action="store_true",
-                        help="also analyse representations on --data, and judge each layer's whitened spectrum on it")
-    parser.add_argument("--data", default="builtin", help="'builtin' (built-in English sentences) or a text file, one sentence per line")
+                        help="also analyse representations on --data, and judge each layer's whitened spectrum on it "
+                             "(the same sentences calibrate that verdict)")
+    parser.add_argument("--data", default="builtin",
+                        help="sentences to analyse with --activations: 'builtin' (built-in English sentences) or a text file, one sentence per line")
     parser.add_argument("--samples", type=int, default=512, help="sentences for --activations (default 512)")
-    parser.add_argument("--layers", nargs="+", help="modules to hook for --activations (default: the model's blocks)")
-    parser.add_argument("--cka", action="store_true", help="with --activations, linear CKA between the hooked layers")
+    parser.add_argument("--hook", nargs="+", metavar="NAME",
+                        help="modules whose outputs --activations analyses (any module, same syntax as --targets; "
+                             "default: the model's blocks); --targets/--exclude select the weight table's matrices")
+    parser.add_argument("--cka", action="store_true", help="with --activations, linear CKA between the hooked modules")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="terminal output format")
     parser.add_argument("--output", "-o", help="write the --format output to this file instead of the terminal")
     parser.add_argument("--plots", metavar="DIR", help="write PNG figures into DIR")
@@ -115,13 +119,13 @@ def _run(args: argparse.Namespace) -> int:
         sentences = _sentences(args.data, args.samples)
     error = DEFAULT_VERDICT_ERROR if args.error is None else args.error
     weights = analyze_weights(
-        loaded if loaded is not None else source, targets=target_spec(args.targets), exclude=tuple(args.exclude),
-        conv2d=args.conv2d, mp_fit=args.mp_fit, error=error, svd_method=args.svd_method, calibration=sentences,
+        loaded if loaded is not None else source, target_modules=target_spec(args.targets), exclude_modules=tuple(args.exclude),
+        conv2d=args.conv2d, mp_fit=args.mp_fit, error=error, eigen_route=args.eigen_route, calibration=sentences,
         progress=progress,
     )
     activations = None
     if args.activations:
-        activations = analyze_activations(loaded, sentences, args.layers, cka=args.cka, progress=progress)
+        activations = analyze_activations(loaded, sentences, target_spec(args.hook), cka=args.cka, progress=progress)
     if group.rank != 0:
         return 0
     _emit(args, weights, activations, print_table)

@@ -39,7 +39,7 @@ def _measure(loaded, args: argparse.Namespace, progress: bool) -> dict[str, Any]
     if loaded.tokenizer is None and any(d in ("in-domain", "other-domain") or d.endswith(".txt") for d in args.data):
         raise ValueError(f"{loaded.spec!r} has no tokenizer: pass --data FILE.pt with token ids")
     result: dict[str, Any] = language_model_quality(
-        loaded.module, loaded.tokenizer, domains=args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
+        loaded.module, loaded.tokenizer, data=args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
         stride=args.stride, progress=progress,
     )
     if loaded.tokenizer is not None:

@@ -28,6 +28,9 @@ from ._common import (
 )
 
 DEFAULT_RANK = 16
+# svdkit.linalg.SVD_METHODS, spelled here so that `svdkit --help` does not import torch
+# (tests/test_vocabulary.py checks that every --svd-method offers exactly these).
+SVD_METHODS = ("auto", "exact", "randomized")
 DEFAULT_RANKS = (1, 4, 8, 16, 32)
 
 
@@ -55,8 +58,9 @@ def register(subparsers) -> None:
     _add_models(extract)
     extract.add_argument("-o", "--output", required=True, help="adapter directory to write (PEFT format)")
     add_rank_options(extract, params=False, rank_help=f"rank of every adapter (default {DEFAULT_RANK})")
-    extract.add_argument("--alpha", type=float, default=None, help="lora_alpha of every adapter (default: alpha = rank, scaling 1)")
-    extract.add_argument("--svd-method", choices=("exact", "randomized"), default="exact", help="decomposition (randomized needs --rank)")
+    extract.add_argument("--lora-alpha", type=float, default=None, help="lora_alpha of every adapter (default: lora_alpha = rank, scaling 1)")
+    extract.add_argument("--svd-method", choices=SVD_METHODS, default="exact",
+                         help="decomposition: exact (default), randomized (needs --rank), auto (randomized where the rank is below a tenth of the layer's smaller side)")
     extract.add_argument("--base-name", default=None, help="base_model_name_or_path to record (default: BASE)")
     extract.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_output_options(extract, json_help="also write the extraction report as JSON to FILE ('-': standard output, instead of the table)")
@@ -94,7 +98,7 @@ def run_extract(args: argparse.Namespace) -> int:
     base, finetuned = _load_pair(args)
     model, report = extract_lora(
         base.module, finetuned.module, DEFAULT_RANK if rank is None else rank,
-        target_modules=target_spec(args.targets), exclude=tuple(args.exclude), lora_alpha=args.alpha,
+        target_modules=target_spec(args.targets), exclude_modules=tuple(args.exclude), lora_alpha=args.lora_alpha,
         svd_method=args.svd_method, progress=progress_option(args),
     )
     name = args.base_name or (str(Path(args.base).resolve()) if Path(args.base).exists() else args.base)
@@ -114,7 +118,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     ranks = sorted({k for group in args.ranks for k in group})
     base, finetuned = _load_pair(args)
     spectra = analyze_deltas(
-        base.module, finetuned.module, target_modules=target_spec(args.targets), exclude=tuple(args.exclude),
+        base.module, finetuned.module, target_modules=target_spec(args.targets), exclude_modules=tuple(args.exclude),
         ranks=ranks, top=args.top, progress=progress_option(args),
     )
     write_json(args.json, spectra.to_json())

@@ -49,7 +49,7 @@ def select_targets(model: nn.Module, config: CompressConfig) -> list[tuple[str, 
         When no supported layer matches, naming the selection and the supported kinds.
     """
     targets = find_targets(
-        model, config.target_modules, exclude=config.exclude_modules, kinds=config.kinds,
+        model, config.target_modules, exclude_modules=config.exclude_modules, kinds=config.kinds,
         include_embeddings=config.include_embeddings, include_head=config.include_head,
     )
     if not targets:

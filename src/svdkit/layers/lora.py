@@ -12,8 +12,9 @@ transformers ``Conv1D``         Linear, weight (r, in)            Linear, weight
 ==============================  ================================  =================================
 
 Seen as matrices through :func:`svdkit.views.weight_matrix`, every wrapper adds
-``delta = s * B @ A`` of shape (out, d) to the base matrix, with ``s = alpha / r`` (or
-``alpha / sqrt(r)`` with rsLoRA). Merging writes ``W + delta`` into the base weight, computed in
+``delta = s * B @ A`` of shape (out, d) to the base matrix, with ``s = lora_alpha / r`` (or
+``lora_alpha / sqrt(r)`` with rsLoRA). Parameters carry PEFT's names (``r``, ``lora_alpha``,
+``lora_dropout``). Merging writes ``W + delta`` into the base weight, computed in
 float32 (float64 for float64 weights) and cast back to the weight's dtype.
 """
 
@@ -42,13 +43,13 @@ __all__ = [
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _check_rank_alpha(rank: object, alpha: object, dropout: object) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+def _check_rank_alpha(r: object, lora_alpha: object, lora_dropout: object) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r (the adapter rank) must be an int >= 1, got {r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha) or lora_alpha <= 0:
+        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,17 +63,24 @@ class LoRALayer(nn.Module):
     ----------
     base_layer : nn.Module
         The layer to adapt. It is kept as is (same object) under ``self.base_layer``.
-    rank : int
-        ``r``, at most the smaller side of the base layer's weight matrix.
-    alpha : float
-        Scaling numerator, ``> 0``: ``s = alpha / r`` (``alpha / sqrt(r)`` if ``use_rslora``).
-    dropout : float
+    r : int
+        The adapter rank, at most the smaller side of the base layer's weight matrix.
+    lora_alpha : float
+        Scaling numerator, ``> 0``: ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` if
+        ``use_rslora``).
+    lora_dropout : float
         Dropout probability on the adapter's input, in ``[0, 1)``.
     use_rslora : bool
-        Rank-stabilised scaling ``alpha / sqrt(r)``.
+        Rank-stabilised scaling ``lora_alpha / sqrt(r)``.
 
     Attributes
     ----------
+    rank : int
+        The adapter rank ``r`` (named like every low-rank layer's rank).
+    lora_alpha : float
+        The scaling numerator.
+    dropout_p : float
+        The dropout probability (``lora_dropout`` is the dropout module, as in PEFT).
     lora_A, lora_B : nn.Module
         The adapter factors (see the module docstring for their shapes). Both start at zero: an
         init from :mod:`svdkit.lora.inits` fills them.
@@ -96,28 +104,28 @@ class LoRALayer(nn.Module):
 
     kind: ClassVar[str] = ""
 
-    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False) -> None:
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, *, lora_dropout: float = 0.0, use_rslora: bool = False) -> None:
         super().__init__()
-        _check_rank_alpha(rank, alpha, dropout)
+        _check_rank_alpha(r, lora_alpha, lora_dropout)
         view = get_view(base_layer)
         if view is None or view.kind != self.kind:
             raise TypeError(f"{type(self).__name__} wraps a {self.kind} layer, got {type(base_layer).__name__}")
         self.check_base(base_layer)
         out_features, in_features = weight_matrix(base_layer).shape
-        if rank > min(out_features, in_features):
+        if r > min(out_features, in_features):
             raise ValueError(
-                f"rank {rank} exceeds min(out, in) = {min(out_features, in_features)} "
+                f"rank {r} exceeds min(out, in) = {min(out_features, in_features)} "
                 f"of the {type(base_layer).__name__}'s {out_features}x{in_features} weight matrix"
             )
         self.base_layer = base_layer
-        self.rank = int(rank)
-        self.alpha = float(alpha)
+        self.rank = int(r)
+        self.lora_alpha = float(lora_alpha)
         self.use_rslora = bool(use_rslora)
-        self.dropout_p = float(dropout)
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = float(lora_dropout)
+        self.lora_dropout: nn.Module = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         weight = base_layer.weight
         dtype = torch.float32 if weight.dtype in _HALF else weight.dtype
-        self.lora_A, self.lora_B = self._make_adapters(base_layer, rank)
+        self.lora_A, self.lora_B = self._make_adapters(base_layer, self.rank)
         self.lora_A.to(device=weight.device, dtype=dtype)
         self.lora_B.to(device=weight.device, dtype=dtype)
         with torch.no_grad():
@@ -142,8 +150,8 @@ class LoRALayer(nn.Module):
     # -- shapes and factors -----------------------------------------------------------------
     @property
     def scaling(self) -> float:
-        """``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        """``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""
+        return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -330,7 +338,7 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:.4g}, dropout={self.dropout_p:g}"
+            f"r={self.rank}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:.4g}, lora_dropout={self.dropout_p:g}"
             + (", rslora" if self.use_rslora else "")
             + (", moved_weight" if self.moved_weight else "")
             + (", merged" if self.merged else "")
@@ -419,20 +427,18 @@ def lora_kinds() -> tuple[str, ...]:
     return kinds(lambda view: view.lora_wrapper)
 
 
-def wrap_lora(module: nn.Module, rank: int, alpha: float, *, dropout: float = 0.0, use_rslora: bool = False) -> LoRALayer:
+def wrap_lora(module: nn.Module, r: int, lora_alpha: float, *, lora_dropout: float = 0.0, use_rslora: bool = False) -> LoRALayer:
     """Wrap a Linear, Conv1D or Conv2d in its LoRA wrapper (adapter factors at zero).
 
     Parameters
     ----------
     module : nn.Module
-    rank : int
-    alpha : float
-    dropout : float
-    use_rslora : bool
+    r, lora_alpha, lora_dropout, use_rslora
+        See :class:`LoRALayer`.
 
     Returns
     -------
     LoRALayer
         Holds ``module`` itself as ``base_layer``.
     """
-    return lora_wrapper_class(module)(module, rank, alpha, dropout=dropout, use_rslora=use_rslora)
+    return lora_wrapper_class(module)(module, r, lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)

@@ -5,7 +5,7 @@ NumPy arrays in give NumPy arrays out; tensors keep their device. Nothing here i
 """
 
 from .gram import gram_eigenvalues, gram_svd, gram_svdvals
-from .randomized import AUTO_MAX_N_ITER, AUTO_TOL, RandomizedSVDInfo, randomized_svd
+from .randomized import AUTO_MAX_N_ITER, AUTO_TOL, RandomizedSVDInfo, layer_seed, randomized_svd
 from .rank import allocate_ranks, Energy, ErrorTol, ParamRatio, RankLike, RankRatio, RankSpec, rank_from_dict, resolve_rank
 from .spectrum import (
     DEFAULT_VERDICT_ERROR,
@@ -28,7 +28,7 @@ from .spectrum import (
 )
 from .svd import SVDFallbackWarning, SVDResult, svd, svd_flip, svdvals
 from .whiten import cholesky_factor
-from .truncated import SVD_METHODS, TruncationStats, split_factors, truncated_svd
+from .truncated import SVD_METHODS, SVDMethod, TruncationStats, split_factors, truncated_svd, uses_randomized
 
 __all__ = [
     "AUTO_MAX_N_ITER",
@@ -43,6 +43,7 @@ __all__ = [
     "RandomizedSVDInfo",
     "RankSpec",
     "SVDFallbackWarning",
+    "SVDMethod",
     "SVD_METHODS",
     "SVDResult",
     "TruncationStats",
@@ -59,6 +60,7 @@ __all__ = [
     "gram_eigenvalues",
     "gram_svd",
     "gram_svdvals",
+    "layer_seed",
     "nuclear_norm",
     "numerical_rank",
     "participation_ratio",
@@ -73,5 +75,6 @@ __all__ = [
     "svdvals",
     "tail_error",
     "truncated_svd",
+    "uses_randomized",
     "verdict_rule",
 ]

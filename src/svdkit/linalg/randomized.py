@@ -32,7 +32,7 @@ from ._sparse import DenseOperator, check_sparse_finite, sparse_operator
 from ._tensor import Array, check_matrix, check_representable, prepare
 from .svd import SVDResult, svd, svd_flip
 
-__all__ = ["AUTO_MAX_N_ITER", "AUTO_TOL", "RandomizedSVDInfo", "check_seed", "randomized_svd"]
+__all__ = ["AUTO_MAX_N_ITER", "AUTO_TOL", "RandomizedSVDInfo", "check_seed", "layer_seed", "randomized_svd"]
 
 Iteration = Literal["krylov", "subspace"]
 Normalizer = Literal["auto", "cholqr", "qr", "lu", "none"]
@@ -328,6 +328,33 @@ def check_seed(seed: object) -> None:
         raise TypeError(f"seed must be an int, a torch.Generator or None, got {seed!r} ({type(seed).__name__})")
     if not -(2**63) <= int(seed) < 2**64:
         raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**64), got {seed!r}")
+
+
+#: Multiplier of :func:`layer_seed` (a prime, so seeds of different runs rarely collide).
+_LAYER_SEED_PRIME = 1_000_003
+
+
+def layer_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th layer (or bucket of layers) of a run seeded with ``seed``.
+
+    ``(seed * 1_000_003 + index) mod (2**63 - 1)``: distinct for the layers of one run, the same
+    on every machine, and always a valid generator seed (``0 <= value < 2**63 - 1``), whatever
+    ``seed`` is. Every per-layer random draw of svdkit (LoRA inits, LoRA extraction, the spectral
+    tracker's start blocks) derives its seed here.
+
+    Raises
+    ------
+    TypeError
+        For a seed or index that is not an int (bools and floats are refused).
+    ValueError
+        For a negative index.
+    """
+    for name, value in (("seed", seed), ("index", index)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"layer_seed: {name} must be an int, got {value!r} ({type(value).__name__})")
+    if index < 0:
+        raise ValueError(f"layer_seed: index must be >= 0, got {index}")
+    return (int(seed) * _LAYER_SEED_PRIME + int(index)) % (2**63 - 1)
 
 
 def _plan(shape, k: int, oversamples: int, n_iter, method: str) -> tuple[int, int, bool]:

@@ -14,9 +14,11 @@ from .randomized import check_seed, randomized_svd
 from .rank import RankLike, resolve_rank
 from .svd import SVDResult, svd
 
-__all__ = ["SVD_METHODS", "TruncationStats", "split_factors", "truncated_svd"]
+__all__ = ["SVDMethod", "SVD_METHODS", "TruncationStats", "split_factors", "truncated_svd", "uses_randomized"]
 
-SVD_METHODS = ("exact", "randomized", "auto")
+#: How a truncated SVD is computed (``svd_method=`` everywhere in svdkit).
+SVDMethod = Literal["auto", "exact", "randomized"]
+SVD_METHODS: tuple[str, ...] = ("auto", "exact", "randomized")
 Balance = Literal["sqrt", "left", "right"]
 
 
@@ -59,6 +61,15 @@ def split_factors(
     raise ValueError(f"balance must be 'sqrt', 'left' or 'right', got {balance!r}")
 
 
+def uses_randomized(svd_method: str, rank: RankLike, shape: tuple[int, ...]) -> bool:
+    """Whether :func:`truncated_svd` of a dense matrix of ``shape`` (..., m, n) takes the randomized
+    route: ``"randomized"`` with an int rank, or ``"auto"`` with an int rank below a tenth of
+    ``min(m, n)``. A rank spec always takes the exact route (it needs the full spectrum)."""
+    is_int = isinstance(rank, (int, np.integer)) and not isinstance(rank, bool)
+    m, n = int(shape[-2]), int(shape[-1])
+    return is_int and (svd_method == "randomized" or (svd_method == "auto" and rank < 0.1 * min(m, n)))
+
+
 @dataclass(frozen=True)
 class TruncationStats:
     """How good a rank-``rank`` factorization of an ``m x n`` matrix is.
@@ -84,7 +95,7 @@ def truncated_svd(
     A: Array,
     rank: RankLike,
     *,
-    svd_method: Literal["exact", "randomized", "auto"] = "exact",
+    svd_method: SVDMethod = "exact",
     seed: int | None = 0,
     n_iter: int | Literal["auto"] = "auto",
     oversamples: int = 10,
@@ -134,7 +145,7 @@ def truncated_svd(
     m, n = T.shape[-2:]
     if not is_int and T.ndim != 2:
         raise ValueError(f"rank spec {rank!r} needs a single matrix, got shape {tuple(T.shape)}; pass an int rank for batches")
-    randomized = is_int and (svd_method == "randomized" or (svd_method == "auto" and rank < 0.1 * min(m, n)))
+    randomized = uses_randomized(svd_method, rank, (m, n))
     if randomized:
         k = resolve_rank(None, rank, (m, n))
         U, S, Vh = randomized_svd(T, k, seed=seed, n_iter=n_iter, oversamples=oversamples)

@@ -1,34 +1,35 @@
 """The LoRA configuration: a small frozen, JSON-serialisable dataclass, validated on construction.
 
-Its fields carry PEFT's names (``r``, ``lora_alpha``, ``target_modules``, ``lora_dropout``,
-``init_lora_weights``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``), so a PEFT user's
-``LoraConfig(...)`` arguments work unchanged; svdkit's shorter names (``rank``, ``alpha``,
-``targets``, ``dropout``, ``init``, and PEFT's ``exclude_modules`` for ``exclude``) are accepted
-as aliases by the constructor and :meth:`LoRAConfig.from_dict`.
+Its fields carry PEFT's names (``r``, ``lora_alpha``, ``target_modules``, ``exclude_modules``,
+``lora_dropout``, ``init_lora_weights``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``), so
+a PEFT user's ``LoraConfig(...)`` arguments and ``adapter_config.json`` work unchanged. The names
+of configs saved by earlier svdkit versions (``rank``, ``alpha``, ``init``, ``targets``,
+``dropout``, ``exclude``) are read by :meth:`LoRAConfig.from_dict` only, with a
+``DeprecationWarning``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
-from ..linalg import RankLike, RankSpec, rank_from_dict
+from ..linalg import SVD_METHODS, RankLike, RankSpec, SVDMethod, rank_from_dict
 from ..surgery import pattern_value
-from .inits import SVD_METHODS, SVDMethod, get_init
+from .inits import get_init
 
-__all__ = ["ALIASES", "LoRAConfig", "merge_aliases", "resolve_aliases"]
+__all__ = ["LoRAConfig"]
 
-#: Accepted alternative names -> field names.
-ALIASES: dict[str, str] = {
+# Field names of configs saved by earlier svdkit versions -> today's (PEFT's) names.
+_RENAMED = {
     "rank": "r",
     "alpha": "lora_alpha",
     "init": "init_lora_weights",
     "targets": "target_modules",
     "dropout": "lora_dropout",
-    "exclude_modules": "exclude",
+    "exclude": "exclude_modules",
 }
 
 # PEFT adapter_config.json keys that describe the file, not the adapter's math: ignored by from_dict.
@@ -42,63 +43,6 @@ _NITER = re.compile(r"^pissa_niter_(\d+)$")
 def is_neutral(value: Any) -> bool:
     """Whether a PEFT option value leaves plain LoRA as it is (None, False, "none", empty)."""
     return value is None or value is False or value == "none" or (isinstance(value, (dict, list, tuple)) and not value)
-
-
-def resolve_aliases(values: Mapping[str, Any], owner: str) -> dict[str, Any]:
-    """``values`` with every alias replaced by its field name (see :data:`ALIASES`).
-
-    Raises
-    ------
-    ValueError
-        If a field is given under two names.
-    """
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        name = ALIASES.get(key, key)
-        if name in out:
-            raise ValueError(f"{owner}: {key!r} and {name!r} name the same option; give only one of them")
-        out[name] = value
-    return out
-
-
-def merge_aliases(owner: str, aliases: Mapping[str, Any], explicit: Mapping[str, tuple[Any, Any]]) -> dict[str, Any]:
-    """A function's keyword arguments with its alias keywords folded in.
-
-    Parameters
-    ----------
-    owner : str
-        The function's name, for messages.
-    aliases : mapping
-        The ``**aliases`` the function received (e.g. ``{"rank": 4}``).
-    explicit : mapping of name -> (value, default)
-        The function's own parameters that have aliases.
-
-    Returns
-    -------
-    dict of name -> value
-        ``explicit``'s values, overridden by the aliases.
-
-    Raises
-    ------
-    TypeError
-        For a keyword that is no alias of ``explicit``'s names.
-    ValueError
-        For an option given both under its name (not at its default) and under an alias.
-    """
-    out = {name: value for name, (value, _) in explicit.items()}
-    for key, value in aliases.items():
-        name = ALIASES.get(key)
-        if name not in explicit:
-            raise TypeError(f"{owner}() got an unexpected keyword argument {key!r}")
-        given, default = explicit[name]
-        if _normal(given) != _normal(default):
-            raise ValueError(f"{owner}: {name!r} is given twice (also under its alias); give only one of them")
-        out[name] = value
-    return out
-
-
-def _normal(value: Any) -> Any:
-    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _is_int(value: Any) -> bool:
@@ -124,27 +68,27 @@ class LoRAConfig:
     Attributes
     ----------
     r : int or RankSpec
-        Adapter rank (alias ``rank``): an int ``>= 1`` (each layer also needs
-        ``r <= min(out, in)``), or a typed spec resolved per layer on the spectrum of the init's
-        source matrix: ``Energy(0.9)`` / ``ErrorTol(0.1)`` on the weight's singular values for
-        ``gaussian``, ``kaiming``, ``pissa`` and ``milora``, on the target change's for
-        ``svd_delta`` and on the layer inputs' (square roots of the input Gram's eigenvalues)
-        for ``eva``; ``RankRatio`` / ``ParamRatio`` relative to the weight matrix's shape.
+        Adapter rank: an int ``>= 1`` (each layer also needs ``r <= min(out, in)``), or a typed
+        spec resolved per layer on the spectrum of the init's source matrix: ``Energy(0.9)`` /
+        ``ErrorTol(0.1)`` on the weight's singular values for ``gaussian``, ``kaiming``,
+        ``pissa`` and ``milora``, on the target change's for ``svd_delta`` and on the layer
+        inputs' (square roots of the input Gram's eigenvalues) for ``eva``; ``RankRatio`` /
+        ``ParamRatio`` relative to the weight matrix's shape.
     lora_alpha : float or None
-        Scaling numerator, ``> 0`` (alias ``alpha``); None means ``lora_alpha = r`` per layer
-        (scaling 1). Scaling is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+        Scaling numerator, ``> 0``; None means ``lora_alpha = r`` per layer (scaling 1). Scaling
+        is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
     init_lora_weights : str or True
-        A registered init (alias ``init``; :func:`svdkit.lora.available_inits`): ``gaussian``,
-        ``kaiming``, ``pissa``, ``milora``, ``svd_delta``, ``eva``. ``True`` is PEFT's default
-        and means ``kaiming``.
+        A registered init (:func:`svdkit.lora.available_inits`): ``gaussian``, ``kaiming``,
+        ``pissa``, ``milora``, ``svd_delta``, ``eva``. ``True`` is PEFT's default and means
+        ``kaiming``.
     target_modules : str, tuple of str, or None
-        PEFT-style selection (alias ``targets``): a regex matched against full names, a list of
-        exact names or dotted suffixes, ``"all-linear"`` (every Linear/Conv1D but the output
-        head), or None (every Linear, Conv1D and Conv2d but the output head).
-    exclude : str or tuple of str
-        Same syntax (alias ``exclude_modules``); matching layers are skipped.
+        PEFT-style selection: a regex matched against full names, a list of exact names or
+        dotted suffixes, ``"all-linear"`` (every Linear/Conv1D but the output head), or None
+        (every Linear, Conv1D and Conv2d but the output head).
+    exclude_modules : str or tuple of str
+        Same syntax (PEFT's ``exclude_modules``); matching layers are skipped.
     lora_dropout : float
-        Dropout on the adapter input, in ``[0, 1)`` (alias ``dropout``).
+        Dropout on the adapter input, in ``[0, 1)``.
     use_rslora : bool
         Scale by ``lora_alpha / sqrt(r)``.
     svd_method : {"auto", "exact", "randomized"}
@@ -160,21 +104,22 @@ class LoRAConfig:
         run block Krylov at block size ``k``). More oversampling buys accuracy at a cost that
         grows with ``r + oversamples``.
     seed : int
-        Seed of every random draw (layer ``i`` in model order uses ``seed`` and ``i``).
+        Seed of every random draw (layer ``i`` in model order uses
+        :func:`svdkit.linalg.layer_seed` ``(seed, i)``).
     rank_pattern : dict of str -> int or RankSpec
         Per-layer ranks. Keys follow PEFT's rule (:func:`svdkit.surgery.pattern_key`): a regex
         matched against the end of the layer name at a dot boundary, so plain suffixes
         (``"q_proj"``) and regexes (``r"layers\\.[0-3]\\..*"``) both work; the first match wins.
         A key that matches no selected layer is an error.
     alpha_pattern : dict of str -> float
-        Per-layer alphas, keyed the same way.
+        Per-layer ``lora_alpha`` values, keyed the same way.
     """
 
     r: RankLike = 8
     lora_alpha: float | None = None
     init_lora_weights: str = "gaussian"
     target_modules: str | tuple[str, ...] | None = None
-    exclude: str | tuple[str, ...] = ()
+    exclude_modules: str | tuple[str, ...] = ()
     lora_dropout: float = 0.0
     use_rslora: bool = False
     svd_method: SVDMethod = "auto"
@@ -187,14 +132,14 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if not _is_rank(self.r):
             raise ValueError(
-                f"LoRAConfig.r (rank) must be an int >= 1 or a rank spec such as Energy(0.9), got {self.r!r}"
+                f"LoRAConfig.r must be an int >= 1 or a rank spec such as Energy(0.9), got {self.r!r}"
             )
         if self.lora_alpha is not None and (not _is_number(self.lora_alpha) or self.lora_alpha <= 0):
             raise ValueError(
-                f"LoRAConfig.lora_alpha (alpha) must be a finite number > 0 (or None for alpha = rank), got {self.lora_alpha!r}"
+                f"LoRAConfig.lora_alpha must be a finite number > 0 (or None for lora_alpha = r), got {self.lora_alpha!r}"
             )
         object.__setattr__(self, "init_lora_weights", _init_name(self.init_lora_weights))
-        for name in ("target_modules", "exclude"):
+        for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (list, set, frozenset)):
                 value = tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
@@ -204,7 +149,7 @@ class LoRAConfig:
             if not isinstance(value, (str, tuple)) or (isinstance(value, tuple) and not all(isinstance(v, str) for v in value)):
                 raise ValueError(f"LoRAConfig.{name} must be a regex string or a list of names, got {value!r}")
         if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"LoRAConfig.lora_dropout (dropout) must be in [0, 1), got {self.lora_dropout!r}")
+            raise ValueError(f"LoRAConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"LoRAConfig.use_rslora must be a bool, got {self.use_rslora!r}")
         if self.svd_method not in SVD_METHODS:
@@ -255,7 +200,7 @@ class LoRAConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists, rank specs ``{"kind", "value"}`` dicts)."""
         data = asdict(self)
-        for key in ("target_modules", "exclude"):
+        for key in ("target_modules", "exclude_modules"):
             if isinstance(data[key], tuple):
                 data[key] = list(data[key])
         data["r"] = _rank_json(self.r)
@@ -266,37 +211,45 @@ class LoRAConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "LoRAConfig":
         """Inverse of :meth:`to_dict`; also reads PEFT's ``adapter_config.json``.
 
-        Field names and their aliases are accepted. A dict with a ``peft_type`` key is read as a
-        PEFT LoRA config: bookkeeping keys (``task_type``, ``base_model_name_or_path``,
-        ``fan_in_fan_out``, ...) are ignored, ``init_lora_weights="pissa_niter_K"`` becomes
-        ``init_lora_weights="pissa", svd_method="randomized", n_iter=K``, and any other key
-        (``use_dora``, ``bias``, ``modules_to_save``, ``layers_to_transform``, ...) is dropped
-        when it holds its neutral value (None, False, ``"none"``, empty) and raises otherwise,
-        since svdkit does not implement it.
+        A dict with a ``peft_type`` key is read as a PEFT LoRA config: bookkeeping keys
+        (``task_type``, ``base_model_name_or_path``, ``fan_in_fan_out``, ...) are ignored,
+        ``init_lora_weights="pissa_niter_K"`` becomes ``init_lora_weights="pissa",
+        svd_method="randomized", n_iter=K``, and any other key (``use_dora``, ``bias``,
+        ``modules_to_save``, ``layers_to_transform``, ...) is dropped when it holds its neutral
+        value (None, False, ``"none"``, empty) and raises otherwise, since svdkit does not
+        implement it. A config saved by an earlier svdkit version, with its field names ``rank``,
+        ``alpha``, ``init``, ``targets``, ``dropout`` or ``exclude``, is read under today's names
+        with a ``DeprecationWarning``.
 
         Raises
         ------
         ValueError
-            Naming unknown keys, or the PEFT options that svdkit cannot honour.
+            Naming unknown keys, a field given under its earlier and its present name, or the
+            PEFT options that svdkit cannot honour.
         """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a LoRAConfig is a JSON object, got {type(data).__name__}")
         values = dict(data)
         known = set(cls.__dataclass_fields__)
         if "peft_type" in values:
             values = _from_peft(values, known)
-        values = resolve_aliases(values, "LoRAConfig.from_dict")
+        for old, new in _RENAMED.items():  # svdkit's own earlier names (PEFT never used them)
+            if old in values:
+                if new in values:
+                    raise ValueError(f"a LoRAConfig gives both {old!r} (an earlier name) and {new!r}; keep {new!r}")
+                warnings.warn(f"LoRAConfig field {old!r} is now called {new!r}", DeprecationWarning, stacklevel=2)
+                values[new] = values.pop(old)
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
-                f"unknown LoRAConfig field(s) {unknown}; known: {sorted(known)} (aliases: {sorted(ALIASES)})"
-            )
+            raise ValueError(f"unknown LoRAConfig field(s) {unknown}; known: {sorted(known)}")
         if "r" in values and isinstance(values["r"], dict):
             values["r"] = rank_from_dict(values["r"])
         if isinstance(values.get("rank_pattern"), Mapping):
             values["rank_pattern"] = {
                 k: rank_from_dict(v) if isinstance(v, dict) else v for k, v in values["rank_pattern"].items()
             }
-        if values.get("exclude", ()) is None:
-            values["exclude"] = ()
+        if values.get("exclude_modules", ()) is None:
+            values["exclude_modules"] = ()  # PEFT writes null
         return cls(**values)
 
 
@@ -323,25 +276,14 @@ def _from_peft(values: dict[str, Any], known: set[str]) -> dict[str, Any]:
     know, keys svdkit does not know are dropped, unless they hold a value that would matter."""
     if values.get("peft_type") != "LORA":
         raise ValueError(f"a {values.get('peft_type')!r} PEFT config is not a LoRA config (peft_type must be 'LORA')")
-    understood = known | set(ALIASES)
-    foreign = [k for k in sorted(values) if k not in understood and k not in PEFT_BOOKKEEPING]
+    foreign = [k for k in sorted(values) if k not in known and k not in PEFT_BOOKKEEPING]
     unsupported = [f"{k}={values[k]!r}" for k in foreign if not is_neutral(values[k])]
     if unsupported:
         raise ValueError(f"the PEFT config uses {', '.join(unsupported)}, which svdkit does not implement")
-    out = {k: v for k, v in values.items() if k in understood}
+    out = {k: v for k, v in values.items() if k in known}
     init = out.get("init_lora_weights")
     match = _NITER.match(init) if isinstance(init, str) else None
     if match:
         out.update(init_lora_weights="pissa", svd_method="randomized", n_iter=int(match[1]))
     return out
 
-
-def _accept_aliases(init):
-    @functools.wraps(init)
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **resolve_aliases(kwargs, "LoRAConfig"))
-
-    return __init__
-
-
-LoRAConfig.__init__ = _accept_aliases(LoRAConfig.__init__)  # type: ignore[method-assign]

@@ -10,7 +10,7 @@ energy. :func:`analyze_deltas` does it for every layer of a model pair and retur
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,6 @@ from ..linalg import energy_rank, svdvals, tail_error
 from ..progress import ProgressLike, track
 from ..surgery import find_targets
 from ..views import get_view, weight_matrix
-from .config import merge_aliases
 from .report import DeltaReport, DeltaSpectrum
 
 __all__ = ["analyze_deltas", "delta_spectrum", "weight_deltas"]
@@ -96,9 +95,8 @@ def weight_deltas(
     finetuned_model: nn.Module,
     *,
     target_modules: str | Iterable[str] | None = None,
-    exclude: str | Iterable[str] = (),
+    exclude_modules: str | Iterable[str] = (),
     dtype: torch.dtype = torch.float64,
-    **aliases: Any,
 ) -> dict[str, torch.Tensor]:
     """``W_finetuned - W_base`` for every selected layer, after checking the architectures match.
 
@@ -106,12 +104,10 @@ def weight_deltas(
     ----------
     base_model, finetuned_model : nn.Module
         Two models of the same architecture.
-    target_modules, exclude
+    target_modules, exclude_modules
         PEFT-style selection (default: every Linear, Conv1D and Conv2d but the output head).
     dtype : torch.dtype
         Precision of the difference (float64 by default, so a float32 change is exact).
-    **aliases
-        ``targets`` for ``target_modules``.
 
     Returns
     -------
@@ -124,7 +120,6 @@ def weight_deltas(
         message names the first differences), or if a selected weight holds NaN/Inf (the
         message names the layer and the model).
     """
-    target_modules = merge_aliases("weight_deltas", aliases, {"target_modules": (target_modules, None)})["target_modules"]
     if type(base_model) is not type(finetuned_model):
         raise ValueError(
             f"base and fine-tuned models have different architectures: "
@@ -134,10 +129,10 @@ def weight_deltas(
         if any(isinstance(m, LoRALayer) for m in model.modules()):
             raise ValueError(f"the {which} model has LoRA layers; merge_and_unload() it before comparing weights")
     spec = target_modules if target_modules is None or isinstance(target_modules, str) else tuple(target_modules)
-    excl = exclude if isinstance(exclude, str) else tuple(exclude)
+    excl = exclude_modules if isinstance(exclude_modules, str) else tuple(exclude_modules)
     kinds = lora_kinds()
-    base_layers = dict(find_targets(base_model, spec, exclude=excl, kinds=kinds))
-    ft_layers = dict(find_targets(finetuned_model, spec, exclude=excl, kinds=kinds))
+    base_layers = dict(find_targets(base_model, spec, exclude_modules=excl, kinds=kinds))
+    ft_layers = dict(find_targets(finetuned_model, spec, exclude_modules=excl, kinds=kinds))
     only_base = sorted(set(base_layers) - set(ft_layers))
     only_ft = sorted(set(ft_layers) - set(base_layers))
     if only_base or only_ft:
@@ -171,25 +166,22 @@ def analyze_deltas(
     finetuned_model: nn.Module,
     *,
     target_modules: str | Iterable[str] | None = None,
-    exclude: str | Iterable[str] = (),
+    exclude_modules: str | Iterable[str] = (),
     ranks: Sequence[int] = DEFAULT_RANKS,
     top: int = 10,
     progress: ProgressLike = False,
-    **aliases: Any,
 ) -> DeltaReport:
     """:func:`delta_spectrum` of every layer's weight change, in model order.
 
     Parameters
     ----------
     base_model, finetuned_model : nn.Module
-    target_modules, exclude
+    target_modules, exclude_modules
         PEFT-style selection (see :func:`weight_deltas`).
     ranks, top
         See :func:`delta_spectrum`.
     progress : bool or callable
         Progress over the layers (:func:`svdkit.progress.track`).
-    **aliases
-        ``targets`` for ``target_modules``.
 
     Returns
     -------
@@ -201,8 +193,7 @@ def analyze_deltas(
     ValueError
         If the architectures differ or a weight is not finite (see :func:`weight_deltas`).
     """
-    target_modules = merge_aliases("analyze_deltas", aliases, {"target_modules": (target_modules, None)})["target_modules"]
-    deltas = weight_deltas(base_model, finetuned_model, target_modules=target_modules, exclude=exclude)
+    deltas = weight_deltas(base_model, finetuned_model, target_modules=target_modules, exclude_modules=exclude_modules)
     out = []
     for name, delta in track(list(deltas.items()), progress, desc="weight-change spectra"):
         base_weight = weight_matrix(base_model.get_submodule(name))

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Iterable, Literal
+from typing import Iterable
 
 from torch import nn
 
 from ..layers.lora import wrap_lora
-from ..linalg import RankLike, RankSpec, energy_rank, split_factors, svdvals, truncated_svd
+from ..linalg import (
+    SVD_METHODS,
+    RankLike,
+    RankSpec,
+    SVDMethod,
+    energy_rank,
+    layer_seed,
+    split_factors,
+    svdvals,
+    truncated_svd,
+    uses_randomized,
+)
 from ..progress import ProgressLike, track
 from ..surgery import replace_module
 from ..views import weight_matrix
-from .config import merge_aliases
 from .delta import weight_deltas
 from .report import ExtractionReport, LayerExtraction
 from .state import mark_only_lora_trainable
@@ -27,12 +37,11 @@ def extract_lora(
     r: RankLike = 16,
     *,
     target_modules: str | Iterable[str] | None = None,
-    exclude: str | Iterable[str] = (),
+    exclude_modules: str | Iterable[str] = (),
     lora_alpha: float | None = None,
-    svd_method: Literal["exact", "randomized"] = "exact",
+    svd_method: SVDMethod = "exact",
     seed: int = 0,
     progress: ProgressLike = False,
-    **aliases: Any,
 ) -> tuple[nn.Module, ExtractionReport]:
     """LoRA adapters that reproduce a fine-tune: ``s B A = [W_ft - W_base]_r`` per layer.
 
@@ -44,20 +53,21 @@ def extract_lora(
         An int is the rank of every adapter (it must not exceed a layer's ``min(out, d)``);
         ``Energy(0.9)`` keeps 90 % of each layer's change energy, ``ErrorTol(0.1)`` a relative
         error of at most 10 % (resolved on the spectrum of each layer's weight change).
-    target_modules, exclude
+    target_modules, exclude_modules
         PEFT-style layer selection (default: every Linear, Conv1D and Conv2d but the output head).
     lora_alpha : float or None
-        Alpha of every adapter; None sets ``lora_alpha = rank`` per layer (scaling 1).
-    svd_method : {"exact", "randomized"}
-        ``"exact"``: float64 SVDs give the factors and the report. ``"randomized"`` (int ranks
-        only): the factors come from :func:`svdkit.linalg.randomized_svd` and the report's ranks
-        from float32 singular values; faster on large layers.
+        ``lora_alpha`` of every adapter; None sets ``lora_alpha = r`` per layer (scaling 1).
+    svd_method : {"auto", "exact", "randomized"}
+        The values of :class:`~svdkit.lora.LoRAConfig`'s ``svd_method``
+        (:data:`svdkit.linalg.SVD_METHODS`). ``"exact"`` (the default): float64 SVDs give the
+        factors and the report. ``"randomized"`` (int ranks only): the factors come from
+        :func:`svdkit.linalg.randomized_svd` and the report's ranks from float32 singular
+        values; faster on large layers. ``"auto"``: randomized for a layer whose int rank is
+        below a tenth of ``min(out, d)``, exact otherwise (:func:`svdkit.linalg.uses_randomized`).
     seed : int
-        Seed of the randomized SVD.
+        Seed of the randomized SVD (layer ``i`` uses :func:`svdkit.linalg.layer_seed` ``(seed, i)``).
     progress : bool or callable
         Progress over the layers (:func:`svdkit.progress.track`).
-    **aliases
-        ``rank``, ``alpha`` and ``targets`` for ``r``, ``lora_alpha`` and ``target_modules``.
 
     Returns
     -------
@@ -70,8 +80,8 @@ def extract_lora(
     ------
     ValueError
         For models of different architectures, a non-finite weight (naming the layer and the
-        model), an int rank above a layer's ``min(out, d)``, ``alpha <= 0``, or a
-        spectrum-based rank with ``svd_method="randomized"``.
+        model), an int rank above a layer's ``min(out, d)``, ``lora_alpha <= 0``, an unknown
+        ``svd_method``, or a spectrum-based rank with ``svd_method="randomized"``.
 
     Notes
     -----
@@ -79,22 +89,19 @@ def extract_lora(
     recovered to float32 precision. The factors come from :func:`svdkit.linalg.truncated_svd`
     and are split evenly by :func:`svdkit.linalg.split_factors`.
     """
-    values = merge_aliases("extract_lora", aliases, {
-        "r": (r, 16), "lora_alpha": (lora_alpha, None), "target_modules": (target_modules, None),
-    })
-    rank, alpha, target_modules = values["r"], values["lora_alpha"], values["target_modules"]
-    if svd_method not in ("exact", "randomized"):
-        raise ValueError(f"svd_method must be 'exact' or 'randomized', got {svd_method!r}")
+    rank, alpha = r, lora_alpha
+    if svd_method not in SVD_METHODS:
+        raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {svd_method!r}")
     is_int = isinstance(rank, int) and not isinstance(rank, bool)
     if not is_int and not isinstance(rank, RankSpec):
-        raise ValueError(f"rank must be an int or a rank spec such as Energy(0.9) or ErrorTol(0.1), got {rank!r}")
+        raise ValueError(f"r must be an int or a rank spec such as Energy(0.9) or ErrorTol(0.1), got {rank!r}")
     if is_int and rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+        raise ValueError(f"r must be >= 1, got {rank}")
     if not is_int and svd_method == "randomized":
-        raise ValueError(f"rank={rank!r} needs each layer's full spectrum: use svd_method='exact'")
+        raise ValueError(f"r={rank!r} needs each layer's full spectrum: use svd_method='exact' or 'auto'")
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0):
-        raise ValueError(f"alpha must be a finite number > 0 (or None for alpha = rank), got {alpha!r}")
-    deltas = weight_deltas(base_model, finetuned_model, target_modules=target_modules, exclude=exclude)
+        raise ValueError(f"lora_alpha must be a finite number > 0 (or None for lora_alpha = r), got {alpha!r}")
+    deltas = weight_deltas(base_model, finetuned_model, target_modules=target_modules, exclude_modules=exclude_modules)
     if is_int:
         too_small = [(n, tuple(d.shape)) for n, d in deltas.items() if rank > min(d.shape)]
         if too_small:
@@ -111,8 +118,9 @@ def extract_lora(
             unchanged.append(name)
             continue
         try:
-            factors, stats = truncated_svd(delta, rank, svd_method=svd_method, seed=_layer_seed(seed, index))
-            spectrum = svdvals(delta if svd_method == "exact" else delta.float()).double()
+            factors, stats = truncated_svd(delta, rank, svd_method=svd_method, seed=layer_seed(seed, index))
+            randomized = uses_randomized(svd_method, rank, tuple(delta.shape))
+            spectrum = svdvals(delta.float() if randomized else delta).double()
         except (ValueError, RuntimeError) as exc:
             raise ValueError(f"extracting layer {name!r} ({delta.shape[0]}x{delta.shape[1]}) failed: {exc}") from exc
         k = stats.rank
@@ -126,7 +134,7 @@ def extract_lora(
                 name=name,
                 shape=(int(delta.shape[0]), int(delta.shape[1])),
                 rank=k,
-                alpha=layer_alpha,
+                lora_alpha=layer_alpha,
                 energy_captured=kept,
                 relative_error=math.sqrt(max(1.0 - kept, 0.0)),
                 rank_90=int(energy_rank(spectrum, 0.90)),
@@ -146,7 +154,3 @@ def extract_lora(
     mark_only_lora_trainable(model)
     spec = rank if is_int else rank.to_dict()  # type: ignore[union-attr]
     return model, ExtractionReport(tuple(reports), tuple(unchanged), spec, svd_method)
-
-
-def _layer_seed(seed: int, index: int) -> int:
-    return int(seed) * 1_000_003 + index

@@ -43,14 +43,12 @@ from torch import nn
 
 from ..calibrate import GramStats
 from ..layers.lora import LoRALayer
-from ..linalg import split_factors, svd, svd_flip, svdvals, truncated_svd
+from ..linalg import SVDMethod, gram_eigenvalues, split_factors, svd, svd_flip, svdvals, truncated_svd
 from ..views import weight_matrix
 
 __all__ = [
     "InitContext",
     "LoRAInit",
-    "SVDMethod",
-    "SVD_METHODS",
     "available_inits",
     "check_init_inputs",
     "get_init",
@@ -60,8 +58,6 @@ __all__ = [
     "unregister_init",
 ]
 
-SVDMethod = Literal["auto", "exact", "randomized"]
-SVD_METHODS = ("auto", "exact", "randomized")
 _NEEDS = ("delta", "input_stats")
 
 
@@ -141,8 +137,7 @@ def _delta_spectrum(module: nn.Module, delta: torch.Tensor | None, stats: GramSt
 
 
 def _input_spectrum(module: nn.Module, delta: torch.Tensor | None, stats: GramStats | None) -> torch.Tensor:
-    eigenvalues = torch.linalg.eigvalsh(stats.gram.double()).flip(-1)
-    return eigenvalues.clamp_min(0).sqrt()
+    return gram_eigenvalues(stats.gram).sqrt()
 
 
 # spectrum source -> singular values of that matrix, descending

@@ -19,12 +19,12 @@ from torch import nn
 
 from ..calibrate import GramStats, collect_input_stats
 from ..layers.lora import LoRALayer, lora_kinds, lora_wrapper_class, wrap_lora
-from ..linalg import Energy, ErrorTol, RankLike, resolve_rank
+from ..linalg import Energy, ErrorTol, RankLike, SVDMethod, layer_seed, resolve_rank
 from ..progress import ProgressLike, track
 from ..surgery import check_patterns, find_targets, replace_module
 from ..views import token_rows, view_of_kind, weight_matrix
-from .config import LoRAConfig, merge_aliases
-from .inits import InitContext, LoRAInit, SVDMethod, check_init_inputs, get_init, init_spectrum
+from .config import LoRAConfig
+from .inits import InitContext, LoRAInit, check_init_inputs, get_init, init_spectrum
 from .state import (
     load_lora_state_dict,
     lora_layers,
@@ -52,12 +52,12 @@ __all__ = [
 
 
 def select_lora_targets(
-    model: nn.Module, target_modules: str | Iterable[str] | None = None, exclude: str | Iterable[str] = ()
+    model: nn.Module, target_modules: str | Iterable[str] | None = None, exclude_modules: str | Iterable[str] = ()
 ) -> list[tuple[str, nn.Module]]:
     """Layers that :func:`add_lora` would wrap, as (name, module).
 
-    ``target_modules`` follows PEFT (see :class:`LoRAConfig`); embeddings are never selected,
-    the output head only when named explicitly.
+    ``target_modules`` and ``exclude_modules`` follow PEFT (see :class:`LoRAConfig`); embeddings
+    are never selected, the output head only when named explicitly.
 
     Raises
     ------
@@ -71,12 +71,12 @@ def select_lora_targets(
             "merge_and_unload() it before adding new adapters"
         )
     if target_modules == "all-linear":
-        selected = find_targets(model, None, exclude=_as_spec(exclude), kinds=_vector_kinds())
+        selected = find_targets(model, None, exclude_modules=_as_spec(exclude_modules), kinds=_vector_kinds())
     else:
-        selected = find_targets(model, _as_spec(target_modules), exclude=_as_spec(exclude), kinds=lora_kinds())
+        selected = find_targets(model, _as_spec(target_modules), exclude_modules=_as_spec(exclude_modules), kinds=lora_kinds())
     if not selected:
         raise ValueError(
-            f"no Linear, Conv1D or Conv2d layer of the model matches target_modules={target_modules!r} (exclude={exclude!r})"
+            f"no Linear, Conv1D or Conv2d layer of the model matches target_modules={target_modules!r} (exclude_modules={exclude_modules!r})"
         )
     return selected
 
@@ -108,13 +108,13 @@ def apply_lora(
         False (default): work on a deep copy and leave ``model`` untouched. True: wrap the
         layers of ``model`` itself (weight-moving inits then rewrite its base weights).
     deltas : dict of name -> Tensor of shape (out, d), optional
-        Target weight changes for ``init="svd_delta"`` (in :func:`svdkit.views.weight_matrix`
+        Target weight changes for ``init_lora_weights="svd_delta"`` (in :func:`svdkit.views.weight_matrix`
         orientation). With ``target_modules=None`` the layers are exactly the keys.
     input_stats : dict of name -> GramStats, optional
-        Input statistics for ``init="eva"``, as :func:`svdkit.calibrate.collect_input_stats`
+        Input statistics for ``init_lora_weights="eva"``, as :func:`svdkit.calibrate.collect_input_stats`
         returns them.
     calibration : iterable of batches, optional
-        For ``init="eva"`` without ``input_stats``: batches run through the model (in eval
+        For ``init_lora_weights="eva"`` without ``input_stats``: batches run through the model (in eval
         mode, without gradients) to collect them.
     forward : callable, optional
         ``forward(module, batch) -> output`` runs the model on one calibration batch (svdkit's
@@ -144,7 +144,7 @@ def apply_lora(
     targets = config.target_modules
     if targets is None and deltas is not None and "delta" in init.needs:
         targets = tuple(deltas)
-    selected = select_lora_targets(model, targets, config.exclude)
+    selected = select_lora_targets(model, targets, config.exclude_modules)
     names = [name for name, _ in selected]
     check_patterns(config.rank_pattern, names, field="rank_pattern")
     check_patterns(config.alpha_pattern, names, field="alpha_pattern")
@@ -171,10 +171,10 @@ def apply_lora(
     layer = None
     try:
         for index, (name, rank, alpha) in enumerate(track(plan, progress, desc=f"LoRA init ({init.name})")):
-            layer = wrap_lora(target.get_submodule(name), rank, alpha, dropout=config.lora_dropout, use_rslora=config.use_rslora)
+            layer = wrap_lora(target.get_submodule(name), rank, alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora)
             ctx = InitContext(
                 name=name,
-                seed=_layer_seed(config.seed, index),
+                seed=layer_seed(config.seed, index),
                 svd_method=config.svd_method,
                 n_iter=config.n_iter,
                 oversamples=config.oversamples,
@@ -233,10 +233,6 @@ def _vector_kinds() -> tuple[str, ...]:
     return tuple(kind for kind in lora_kinds() if view_of_kind(kind).input_rows is token_rows)
 
 
-def _layer_seed(seed: int, index: int) -> int:
-    return (int(seed) * 1_000_003 + index) % (2**63 - 1)
-
-
 def _eva_stats(model, selected, input_stats, calibration, forward, progress) -> Mapping[str, GramStats]:
     names = [name for name, _ in selected]
     if input_stats is not None:
@@ -264,7 +260,7 @@ def add_lora(
     init_lora_weights: str = "gaussian",
     lora_dropout: float = 0.0,
     use_rslora: bool = False,
-    exclude: str | Iterable[str] = (),
+    exclude_modules: str | Iterable[str] = (),
     svd_method: SVDMethod = "auto",
     n_iter: int | Literal["auto"] = 4,
     oversamples: int = 0,
@@ -277,7 +273,6 @@ def add_lora(
     calibration: Iterable[Any] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     progress: ProgressLike = False,
-    **aliases: Any,
 ) -> nn.Module:
     """Add LoRA adapters to a model: the keyword form of :func:`apply_lora`.
 
@@ -293,14 +288,12 @@ def add_lora(
     init_lora_weights : str
         ``"gaussian"``, ``"kaiming"``, ``"pissa"``, ``"milora"``, ``"svd_delta"``, ``"eva"`` or
         any registered init.
-    lora_dropout, use_rslora, exclude, svd_method, n_iter, oversamples, seed, rank_pattern, alpha_pattern
+    lora_dropout, use_rslora, exclude_modules, svd_method, n_iter, oversamples, seed, rank_pattern, alpha_pattern
         See :class:`LoRAConfig`.
     inplace : bool
         False (default) returns an adapted copy; True adapts ``model`` itself.
     deltas, input_stats, calibration, forward, progress
         Init data and progress; see :func:`apply_lora`.
-    **aliases
-        svdkit's short names: ``rank``, ``alpha``, ``init``, ``dropout``, ``targets``.
 
     Returns
     -------
@@ -310,20 +303,14 @@ def add_lora(
     Examples
     --------
     >>> lora_model = add_lora(model, ["query", "value"], r=16, init_lora_weights="pissa")  # doctest: +SKIP
-    >>> lora_model = add_lora(model, ["query", "value"], rank=16, init="pissa")  # the same  # doctest: +SKIP
     """
-    fields = merge_aliases("add_lora", aliases, {
-        "target_modules": (target_modules, None), "r": (r, 8), "lora_alpha": (lora_alpha, None),
-        "init_lora_weights": (init_lora_weights, "gaussian"), "lora_dropout": (lora_dropout, 0.0),
-        "exclude": (exclude, ()),
-    })
     config = LoRAConfig(
-        r=fields["r"],
-        lora_alpha=fields["lora_alpha"],
-        init_lora_weights=fields["init_lora_weights"],
-        target_modules=_as_spec(fields["target_modules"]),
-        exclude=_as_spec(fields["exclude"]),
-        lora_dropout=fields["lora_dropout"],
+        r=r,
+        lora_alpha=lora_alpha,
+        init_lora_weights=init_lora_weights,
+        target_modules=_as_spec(target_modules),
+        exclude_modules=_as_spec(exclude_modules),
+        lora_dropout=lora_dropout,
         use_rslora=use_rslora,
         svd_method=svd_method,
         n_iter=n_iter,

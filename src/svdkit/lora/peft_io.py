@@ -108,19 +108,19 @@ def peft_factors(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor, int, flo
         ``lora_B``'s weight, the left factor.
     A : Tensor of shape (r', in) or (r', C_in, kh, kw)
         ``lora_A``'s weight, the right factor.
-    rank : int
+    r : int
         ``r' = r``, or ``2 r`` for a weight-moving init (see the module docstring).
-    alpha : float
+    lora_alpha : float
         Chosen so that PEFT's scaling equals the layer's.
     """
     A = layer.lora_A.weight.detach()
     B = layer.lora_B.weight.detach()
     if not layer.moved_weight:
-        return B.clone(), A.clone(), layer.rank, layer.alpha
+        return B.clone(), A.clone(), layer.rank, layer.lora_alpha
     A0 = layer.lora_A_init.reshape(A.shape).to(A.dtype)
     B0 = layer.lora_B_init.reshape(B.shape).to(B.dtype)
     factor = math.sqrt(2.0) if layer.use_rslora else 2.0
-    return torch.cat([B, -B0], dim=1), torch.cat([A, A0], dim=0), 2 * layer.rank, layer.alpha * factor
+    return torch.cat([B, -B0], dim=1), torch.cat([A, A0], dim=0), 2 * layer.rank, layer.lora_alpha * factor
 
 
 def _most_common(values: list[Any]) -> Any:
@@ -401,7 +401,7 @@ def import_peft(
     layer = None
     try:
         for path, _, rank, alpha, A, B in plans:
-            layer = wrap_lora(target_root.get_submodule(path), rank, alpha, dropout=dropout, use_rslora=use_rslora)
+            layer = wrap_lora(target_root.get_submodule(path), rank, alpha, lora_dropout=dropout, use_rslora=use_rslora)
             if load_init.residual is not None:  # the base PEFT rebuilds before loading A and B
                 B0, A0, residual = load_init.residual(layer)
                 layer.move_into_adapter(B0, A0, residual=residual)
@@ -452,7 +452,7 @@ def _check_shapes(module, rank, alpha, dropout, use_rslora, A, B, path, where) -
     """Raise unless ``A``/``B`` have the shapes a wrapper of ``module`` would give them (the
     throwaway wrapper only references ``module``; nothing is modified)."""
     try:
-        layer = wrap_lora(module, rank, alpha, dropout=dropout, use_rslora=use_rslora)
+        layer = wrap_lora(module, rank, alpha, lora_dropout=dropout, use_rslora=use_rslora)
     except ValueError as exc:
         raise ValueError(f"the adapter at {where} does not fit layer {path!r} of this model: {exc}") from None
     expected = (tuple(layer.lora_A.weight.shape), tuple(layer.lora_B.weight.shape))

@@ -38,7 +38,8 @@ class LayerExtraction:
     shape : (int, int)
         Shape (out, d) of the weight matrix.
     rank : int
-    alpha : float
+        The adapter's rank ``r``.
+    lora_alpha : float
     energy_captured : float
         ``sum_{i<=rank} s_i**2 / ||delta||_F**2``.
     relative_error : float
@@ -54,7 +55,7 @@ class LayerExtraction:
     name: str
     shape: tuple[int, int]
     rank: int
-    alpha: float
+    lora_alpha: float
     energy_captured: float
     relative_error: float
     rank_90: int
@@ -80,7 +81,7 @@ class ExtractionReport:
     rank : int or dict
         The rank spec used (``RankSpec.to_dict()`` form for typed specs).
     svd_method : str
-        ``"exact"`` or ``"randomized"``.
+        ``"auto"``, ``"exact"`` or ``"randomized"``, as given to :func:`~svdkit.lora.extract_lora`.
     """
 
     layers: tuple[LayerExtraction, ...]

@@ -101,7 +101,7 @@ def render_html(
         parts.append("<h2>Weights</h2>")
         parts.append(f'<p class="meta">{len(weights)} matrices analysed'
                      + (f" in {seconds:.2f} s" if isinstance(seconds, float) else "")
-                     + f' · eigenvalues via <code>{html.escape(str(weights.meta.get("svd_method", "")))}</code>.'
+                     + f' · eigenvalues via <code>{html.escape(str(weights.meta.get("eigen_route", "")))}</code>.'
                      " α is the power-law exponent of the eigenvalue distribution λ = σ² (WeightWatcher's fit);"
                      " α between 2 and 6 is typical of well-trained layers, larger values look random.</p>")
         parts.append(_cards(weights.summary()))

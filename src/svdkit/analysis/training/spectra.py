@@ -39,6 +39,7 @@ from ...linalg import (
     condition_number,
     effective_rank,
     frobenius_norm,
+    layer_seed,
     nuclear_norm,
     spectral_norm,
     stable_rank,
@@ -214,7 +215,7 @@ class LayerSpectra:
         else:
             buffer = torch.zeros(len(mats), R, C, device=device, dtype=dtype)
             dst = [buffer[g, : s[0], : s[1]] for g, s in enumerate(shapes)]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        generator = torch.Generator().manual_seed(layer_seed(self.seed, index))
         start = torch.randn(len(mats), C, min(self.block_size, C), generator=generator, dtype=torch.float64)
         start = torch.linalg.qr(start).Q.mT.to(device=device, dtype=dtype).contiguous()
         return _Bucket(members, buffer, direct, dst, start.clone(), start, False)

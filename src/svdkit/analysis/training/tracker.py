@@ -60,7 +60,7 @@ class SpectralTracker:
     model : nn.Module
     every : int
         Record every ``every`` steps (in full mode: compute the spectrum every ``every`` steps).
-    targets : str, list of str, or None
+    target_modules : str, list of str, or None
         PEFT-style selection of layers (see :func:`svdkit.surgery.find_targets`); None tracks
         every Linear, Conv1D and Conv2d except the output head.
     metrics : sequence of str, optional
@@ -68,7 +68,7 @@ class SpectralTracker:
         :data:`FULL_SPECTRUM_METRICS` when ``full_every`` is set), all of :data:`METRICS` in full mode.
     mode : {"fast", "full"}
         See the module docstring.
-    exclude, kinds, include_embeddings, include_head
+    exclude_modules, kinds, include_embeddings, include_head
         Passed to :func:`~svdkit.surgery.find_targets`.
     power_iters : int
         Krylov depth: products with ``W^T W`` per fast step (each reads the weight twice; the
@@ -96,7 +96,7 @@ class SpectralTracker:
     ValueError
         For ``every``, ``power_iters``, ``block_size``, ``warmup_iters``, ``full_every`` or
         ``flush_every`` below 1, an unknown mode or metric, a fast-mode metric that needs the
-        full spectrum without ``full_every``, or targets that select no layer.
+        full spectrum without ``full_every``, or a selection that selects no layer.
 
     Notes
     -----
@@ -121,11 +121,11 @@ class SpectralTracker:
         self,
         model: nn.Module,
         every: int = 1,
-        targets: TargetSpec = None,
+        target_modules: TargetSpec = None,
         metrics: Sequence[str] | None = None,
         mode: str = "fast",
         *,
-        exclude: TargetSpec = (),
+        exclude_modules: TargetSpec = (),
         kinds: Sequence[str] | None = None,
         include_embeddings: bool = False,
         include_head: bool = False,
@@ -154,12 +154,13 @@ class SpectralTracker:
         # Fast mode asked only for full-spectrum metrics computes them on their cadence alone.
         self._fast_wanted = mode == "fast" and any(m in FAST_METRICS for m in self.metrics)
         selected = find_targets(
-            model, targets, exclude=exclude, kinds=kinds, include_embeddings=include_embeddings, include_head=include_head
+            model, target_modules, exclude_modules=exclude_modules, kinds=kinds,
+            include_embeddings=include_embeddings, include_head=include_head,
         )
         if not selected:
             names = [name for name, module in model.named_modules() if name and get_view(module) is not None]
             raise ValueError(
-                f"targets={targets!r} (exclude={exclude!r}, kinds={kinds!r}) select no layer of "
+                f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}, kinds={kinds!r}) select no layer of "
                 f"{type(model).__name__}; layers with a weight view: {names[:12]}{' ...' if len(names) > 12 else ''}"
             )
         self.layer_names = [name for name, _ in selected]
