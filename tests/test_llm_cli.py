@@ -93,7 +93,7 @@ def test_a_gguf_file_that_is_not_a_model_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="not a GGUF file"):
         load_model(str(fake))
     fake.write_bytes(b"GGUF" + b"\x00" * 64)
-    with pytest.raises(ValueError, match="cannot load .*fake.gguf as a causal language model"):
+    with pytest.raises(ValueError, match=r"fake.gguf is a damaged GGUF file \(its header cannot be read"):
         load_model(str(fake))
 
 

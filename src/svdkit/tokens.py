@@ -104,11 +104,10 @@ def _source_stream(source: str | Path | torch.Tensor, tokenizer: Any, vocab_size
     if not path.is_file():
         raise FileNotFoundError(f"no token or text file at {str(source)!r} (use 'builtin', a .txt file or a .pt tensor of token ids)")
     if path.suffix in (".pt", ".pth"):
-        try:
-            ids = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"cannot read token ids from {path}: {exc}") from exc
-        if isinstance(ids, torch.Tensor) and ids.ndim not in (1, 2):
+        from .tensor_file import read_tensor_file
+
+        ids = read_tensor_file(path, holds="token ids, of shape (T,) or (N, L)")
+        if ids.ndim not in (1, 2):
             raise ValueError(f"{path} holds a tensor of shape {tuple(ids.shape)}; expected token ids of shape (T,) or (N, L)")
         return check_token_ids(ids, vocab_size, where=str(path))
     if tokenizer is None:

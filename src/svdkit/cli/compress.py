@@ -82,6 +82,8 @@ def register(subparsers) -> None:
 
 
 def _config(args: argparse.Namespace, loaded) -> Any:
+    """The CompressConfig of the options; ``loaded`` None checks the options before the model is
+    loaded (the defaults that depend on the model are left out)."""
     from ..compression import CompressConfig
     from ..linalg import ParamRatio
 
@@ -89,7 +91,7 @@ def _config(args: argparse.Namespace, loaded) -> Any:
     targets = target_spec(args.targets)
     if targets is not None:
         fields["target_modules"] = targets
-    elif loaded.is_sentence_model:
+    elif loaded is not None and loaded.is_sentence_model:
         # A BERT pooler does not shape a sentence-transformers embedding (it pools the tokens).
         poolers = tuple(name for name, _ in loaded.module.named_modules() if ".pooler." in f".{name}." and name.endswith("dense"))
         fields["exclude"] = tuple(args.exclude) + poolers
@@ -99,14 +101,14 @@ def _config(args: argparse.Namespace, loaded) -> Any:
     if rank is not None:
         fields["rank"] = rank
     else:
-        params = args.params or ((DEFAULT_LM_PARAMS if loaded.is_causal_lm else DEFAULT_PARAMS),)
+        params = args.params or ((DEFAULT_LM_PARAMS if loaded is not None and loaded.is_causal_lm else DEFAULT_PARAMS),)
         if args.uniform:
             if len(params) > 1:
                 raise ValueError(f"--uniform takes one fraction, got --params {','.join(map(str, params))}")
             fields["rank"] = ParamRatio(params[0])
         else:
             fields["budget"] = params[0]
-    if loaded.is_causal_lm:
+    if loaded is not None and loaded.is_causal_lm:
         batch = args.batch_size or LM_BATCH
         seqs = args.gradient_seqs or min(GRADIENT_SEQS, args.calib_seqs or LM_SEQS)
         fields["gradient_batches"] = max(1, -(-seqs // batch))
@@ -128,9 +130,8 @@ def _lm_calibration(args: argparse.Namespace, loaded) -> list:
 
 
 def _calibration(args: argparse.Namespace, loaded) -> list:
-    import torch
-
     from ..data import calibration_sentences
+    from ..tensor_file import read_tensor_file
 
     size = args.calib_seqs or SENTENCES
     batch = args.batch_size or SENTENCE_BATCH
@@ -145,11 +146,8 @@ def _calibration(args: argparse.Namespace, loaded) -> list:
         if not path.is_file():
             raise FileNotFoundError(f"no calibration file at {args.calib!r}")
         if path.suffix in (".pt", ".pth"):
-            try:
-                inputs = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise ValueError(f"cannot read the calibration tensor {path}: {exc}") from exc
-            if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or len(inputs) == 0:
+            inputs = read_tensor_file(path, holds="model inputs, batch first (token ids of shape (N, L) for a text model)")
+            if inputs.ndim < 1 or len(inputs) == 0:
                 raise ValueError(f"{path} must hold one non-empty tensor of inputs (batch first)")
             if loaded.is_sentence_model:
                 return _sentence_features(inputs[:size], batch, loaded, path)
@@ -201,10 +199,77 @@ def _lm_quality(loaded, module, progress: bool) -> dict[str, Any]:
 
 
 def _outputs(args: argparse.Namespace) -> list[tuple[float | None, Path]]:
-    """(budget, directory) per result: several ``--params`` write ``OUTPUT-50``, ``OUTPUT-60``, ..."""
-    if args.params and len(args.params) > 1 and not args.uniform:
-        return [(p, Path(f"{args.output}-{round(p * 100)}")) for p in args.params]
-    return [(None, Path(args.output))]
+    """(budget, directory) per result: several ``--params`` write ``OUTPUT-50``, ``OUTPUT-60``,
+    ``OUTPUT-50.5``, ... (the percentage kept, to six significant digits).
+
+    Raises
+    ------
+    ValueError
+        A fraction given twice, or two fractions that would write the same directory.
+    """
+    if not (args.params and len(args.params) > 1 and not args.uniform):
+        return [(None, Path(args.output))]
+    outputs: dict[Path, float] = {}
+    for budget in args.params:
+        if budget in outputs.values():
+            raise ValueError(f"--params lists {budget} twice: give each fraction once")
+        path = Path(f"{args.output}-{budget * 100:.6g}")
+        if path in outputs:
+            raise ValueError(f"--params {outputs[path]} and {budget} would both be written to {path}: give fractions that differ in the first six digits")
+        outputs[path] = budget
+    return [(budget, path) for path, budget in outputs.items()]
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse, before the model is loaded, what the options alone make impossible."""
+    from ..devices import check_device
+
+    if args.seq_len is not None and args.seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2 (one token of context and one to predict in each window), got {args.seq_len}")
+    if args.device is not None:
+        check_device(args.device, field="--device")
+    _config(args, None)  # the method, --uniform, --refit and the rank options
+
+
+def _rank_words(args: argparse.Namespace) -> str:
+    """The rank option as the user gave it, e.g. ``--rank 100000``."""
+    for name in ("rank", "energy", "error", "params"):
+        value = getattr(args, name, None)
+        if value is not None:
+            return f"--{name} {','.join(map(str, value)) if isinstance(value, tuple) else value}"
+    return "the default budget"
+
+
+def _check_rank_saves(args: argparse.Namespace, config, module) -> None:
+    """Refuse an int ``--rank`` at which no targeted layer would save parameters (a rank-k factorization
+    of an m x n matrix costs k (m + n) parameters), before any calibration."""
+    from ..surgery import find_targets
+    from ..views import weight_matrix
+
+    if not isinstance(config.rank, int) or config.budget is not None:
+        return
+    targets = find_targets(module, config.target_modules, exclude=config.exclude, kinds=config.kinds,
+                           include_embeddings=config.include_embeddings, include_head=config.include_head)
+    if not targets or any(getattr(layer, "groups", 1) != 1 for _, layer in targets):
+        return  # compress() names a selection that matches nothing; grouped convolutions count per group
+    shapes = {name: tuple(weight_matrix(layer).shape) for name, layer in targets}
+    even = {name: m * n / (m + n) for name, (m, n) in shapes.items()}
+    if all(config.rank >= even[name] for name in shapes):
+        best = max(even, key=even.get)
+        raise ValueError(
+            f"--rank {config.rank} keeps all {len(shapes)} targeted layers dense: a rank-k factorization of an m x n layer "
+            f"saves parameters only when k < mn/(m+n), at most {even[best]:.1f} here ({best}, {shapes[best][0]}x{shapes[best][1]}); "
+            "pass a smaller --rank, or --params"
+        )
+
+
+def _factorized_nothing(args: argparse.Namespace, report, budget: float | None) -> str | None:
+    """Why a result is not worth saving (every targeted layer stayed dense), or None."""
+    if report.totals()["compressed"]:
+        return None
+    what = f"--params {budget}" if budget is not None else _rank_words(args)
+    return (f"nothing was factorized: all {len(report.layers)} targeted layers stay dense at {what}, so the result would be "
+            "a dense copy; ask for fewer parameters (a smaller --rank, --energy or --params, a larger --error)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -215,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
     group = init_from_env()  # under torchrun: one process of several; otherwise the only one
     lead = group.rank == 0
     outputs = _outputs(args)
+    _check_options(args)
     if args.stream or args.resume:
         return _run_to_directory(args, group)
     check_outputs(directories=tuple(str(path) for _, path in outputs), files=(args.json,), overwrite=args.overwrite)
@@ -223,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"loading {args.model} ..." + (f" ({group.world} processes)" if group.active else ""), file=sys.stderr)
     loaded = load_model(args.model)
     config = _config(args, loaded)
+    _check_rank_saves(args, config, loaded.module)
     calibration = _calibration(args, loaded) if config.needs_data else None
     before = _lm_quality(loaded, loaded.module, progress) if loaded.is_causal_lm and not args.no_eval and lead else None
     if lead:
@@ -256,6 +323,7 @@ def _run_to_directory(args: argparse.Namespace, group) -> int:
     if not loaded.is_causal_lm:
         raise ValueError(f"--stream and --resume compress causal language models block by block; {args.model!r} is a {loaded.kind} model")
     config = _config(args, loaded)
+    _check_rank_saves(args, config, loaded.module)
     calibration = _lm_calibration(args, loaded)
     if group.rank == 0:
         print(f"compressing {args.model} block by block into {args.output} ...", file=sys.stderr)
@@ -265,8 +333,11 @@ def _run_to_directory(args: argparse.Namespace, group) -> int:
     )
     if group.rank == 0:
         print(report.to_table())
-        print(f"saved to {args.output}; measure it with: svdkit eval {args.output}")
         write_json(args.json, report.to_json())
+        empty = _factorized_nothing(args, report, None)
+        if empty is not None:
+            raise ValueError(f"{empty}; {args.output} holds that dense copy: remove it")
+        print(f"saved to {args.output}; measure it with: svdkit eval {args.output}")
     return 0
 
 
@@ -274,8 +345,13 @@ def _finish(args: argparse.Namespace, loaded, config, outputs, results, before, 
     """Measure, save and report each result (rank 0 only)."""
     from ..compression import save_compressed
 
-    reports = []
+    reports, refused = [], []
     for (budget, output), (compressed, report) in zip(outputs, results):
+        empty = _factorized_nothing(args, report, budget)
+        if empty is not None:
+            print(report.to_table())
+            refused.append(f"{output} is not written: {empty}")
+            continue
         if not args.no_eval:
             if loaded.is_sentence_model:
                 report.quality.update(_sentence_quality(loaded, compressed))
@@ -288,7 +364,10 @@ def _finish(args: argparse.Namespace, loaded, config, outputs, results, before, 
         print(report.to_table())
         print(f"saved to {output} (load with svdkit.load_model({str(output)!r}))")
         reports.append(report.to_dict())
-    write_json(args.json, json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    if reports:
+        write_json(args.json, json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    if refused:
+        raise ValueError("; ".join(refused))
 
 
 def _before_after(before: Any, after: Any) -> str:

@@ -21,6 +21,7 @@ low-resource mode). This module finds the blocks and runs them:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -161,8 +162,12 @@ def capture_block_inputs(
             hidden = kwargs.pop("hidden_states")
         else:
             hidden, args = args[0], args[1:]
-            if args:
-                raise TypeError(f"{type(module).__name__} takes more than one positional input; svdkit replays blocks by keyword")
+            if args:  # GPT-2's blocks take the cache and the mask by position: name them for the replay
+                params = inspect.signature(module.forward).parameters.values()
+                names = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD][1:1 + len(args)]
+                if len(names) < len(args) or set(names) & set(kwargs):
+                    raise TypeError(f"{type(module).__name__} takes more than one positional input; svdkit replays blocks by keyword")
+                kwargs = {**dict(zip(names, args)), **kwargs}
         kept = {k: v for k, v in kwargs.items() if k not in _DROPPED}
         kept.update({k: v for k, v in _FORCED.items() if k in kwargs})
         index = first + len(caught) * step
@@ -336,7 +341,7 @@ def load_parameters(module: nn.Module, checkpoint: Any, prefix: str, device: tor
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
-        tensor = checkpoint.tensor(prefix + name, device=device or "cpu")
+        tensor = checkpoint.tensor(prefix + name, device=device or "cpu", shape=param.shape)
         owner._parameters[attr] = nn.Parameter(tensor, requires_grad=param.requires_grad)
 
 

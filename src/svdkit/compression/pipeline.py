@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..calibrate import run_batch
+from ..causal_lm import is_causal_lm
 from ..distributed import current_group, shard
 from ..progress import ProgressLike
 from ..layers.lowrank import low_rank_class
@@ -106,13 +107,7 @@ def _untie_in_config(model: nn.Module) -> None:
 def _curvature(config: CompressConfig, model: nn.Module) -> str:
     if config.curvature != "auto":
         return config.curvature
-    return "labels" if _is_causal_lm(model) else "probes"
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    architectures = getattr(config, "architectures", None) or []
-    return any(str(a).endswith("ForCausalLM") for a in architectures) or type(model).__name__.endswith("ForCausalLM")
+    return "labels" if is_causal_lm(model) else "probes"
 
 
 def _choose_pipeline(model: nn.Module, targets: list[tuple[str, nn.Module]], config: CompressConfig) -> BlockStack | None:
@@ -128,7 +123,7 @@ def _choose_pipeline(model: nn.Module, targets: list[tuple[str, nn.Module]], con
                 f"but no such stack holds all of them (e.g. {outside}); use pipeline='model' or narrow target_modules"
             )
         return stack
-    return stack if _is_causal_lm(model) else None
+    return stack if is_causal_lm(model) else None
 
 
 def compress(

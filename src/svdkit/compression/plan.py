@@ -118,4 +118,4 @@ def plan_layers(
     progress: ProgressLike = None,
 ) -> list[LayerPlan]:
     """Factorize every target with the configured method (embeddings: plain SVD)."""
-    return [plan_layer(name, module, stats.get(name), config) for name, module in track(targets, progress, desc="layers factorized")]
+    return [plan_layer(name, module, stats.get(name), config) for name, module in track(targets, progress, desc="layers decomposed")]

@@ -134,6 +134,7 @@ def _open_source(source: nn.Module | str | os.PathLike) -> tuple[nn.Module, Chec
     checkpoint = Checkpoint(directory)
     try:
         model = transformers_skeleton(directory)
+        checkpoint.check_fits(model)  # a missing or misshapen tensor is refused now, not when its block is reached
     except BaseException:
         checkpoint.close()
         raise
@@ -147,7 +148,7 @@ def _load_outside(model: nn.Module, stack: BlockStack, checkpoint: Checkpoint) -
         if param.is_meta and not name.startswith(prefix):
             owner_name, _, attr = name.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
-            owner._parameters[attr] = nn.Parameter(checkpoint.tensor(name), requires_grad=False)
+            owner._parameters[attr] = nn.Parameter(checkpoint.tensor(name, shape=param.shape), requires_grad=False)
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()
