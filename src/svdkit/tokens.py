@@ -102,7 +102,8 @@ def _source_stream(source: str | Path | torch.Tensor, tokenizer: Any, vocab_size
         return _builtin_stream(str(source), tokenizer)
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"no token or text file at {str(source)!r} (use 'builtin', a .txt file or a .pt tensor of token ids)")
+        named = ", ".join(repr(name) for name in ("builtin", *EVALUATION_DOMAINS))
+        raise FileNotFoundError(f"no token or text file at {str(source)!r} (use {named}, a .txt file or a .pt tensor of token ids)")
     if path.suffix in (".pt", ".pth"):
         from .tensor_file import read_tensor_file
 
@@ -193,6 +194,14 @@ def evaluation_tokens(
     Returns
     -------
     Tensor of shape (T,), int64
+
+    Raises
+    ------
+    ValueError
+        For ``"builtin"``, the calibration text (a measure on it would not be held out).
     """
+    if isinstance(domain, str) and domain == "builtin":
+        raise ValueError("'builtin' is the calibration text: a model is measured on text it was not calibrated on, "
+                         f"{' or '.join(map(repr, EVALUATION_DOMAINS))} (or a file of your own)")
     ids = _source_stream(domain, tokenizer, vocab_size).reshape(-1)
     return ids[:max_tokens] if max_tokens is not None else ids

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,16 @@ def add_target_options(parser: argparse.ArgumentParser, *, what: str = "layers t
     parser.add_argument("--exclude", nargs="+", default=(), metavar="NAME", help="layers to leave alone (same syntax)")
 
 
-def target_spec(values: list[str] | None) -> str | tuple[str, ...] | None:
-    """``--targets`` values as a PEFT ``target_modules`` spec: a regex string or a tuple of names."""
+def target_spec(values: list[str] | None, option: str = "--targets") -> str | tuple[str, ...] | None:
+    """``--targets`` (or ``--exclude``) values as a PEFT ``target_modules`` spec: a regex string
+    or a tuple of names; None for no values. A regex that does not compile is refused, naming ``option``."""
     if not values:
         return None
     if len(values) == 1 and _REGEX_CHARACTERS & set(values[0]):
+        try:
+            re.compile(values[0])
+        except re.error as exc:
+            raise ValueError(f"{option} {values[0]!r} is not a valid regular expression ({exc}); pass names, or escape the special characters") from None
         return values[0]
     return tuple(values)
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from ._compress_checks import check_targets, factorized_nothing, output_directories
 from ._common import (
     add_output_options,
     add_rank_options,
@@ -87,14 +89,16 @@ def _config(args: argparse.Namespace, loaded) -> Any:
     from ..compression import CompressConfig
     from ..linalg import ParamRatio
 
-    fields: dict[str, Any] = {"method": args.method, "refit": args.refit, "exclude": tuple(args.exclude), "pipeline": args.pipeline}
+    exclude = target_spec(args.exclude, "--exclude") or ()
+    fields: dict[str, Any] = {"method": args.method, "refit": args.refit, "exclude": exclude, "pipeline": args.pipeline}
     targets = target_spec(args.targets)
     if targets is not None:
         fields["target_modules"] = targets
     elif loaded is not None and loaded.is_sentence_model:
         # A BERT pooler does not shape a sentence-transformers embedding (it pools the tokens).
         poolers = tuple(name for name, _ in loaded.module.named_modules() if ".pooler." in f".{name}." and name.endswith("dense"))
-        fields["exclude"] = tuple(args.exclude) + poolers
+        if poolers:  # a regex --exclude gets the poolers' exact names as alternatives
+            fields["exclude"] = f"(?:{exclude})|" + "|".join(map(re.escape, poolers)) if isinstance(exclude, str) else exclude + poolers
     if args.device is not None:
         fields["device"] = args.device
     rank = rank_from_options(args)
@@ -198,28 +202,6 @@ def _lm_quality(loaded, module, progress: bool) -> dict[str, Any]:
     return quality
 
 
-def _outputs(args: argparse.Namespace) -> list[tuple[float | None, Path]]:
-    """(budget, directory) per result: several ``--params`` write ``OUTPUT-50``, ``OUTPUT-60``,
-    ``OUTPUT-50.5``, ... (the percentage kept, to six significant digits).
-
-    Raises
-    ------
-    ValueError
-        A fraction given twice, or two fractions that would write the same directory.
-    """
-    if not (args.params and len(args.params) > 1 and not args.uniform):
-        return [(None, Path(args.output))]
-    outputs: dict[Path, float] = {}
-    for budget in args.params:
-        if budget in outputs.values():
-            raise ValueError(f"--params lists {budget} twice: give each fraction once")
-        path = Path(f"{args.output}-{budget * 100:.6g}")
-        if path in outputs:
-            raise ValueError(f"--params {outputs[path]} and {budget} would both be written to {path}: give fractions that differ in the first six digits")
-        outputs[path] = budget
-    return [(budget, path) for path, budget in outputs.items()]
-
-
 def _check_options(args: argparse.Namespace) -> None:
     """Refuse, before the model is loaded, what the options alone make impossible."""
     from ..devices import check_device
@@ -231,65 +213,27 @@ def _check_options(args: argparse.Namespace) -> None:
     _config(args, None)  # the method, --uniform, --refit and the rank options
 
 
-def _rank_words(args: argparse.Namespace) -> str:
-    """The rank option as the user gave it, e.g. ``--rank 100000``."""
-    for name in ("rank", "energy", "error", "params"):
-        value = getattr(args, name, None)
-        if value is not None:
-            return f"--{name} {','.join(map(str, value)) if isinstance(value, tuple) else value}"
-    return "the default budget"
-
-
-def _check_rank_saves(args: argparse.Namespace, config, module) -> None:
-    """Refuse an int ``--rank`` at which no targeted layer would save parameters (a rank-k factorization
-    of an m x n matrix costs k (m + n) parameters), before any calibration."""
-    from ..surgery import find_targets
-    from ..views import weight_matrix
-
-    if not isinstance(config.rank, int) or config.budget is not None:
-        return
-    targets = find_targets(module, config.target_modules, exclude=config.exclude, kinds=config.kinds,
-                           include_embeddings=config.include_embeddings, include_head=config.include_head)
-    if not targets or any(getattr(layer, "groups", 1) != 1 for _, layer in targets):
-        return  # compress() names a selection that matches nothing; grouped convolutions count per group
-    shapes = {name: tuple(weight_matrix(layer).shape) for name, layer in targets}
-    even = {name: m * n / (m + n) for name, (m, n) in shapes.items()}
-    if all(config.rank >= even[name] for name in shapes):
-        best = max(even, key=even.get)
-        raise ValueError(
-            f"--rank {config.rank} keeps all {len(shapes)} targeted layers dense: a rank-k factorization of an m x n layer "
-            f"saves parameters only when k < mn/(m+n), at most {even[best]:.1f} here ({best}, {shapes[best][0]}x{shapes[best][1]}); "
-            "pass a smaller --rank, or --params"
-        )
-
-
-def _factorized_nothing(args: argparse.Namespace, report, budget: float | None) -> str | None:
-    """Why a result is not worth saving (every targeted layer stayed dense), or None."""
-    if report.totals()["compressed"]:
-        return None
-    what = f"--params {budget}" if budget is not None else _rank_words(args)
-    return (f"nothing was factorized: all {len(report.layers)} targeted layers stay dense at {what}, so the result would be "
-            "a dense copy; ask for fewer parameters (a smaller --rank, --energy or --params, a larger --error)")
-
-
 def run(args: argparse.Namespace) -> int:
     from ..compression import compress, compress_sweep
+    from ..compression.io import check_save_target
     from ..distributed import init_from_env
     from ..models import load_model
 
     group = init_from_env()  # under torchrun: one process of several; otherwise the only one
     lead = group.rank == 0
-    outputs = _outputs(args)
+    outputs = output_directories(args)
     _check_options(args)
     if args.stream or args.resume:
         return _run_to_directory(args, group)
     check_outputs(directories=tuple(str(path) for _, path in outputs), files=(args.json,), overwrite=args.overwrite)
+    for _, path in outputs:
+        check_save_target(path, args.overwrite)  # not the current directory, nor a directory svdkit did not write
     progress = progress_option(args) and lead
     if lead:
         print(f"loading {args.model} ..." + (f" ({group.world} processes)" if group.active else ""), file=sys.stderr)
     loaded = load_model(args.model)
     config = _config(args, loaded)
-    _check_rank_saves(args, config, loaded.module)
+    check_targets(args, config, loaded.module)
     calibration = _calibration(args, loaded) if config.needs_data else None
     before = _lm_quality(loaded, loaded.module, progress) if loaded.is_causal_lm and not args.no_eval and lead else None
     if lead:
@@ -313,17 +257,21 @@ def run(args: argparse.Namespace) -> int:
 def _run_to_directory(args: argparse.Namespace, group) -> int:
     """``--stream`` / ``--resume``: the block pipeline writes into OUTPUT block by block."""
     from ..compression import compress_to_directory
+    from ..compression.io import PROGRESS_NAME, check_save_target
     from ..models import load_model
 
-    if len(_outputs(args)) > 1:
+    if len(output_directories(args)) > 1:
         raise ValueError("--stream and --resume write one output: give one --params fraction")
-    check_outputs(files=(args.json,))
+    fresh = not args.resume and not (Path(args.output) / PROGRESS_NAME).exists()  # compress_to_directory judges the rest
+    check_outputs(directories=(args.output,) if fresh else (), files=(args.json,), overwrite=args.overwrite)
+    if fresh:
+        check_save_target(Path(args.output), args.overwrite)
     progress = progress_option(args) and group.rank == 0
     loaded = load_model(args.model, empty=args.stream)
     if not loaded.is_causal_lm:
         raise ValueError(f"--stream and --resume compress causal language models block by block; {args.model!r} is a {loaded.kind} model")
     config = _config(args, loaded)
-    _check_rank_saves(args, config, loaded.module)
+    check_targets(args, config, loaded.module)
     calibration = _lm_calibration(args, loaded)
     if group.rank == 0:
         print(f"compressing {args.model} block by block into {args.output} ...", file=sys.stderr)
@@ -334,7 +282,7 @@ def _run_to_directory(args: argparse.Namespace, group) -> int:
     if group.rank == 0:
         print(report.to_table())
         write_json(args.json, report.to_json())
-        empty = _factorized_nothing(args, report, None)
+        empty = factorized_nothing(args, report, None)
         if empty is not None:
             raise ValueError(f"{empty}; {args.output} holds that dense copy: remove it")
         print(f"saved to {args.output}; measure it with: svdkit eval {args.output}")
@@ -347,7 +295,7 @@ def _finish(args: argparse.Namespace, loaded, config, outputs, results, before, 
 
     reports, refused = [], []
     for (budget, output), (compressed, report) in zip(outputs, results):
-        empty = _factorized_nothing(args, report, budget)
+        empty = factorized_nothing(args, report, budget)
         if empty is not None:
             print(report.to_table())
             refused.append(f"{output} is not written: {empty}")

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..compression.io import CONFIG_NAME, read_description
     from ..models import load_model
+    from ..tokens import EVALUATION_DOMAINS
 
     for name, value in (("--max-tokens", args.max_tokens), ("--seq-len", args.seq_len)):
         if value is not None and value < 2:
@@ -64,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     if args.stride is not None and not 1 <= args.stride <= (args.seq_len or args.stride):
         raise ValueError(f"--stride must be >= 1 and at most --seq-len, got {args.stride}")
     check_outputs(files=(args.json,))
+    for data in args.data:  # a file that is not there is named before any model is loaded or measured
+        if data not in EVALUATION_DOMAINS and not Path(data).is_file():
+            raise FileNotFoundError(f"--data {data!r}: no such file (use {', '.join(map(repr, EVALUATION_DOMAINS))}, or .txt / .pt files)")
     progress = progress_option(args)
     path = Path(args.model)
     source = None

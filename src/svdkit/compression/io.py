@@ -39,6 +39,7 @@ __all__ = [
     "INDEX_NAME",
     "PROGRESS_NAME",
     "WEIGHTS_NAME",
+    "check_save_target",
     "decompress",
     "factorized_layers",
     "load_compressed",
@@ -97,7 +98,15 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
+def check_save_target(target: Path, overwrite: bool) -> None:
+    """Refuse a directory :func:`save_compressed` must not write: the current directory or one
+    above it, an existing path without ``overwrite``, or one that is not an svdkit output.
+
+    Raises
+    ------
+    FileExistsError, ValueError
+        Naming the path and what to do.
+    """
     resolved = target.resolve()
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
@@ -176,7 +185,7 @@ def save_compressed(
     """
     st = _safetensors()
     target = Path(directory)
-    _check_target(target, overwrite)
+    check_save_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     if source is not None and Path(source).exists():
         source = str(Path(source).resolve())
