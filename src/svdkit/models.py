@@ -181,7 +181,7 @@ def _sentence_transformer(path: str, spec: str, device: str, allow_missing: bool
 
 
 def _tokenizer(transformers, path: Path, **kwargs):
-    tokenizer = transformers.AutoTokenizer.frompretrained_with_info(str(path), **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), **kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # Decoder-only tokenizers (GPT-2) have no padding token; the attention mask hides it anyway.
         tokenizer.pad_token = tokenizer.eos_token
@@ -193,7 +193,7 @@ def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False, a
     transformers = _needs("transformers", "hf")
     if any(path.glob("*.safetensors.index.json")):
         checkpoint_files(path)  # a shard the index names but the directory lacks is named, with its tensors
-    config = transformers.AutoConfig.frompretrained_with_info(str(path), local_files_only=True)
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     causal = is_causal_lm(config)
     if empty:
         from .compression.transformers_files import transformers_skeleton
@@ -275,12 +275,16 @@ def _compressed_dir(path: Path, spec: str, device: str, verify: bool = True) -> 
     return base
 
 
-def load_model(spec: str, *, device: str = "cpu", empty: bool = False, allow_missing: bool = False, verify: bool = True) -> LoadedModel:
+_FORMS = ("expected 'minilm', 'smollm2', a .gguf file, a sentence-transformers, transformers or svdkit compressed directory, "
+          "a .pt file, or package.module:factory")
+
+
+def load_model(spec: str | os.PathLike, *, device: str = "cpu", empty: bool = False, allow_missing: bool = False, verify: bool = True) -> LoadedModel:
     """Load a model from a spec (see the module docstring).
 
     Parameters
     ----------
-    spec : str
+    spec : str or PathLike
     device : str
         Where to put the model.
     empty : bool
@@ -307,6 +311,9 @@ def load_model(spec: str, *, device: str = "cpu", empty: bool = False, allow_mis
         optional package (the message says which extra to install).
     """
     check_device(device, field="device")
+    spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"the model spec is empty or not a string ({spec!r}): {_FORMS}")
     if empty and not (Path(spec).is_dir() and (Path(spec) / "config.json").exists()):
         raise ValueError(f"empty=True (streaming from disk) needs a transformers checkpoint directory, got {spec!r}")
     if spec == "minilm":
@@ -355,8 +362,8 @@ def load_model(spec: str, *, device: str = "cpu", empty: bool = False, allow_mis
             raise ValueError(f"factory {spec!r} returned a {type(module).__name__}, not an nn.Module")
         return LoadedModel(module.to(device), spec, "factory")
     if not path.exists():
-        raise FileNotFoundError(
-            f"no model at {spec!r}: expected 'minilm', 'smollm2', a .gguf file, a sentence-transformers, transformers "
-            "or svdkit compressed directory, a .pt file, or package.module:factory"
-        )
-    raise ValueError(f"cannot load a model from {spec!r}")
+        raise FileNotFoundError(f"no model at {spec!r}: {_FORMS}")
+    if path.suffix == ".safetensors":
+        raise ValueError(f"{spec!r} holds weights without their architecture: pass the directory with its config.json "
+                         "(svdkit analyze reads a .safetensors file on its own)")
+    raise ValueError(f"cannot load a model from {spec!r}: {_FORMS}")

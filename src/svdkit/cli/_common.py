@@ -90,6 +90,12 @@ def progress_option(args: argparse.Namespace) -> bool:
     return enabled
 
 
+def table_stream(args: argparse.Namespace):
+    """Where the human-readable tables go: standard output, or standard error when ``--json -``
+    writes the JSON there (so that ``... --json - | jq`` reads JSON alone)."""
+    return sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
+
+
 def write_json(destination: str | None, text: str) -> None:
     """Write ``text`` to the ``--json`` destination (``-``: standard output)."""
     if destination is None:
@@ -116,10 +122,13 @@ def check_outputs(*, directories: tuple[str | None, ...] = (), files: tuple[str 
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} exists and is not a directory")
         _check_writable_parent(path)
+    targets = {Path(d).resolve() for d in directories if d}
     for file in filter(None, files):
         if file == "-":
             continue
         path = Path(file)
+        if path.resolve() in targets:
+            raise ValueError(f"{path} is named as an output directory and as a file to write; give the file another name")
         if path.is_dir():
             raise ValueError(f"{path} is a directory, not a file to write")
         parent = path.resolve().parent

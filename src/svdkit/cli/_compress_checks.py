@@ -40,6 +40,20 @@ def rank_words(args: argparse.Namespace) -> str:
     return "the default budget"
 
 
+def check_model_options(args: argparse.Namespace, loaded) -> None:
+    """Refuse options that the loaded model would ignore: the token windows and the compute device
+    belong to a causal LM's block pipeline; other models are compressed whole, where they are loaded."""
+    given = [option for option, value in (("--seq-len", args.seq_len), ("--gradient-seqs", args.gradient_seqs),
+                                          ("--device", args.device)) if value is not None]
+    if given and not loaded.is_causal_lm:
+        several = len(given) > 1
+        raise ValueError(f"{', '.join(given)} {'apply' if several else 'applies'} to causal language models (block by block); "
+                         f"{loaded.spec!r} is a {loaded.kind} model, compressed whole: drop {'them' if several else 'it'}")
+    if args.device is not None and (args.pipeline == "model" or args.refit):
+        raise ValueError("--device moves each block of the block pipeline to the compute device; --pipeline model and "
+                         "--refit compress the whole model where it is loaded (the CPU): drop --device")
+
+
 def check_targets(args: argparse.Namespace, config, module) -> None:
     """After loading, before any calibration: the selection holds layers, each ``--exclude``
     names a module of the model, and an int ``--rank`` saves parameters in some layer (a rank-k

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._compress_checks import check_targets, factorized_nothing, output_directories
+from ._compress_checks import check_model_options, check_targets, factorized_nothing, output_directories
 from ._common import (
     add_output_options,
     add_rank_options,
@@ -30,6 +30,7 @@ from ._common import (
     check_outputs,
     positive_int,
     progress_option,
+    table_stream,
     rank_from_options,
     target_spec,
     write_json,
@@ -208,6 +209,10 @@ def _check_options(args: argparse.Namespace) -> None:
 
     if args.seq_len is not None and args.seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2 (one token of context and one to predict in each window), got {args.seq_len}")
+    calib_seqs = args.calib_seqs or LM_SEQS
+    if args.gradient_seqs is not None and args.gradient_seqs > calib_seqs:
+        raise ValueError(f"--gradient-seqs {args.gradient_seqs} is more than the {calib_seqs} calibration windows (--calib-seqs): "
+                         "the curvature uses some of them; raise --calib-seqs or lower --gradient-seqs")
     if args.device is not None:
         check_device(args.device, field="--device")
     _config(args, None)  # the method, --uniform, --refit and the rank options
@@ -232,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
     if lead:
         print(f"loading {args.model} ..." + (f" ({group.world} processes)" if group.active else ""), file=sys.stderr)
     loaded = load_model(args.model)
+    check_model_options(args, loaded)
     config = _config(args, loaded)
     check_targets(args, config, loaded.module)
     calibration = _calibration(args, loaded) if config.needs_data else None
@@ -262,6 +268,9 @@ def _run_to_directory(args: argparse.Namespace, group) -> int:
 
     if len(output_directories(args)) > 1:
         raise ValueError("--stream and --resume write one output: give one --params fraction")
+    if args.stream and not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--stream reads a transformers checkpoint directory (config.json and safetensors) block by block; "
+                         f"{args.model!r} is not one: compress it without --stream")
     fresh = not args.resume and not (Path(args.output) / PROGRESS_NAME).exists()  # compress_to_directory judges the rest
     check_outputs(directories=(args.output,) if fresh else (), files=(args.json,), overwrite=args.overwrite)
     if fresh:
@@ -270,6 +279,7 @@ def _run_to_directory(args: argparse.Namespace, group) -> int:
     loaded = load_model(args.model, empty=args.stream)
     if not loaded.is_causal_lm:
         raise ValueError(f"--stream and --resume compress causal language models block by block; {args.model!r} is a {loaded.kind} model")
+    check_model_options(args, loaded)
     config = _config(args, loaded)
     check_targets(args, config, loaded.module)
     calibration = _lm_calibration(args, loaded)
@@ -280,12 +290,12 @@ def _run_to_directory(args: argparse.Namespace, group) -> int:
         overwrite=args.overwrite, tokenizer=loaded.tokenizer, source_spec=args.model, progress=progress,
     )
     if group.rank == 0:
-        print(report.to_table())
+        print(report.to_table(), file=table_stream(args))
         write_json(args.json, report.to_json())
         empty = factorized_nothing(args, report, None)
         if empty is not None:
             raise ValueError(f"{empty}; {args.output} holds that dense copy: remove it")
-        print(f"saved to {args.output}; measure it with: svdkit eval {args.output}")
+        print(f"saved to {args.output}; measure it with: svdkit eval {args.output}", file=table_stream(args))
     return 0
 
 
@@ -297,7 +307,7 @@ def _finish(args: argparse.Namespace, loaded, config, outputs, results, before, 
     for (budget, output), (compressed, report) in zip(outputs, results):
         empty = factorized_nothing(args, report, budget)
         if empty is not None:
-            print(report.to_table())
+            print(report.to_table(), file=table_stream(args))
             refused.append(f"{output} is not written: {empty}")
             continue
         if not args.no_eval:
@@ -309,8 +319,8 @@ def _finish(args: argparse.Namespace, loaded, config, outputs, results, before, 
                     report.quality[f"{key} (dense -> compressed)"] = _before_after(before[key], after[key])
         used = config if budget is None else dataclasses.replace(config, budget=budget)
         save_compressed(compressed, output, source=args.model, config=used, tokenizer=loaded.tokenizer, report=report, overwrite=args.overwrite)
-        print(report.to_table())
-        print(f"saved to {output} (load with svdkit.load_model({str(output)!r}))")
+        print(report.to_table(), file=table_stream(args))
+        print(f"saved to {output} (load with svdkit.load_model({str(output)!r}))", file=table_stream(args))
         reports.append(report.to_dict())
     if reports:
         write_json(args.json, json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))

@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from ._common import add_output_options, check_outputs, progress_option, write_json
+from ._common import add_output_options, check_outputs, progress_option, table_stream, write_json
 
 PROMPT = "The for statement in Python"
 
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append((key, *(f"{c:.3f}" if isinstance(c, float) else repr(c) for c in cells)))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=table_stream(args))
     if "source" in results:
         for key in keys:
             if isinstance(results["model"][key], float):
