@@ -39,8 +39,8 @@ from torch import nn
 from .calibrate import run_batch, token_mask
 from .causal_lm import is_causal_lm
 from .checkpoint import checkpoint_files
-from .load_checks import check_loading, check_sentence_weights, pretrained_with_info
 from .devices import check_device
+from .load_checks import check_loading, check_sentence_weights, pretrained_with_info
 
 __all__ = ["LoadedModel", "load_model"]
 
@@ -279,22 +279,24 @@ _FORMS = ("expected 'minilm', 'smollm2', a .gguf file, a sentence-transformers, 
           "a .pt file, or package.module:factory")
 
 
-def load_model(spec: str | os.PathLike, *, device: str = "cpu", empty: bool = False, allow_missing: bool = False, verify: bool = True) -> LoadedModel:
+def load_model(
+    spec: str | os.PathLike, *, device: str = "cpu", empty: bool = False, allow_missing: bool = False, verify: bool = True
+) -> LoadedModel:
     """Load a model from a spec (see the module docstring).
 
     Parameters
     ----------
     spec : str or PathLike
     device : str
-        Where to put the model.
+        Where to put the model (a device this machine lacks is refused before anything is read).
     empty : bool
         For a transformers directory: build the architecture on empty (``meta``) parameters and
         read no weight (for :func:`svdkit.compression.compress_to_directory`, which reads them
         one block at a time).
     allow_missing : bool
         For a transformers or sentence-transformers directory or a GGUF file: load a checkpoint
-        that lacks some of the model's weights, leaving them as transformers initializes them (random), with a warning.
-        By default such a checkpoint is an error that names the missing weights.
+        that lacks some of the model's weights, leaving them as transformers initializes them
+        (random), with a warning. By default such a checkpoint is an error that names them.
     verify : bool
         For an svdkit compressed directory: check its weight files against the SHA-256 recorded
         when it was saved (see :func:`svdkit.load_compressed`).

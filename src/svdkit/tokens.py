@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from .data import builtin_documents, calibration_documents
+from .tensor_file import read_tensor_file
 
 __all__ = ["EVALUATION_DOMAINS", "calibration_tokens", "check_token_ids", "evaluation_tokens", "token_stream"]
 
@@ -105,8 +106,6 @@ def _source_stream(source: str | Path | torch.Tensor, tokenizer: Any, vocab_size
         named = ", ".join(repr(name) for name in ("builtin", *EVALUATION_DOMAINS))
         raise FileNotFoundError(f"no token or text file at {str(source)!r} (use {named}, a .txt file or a .pt tensor of token ids)")
     if path.suffix in (".pt", ".pth"):
-        from .tensor_file import read_tensor_file
-
         ids = read_tensor_file(path, holds="token ids, of shape (T,) or (N, L)")
         if ids.ndim not in (1, 2):
             raise ValueError(f"{path} holds a tensor of shape {tuple(ids.shape)}; expected token ids of shape (T,) or (N, L)")

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._compress_checks import check_model_options, check_targets, factorized_nothing, output_directories
 from ._common import (
     add_output_options,
     add_rank_options,
@@ -30,11 +29,12 @@ from ._common import (
     check_outputs,
     positive_int,
     progress_option,
-    table_stream,
     rank_from_options,
+    table_stream,
     target_spec,
     write_json,
 )
+from ._compress_checks import check_model_options, check_targets, factorized_nothing, output_directories
 
 DEFAULT_PARAMS = 0.6
 DEFAULT_LM_PARAMS = 0.8

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from ._common import add_output_options, check_outputs, progress_option, table_stream, write_json
@@ -53,8 +54,6 @@ def _measure(loaded, args: argparse.Namespace, progress: bool) -> dict[str, Any]
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..compression.io import CONFIG_NAME, read_description
     from ..models import load_model
     from ..tokens import EVALUATION_DOMAINS
@@ -99,18 +98,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reference_note(source: str, directory) -> str:
+def _reference_note(source: str, directory: Path) -> str:
     return f"the reference model that {directory} was compressed from, {source!r}"
 
 
-def _check_reference(source: str, directory) -> None:
+def _check_reference(source: str, directory: Path) -> None:
     """Refuse, before anything is measured, a recorded source path that no longer exists (a
     directory without its own transformers config needs its source to load at all: load_model
     says so)."""
-    from pathlib import Path
-
     is_path = source not in ("minilm", "smollm2") and ":" not in source
-    if is_path and not Path(source).exists() and (Path(directory) / "config.json").exists():
+    if is_path and not Path(source).exists() and (directory / "config.json").exists():
         raise FileNotFoundError(
             f"{_reference_note(source, directory)}, is gone (no file or directory there): restore it, "
             "or pass --no-reference to measure the compressed model alone"
