@@ -245,3 +245,17 @@ def test_a_sentence_transformers_directory_missing_a_weight_is_refused(tmp_path)
     with pytest.raises(ValueError, match=rf"sentence-model lacks 1 weight\(s\) that BertModel needs: {key}; transformers would initialize"):
         load_model(str(folder))
     assert load_model(str(folder), allow_missing=True).is_sentence_model
+
+
+def test_a_compressed_directory_whose_source_is_gone_says_what_it_needs(factory, tmp_path):
+    import sys
+
+    out = tmp_path / "small"
+    assert main(["compress", f"{factory}:build", "-o", str(out), "--calib", str(tmp_path / "inputs.pt"), "--rank", "4", "--no-progress"]) == 0
+    assert load_model(str(out)).kind == "factory"  # rebuilt on the model it records
+    (tmp_path / "faults_factory.py").unlink()
+    sys.modules.pop("faults_factory", None)
+    with pytest.raises(ValueError, match=rf"{out} holds only the factorized layers and is rebuilt on the model it was compressed from, "
+                                         r"'faults_factory:build', which cannot be loaded \(cannot import the factory .*\); restore that "
+                                         r"model, or load a copy of it yourself and call svdkit.load_compressed"):
+        load_model(str(out))
