@@ -165,11 +165,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for ratio in args.ratios:
         for name in args.configs:
             fields, uniform = CONFIGS[name]
-            config = CompressConfig(**fields, rank=ParamRatio(ratio)) if uniform else CompressConfig(**fields, budget=ratio)
-            config = CompressConfig(**{**config.to_dict_for_replace(), "gradient_batches": -(-args.gradient_seqs // 4)}) \
-                if False else config
+            gradient_batches = max(1, -(-args.gradient_seqs // 4))
+            if uniform:
+                config = CompressConfig(**fields, rank=ParamRatio(ratio), gradient_batches=gradient_batches)
+            else:
+                config = CompressConfig(**fields, budget=ratio, gradient_batches=gradient_batches)
             start = time.perf_counter()
-            out, report = compress(model, _with_gradients(config, args.gradient_seqs), calibration, progress=args.progress)
+            out, report = compress(model, config, calibration, progress=args.progress)
             seconds = time.perf_counter() - start
             quality = language_model_quality(out, tokenizer, max_tokens=args.eval_tokens)
             totals = report.totals()
@@ -184,12 +186,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(format_table([rows[-1]]), file=sys.stderr, flush=True)
             del out
     return {"machine": machine_info(), "upcycling": info, "dense_moe": dense, "rows": rows}
-
-
-def _with_gradients(config, gradient_seqs: int):
-    import dataclasses
-
-    return dataclasses.replace(config, gradient_batches=max(1, -(-gradient_seqs // 4)))
 
 
 def main() -> None:

@@ -121,3 +121,32 @@ def mlp():
     torch.manual_seed(0)
     return LoRAMLP().eval()
 
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer (300 tokens) trained here on a few pydoc topics: nothing comes
+    from a model hub."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from svdkit.data import builtin_documents
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(builtin_documents("topics")[:10], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tmp_path_factory):
+    """A transformers causal LM directory: a 2-block LLaMA (tied head, 300 tokens, context 128)
+    with :func:`build_tokenizer`'s tokenizer. Tests that change it work on a copy."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    model = build_decoder("llama", causal=True, tied=True, layers=2, vocab=300)
+    folder = tmp_path_factory.mktemp("lm") / "tiny-llama"
+    model.save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    return folder

@@ -282,7 +282,7 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, factory):
     garbage.write_bytes(b"not a pickle")
     cases = [
         (["compress", str(garbage), "-o", str(tmp_path / "o")], "cannot load a module from"),
-        (["compress", factory, "-o", str(tmp_path / "o"), "--calib", str(garbage)], "cannot read the calibration tensor"),
+        (["compress", factory, "-o", str(tmp_path / "o"), "--calib", str(garbage)], "garbage.pt: it is not a file written by torch.save"),
         (["compress", factory, "-o", str(tmp_path / "o"), "--json", str(tmp_path / "nowhere" / "r.json")], "does not exist"),
         (["compress", factory, "-o", str(tmp_path / "o")], "built-in calibration text needs a text model"),
     ]

@@ -134,10 +134,18 @@ def test_error_tol():
 def test_spectrum_specs_need_a_matching_spectrum(spec):
     with pytest.raises(ValueError, match=r"for a 6x10 matrix needs its singular values"):
         resolve_rank(None, spec, SHAPE)
-    with pytest.raises(ValueError, match=r"for a 6x10 matrix: expected at most 6 singular values, got shape \(7,\)"):
+    with pytest.raises(ValueError, match=r"for a 6x10 matrix: expected its min\(m, n\) = 6 singular values, got 7 "):
         resolve_rank(np.ones(7), spec, SHAPE)
     with pytest.raises(ValueError, match=r"got shape \(2, 3\)"):
         resolve_rank(np.ones((2, 3)), spec, SHAPE)
+
+
+@pytest.mark.parametrize("spec", [Energy(0.9), ErrorTol(0.1)])
+def test_a_spectrum_shorter_than_the_shape_is_refused(spec):
+    # Energy(0.9) of the first four of six equal values would be rank 4; of all six it is rank 6
+    with pytest.raises(ValueError, match=r"for a 6x10 matrix: expected its min\(m, n\) = 6 singular values, got 4 \(a spectrum of "
+                                         r"another matrix, or a truncated one: pass the full spectrum of this matrix\)"):
+        resolve_rank(np.ones(4), spec, SHAPE)
 
 
 @pytest.mark.parametrize("spec", [0.5, "energy", None, True, {"kind": "energy", "value": 0.9}])

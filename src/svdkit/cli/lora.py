@@ -92,13 +92,15 @@ def _load_pair(args: argparse.Namespace):
 
 def run_extract(args: argparse.Namespace) -> int:
     from ..lora import export_peft, extract_lora
+    from ..lora.peft_io import check_adapter_target
 
     check_outputs(directories=(args.output,), files=(args.json,), overwrite=args.overwrite)
+    check_adapter_target(args.output, args.overwrite)  # never into a model's directory
     rank = rank_from_options(args)
     base, finetuned = _load_pair(args)
     model, report = extract_lora(
         base.module, finetuned.module, DEFAULT_RANK if rank is None else rank,
-        target_modules=target_spec(args.targets), exclude_modules=tuple(args.exclude), lora_alpha=args.lora_alpha,
+        target_modules=target_spec(args.targets), exclude_modules=target_spec(args.exclude, "--exclude") or (), lora_alpha=args.lora_alpha,
         svd_method=args.svd_method, progress=progress_option(args),
     )
     name = args.base_name or (str(Path(args.base).resolve()) if Path(args.base).exists() else args.base)
@@ -118,7 +120,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     ranks = sorted({k for group in args.ranks for k in group})
     base, finetuned = _load_pair(args)
     spectra = analyze_deltas(
-        base.module, finetuned.module, target_modules=target_spec(args.targets), exclude_modules=tuple(args.exclude),
+        base.module, finetuned.module, target_modules=target_spec(args.targets), exclude_modules=target_spec(args.exclude, "--exclude") or (),
         ranks=ranks, top=args.top, progress=progress_option(args),
     )
     write_json(args.json, spectra.to_json())

@@ -19,25 +19,8 @@ from ..surgery import find_targets, matches_target
 from ..views import kinds
 from .config import CompressConfig
 
-__all__ = ["calibration_digest", "check_same_calibration", "check_token_batches", "check_weights", "is_causal_lm", "reaches_experts",
+__all__ = ["calibration_digest", "check_same_calibration", "check_token_batches", "check_weights", "reaches_experts",
            "select_targets"]
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` is a transformers causal language model: a ``...ForCausalLM``, or a class
-    transformers maps as one (``GPT2LMHeadModel``, ...), by its class name or its config's
-    ``architectures``."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return False
-    names = {type(model).__name__, *map(str, getattr(config, "architectures", None) or [])}
-    if any(name.endswith("ForCausalLM") for name in names):
-        return True
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:  # pragma: no cover - a config without transformers
-        return False
-    return bool(names & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()))
 
 
 def select_targets(model: nn.Module, config: CompressConfig) -> list[tuple[str, nn.Module]]:

@@ -256,7 +256,7 @@ class LayerCompressor:
 
     def plans(self, targets: Sequence[tuple[str, nn.Module]], stats: dict[str, LayerStats], progress: ProgressLike = None) -> list[LayerPlan]:
         """Every target's factorization."""
-        return [self.plan(name, module, stats.get(name)) for name, module in track(targets, progress, desc="layers factorized")]
+        return [self.plan(name, module, stats.get(name)) for name, module in track(targets, progress, desc="layers decomposed")]
 
     def choose_ranks(self, candidates: Sequence[RankCandidate], *, other_params: int = 0, check: bool = True) -> list[int | None]:
         """The rank of each candidate, None for dense (see :func:`~svdkit.compression.ranks.choose_ranks`)."""

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..calibrate import output_tensor
-from .checks import is_causal_lm
+from ..causal_lm import is_causal_lm
 
 __all__ = ["CURVATURES", "Curvature", "objectives", "register_curvature", "resolve_curvature"]
 

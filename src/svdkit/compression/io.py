@@ -39,6 +39,7 @@ __all__ = [
     "INDEX_NAME",
     "PROGRESS_NAME",
     "WEIGHTS_NAME",
+    "check_save_target",
     "decompress",
     "factorized_layers",
     "load_compressed",
@@ -106,7 +107,15 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
+def check_save_target(target: Path, overwrite: bool) -> None:
+    """Refuse a directory :func:`save_compressed` must not write: the current directory or one
+    above it, an existing path without ``overwrite``, or one that is not an svdkit output.
+
+    Raises
+    ------
+    FileExistsError, ValueError
+        Naming the path and what to do.
+    """
     resolved = target.resolve()
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
@@ -185,7 +194,7 @@ def save_compressed(
     """
     st = _safetensors()
     target = Path(directory)
-    _check_target(target, overwrite)
+    check_save_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     if source is not None and Path(source).exists():
         source = str(Path(source).resolve())
@@ -224,7 +233,7 @@ def read_description(directory: str | os.PathLike) -> dict[str, Any]:
     if not directory.is_dir():
         raise FileNotFoundError(f"no compressed model directory at {directory}")
     if (directory / PROGRESS_NAME).exists():
-        raise ValueError(f"{directory} holds an unfinished compression ({PROGRESS_NAME}): resume it (--resume) before loading it")
+        raise ValueError(f"{directory} holds an unfinished compression: {_progress_note(directory / PROGRESS_NAME)}")
     if not (directory / CONFIG_NAME).exists():
         raise FileNotFoundError(f"{directory} is missing {CONFIG_NAME}: not a complete svdkit compressed model")
     try:
@@ -245,6 +254,19 @@ def read_description(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def _progress_note(progress: Path) -> str:
+    """What an unfinished streamed compression has done, and how to finish it."""
+    try:
+        state = json.loads(progress.read_text())
+    except (OSError, ValueError):
+        state = {}
+    state = state if isinstance(state, dict) else {}
+    source = state.get("source") or "SOURCE"
+    return (f"{state.get('blocks_done', '?')} block(s) done ({PROGRESS_NAME}); finish it with "
+            f"`svdkit compress {source} -o {progress.parent} --resume` with the options of the first run "
+            "(or compress_to_directory(..., resume=True)) before loading it")
+
+
 def weight_files(meta: Mapping[str, Any]) -> list[str]:
     """The weight files of a saved directory: its shards (recorded with their hashes), or the one
     ``model.safetensors`` of format version 1."""
@@ -260,7 +282,7 @@ def _verify_files(directory: Path, meta: Mapping[str, Any]) -> None:
         if sha256(path) != digest:
             raise ValueError(
                 f"{path} does not match the SHA-256 recorded in {CONFIG_NAME}: the file is damaged or was changed "
-                "(pass verify=False to load it anyway)"
+                "(to load it anyway: verify=False in svdkit.load_compressed / svdkit.load_model, --no-verify in svdkit eval)"
             )
 
 

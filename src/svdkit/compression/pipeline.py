@@ -16,12 +16,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
 
+from ..causal_lm import is_causal_lm
 from ..distributed import current_group, shard
 from ..experts import expert_banks, fold_dense_banks
 from ..progress import ProgressLike
 from .block_driver import BlockDriver
 from .blocks import BlockHome, BlockStack, find_blocks
-from .checks import calibration_digest, check_same_calibration, check_token_batches, check_weights, is_causal_lm, reaches_experts, select_targets
+from .checks import calibration_digest, check_same_calibration, check_token_batches, check_weights, reaches_experts, select_targets
 from .compressor import LayerCompressor
 from .config import CompressConfig
 from .heal import heal

@@ -126,28 +126,11 @@ def _open_source(source: nn.Module | str | os.PathLike) -> tuple[nn.Module, Chec
     checkpoint = Checkpoint(directory)
     try:
         model = transformers_skeleton(directory)
-        _check_names(model, checkpoint, directory)
+        checkpoint.check_fits(model)  # a missing or misshapen tensor is refused now, not when its block is reached
     except BaseException:
         checkpoint.close()
         raise
     return model, checkpoint, str(directory.resolve())
-
-
-def _check_names(model: nn.Module, checkpoint: Checkpoint, directory: Path) -> None:
-    """Every parameter of the model must be in the checkpoint under its own name (a tied one
-    under one of its names), before any work: streaming reads each block's tensors by name."""
-    names: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    missing = [group[0] for group in names.values() if not any(n in checkpoint for n in group)]
-    if not missing:
-        return
-    known = {n for group in names.values() for n in group}
-    foreign = [key for key in checkpoint.keys() if key not in known]
-    hint = (f"; it holds tensors the model has no parameter for (e.g. {', '.join(foreign[:3])}): transformers renames or "
-            "merges such checkpoints when it loads them (a mixture's per-expert weights into fused ones, say), which "
-            "streaming does not do: compress it in memory (without --stream)") if foreign else ""
-    raise ValueError(f"{directory} lacks {len(missing)} tensor(s) of the model under their names (e.g. {', '.join(missing[:3])}){hint}")
 
 
 def _normal_spec(spec: str) -> str:

@@ -136,8 +136,9 @@ def resolve_rank(S: Array | None, spec: RankLike, shape: Sequence[int]) -> int:
 
     Parameters
     ----------
-    S : Tensor or ndarray of shape (r,), or None
-        Singular values in descending order; needed by ``Energy`` and ``ErrorTol`` only.
+    S : Tensor or ndarray of shape (min(m, n),), or None
+        All the singular values of the matrix, in descending order; needed by ``Energy`` and
+        ``ErrorTol`` only (a shorter spectrum would misjudge the energy the rank keeps).
     spec : int or RankSpec
     shape : (m, n)
         The matrix shape.
@@ -169,8 +170,12 @@ def resolve_rank(S: Array | None, spec: RankLike, shape: Sequence[int]) -> int:
         if S is None:
             raise ValueError(f"{spec!r} for a {m}x{n} matrix needs its singular values")
         T, _ = to_tensor(S)
-        if T.ndim != 1 or T.shape[0] > full:
-            raise ValueError(f"{spec!r} for a {m}x{n} matrix: expected at most {full} singular values, got shape {tuple(T.shape)}")
+        if T.ndim != 1 or T.shape[0] != full:
+            raise ValueError(
+                f"{spec!r} for a {m}x{n} matrix: expected its min(m, n) = {full} singular values, got "
+                f"{f'{T.shape[0]}' if T.ndim == 1 else f'shape {tuple(T.shape)}'} "
+                "(a spectrum of another matrix, or a truncated one: pass the full spectrum of this matrix)"
+            )
         if isinstance(spec, Energy):
             k = energy_rank(T, spec.value)
         else:

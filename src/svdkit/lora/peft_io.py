@@ -40,7 +40,7 @@ from .config import PEFT_BOOKKEEPING, is_neutral
 from .peft_inits import peft_load_init
 from .state import lora_layers, mark_only_lora_trainable, unwrap_lora_layers
 
-__all__ = ["export_peft", "find_root", "import_peft", "peft_factors"]
+__all__ = ["check_adapter_target", "export_peft", "find_root", "import_peft", "peft_factors"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,6 +48,9 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<which>lora_A|lora_B)\.weight$")
 _ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)
+# the files of a model directory: an adapter written beside them changes what the directory loads as
+_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "modules.json",
+                "svdkit_compressed.json")
 # adapter_config.json keys the import reads, or may ignore because the tensors decide (which
 # layers) or because they only matter while PEFT initialises (the init's own config)
 _IMPORT_KEYS = PEFT_BOOKKEEPING | {
@@ -131,6 +134,30 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
+def check_adapter_target(directory: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse a directory :func:`export_peft` must not write: a file, a model's directory
+    (transformers would then load that model with the adapter applied), or one holding an
+    adapter already, without ``overwrite``.
+
+    Raises
+    ------
+    FileExistsError, ValueError
+        Naming the directory and what is in it.
+    """
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot write the adapter to {str(out)!r}: it exists and is not a directory")
+    model_files = [name for name in _MODEL_FILES if (out / name).exists()]
+    if model_files:
+        raise ValueError(
+            f"refusing to write the adapter into {str(out)!r}: it holds a model ({', '.join(model_files)}), which would then "
+            "load with the adapter applied; choose a directory of its own"
+        )
+    existing = [name for name in _ADAPTER_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{str(out)!r} already holds a PEFT adapter ({', '.join(existing)}); pass overwrite=True to replace it")
+
+
 def export_peft(
     model: nn.Module,
     directory: str | Path,
@@ -173,6 +200,9 @@ def export_peft(
     ------
     FileExistsError
         If ``directory`` already holds a PEFT adapter and ``overwrite`` is False.
+    ValueError
+        If ``directory`` holds a model (``config.json``, weights): transformers would load that
+        model with the adapter applied.
 
     Notes
     -----
@@ -183,11 +213,7 @@ def export_peft(
     """
     st = _safetensors()
     out = Path(directory)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"cannot write the adapter to {str(out)!r}: it exists and is not a directory")
-    existing = [name for name in _ADAPTER_FILES if (out / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{str(out)!r} already holds a PEFT adapter ({', '.join(existing)}); pass overwrite=True to replace it")
+    check_adapter_target(out, overwrite)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to export")
