@@ -360,7 +360,8 @@ def test_apply_lora_with_a_config_object(mlp):
 
 @pytest.fixture
 def ones_init():
-    """A test init, registered for one test and removed from the registry afterwards."""
+    """A test init, registered for one test and removed from the registry afterwards (checked)."""
+    before = list(available_inits())
 
     @register_init("test_ones")
     def ones(layer, ctx):
@@ -369,6 +370,7 @@ def ones_init():
 
     yield "test_ones"
     unregister_init("test_ones")
+    assert list(available_inits()) == before
 
 
 def test_custom_init_is_one_registered_function(mlp, ones_init):
@@ -376,6 +378,3 @@ def test_custom_init_is_one_registered_function(mlp, ones_init):
     assert torch.all(lora_model.fc1.lora_A.weight == 1)
     assert ones_init in available_inits()
 
-
-def test_the_test_init_left_the_registry():
-    assert "test_ones" not in available_inits()
