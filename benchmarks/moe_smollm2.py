@@ -104,7 +104,7 @@ def train(model, windows, steps: int, lr: float, progress: bool) -> list[float]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress:
             print(f"  step {step + 1}/{steps}: loss {losses[-1]:.3f}", file=sys.stderr, flush=True)
     model.eval()
@@ -176,16 +176,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             quality = language_model_quality(out, tokenizer, max_tokens=args.eval_tokens)
             totals = report.totals()
             rows.append({
-                "config": name, "ratio": ratio, "kept": round(report.kept_fraction, 4),
-                "expert_kept": round(totals["expert_params_after"] / totals["expert_params_before"], 4),
-                **{f"ppl {k}": round(v, 3) for k, v in quality.items() if isinstance(v, float)},
-                **{f"x dense {k}": round(v / dense[k], 3) for k, v in quality.items() if isinstance(v, float) and k in dense},
-                "shared layers": sum("+shared-" in row.method for row in report.layers) // max(1, info["experts"]),
-                "seconds": round(seconds, 1),
+                "config": name, "ratio": ratio, "kept": report.kept_fraction,
+                "expert_kept": totals["expert_params_after"] / totals["expert_params_before"],
+                **{f"ppl {k}": v for k, v in quality.items() if isinstance(v, float)},
+                **{f"x {k}": v / dense[k] for k, v in quality.items() if isinstance(v, float) and k in dense},
+                "shared": sum("+shared-" in row.method for row in report.layers) // max(1, info["experts"]),
+                "seconds": seconds,
             })
-            print(format_table([rows[-1]]), file=sys.stderr, flush=True)
+            print(format_table([rows[-1]], _columns(rows[-1])), file=sys.stderr, flush=True)
             del out
     return {"machine": machine_info(), "upcycling": info, "dense_moe": dense, "rows": rows}
+
+
+def _columns(row: dict[str, Any]) -> list[tuple[str, str, str]]:
+    specs = {"config": "", "ratio": ".2f", "kept": ".3f", "expert_kept": ".3f", "shared": "d", "seconds": ".0f"}
+    return [(key, key, specs.get(key, ".3f")) for key in row]
 
 
 def main() -> None:
@@ -209,7 +214,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     result = run(args)
-    print(format_table(result["rows"]))
+    if result["rows"]:
+        print(format_table(result["rows"], _columns(result["rows"][0])))
     write_json(args.json, result)
 
 
