@@ -252,7 +252,8 @@ def _compressed_dir(path: Path, spec: str, device: str) -> LoadedModel:
         transformers = _needs("transformers", "hf")
         module = load_compressed(path).to(device).eval()
         has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
-        tokenizer = _tokenizer(transformers, path, local_files_only=True) if has_tokenizer else None
+        # The rebuilt model's config: an exported config.json would ask for the directory's modeling code.
+        tokenizer = _tokenizer(transformers, path, local_files_only=True, config=module.config) if has_tokenizer else None
         kind = "causal-lm" if _is_causal_config(module.config) else "transformers"
         return LoadedModel(module, spec, kind, tokenizer, getattr(module.config, "max_position_embeddings", None))
     source = read_description(path).get("source")

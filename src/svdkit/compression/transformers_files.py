@@ -3,22 +3,29 @@ and the skeleton that its ``config.json`` describes, built without memory for it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 from ..checkpoint import empty_parameters
+from ..export.remote_code import base_config
 
 __all__ = ["is_transformers_model", "transformers_skeleton", "write_companions"]
 
 
-def write_companions(model: nn.Module, directory: Path, tokenizer: Any = None) -> None:
+def write_companions(model: nn.Module, directory: Path, tokenizer: Any = None, *, dtype: str | None = None) -> None:
     """What a transformers model needs beside its weights to load and generate on its own: its
-    config (and generation config), and the tokenizer when one is given."""
+    config (and generation config), and the tokenizer when one is given. ``dtype`` (a name such
+    as ``"bfloat16"``) is the saved weights' dtype, recorded in the config."""
     if is_transformers_model(model):
-        _saved_config(model).save_pretrained(str(directory))
+        config = _saved_config(model)
+        if dtype is not None:
+            config.dtype = dtype
+        config.save_pretrained(str(directory))
         generation = getattr(model, "generation_config", None)
         if generation is not None and hasattr(generation, "save_pretrained"):
             generation.save_pretrained(str(directory))
@@ -44,22 +51,43 @@ def _saved_config(model: nn.Module) -> Any:
     return config
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: Any) -> Iterator[None]:
+    """Within this context, new floating-point tensors default to ``dtype`` (a name or a torch
+    dtype; anything else leaves the default), as within transformers' ``from_pretrained``."""
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def transformers_skeleton(directory: Path) -> nn.Module:
     """The transformers model that ``directory``'s ``config.json`` describes, its parameters on
-    the ``meta`` device (see :func:`empty_parameters`), tied as the config says, in eval mode."""
+    the ``meta`` device (see :func:`empty_parameters`), tied as the config says, in eval mode.
+
+    The config of a model exported for plain transformers (:mod:`svdkit.export.remote_code`) is
+    read back as its base model's, without running the directory's modeling code. Buffers made
+    at construction get the config's dtype, as transformers gives them.
+    """
     try:
         import transformers
     except ImportError as exc:
         raise ImportError(f"{directory} holds a transformers model: pip install 'svdkit[hf]'") from exc
-    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    config = base_config(directory) or transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:
         cls = transformers.AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in architectures) else transformers.AutoModel
-        with empty_parameters():
+        with empty_parameters(), _default_dtype(getattr(config, "dtype", None)):
             model = cls.from_config(config)
     else:
-        with empty_parameters():
+        with empty_parameters(), _default_dtype(getattr(config, "dtype", None)):
             model = cls(config)
     tie = getattr(model, "tie_weights", None)
     if callable(tie):  # tied weights are saved once: the skeleton must know which they are
