@@ -231,7 +231,7 @@ def _llama_pruned():
 @pytest.mark.parametrize("make, reason", [
     (_gpt2_tied_head, r"layer transformer\.wte is a LowRankEmbedding"),
     (_resnet, r"layer embedder\.embedder\.convolution is a LowRankConv2d"),
-    (_llama_pruned, r"the modeling code would build LlamaForCausalLM with other tensors than the saved model's: "
+    (_llama_pruned, r"the modeling code would build LlamaForCausalLM with other tensors than the saved ones: "
                     r"missing \['model\.layers\.1\.input_layernorm\.weight'"),
 ])
 def test_a_model_the_modeling_code_cannot_express_is_saved_for_svdkit_and_says_why(make, reason, tmp_path):
@@ -367,3 +367,37 @@ def test_the_model_card_says_what_was_done_and_how_to_load_it(llama, tmp_path):
     assert 'svdkit.load_compressed("path/to/this/directory")' in card
     meta = json.loads((tmp_path / "smol-60" / "svdkit_compressed.json").read_text())
     assert meta["quality"] == report.quality and meta["transformers"]["auto_class"] == "AutoModelForCausalLM"
+
+
+def test_a_streamed_directory_is_saved_in_the_dtype_asked_for_and_resumes_only_in_it(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from svdkit.compression import streaming
+
+    model = build("llama")
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint, max_shard_size="40KB")
+    reference, _ = compress(model, CompressConfig(budget=0.6), token_batches())
+    save_compressed(reference, tmp_path / "in-memory", dtype="bfloat16")
+    compress_to_directory(checkpoint, tmp_path / "streamed", CompressConfig(budget=0.6), token_batches(), dtype="bfloat16")
+    shards = sorted((tmp_path / "streamed").glob("*.safetensors"))
+    assert len(shards) == 3 and all(t.dtype == torch.bfloat16 for s in shards for t in load_file(s).values())
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text())["dtype"] == "bfloat16"
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(tmp_path / "streamed")(IDS).logits, load_compressed(tmp_path / "in-memory")(IDS).logits,
+                                   rtol=0, atol=0)
+
+    def interrupted(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(streaming, "_finish", interrupted)  # every block is done, the directory is not finished
+    with pytest.raises(RuntimeError, match="interrupted"):
+        compress_to_directory(checkpoint, tmp_path / "unfinished", CompressConfig(budget=0.6), token_batches(), dtype="float16")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="cannot resume .*unfinished: its dtype differs from this run's"):
+        compress_to_directory(checkpoint, tmp_path / "unfinished", CompressConfig(budget=0.6), token_batches(), resume=True)
+    compress_to_directory(checkpoint, tmp_path / "unfinished", CompressConfig(budget=0.6), token_batches(), resume=True, dtype="float16")
+    assert json.loads((tmp_path / "unfinished" / "config.json").read_text())["dtype"] == "float16"
+    # the resumed process never held the compressed blocks in memory; the export comes from the description
+    meta = json.loads((tmp_path / "unfinished" / "svdkit_compressed.json").read_text())
+    assert meta["transformers"]["auto_class"] == "AutoModelForCausalLM"

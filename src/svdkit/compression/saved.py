@@ -90,7 +90,7 @@ def write_saved_files(
     name = dtype_name(dtype) if dtype is not None else None
     target = target or directory
     write_companions(model, directory, tokenizer, dtype=name)
-    reason = write_remote_code(model, directory, layers, name)
+    reason = write_remote_code(model, directory, layers, name, weight_files)
     if reason is not None and is_transformers_model(model):
         warnings.warn(f"saved {target} for svdkit only: plain transformers cannot load it, because {reason}", UserWarning, stacklevel=3)
     quality = dict(getattr(report, "quality", None) or {})

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -228,30 +228,53 @@ def base_config(directory: str | Path) -> Any:
         ) from exc
 
 
-def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(t.shape) for key, t in module.state_dict(keep_vars=True).items()}
+def saved_shapes(files: Sequence[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in safetensors files, read from their headers."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    return shapes
 
 
-def _structure_mismatch(model: nn.Module, config: Any) -> str | None:
-    """Build each exported class on the meta device from ``config`` with the modeling file's
-    functions and compare its tensor names and shapes with the saved model's."""
-    from . import modeling_lowrank
+def _structure_mismatch(cls: type, config: Any, saved: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Build ``cls`` as the modeling file does (its listed layers made low-rank in ``post_init``),
+    on the meta device, and compare its tensors with the saved ones. A tensor the build ties to
+    one that is saved (tied embeddings, saved once) need not be saved itself."""
+    from .modeling_lowrank import LowRankModelMixin
 
-    for part in dict.fromkeys((model, getattr(model, "base_model", model))):
-        with torch.device("meta"):
-            built = type(part)(copy.deepcopy(config))
-        modeling_lowrank.swap_low_rank_layers(built, config)
-        expected, saved = _shapes(built), _shapes(part)
-        if expected != saved:
-            missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-            shapes = sorted(k for k in set(expected) & set(saved) if expected[k] != saved[k])
-            details = [f"{what} {keys[:3]}" for what, keys in (("missing", missing), ("unexpected", extra), ("other shapes of", shapes)) if keys]
-            return f"the modeling code would build {type(part).__name__} with other tensors than the saved model's: {'; '.join(details)}"
-    return None
+    probe = type(f"Svdkit{cls.__name__}", (LowRankModelMixin, cls), {})
+    with torch.device("meta"):
+        built = probe(copy.deepcopy(config)).state_dict(keep_vars=True)
+    present = {id(built[key]) for key in saved if key in built}
+    missing = sorted(key for key, tensor in built.items() if key not in saved and id(tensor) not in present)
+    extra = sorted(set(saved) - set(built))
+    shapes = sorted(key for key in set(saved) & set(built) if tuple(built[key].shape) != tuple(saved[key]))
+    if not (missing or extra or shapes):
+        return None
+    details = [f"{what} {keys[:3]}" for what, keys in (("missing", missing), ("unexpected", extra), ("other shapes of", shapes)) if keys]
+    return f"the modeling code would build {cls.__name__} with other tensors than the saved ones: {'; '.join(details)}"
 
 
-def write_remote_code(model: nn.Module, directory: Path, layers: Mapping[str, Any], dtype: str | None) -> str | None:
+def write_remote_code(model: nn.Module, directory: Path, layers: Mapping[str, Any], dtype: str | None,
+                      weight_files: Sequence[str]) -> str | None:
     """Turn the base ``config.json`` in ``directory`` into the export's and write the modeling file.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The compressed model; only its classes and config are read (a streamed model's blocks
+        may be empty or still dense in memory).
+    directory : Path
+        Holds the base ``config.json`` and the weight files.
+    layers : mapping
+        The factorized layers, as the description records them.
+    dtype : str or None
+        The saved weights' dtype.
+    weight_files : sequence of str
+        The weight files in ``directory``: the modeling code must build exactly their tensors.
 
     Returns
     -------
@@ -268,7 +291,7 @@ def write_remote_code(model: nn.Module, directory: Path, layers: Mapping[str, An
     fields = base_config_dict(exported)
     config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
     setattr(config, CONFIG_KEY, exported[CONFIG_KEY])
-    reason = _structure_mismatch(model, config)
+    reason = _structure_mismatch(type(model), config, saved_shapes([directory / name for name in weight_files]))
     if reason is not None:
         return reason
     path.write_text(json.dumps(exported, indent=2, sort_keys=True) + "\n", encoding="utf-8")
