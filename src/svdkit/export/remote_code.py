@@ -104,13 +104,13 @@ def export_blocker(model: nn.Module, layers: Mapping[str, Any]) -> str | None:
     if not isinstance(model, transformers.PreTrainedModel):
         return f"the model is a {type(model).__name__}, not a transformers PreTrainedModel"
     for name, spec in layers.items():
-        kind = spec.get("type") if isinstance(spec, Mapping) else None
-        if "same_as" in spec or "shares_factors_with" in spec:
-            other = spec.get("same_as") or spec.get("shares_factors_with")
+        spec = spec if isinstance(spec, Mapping) else {}
+        other = spec.get("same_as") or spec.get("shares_factors_with")
+        if other:
             return f"layers {other} and {name} share their factors, which the modeling code cannot express"
-        if kind != "LowRankLinear":
-            return f"layer {name} is a {kind or type(spec).__name__}; the modeling code expresses LowRankLinear (nn.Linear, Conv1D) only"
-    for cls in (type(model), type(model.config)):
+        if spec.get("type") != "LowRankLinear":
+            return f"layer {name} is a {spec.get('type')}; the modeling code expresses LowRankLinear (nn.Linear, Conv1D) only"
+    for cls in (type(model), type(model.base_model), type(model.config)):
         if getattr(transformers, cls.__name__, None) is not cls:
             return f"{cls.__name__} is not a class of transformers' public API"
     try:
