@@ -39,6 +39,7 @@ from svdkit.layers.lowrank import LowRankLinear
 from export_families import FAMILIES, VOCAB, build, token_batches
 
 transformers = pytest.importorskip("transformers")
+from transformers.utils.quantization_config import QuantizationMethod  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HERE = Path(__file__).parent
@@ -111,6 +112,8 @@ def plain(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("export")
     for family in FAMILIES:
         small, report = _compressed(family)
+        if family == "llama":  # as a model read from a GGUF file (SmolLM2) says: its weights are dequantized
+            small.config.quantization_config = {"quant_method": QuantizationMethod.GGUF, "gguf_file": "m.gguf", "dequantize": False}
         save_compressed(small, root / family, report=report, tokenizer=_tokenizer() if family == "llama" else None)
     save_compressed(_compressed("llama")[0], root / "llama-bfloat16", dtype="bfloat16")
     _streamed(root)
@@ -135,6 +138,13 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_the_plain_process_cannot_import_svdkit(plain):
     assert plain[1]["svdkit_importable"] is False
+
+
+def test_a_gguf_quantization_entry_is_not_saved(tmp_path):
+    small, _ = _compressed("gpt2")
+    small.config.quantization_config = {"quant_method": QuantizationMethod.GGUF, "gguf_file": "m.gguf", "dequantize": False}
+    save_compressed(small, tmp_path / "m")
+    assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
 
 
 @pytest.mark.parametrize("name", SAVED)

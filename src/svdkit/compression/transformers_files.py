@@ -46,7 +46,7 @@ def _saved_config(model: nn.Module) -> Any:
     config.architectures = [type(model).__name__]
     quantization = getattr(config, "quantization_config", None)
     method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
-    if quantization is not None and str(method) == "gguf":
+    if quantization is not None and str(getattr(method, "value", method)) == "gguf":  # str() of the enum is its name
         delattr(config, "quantization_config")
     return config
 
