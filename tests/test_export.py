@@ -268,6 +268,13 @@ def _llama_shared():
     return small, None
 
 
+def _llama_extra_layer():
+    model = build("llama")
+    model.model.layers[0].mlp.extra = nn.Linear(32, 32)  # added by hand: no config builds it
+    small, _ = compress(model, SVD)
+    return small, None
+
+
 def _llama_pruned():
     small, _ = compress(build("llama"), SVD)
     del small.model.layers[1]  # edited by hand: the config still says two layers
@@ -278,6 +285,8 @@ def _llama_pruned():
     (_gpt2_tied_head, r"layer transformer\.wte is a LowRankEmbedding"),
     (_resnet, r"layer embedder\.embedder\.convolution is a LowRankConv2d"),
     (_llama_shared, r"layers model\.layers\.0\.mlp\.up_proj and model\.layers\.1\.mlp\.up_proj share their factors"),
+    (_llama_extra_layer, r"the modeling code cannot build LlamaForCausalLM from the saved config: config\.json lists "
+                         r"'model\.layers\.0\.mlp\.extra' as a low-rank layer, but SvdkitLlamaForCausalLM has no such module"),
     (_llama_pruned, r"the modeling code would build LlamaForCausalLM with other tensors than the saved ones: "
                     r"missing \['model\.layers\.1\.input_layernorm\.weight'"),
 ])
@@ -441,7 +450,7 @@ def test_a_streamed_directory_is_saved_in_the_dtype_asked_for_and_resumes_only_i
     with pytest.raises(RuntimeError, match="interrupted"):
         compress_to_directory(checkpoint, tmp_path / "unfinished", CompressConfig(budget=0.6), token_batches(), dtype="float16")
     monkeypatch.undo()
-    with pytest.raises(ValueError, match="cannot resume .*unfinished: its dtype differs from this run's"):
+    with pytest.raises(ValueError, match="cannot resume .*unfinished: it saves its weights in float16, this run in the model.s own dtype"):
         compress_to_directory(checkpoint, tmp_path / "unfinished", CompressConfig(budget=0.6), token_batches(), resume=True)
     compress_to_directory(checkpoint, tmp_path / "unfinished", CompressConfig(budget=0.6), token_batches(), resume=True, dtype="float16")
     assert json.loads((tmp_path / "unfinished" / "config.json").read_text())["dtype"] == "float16"
