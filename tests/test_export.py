@@ -33,7 +33,7 @@ from torch import nn
 import svdkit
 from svdkit import CompressConfig, compress, load_compressed, save_compressed
 from svdkit.compression.streaming import compress_to_directory
-from svdkit.export import MODELING_FILE, modeling_lowrank
+from svdkit.export import MODELING_FILE, modeling_lowrank, remote_code
 from svdkit.layers.lowrank import LowRankLinear
 
 from export_families import FAMILIES, VOCAB, build, token_batches
@@ -217,7 +217,7 @@ def test_the_export_config_keeps_the_base_fields_and_svdkit_reads_it_without_rem
         assert config[key] == base[key]
     ranks = {row.name: row.rank for row in report.layers if row.rank is not None}
     assert config["svdkit"]["low_rank"] == ranks and config["svdkit"]["base_model_prefix"] == "model"
-    assert config["svdkit"]["base_model_type"] == "llama"
+    assert config["svdkit"]["base_model_type"] == "llama" and remote_code.CONFIG_KEY == modeling_lowrank.CONFIG_KEY == "svdkit"
     # svdkit never runs the directory's code, never asks whether to: the modeling file is not even needed
     (tmp_path / "m" / MODELING_FILE).unlink()
     monkeypatch.setattr(builtins, "input", lambda *a: pytest.fail("svdkit's loader asked to run remote code"))
@@ -282,8 +282,8 @@ def _llama_pruned():
 
 
 @pytest.mark.parametrize("make, reason", [
-    (_gpt2_tied_head, r"layer transformer\.wte is a LowRankEmbedding"),
-    (_resnet, r"layer embedder\.embedder\.convolution is a LowRankConv2d"),
+    (_gpt2_tied_head, r"layer transformer\.wte is factorized as LowRankEmbedding"),
+    (_resnet, r"layer embedder\.embedder\.convolution is factorized as LowRankConv2d"),
     (_llama_shared, r"layers model\.layers\.0\.mlp\.up_proj and model\.layers\.1\.mlp\.up_proj share their factors"),
     (_llama_extra_layer, r"the modeling code cannot build LlamaForCausalLM from the saved config: config\.json lists "
                          r"'model\.layers\.0\.mlp\.extra' as a low-rank layer, but SvdkitLlamaForCausalLM has no such module"),

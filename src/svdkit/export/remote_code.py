@@ -18,7 +18,7 @@ its own loader needs no remote code.
 :func:`export_blocker` says why a model cannot be written this way (it is not a transformers
 model, or it holds a factorized layer that is not a ``LowRankLinear``); the check that decides is
 structural: the modeling code, run on the saved config, must build a model with exactly the
-saved model's tensor names and shapes.
+tensors of the saved files (names and shapes; a tied tensor saved once).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 MODELING_FILE = "modeling_svdkit.py"
-CONFIG_KEY = "svdkit"
+CONFIG_KEY = "svdkit"  # modeling_lowrank.CONFIG_KEY: that file cannot import svdkit, and this one imports transformers lazily
 MODEL_TYPE_PREFIX = "svdkit_"
 # transformers' Auto classes, by the table (in transformers.models.auto.modeling_auto) that maps a
 # model type to the class each builds; the first that maps a model's class names it in auto_map.
@@ -109,7 +109,7 @@ def export_blocker(model: nn.Module, layers: Mapping[str, Any]) -> str | None:
         if other:
             return f"layers {other} and {name} share their factors, which the modeling code cannot express"
         if spec.get("type") != "LowRankLinear":
-            return f"layer {name} is a {spec.get('type')}; the modeling code expresses LowRankLinear (nn.Linear, Conv1D) only"
+            return f"layer {name} is factorized as {spec.get('type')}; the modeling code expresses LowRankLinear (nn.Linear, Conv1D) only"
     for cls in (type(model), type(model.base_model), type(model.config)):
         if getattr(transformers, cls.__name__, None) is not cls:
             return f"{cls.__name__} is not a class of transformers' public API"
