@@ -18,7 +18,15 @@ __all__ = ["apply_umask", "current_umask", "save_tensors", "write_atomic"]
 
 
 def current_umask() -> int:
-    """The process's file-mode creation mask (read by setting it and putting it back)."""
+    """The process's file-mode creation mask: read from ``/proc/self/status`` where there is one,
+    otherwise by setting it and putting it back (which other threads could see for a moment)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
