@@ -3,12 +3,10 @@ and the skeleton that its ``config.json`` describes, built without memory for it
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import torch
 from torch import nn
 
 from ..checkpoint import empty_parameters
@@ -51,29 +49,12 @@ def _saved_config(model: nn.Module) -> Any:
     return config
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: Any) -> Iterator[None]:
-    """Within this context, new floating-point tensors default to ``dtype`` (a name or a torch
-    dtype; anything else leaves the default), as within transformers' ``from_pretrained``."""
-    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        yield
-        return
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def transformers_skeleton(directory: Path) -> nn.Module:
     """The transformers model that ``directory``'s ``config.json`` describes, its parameters on
     the ``meta`` device (see :func:`empty_parameters`), tied as the config says, in eval mode.
 
     The config of a model exported for plain transformers (:mod:`svdkit.export.remote_code`) is
-    read back as its base model's, without running the directory's modeling code. Buffers made
-    at construction get the config's dtype, as transformers gives them.
+    read back as its base model's, without running the directory's modeling code.
     """
     try:
         import transformers
@@ -84,10 +65,10 @@ def transformers_skeleton(directory: Path) -> nn.Module:
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:
         cls = transformers.AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in architectures) else transformers.AutoModel
-        with empty_parameters(), _default_dtype(getattr(config, "dtype", None)):
+        with empty_parameters():
             model = cls.from_config(config)
     else:
-        with empty_parameters(), _default_dtype(getattr(config, "dtype", None)):
+        with empty_parameters():
             model = cls(config)
     tie = getattr(model, "tie_weights", None)
     if callable(tie):  # tied weights are saved once: the skeleton must know which they are
