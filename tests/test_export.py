@@ -49,8 +49,6 @@ CONFIGS = {"llama": CompressConfig(method="whiten", budget=0.6), "mistral": Comp
 IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
 GENERATE = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
 SAVED = [*FAMILIES, "llama-bfloat16", "streamed"]
-
-
 TEXT = "w5 w17 w9 w40 w3"
 
 
@@ -84,7 +82,7 @@ def _expected(directory: Path, ids: torch.Tensor = IDS) -> dict:
 
 
 def _streamed(root: Path) -> Path:
-    """A 4-block LLaMA with a tied head, saved sharded, compressed from disk block by block."""
+    """The LLaMA (tied head), saved as a sharded checkpoint, compressed from disk block by block."""
     model = build("llama")
     checkpoint = root / "checkpoint"
     model.save_pretrained(checkpoint, max_shard_size="40KB")
