@@ -363,7 +363,7 @@ def test_compression_properties_on_random_models(tmp_path_factory, width, conv, 
 
 
 def test_an_injected_failure_leaves_the_model_and_the_output_as_they_were(tmp_path, monkeypatch):
-    from svdkit.compression import io as compression_io
+    from svdkit.compression import saved
 
     model = mlp()
     directory = _saved(tmp_path)
@@ -373,7 +373,7 @@ def test_an_injected_failure_leaves_the_model_and_the_output_as_they_were(tmp_pa
     def fail(*args, **kwargs):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(compression_io, "sha256", fail)  # fails after the weights were written to staging
+    monkeypatch.setattr(saved, "sha256", fail)  # fails after the weights were written to staging
     small, _ = compress(model, CompressConfig(method="whiten", rank=3), batches())
     with pytest.raises(RuntimeError, match="injected"):
         save_compressed(small, directory, overwrite=True)

@@ -21,7 +21,7 @@ def test_save_load_reproduces_outputs(tmp_path):
     config = CompressConfig(method="whiten", rank=ParamRatio(0.5))
     save_compressed(out, tmp_path / "c", config=config)
     meta = json.loads((tmp_path / "c" / "svdkit_compressed.json").read_text())
-    assert meta["format_version"] == 2 and meta["config"]["method"] == "whiten"
+    assert meta["format_version"] == 3 and meta["config"]["method"] == "whiten"
     loaded = load_compressed(tmp_path / "c", base=cnn(seed=5))
     x = torch.randn(3, 3, 12, 12)
     torch.testing.assert_close(loaded(x), out(x))

@@ -39,6 +39,8 @@ def test_compress_then_eval_a_causal_lm(lm_dir, tmp_path, capsys):
     ids = loaded.tokenizer("The for statement", return_tensors="pt")["input_ids"]
     generated = loaded.module.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, ids.shape[1] + 5)
+    card = (out / "README.md").read_text()  # the model card carries the quality measured
+    assert "## Quality" in card and "| ppl in-domain (dense -> compressed) |" in card
     assert main(["eval", str(out), "--max-tokens", "256", "--seq-len", "64", "--json", str(tmp_path / "eval.json"), "--no-progress"]) == 0
     results = json.loads((tmp_path / "eval.json").read_text())
     assert set(results) == {"model", "source"}
@@ -107,3 +109,17 @@ def test_stream_from_the_checkpoint_writes_what_the_in_memory_run_writes(lm_dir,
     assert memory.keys() == disk.keys()
     for key, value in memory.items():
         torch.testing.assert_close(disk[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_compress_saves_in_the_dtype_asked_for(lm_dir, tmp_path, capsys, stream):
+    args = ["--params", "0.7", "--calib-seqs", "8", "--seq-len", "32", "--batch-size", "4", "--no-eval", "--no-progress"]
+    out = tmp_path / "half"
+    assert main(["compress", str(lm_dir), "-o", str(out), *args, "--dtype", "bfloat16", *(["--stream"] if stream else [])]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["auto_map"]["AutoModelForCausalLM"] == "modeling_svdkit.SvdkitLlamaForCausalLM"
+    loaded = load_model(str(out))
+    assert {p.dtype for p in loaded.module.parameters()} == {torch.bfloat16} and loaded.tokenizer is not None
+    with pytest.raises(SystemExit):
+        main(["compress", str(lm_dir), "-o", str(tmp_path / "int"), *args, "--dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err

@@ -256,7 +256,8 @@ def _compressed_dir(path: Path, spec: str, device: str, verify: bool = True) -> 
         transformers = _needs("transformers", "hf")
         module = load_compressed(path, verify=verify).to(device).eval()
         has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
-        tokenizer = _tokenizer(transformers, path, local_files_only=True) if has_tokenizer else None
+        # The rebuilt model's config: an exported config.json would ask for the directory's modeling code.
+        tokenizer = _tokenizer(transformers, path, local_files_only=True, config=module.config) if has_tokenizer else None
         kind = "causal-lm" if is_causal_lm(module) else "transformers"
         return LoadedModel(module, spec, kind, tokenizer, getattr(module.config, "max_position_embeddings", None))
     source = read_description(path).get("source")

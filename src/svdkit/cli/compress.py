@@ -80,6 +80,8 @@ def register(subparsers) -> None:
     parser.add_argument("--refit", type=int, default=0, help="closed-form refit passes after compression (whole-model pipeline)")
     parser.add_argument("--no-eval", action="store_true", help="skip the quality check on held-out text")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing svdkit output directory")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="dtype of the saved weights (default: the model's own); transformers loads the model in it")
     add_output_options(parser, json_help="also write the report as JSON to FILE ('-': standard output)")
     parser.set_defaults(run=run)
 
@@ -289,7 +291,7 @@ def _run_to_directory(args: argparse.Namespace, group) -> int:
         print(f"compressing {args.model} block by block into {args.output} ...", file=sys.stderr)
     report = compress_to_directory(
         args.model if args.stream else loaded.module, args.output, config, calibration, resume=args.resume,
-        overwrite=args.overwrite, tokenizer=loaded.tokenizer, source_spec=args.model, progress=progress,
+        overwrite=args.overwrite, tokenizer=loaded.tokenizer, source_spec=args.model, progress=progress, dtype=args.dtype,
     )
     if group.rank == 0:
         print(report.to_table(), file=table_stream(args))
@@ -320,7 +322,8 @@ def _finish(args: argparse.Namespace, loaded, config, outputs, results, before, 
                 for key in before:
                     report.quality[f"{key} (dense -> compressed)"] = _before_after(before[key], after[key])
         used = config if budget is None else dataclasses.replace(config, budget=budget)
-        save_compressed(compressed, output, source=args.model, config=used, tokenizer=loaded.tokenizer, report=report, overwrite=args.overwrite)
+        save_compressed(compressed, output, source=args.model, config=used, tokenizer=loaded.tokenizer, report=report,
+                        overwrite=args.overwrite, dtype=args.dtype)
         print(report.to_table(), file=table_stream(args))
         print(f"saved to {output} (load with svdkit.load_model({str(output)!r}))", file=table_stream(args))
         reports.append(report.to_dict())

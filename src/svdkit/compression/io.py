@@ -4,10 +4,19 @@ A saved directory holds
 
 - ``svdkit_compressed.json``: the format version, the factorized layers with their geometry
   (each low-rank class's ``spec()``), the model spec it came from (a path is stored absolute),
-  the compression config and report totals, and the SHA-256 of every weight file;
-- ``model.safetensors``: every tensor of the compressed model's state dict (a tied weight once);
+  the compression config, the report's totals and quality figures, the saved dtype, how plain
+  transformers loads the directory (or why it cannot), and the SHA-256 of every weight file;
+- ``model.safetensors``: every tensor of the compressed model's state dict (a tied weight once),
+  in the dtype asked for;
 - for a transformers model, its ``config.json`` (and ``generation_config.json``), and the
-  tokenizer when one is given, so the directory loads and generates with nothing else at hand.
+  tokenizer when one is given, so the directory loads and generates with nothing else at hand;
+  ``config.json`` is written for plain transformers (``auto_map``, the ranks) with the modeling
+  file ``modeling_svdkit.py`` when the model allows it (:mod:`svdkit.export.remote_code`);
+- ``README.md``: the model card.
+
+:mod:`svdkit.compression.saved` writes everything but the weights, for this module and for the
+streamed writer alike. Format version 3 added the export, the card, the dtype and the quality;
+versions 1 and 2 (a plain transformers ``config.json``) still load.
 
 :func:`load_compressed` checks everything (description, hashes, every layer against its base,
 every tensor name and shape) before it touches the model it rebuilds, so a failed load leaves a
@@ -17,7 +26,6 @@ given base exactly as it was. :func:`decompress` turns factorized layers back in
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -28,10 +36,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .. import __version__
+from ..export.dtype import parse_dtype, weights_dtype
+from ..files import save_tensors
 from ..layers.lowrank import LowRankLayer, low_rank_from_spec
 from ..surgery import get_module, replace_module
-from .transformers_files import transformers_skeleton, write_companions
+from .saved import CONFIG_NAME, FORMAT_VERSION, READABLE_VERSIONS, sha256, write_saved_files
+from .transformers_files import transformers_skeleton
 
 __all__ = [
     "CONFIG_NAME",
@@ -48,9 +58,6 @@ __all__ = [
     "weight_files",
 ]
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-CONFIG_NAME = "svdkit_compressed.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PROGRESS_NAME = "svdkit_progress.json"
@@ -96,15 +103,6 @@ def factorized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
             elif owners:
                 layers[name]["shares_factor"] = owners
     return layers
-
-
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_save_target(target: Path, overwrite: bool) -> None:
@@ -155,6 +153,7 @@ def save_compressed(
     tokenizer: Any = None,
     report: Any = None,
     overwrite: bool = False,
+    dtype: str | torch.dtype | None = None,
 ) -> Path:
     """Write a compressed model to ``directory`` atomically.
 
@@ -173,6 +172,10 @@ def save_compressed(
         Its totals are recorded.
     overwrite : bool
         Replace an existing svdkit output directory (never any other directory).
+    dtype : {"float32", "bfloat16", "float16", "float64"} or torch.dtype, optional
+        Cast the saved floating-point weights (the model is not changed); default: the model's
+        own dtype. Recorded in ``config.json``, so that transformers and
+        :func:`load_compressed` load the model in it.
 
     Returns
     -------
@@ -184,15 +187,26 @@ def save_compressed(
         ``directory`` exists and ``overwrite`` is False.
     ValueError
         ``directory`` is the current directory (or above it), or exists without being an svdkit
-        output.
+        output; ``dtype`` is not a floating-point dtype.
+
+    Warns
+    -----
+    UserWarning
+        A transformers model that plain transformers cannot load (a factorized embedding or
+        convolution, factors shared by two layers): the warning and the description say why.
 
     Notes
     -----
     Everything is written to a temporary directory beside the target and renamed into place,
     so an interrupted save never leaves a half-written model, and a failed replacement leaves
-    the old directory where it was.
+    the old directory where it was. The directory and its files get the permissions the umask
+    gives (0755 and 0644 under umask 022), as ``save_pretrained``'s do. Beside the weights and
+    the description it holds a model card (``README.md``) and, for a transformers model, what
+    ``AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)`` needs to load it
+    without svdkit (see :mod:`svdkit.export`).
     """
-    st = _safetensors()
+    _safetensors()
+    cast = parse_dtype(dtype)
     target = Path(directory)
     check_save_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -200,18 +214,11 @@ def save_compressed(
         source = str(Path(source).resolve())
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        st.torch.save_model(model, str(staging / WEIGHTS_NAME))
-        write_companions(model, staging, tokenizer)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "svdkit_version": __version__,
-            "source": source,
-            "config": config.to_dict() if hasattr(config, "to_dict") else config,
-            "report": report.totals() if hasattr(report, "totals") else None,
-            "layers": factorized_layers(model),
-            "files": {WEIGHTS_NAME: sha256(staging / WEIGHTS_NAME)},
-        }
-        (staging / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        state = model.state_dict(keep_vars=True)
+        save_tensors(staging / WEIGHTS_NAME, state, dtype=cast)
+        write_saved_files(model, staging, weight_files=[WEIGHTS_NAME], layers=factorized_layers(model),
+                          dtype=cast or weights_dtype(state.values()), source=source, config=config, report=report,
+                          tokenizer=tokenizer, target=target)
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -34,6 +34,8 @@ from torch import nn
 from .. import __version__
 from ..checkpoint import Checkpoint, materialize
 from ..distributed import Group, current_group, shard
+from ..export.dtype import dtype_name, parse_dtype, weights_dtype
+from ..files import save_tensors, write_atomic
 from ..layers.lowrank import LowRankLayer
 from ..progress import ProgressLike
 from .block_driver import BlockDriver, DenseMeasurements, Resume
@@ -42,10 +44,11 @@ from ..experts import fold_dense_banks, unfold_experts
 from .checks import calibration_digest, check_same_calibration, check_token_batches, check_weights, reaches_experts, select_targets
 from .compressor import LayerCompressor
 from .config import CompressConfig
-from .io import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, PROGRESS_NAME, sha256
+from .io import CONFIG_NAME, INDEX_NAME, PROGRESS_NAME
 from .report import CompressionReport, LayerReport, peak_memory
+from .saved import sha256, write_saved_files
 from .spill import Spill
-from .transformers_files import transformers_skeleton, write_companions
+from .transformers_files import transformers_skeleton
 
 __all__ = ["compress_to_directory"]
 
@@ -59,25 +62,6 @@ def _block_file(index: int) -> str:
     return f"model-block-{index:05d}.safetensors"
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    unique: dict[int, str] = {}
-    kept = {}
-    for key, tensor in tensors.items():  # a tied tensor is saved once, under its first name
-        ident = id(tensor)
-        if ident not in unique:
-            unique[ident] = key
-            kept[key] = tensor.detach().to("cpu").contiguous()
-    _write_atomic(path, lambda t: save_file(kept, str(t), metadata={"format": "pt"}))
-
-
 class _Progress(Resume):
     """The resumable writer: each block done goes to its shard, the next inputs and the progress file."""
 
@@ -89,12 +73,13 @@ class _Progress(Resume):
 
     def block_done(self, index: int, block: nn.Module, inputs: list[BlockInput], rows: list[LayerReport]) -> None:
         # Every rank keeps its share of the next block's inputs; rank 0 writes the block and the progress.
-        _write_atomic(self.inputs_path, lambda t: torch.save({"blocks_done": index + 1, "inputs": inputs}, t))
+        write_atomic(self.inputs_path, lambda t: torch.save({"blocks_done": index + 1, "inputs": inputs}, t))
         if not self.lead:
             return
         prefix = f"{self.stack.block_name(index)}."
         fold_dense_banks(block)
-        _save_tensors(self.directory / _block_file(index), {prefix + k: v for k, v in block.state_dict(keep_vars=True).items()})
+        save_tensors(self.directory / _block_file(index), {prefix + k: v for k, v in block.state_dict(keep_vars=True).items()},
+                     dtype=parse_dtype(self.state.get("dtype")))
         specs = {f"{prefix}{name}": module.spec() for name, module in block.named_modules() if isinstance(module, LowRankLayer)}
         self.state["layers"].update(specs)
         self.state["rows"].extend(_row_dict(row) for row in rows)
@@ -103,7 +88,7 @@ class _Progress(Resume):
         self.save()
 
     def save(self) -> None:
-        _write_atomic(self.directory / PROGRESS_NAME, lambda t: t.write_text(json.dumps(self.state, indent=2)))
+        write_atomic(self.directory / PROGRESS_NAME, lambda t: t.write_text(json.dumps(self.state, indent=2)))
 
 
 def _row_dict(row: LayerReport) -> dict[str, Any]:
@@ -141,8 +126,8 @@ def _normal_spec(spec: str) -> str:
 def _start_state(directory: Path, run: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """The progress of an unfinished run to resume, or None to start; refuses what it must not touch.
 
-    ``run`` holds this run's ``config``, ``calibration``, ``calibration_shapes``, ``source`` and
-    ``world``, compared with the unfinished run's before anything is computed.
+    ``run`` holds this run's ``config``, ``calibration``, ``calibration_shapes``, ``source``,
+    ``world`` and ``dtype``, compared with the unfinished run's before anything is computed.
     """
     if not directory.exists():
         if resume:
@@ -212,6 +197,10 @@ def _check_resumable(directory: Path, state: dict[str, Any], run: dict[str, Any]
             f"cannot resume {directory}: it ran with {state.get('world')} process(es), this run has {run['world']}; resume it "
             f"with {state.get('world')} (torchrun --nproc_per_node={state.get('world')}), or start again with --overwrite"
         )
+    if state.get("dtype") != run["dtype"]:
+        saved_in = lambda d: d or "the model's own dtype"  # noqa: E731
+        raise ValueError(f"cannot resume {directory}: it saves its weights in {saved_in(state.get('dtype'))}, this run in "
+                         f"{saved_in(run['dtype'])}; {hint}")
     work = directory / WORK_NAME
     if not work.is_dir():
         raise FileNotFoundError(f"cannot resume {directory}: its work directory {work} is missing; start again with --overwrite")
@@ -241,6 +230,7 @@ def compress_to_directory(
     tokenizer: Any = None,
     source_spec: str | None = None,
     progress: ProgressLike = False,
+    dtype: str | torch.dtype | None = None,
 ) -> CompressionReport:
     """Compress a decoder model block by block into ``directory`` (see the module docstring).
 
@@ -266,6 +256,9 @@ def compress_to_directory(
     source_spec : str, optional
         The spec to record (a checkpoint directory records its own path).
     progress : bool or callable
+    dtype : {"float32", "bfloat16", "float16", "float64"} or torch.dtype, optional
+        Cast the saved floating-point weights (as :func:`svdkit.save_compressed` does); default:
+        the model's own dtype. A resumed run must ask for the same.
 
     Returns
     -------
@@ -287,6 +280,7 @@ def compress_to_directory(
     if calibration is None:
         raise ValueError("the block pipeline needs calibration data (token-id batches)")
     start_time = time.perf_counter()
+    cast = parse_dtype(dtype)
     directory = Path(directory)
     group = current_group()
     model, checkpoint, spec = _open_source(source)
@@ -310,7 +304,7 @@ def compress_to_directory(
         digest = calibration_digest(calibration)
         check_same_calibration(group, digest)
         run_info = {"config": config.to_dict(), "calibration": digest, "calibration_shapes": _calibration_shapes(calibration),
-                    "source": spec, "world": group.world}
+                    "source": spec, "world": group.world, "dtype": dtype_name(cast) if cast is not None else None}
         state = None
         with group.checked():
             if group.rank == 0:
@@ -393,25 +387,23 @@ def _finish(model: nn.Module, stack: BlockStack, directory: Path, state: dict[st
             spec: str | None, tokenizer: Any, report: CompressionReport, checkpoint: Checkpoint | None, home: BlockHome) -> None:
     """Write what is not a compressed block, the index, the description; remove the progress."""
     done = state["blocks_done"]
+    cast = parse_dtype(state.get("dtype"))
     for index in range(done, len(stack.blocks)):  # blocks after the last target, copied as they are
         with home.visit(stack, index) as block:
             prefix = f"{stack.block_name(index)}."
             fold_dense_banks(block)
-            _save_tensors(directory / _block_file(index), {prefix + k: v for k, v in block.state_dict(keep_vars=True).items()})
+            save_tensors(directory / _block_file(index), {prefix + k: v for k, v in block.state_dict(keep_vars=True).items()}, dtype=cast)
     prefix = f"{stack.name}."
     rest = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(prefix)}
-    _save_tensors(directory / REST_NAME, rest)
+    save_tensors(directory / REST_NAME, rest, dtype=cast)
     files = [_block_file(i) for i in range(len(stack.blocks))] + [REST_NAME]
     weight_map: dict[str, str] = {}
     for name in files:
         with Checkpoint(directory / name) as part:
             weight_map.update({key: name for key in part.keys()})
-    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    write_companions(model, directory, tokenizer)
-    meta = {
-        "format_version": FORMAT_VERSION, "svdkit_version": __version__, "source": spec, "config": config.to_dict(),
-        "report": report.totals(), "layers": state["layers"], "files": {name: sha256(directory / name) for name in files},
-    }
-    _write_atomic(directory / CONFIG_NAME, lambda t: t.write_text(json.dumps(meta, indent=2)))
+    index_text = json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
+    write_atomic(directory / INDEX_NAME, lambda t: t.write_text(index_text))
+    write_saved_files(model, directory, weight_files=files, layers=state["layers"], dtype=cast or weights_dtype(rest.values()),
+                      source=spec, config=config, report=report, tokenizer=tokenizer)
     (directory / PROGRESS_NAME).unlink()
     shutil.rmtree(directory / WORK_NAME, ignore_errors=True)

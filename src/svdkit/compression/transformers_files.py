@@ -10,15 +10,20 @@ from typing import Any
 from torch import nn
 
 from ..checkpoint import empty_parameters
+from ..export.remote_code import base_config
 
 __all__ = ["is_transformers_model", "transformers_skeleton", "write_companions"]
 
 
-def write_companions(model: nn.Module, directory: Path, tokenizer: Any = None) -> None:
+def write_companions(model: nn.Module, directory: Path, tokenizer: Any = None, *, dtype: str | None = None) -> None:
     """What a transformers model needs beside its weights to load and generate on its own: its
-    config (and generation config), and the tokenizer when one is given."""
+    config (and generation config), and the tokenizer when one is given. ``dtype`` (a name such
+    as ``"bfloat16"``) is the saved weights' dtype, recorded in the config."""
     if is_transformers_model(model):
-        _saved_config(model).save_pretrained(str(directory))
+        config = _saved_config(model)
+        if dtype is not None:
+            config.dtype = dtype
+        config.save_pretrained(str(directory))
         generation = getattr(model, "generation_config", None)
         if generation is not None and hasattr(generation, "save_pretrained"):
             generation.save_pretrained(str(directory))
@@ -39,19 +44,23 @@ def _saved_config(model: nn.Module) -> Any:
     config.architectures = [type(model).__name__]
     quantization = getattr(config, "quantization_config", None)
     method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
-    if quantization is not None and str(method) == "gguf":
+    if quantization is not None and str(getattr(method, "value", method)) == "gguf":  # str() of the enum is its name
         delattr(config, "quantization_config")
     return config
 
 
 def transformers_skeleton(directory: Path) -> nn.Module:
     """The transformers model that ``directory``'s ``config.json`` describes, its parameters on
-    the ``meta`` device (see :func:`empty_parameters`), tied as the config says, in eval mode."""
+    the ``meta`` device (see :func:`empty_parameters`), tied as the config says, in eval mode.
+
+    The config of a model exported for plain transformers (:mod:`svdkit.export.remote_code`) is
+    read back as its base model's, without running the directory's modeling code.
+    """
     try:
         import transformers
     except ImportError as exc:
         raise ImportError(f"{directory} holds a transformers model: pip install 'svdkit[hf]'") from exc
-    config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    config = base_config(directory) or transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:

@@ -1,0 +1,121 @@
+"""What a saved compressed model directory holds beside its weights, written in one place.
+
+Both writers of compressed models, :func:`svdkit.compression.io.save_compressed` (one weight
+file) and :func:`svdkit.compression.compress_to_directory` (one shard per block), finish their
+directory with :func:`write_saved_files`:
+
+- the transformers companions (``config.json``, ``generation_config.json``, the tokenizer);
+- for a transformers model whose factorized layers are all ``LowRankLinear``, the export that
+  plain transformers loads with ``trust_remote_code=True`` (:mod:`svdkit.export.remote_code`);
+  a transformers model that cannot be exported says why, in a warning and in the description;
+- ``svdkit_compressed.json``, the description (see :mod:`svdkit.compression.io`);
+- ``README.md``, the model card;
+
+and gives every file and folder the permissions the umask gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..export.card import model_card
+from ..export.dtype import dtype_name
+from ..export.remote_code import write_remote_code
+from ..files import apply_umask, write_atomic
+from .transformers_files import is_transformers_model, write_companions
+
+__all__ = ["CARD_NAME", "CONFIG_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "sha256", "write_saved_files"]
+
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+CONFIG_NAME = "svdkit_compressed.json"
+CARD_NAME = "README.md"
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_saved_files(
+    model: nn.Module,
+    directory: Path,
+    *,
+    weight_files: Sequence[str],
+    layers: Mapping[str, Any],
+    dtype: torch.dtype | None,
+    source: str | None = None,
+    config: Any = None,
+    report: Any = None,
+    tokenizer: Any = None,
+    target: Path | None = None,
+) -> dict[str, Any]:
+    """Write everything but the weights into ``directory`` (see the module docstring).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The compressed model (its weights may be empty: only its structure and config are read).
+    directory : Path
+        Holds the weight files already.
+    weight_files : sequence of str
+        Their names; their SHA-256 are recorded.
+    layers : mapping
+        The factorized layers and their geometry (:func:`svdkit.compression.io.factorized_layers`).
+    dtype : torch.dtype or None
+        The dtype of the saved floating-point weights.
+    source, config, report, tokenizer : optional
+        The model spec of the original, the CompressConfig, the CompressionReport, a tokenizer.
+    target : Path, optional
+        Where ``directory`` will be moved when it is a staging directory: the name the warning
+        and the model card give.
+
+    Returns
+    -------
+    dict
+        The description written.
+    """
+    name = dtype_name(dtype) if dtype is not None else None
+    target = target or directory
+    write_companions(model, directory, tokenizer, dtype=name)
+    reason = write_remote_code(model, directory, layers, name, weight_files)
+    if reason is not None and is_transformers_model(model):
+        warnings.warn(f"saved {target} for svdkit only: plain transformers cannot load it, because {reason}", UserWarning, stacklevel=3)
+    quality = dict(getattr(report, "quality", None) or {})
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "svdkit_version": __version__,
+        "source": source,
+        "config": config.to_dict() if hasattr(config, "to_dict") else config,
+        "report": report.totals() if hasattr(report, "totals") else None,
+        "quality": quality or None,
+        "dtype": name,
+        "transformers": _loading(directory) if reason is None else {"auto_class": None, "reason": reason},
+        "layers": dict(layers),
+        "files": {file: sha256(directory / file) for file in weight_files},
+    }
+    text = json.dumps(meta, indent=2, default=str)
+    write_atomic(directory / CONFIG_NAME, lambda t: t.write_text(text, encoding="utf-8"))
+    card = model_card(target.name, json.loads(text), quality)
+    write_atomic(directory / CARD_NAME, lambda t: t.write_text(card, encoding="utf-8"))
+    apply_umask(directory)
+    return meta
+
+
+def _loading(directory: Path) -> dict[str, Any]:
+    """How plain transformers loads an export: the Auto class of the model as saved, and the map."""
+    auto_map = json.loads((directory / "config.json").read_text(encoding="utf-8"))["auto_map"]
+    heads = [auto for auto in auto_map if auto not in ("AutoConfig", "AutoModel")]
+    return {"auto_class": heads[0] if heads else "AutoModel", "auto_map": auto_map, "reason": None}
