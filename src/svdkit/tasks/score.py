@@ -26,6 +26,7 @@ Two ways to compute the scores, equal up to float rounding:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import time
@@ -44,6 +45,7 @@ __all__ = ["MultipleChoiceResult", "choice_loglikelihoods", "encode_pair", "mode
 
 _CONTEXT_ATTRIBUTES = ("n_positions", "max_position_embeddings", "n_ctx")  # as lm-eval's HFLM.max_length reads them
 _DEFAULT_CONTEXT = 2048
+_CHUNK_TOKENS = 1024  # padded tokens of one model call over the choices (its logits: tokens x vocab floats)
 
 
 @dataclass(frozen=True)
@@ -115,58 +117,66 @@ def _full_sequences(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]
     """lm-eval's way: each pair one right-padded sequence, no attention mask."""
     device = model_device(model)
     inputs = [(ctx + cont)[-(limit + 1):][:-1] for ctx, cont in pairs]
-    width = max(map(len, inputs))
-    ids = torch.zeros(len(inputs), width, dtype=torch.long)
-    for row, seq in enumerate(inputs):
-        ids[row, : len(seq)] = torch.tensor(seq)
-    logits = model_logits(model, ids.to(device))
+    logits = model_logits(model, _padded(inputs)[0].to(device))
     # The continuation's tokens are predicted by the last len(cont) positions of each input.
     rows = [logits[row, len(seq) - len(cont): len(seq)] for row, (seq, (_, cont)) in enumerate(zip(inputs, pairs))]
     return [score for row, (_, cont) in zip(rows, pairs) for score in _score_rows(row[None], [cont])]
 
 
-def _expand_cache(cache: Any, index: torch.Tensor) -> Any:
-    if hasattr(cache, "reorder_cache"):
-        cache.reorder_cache(index)
-        return cache
-    return tuple(tuple(t.index_select(0, index) for t in layer) for layer in cache)  # a legacy tuple cache
+def _select_cache(cache: Any, index: torch.Tensor, *, copy_first: bool) -> Any:
+    """The cache's rows ``index`` (repeated as needed), leaving ``cache`` itself as it was when ``copy_first``."""
+    if isinstance(cache, tuple):  # a legacy cache: per layer, (keys, values)
+        return tuple(tuple(t.index_select(0, index) for t in layer) for layer in cache)
+    cache = copy.deepcopy(cache) if copy_first else cache
+    cache.reorder_cache(index)
+    return cache
+
+
+def _padded(rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (pad 0) and their attention mask, both of shape (rows, longest)."""
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[r, : len(row)] = 1
+    return ids, mask
 
 
 def _shared_context(model: nn.Module, items: Sequence[list[tuple[list[int], list[int]]]]) -> list[list[tuple[float, bool]]]:
-    """Each item's context (all but its last token) once through the decoder, every choice from its cache."""
+    """Each item's context (all but its last token) once through the decoder, every choice from its cache.
+
+    The choices run in chunks of similar length (at most ``_CHUNK_TOKENS`` padded tokens), so that
+    a long choice does not pad every other.
+    """
     device = model_device(model)
     prefixes = [pairs[0][0][:-1] for pairs in items]
-    width = max(map(len, prefixes))
-    ids = torch.zeros(len(items), width, dtype=torch.long)
-    mask = torch.zeros(len(items), width, dtype=torch.long)
-    for row, prefix in enumerate(prefixes):
-        ids[row, : len(prefix)] = torch.tensor(prefix)
-        mask[row, : len(prefix)] = 1
+    ids, mask = _padded(prefixes)
     # transformers 5 names the key/value cache `cache` (argument and output); earlier, `past_key_values`.
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)[key]
-    owners = [i for i, pairs in enumerate(items) for _ in pairs]
-    conts = [cont for pairs in items for _, cont in pairs]
-    # Row r reads the context's last token, then its continuation but the last token.
-    inputs = [[items[i][0][0][-1], *cont[:-1]] for i, cont in zip(owners, conts)]
-    length = max(map(len, inputs))
-    new_ids = torch.zeros(len(inputs), length, dtype=torch.long)
-    new_mask = torch.zeros(len(inputs), length, dtype=torch.long)
-    for row, seq in enumerate(inputs):
-        new_ids[row, : len(seq)] = torch.tensor(seq)
-        new_mask[row, : len(seq)] = 1
-    index = torch.tensor(owners, device=device)
-    starts = torch.tensor([len(prefixes[i]) for i in owners])
-    out = model(
-        input_ids=new_ids.to(device),
-        attention_mask=torch.cat([mask[owners], new_mask], dim=1).to(device),
-        position_ids=(starts[:, None] + torch.arange(length)[None]).to(device),
-        use_cache=True,
-        **{key: _expand_cache(cache, index)},
-    )
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    scores = iter(_score_rows(logits, conts))
-    return [[next(scores) for _ in pairs] for pairs in items]
+    # Row (i, j) reads item i's last context token, then choice j's continuation but its last token.
+    rows = sorted(((i, j) for i, pairs in enumerate(items) for j in range(len(pairs))), key=lambda r: len(items[r[0]][r[1]][1]))
+    chunks: list[list[tuple[int, int]]] = [[]]
+    for row in rows:
+        if chunks[-1] and (len(chunks[-1]) + 1) * len(items[row[0]][row[1]][1]) > _CHUNK_TOKENS:
+            chunks.append([])
+        chunks[-1].append(row)
+    scores: dict[tuple[int, int], tuple[float, bool]] = {}
+    for number, chunk in enumerate(chunks):
+        owners = [i for i, _ in chunk]
+        conts = [items[i][j][1] for i, j in chunk]
+        new_ids, new_mask = _padded([[items[i][0][0][-1], *cont[:-1]] for i, cont in zip(owners, conts)])
+        starts = torch.tensor([len(prefixes[i]) for i in owners])
+        out = model(
+            input_ids=new_ids.to(device),
+            attention_mask=torch.cat([mask[owners], new_mask], dim=1).to(device),
+            position_ids=(starts[:, None] + torch.arange(new_ids.shape[1])[None]).to(device),
+            use_cache=True,
+            **{key: _select_cache(cache, torch.tensor(owners, device=device), copy_first=number < len(chunks) - 1)},
+        )
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        scores.update(zip(chunk, _score_rows(logits, conts)))
+    return [[scores[i, j] for j in range(len(pairs))] for i, pairs in enumerate(items)]
 
 
 def _can_share(model: nn.Module) -> bool:
