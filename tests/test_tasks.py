@@ -130,8 +130,11 @@ def test_next_sentence_items_hold_the_true_next_sentence_of_their_document():
         runs = sentence_runs(_document(item))
         true = item.choices[item.target]
         assert any(" ".join(run[k:k + 3]) == f"{item.context} {true}" for run in runs for k in range(len(run)))
-        sentences = {s for run in runs for s in run}
-        assert all(choice in sentences for choice in item.choices)  # distractors: the same document's sentences
+        # Distractors: sentences of the same document, among the eight closest to the true one in length.
+        others = [s for s in dict.fromkeys(s for run in runs for s in run) if s != true and s not in item.context]
+        gaps = sorted(abs(len(s) - len(true)) for s in others)
+        for choice in item.choices:
+            assert choice == true or (choice in others and abs(len(choice) - len(true)) <= gaps[min(7, len(gaps) - 1)])
 
 
 def test_last_word_items_end_their_passage_with_the_true_word():

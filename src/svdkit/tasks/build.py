@@ -6,8 +6,9 @@ Hugging Face hub; these are built on any machine from the evaluation domains of
 
 ``"next-sentence"``
     Two consecutive sentences of a document; choose the sentence that follows them among four:
-    the true one and three other sentences of the same document (HellaSwag's form, with
-    distractors that are real sentences on the same subject).
+    the true one and three other sentences of the same document, drawn among the eight closest
+    to it in length (HellaSwag's form, with distractors that are real sentences on the same
+    subject and about as long, so that neither ``acc`` nor ``acc_norm`` can win on length).
 ``"last-word"``
     Three consecutive sentences of a document, the last one without its final word; choose that
     word among four: the true one and three words that end other sentences of the same document
@@ -34,6 +35,7 @@ __all__ = ["DEFAULT_ITEMS", "build_task", "task_names"]
 DEFAULT_ITEMS = 200
 _CHOICES = 4
 _NEXT_CONTEXT = 2  # sentences before the one to choose
+_NEAREST_LENGTHS = 8  # next-sentence distractors: drawn among this many sentences closest in length
 _LAST_WORD_SENTENCES = 3  # sentences of a last-word passage, the target's included
 _FINAL_WORD = re.compile(r"^(.*\S)\s+([A-Za-z]{3,})[.!?]?[\"'\u201d\u2019)\]]*$")
 
@@ -49,7 +51,10 @@ def _next_sentence(runs: Runs, source: str, rng: random.Random) -> list[Multiple
             others = [s for s in pool if s != true and s not in context]
             if len(others) < _CHOICES - 1:
                 continue
-            choices = [true, *rng.sample(others, _CHOICES - 1)]
+            # Distractors about as long as the true sentence: a sum of log-probabilities favours
+            # short choices, and length alone must not give the answer away.
+            nearest = sorted(others, key=lambda s: abs(len(s) - len(true)))[:_NEAREST_LENGTHS]
+            choices = [true, *rng.sample(nearest, _CHOICES - 1)]
             rng.shuffle(choices)
             items.append(MultipleChoiceItem(" ".join(context), tuple(choices), choices.index(true), source))
     return items
@@ -80,7 +85,8 @@ def _last_word(runs: Runs, source: str, rng: random.Random) -> list[MultipleChoi
 
 
 _TASKS: dict[str, tuple[str, Callable[[Runs, str, random.Random], list[MultipleChoiceItem]]]] = {
-    "next-sentence": (f"the sentence that follows {_NEXT_CONTEXT} sentences, among {_CHOICES} of the same document", _next_sentence),
+    "next-sentence": (f"the sentence that follows {_NEXT_CONTEXT} sentences, among {_CHOICES} of the same document and "
+                      "about the same length", _next_sentence),
     "last-word": (f"the last word of {_LAST_WORD_SENTENCES} sentences, among {_CHOICES} words that end sentences of the same document", _last_word),
 }
 

@@ -193,7 +193,7 @@ def choice_loglikelihoods(
     tokenizer: Any,
     task: MultipleChoiceTask,
     *,
-    batch_size: int = 8,
+    batch_size: int = 32,
     share_context: bool | None = None,
     max_length: int | None = None,
     progress: ProgressLike = False,
@@ -278,7 +278,7 @@ def score_multiple_choice(
     tokenizer: Any,
     task: MultipleChoiceTask,
     *,
-    batch_size: int = 8,
+    batch_size: int = 32,
     share_context: bool | None = None,
     progress: ProgressLike = False,
 ) -> MultipleChoiceResult:
