@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,10 @@ from torch import nn
 from .calibrate import output_tensor
 from .progress import ProgressLike, track
 
-__all__ = ["DEFAULT_SEQ_LEN", "PerplexityResult", "greedy_continuation", "language_model_quality", "perplexity"]
+__all__ = [
+    "DEFAULT_SEQ_LEN", "PerplexityResult", "greedy_continuation", "language_model_quality", "model_device", "model_logits",
+    "perplexity", "worst_ratio",
+]
 
 #: The window of :func:`perplexity` when none is given (shortened to the model's context).
 DEFAULT_SEQ_LEN = 512
@@ -71,14 +74,16 @@ def _windows(total: int, seq_len: int, stride: int) -> list[tuple[int, int, int]
     return windows
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter that is not on the meta device (CPU if none)."""
     for p in model.parameters():
         if p.device.type != "meta":
             return p.device
     return torch.device("cpu")
 
 
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def model_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``model(input_ids=ids)``'s logits, of shape (batch, seq, vocab); a clear error if it gives none."""
     out = model(input_ids=ids, use_cache=False)
     try:
         logits = output_tensor(out)  # svdkit's one rule for the tensor a forward result stands for
@@ -86,7 +91,7 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         logits = None
     if logits is None or logits.ndim != 3:
         raise TypeError(
-            f"{type(model).__name__} did not return logits of shape (batch, seq, vocab): perplexity needs a causal "
+            f"{type(model).__name__} did not return logits of shape (batch, seq, vocab): scoring text needs a causal "
             "language model (e.g. a transformers ...ForCausalLM)"
         )
     return logits
@@ -157,7 +162,7 @@ def perplexity(
     # Windows of one length go together; the last window of a stream may be shorter.
     jobs.sort(key=lambda job: job[1][1] - job[1][0], reverse=True)
     batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
-    device = _device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
@@ -169,7 +174,7 @@ def perplexity(
                     groups.setdefault(job[1][1] - job[1][0], []).append(job)
                 for size, group in groups.items():
                     ids = torch.stack([s[begin:end] for s, (begin, end, _) in group]).to(device)
-                    logits = _logits(model, ids)[:, :-1].float()
+                    logits = model_logits(model, ids)[:, :-1].float()
                     targets = ids[:, 1:].clone()
                     for row, (_, (_, _, first)) in enumerate(group):
                         targets[row, : first - 1] = -100
@@ -189,7 +194,7 @@ def greedy_continuation(model: nn.Module, tokenizer: Any, prompt: str, *, max_ne
     A quick check that a compressed model still writes text, not only scores it: perplexity can
     stay acceptable while generation degenerates into repetition.
     """
-    inputs = tokenizer(prompt, return_tensors="pt").to(_device(model))
+    inputs = tokenizer(prompt, return_tensors="pt").to(model_device(model))
     was_training = model.training
     model.eval()
     try:
@@ -203,16 +208,39 @@ def greedy_continuation(model: nn.Module, tokenizer: Any, prompt: str, *, max_ne
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def worst_ratio(quality: Mapping[str, Any], reference: Mapping[str, Any]) -> tuple[str, float]:
+    """The key whose value grew the most from ``reference`` to ``quality``, and that ratio.
+
+    Only keys that both hold as numbers count (a perplexity per domain, as
+    :func:`language_model_quality` gives it; other entries are passed over).
+
+    Returns
+    -------
+    (str, float)
+        The key and ``quality[key] / reference[key]``.
+    """
+    ratios = {
+        key: float(quality[key]) / float(reference[key]) for key in quality
+        if key in reference and isinstance(quality[key], (int, float)) and isinstance(reference[key], (int, float))
+        and not isinstance(quality[key], bool) and float(reference[key]) != 0
+    }
+    if not ratios:
+        raise ValueError(f"no numeric key is common to both results ({sorted(quality)} and {sorted(reference)})")
+    key = max(ratios, key=ratios.__getitem__)
+    return key, ratios[key]
+
+
 def language_model_quality(
     model: nn.Module,
     tokenizer: Any,
     *,
-    data: Sequence[str] = ("in-domain", "other-domain"),
+    data: Sequence[str] | None = None,
     max_tokens: int = 24 * 512,
     seq_len: int | None = None,
     stride: int | None = None,
+    reference: Mapping[str, float] | None = None,
     progress: ProgressLike = False,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Perplexity on svdkit's held-out texts (see :mod:`svdkit.tokens`): calibration never sees them.
 
     Parameters
@@ -220,26 +248,36 @@ def language_model_quality(
     model : nn.Module
         A causal language model.
     tokenizer : transformers tokenizer
-    data : sequence of str
-        The texts scored: ``"in-domain"`` (the odd pydoc topics), ``"other-domain"`` (IDLE's
-        documentation), or paths of ``.txt`` / ``.pt`` files (``svdkit eval --data``).
+    data : sequence of str, optional
+        Evaluation domains (default: every one of :data:`svdkit.tokens.EVALUATION_DOMAINS`:
+        ``"in-domain"``, ``"other-domain"``, ``"legal-english"``, ``"math-docs"``), or paths of
+        ``.txt`` / ``.pt`` files.
     max_tokens : int
-        Tokens of each text (the default, 24 windows of 512, is the field's usual size).
+        Tokens of each text (the default, 24 windows of 512, is the field's usual size; a
+        domain with less text is scored whole: ``"legal-english"`` holds about 10 windows).
     seq_len, stride : int
         Window and step of :func:`perplexity`.
+    reference : mapping, optional
+        An earlier result of this function (e.g. the dense model's): the result then also holds
+        ``"worst domain"`` and ``"worst ratio"`` (:func:`worst_ratio`: the domain whose
+        perplexity grew the most, and its perplexity over the reference's).
     progress : bool or callable
 
     Returns
     -------
-    dict of text (as named in ``data``) -> perplexity
+    dict
+        domain -> perplexity (float), and the two ``worst`` entries when ``reference`` is given.
     """
-    from .tokens import evaluation_tokens
+    from .tokens import EVALUATION_DOMAINS, evaluation_tokens
 
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    return {
+    result: dict[str, Any] = {
         str(domain): perplexity(
             model, evaluation_tokens(domain, tokenizer, max_tokens=max_tokens, vocab_size=vocab),
             seq_len=seq_len, stride=stride, progress=progress,
         ).perplexity
-        for domain in data
+        for domain in (EVALUATION_DOMAINS if data is None else data)
     }
+    if reference is not None:
+        result["worst domain"], result["worst ratio"] = worst_ratio(result, reference)
+    return result

@@ -9,9 +9,16 @@ WikiText-2). svdkit does the same with text that ships with Python (:mod:`svdkit
 ``"in-domain"``        evaluation: the odd pydoc topics (never calibrated on)
 ``"other-domain"``     evaluation: IDLE's manual and change log (another subject, never
                        calibrated on), to see how a calibration generalises
+``"legal-english"``    evaluation: plain English legal prose (Python's history and licence,
+                       the Apache License 2.0), ~5.4 k SmolLM2 tokens
+``"math-docs"``        evaluation: mathematical exposition (mpmath's documentation of
+                       special functions, its examples removed)
 a ``.txt`` file        a user's text, read as UTF-8
 a ``.pt`` file         a 1-D stream or an (N, L) tensor of token ids
 =====================  ================================================================
+
+The evaluation domains are :func:`svdkit.data.evaluation_domains`; no paragraph of theirs shares
+a passage of 64 characters with the calibration text (:func:`svdkit.data.evaluation_documents`).
 
 Documents are joined into one stream, each followed by the tokenizer's end-of-text token, as
 language models are pre-trained. Calibration windows start at positions drawn from a seeded
@@ -26,12 +33,12 @@ from typing import Any, Sequence
 
 import torch
 
-from .data import builtin_documents, calibration_documents
+from .data import calibration_documents, evaluation_documents, evaluation_domains
 from .tensor_file import read_tensor_file
 
 __all__ = ["EVALUATION_DOMAINS", "calibration_tokens", "check_token_ids", "evaluation_tokens", "token_stream"]
 
-EVALUATION_DOMAINS = ("in-domain", "other-domain")
+EVALUATION_DOMAINS = tuple(evaluation_domains())
 
 
 def token_stream(texts: Sequence[str], tokenizer: Any) -> torch.Tensor:
@@ -56,14 +63,9 @@ def token_stream(texts: Sequence[str], tokenizer: Any) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=16)
 def _cached_stream(name: str, tokenizer_key: tuple, tokenizer: Any) -> torch.Tensor:
-    texts = {
-        "builtin": calibration_documents,
-        "in-domain": lambda: builtin_documents("topics", split="odd"),
-        "other-domain": lambda: builtin_documents("idle"),
-    }[name]()
-    return token_stream(texts, tokenizer)
+    return token_stream(calibration_documents() if name == "builtin" else evaluation_documents(name), tokenizer)
 
 
 def _builtin_stream(name: str, tokenizer: Any) -> torch.Tensor:
@@ -103,8 +105,10 @@ def _source_stream(source: str | Path | torch.Tensor, tokenizer: Any, vocab_size
         return _builtin_stream(str(source), tokenizer)
     path = Path(source)
     if not path.is_file():
-        named = ", ".join(repr(name) for name in ("builtin", *EVALUATION_DOMAINS))
-        raise FileNotFoundError(f"no token or text file at {str(source)!r} (use {named}, a .txt file or a .pt tensor of token ids)")
+        raise FileNotFoundError(
+            f"no token or text file at {str(source)!r}: use 'builtin' (calibration), an evaluation domain "
+            f"({', '.join(EVALUATION_DOMAINS)}), a .txt file or a .pt tensor of token ids"
+        )
     if path.suffix in (".pt", ".pth"):
         ids = read_tensor_file(path, holds="token ids, of shape (T,) or (N, L)")
         if ids.ndim not in (1, 2):
@@ -183,8 +187,9 @@ def evaluation_tokens(
 
     Parameters
     ----------
-    domain : {"in-domain", "other-domain"}, path or Tensor
-        A built-in evaluation text (see the module docstring), a ``.txt``/``.pt`` file or ids.
+    domain : str, path or Tensor
+        A built-in evaluation domain (:data:`EVALUATION_DOMAINS`, see the module docstring), a
+        ``.txt``/``.pt`` file or ids.
     tokenizer : transformers tokenizer, optional
     max_tokens : int or None
         Keep the first this many tokens (the default is 24 sequences of 512).

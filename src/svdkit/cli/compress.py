@@ -5,8 +5,9 @@ What calibrates a model and what measures it depends on the model:
 =========================  =========================================  ===================================
 model                      calibration (``--calib builtin``)          quality (before -> after)
 =========================  =========================================  ===================================
-causal language model      ``--calib-seqs`` windows of ``--seq-len``  perplexity in-domain and on another
-                           tokens of built-in text                    domain, and a greedy continuation
+causal language model      ``--calib-seqs`` windows of ``--seq-len``  perplexity on every held-out domain
+                           tokens of built-in text                    (and the worst ratio), a greedy
+                                                                      continuation; ``--tasks``: accuracy
 sentence-transformers      ``--calib-seqs`` built-in sentences        mean cosine and top-10 neighbours
 anything else              ``--calib FILE.pt`` (a tensor of inputs)   (none)
 =========================  =========================================  ===================================
@@ -79,6 +80,8 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an unfinished --stream (or language-model) run in OUTPUT")
     parser.add_argument("--refit", type=int, default=0, help="closed-form refit passes after compression (whole-model pipeline)")
     parser.add_argument("--no-eval", action="store_true", help="skip the quality check on held-out text")
+    parser.add_argument("--tasks", action="store_true",
+                        help="a causal LM's quality check also scores the zero-shot tasks next-sentence and last-word (accuracy before -> after)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing svdkit output directory")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="dtype of the saved weights (default: the model's own); transformers loads the model in it")
@@ -195,13 +198,18 @@ def _sentence_quality(loaded, compressed) -> dict[str, float]:
     return quality
 
 
-def _lm_quality(loaded, module, progress: bool) -> dict[str, Any]:
+def _lm_quality(loaded, module, progress: bool, tasks: bool = False) -> dict[str, Any]:
     from ..eval import greedy_continuation, language_model_quality
 
     quality: dict[str, Any] = {
         f"ppl {domain}": value for domain, value in language_model_quality(module, loaded.tokenizer, progress=progress).items()
     }
     quality["continuation"] = greedy_continuation(module, loaded.tokenizer, PROMPT)
+    if tasks:
+        from ..tasks import task_accuracy
+
+        for name, scored in task_accuracy(module, loaded.tokenizer, progress=progress).items():
+            quality[f"acc {name}"], quality[f"acc_norm {name}"] = scored.acc, scored.acc_norm
     return quality
 
 
@@ -244,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         config = _config(args, loaded)
         check_targets(args, config, loaded.module)
         calibration = _calibration(args, loaded) if config.needs_data else None
-    before = _lm_quality(loaded, loaded.module, progress) if loaded.is_causal_lm and not args.no_eval and lead else None
+    before = _lm_quality(loaded, loaded.module, progress, args.tasks) if loaded.is_causal_lm and not args.no_eval and lead else None
     if lead:
         print(f"compressing with {config.method} ...", file=sys.stderr)
     forward = loaded.forward if loaded.is_sentence_model else None
@@ -306,6 +314,7 @@ def _run_to_directory(args: argparse.Namespace, group) -> int:
 def _finish(args: argparse.Namespace, loaded, config, outputs, results, before, progress: bool) -> None:
     """Measure, save and report each result (rank 0 only)."""
     from ..compression import save_compressed
+    from ..eval import worst_ratio
 
     reports, refused = [], []
     for (budget, output), (compressed, report) in zip(outputs, results):
@@ -318,9 +327,11 @@ def _finish(args: argparse.Namespace, loaded, config, outputs, results, before, 
             if loaded.is_sentence_model:
                 report.quality.update(_sentence_quality(loaded, compressed))
             elif before is not None:
-                after = _lm_quality(loaded, compressed, progress)
+                after = _lm_quality(loaded, compressed, progress, args.tasks)
                 for key in before:
                     report.quality[f"{key} (dense -> compressed)"] = _before_after(before[key], after[key])
+                worst, ratio = worst_ratio({k: v for k, v in after.items() if k.startswith("ppl ")}, before)
+                report.quality["worst ppl ratio"] = f"{ratio:.2f}x ({worst[4:]})"
         used = config if budget is None else dataclasses.replace(config, budget=budget)
         save_compressed(compressed, output, source=args.model, config=used, tokenizer=loaded.tokenizer, report=report,
                         overwrite=args.overwrite, dtype=args.dtype)

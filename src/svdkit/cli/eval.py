@@ -1,7 +1,8 @@
 """``svdkit eval``: the quality of a model, or of a compressed model against its source.
 
-For a causal language model: perplexity on the held-out in-domain text and on text of another
-domain (or on ``--data`` files), and a greedy continuation of a fixed prompt. For a directory
+For a causal language model: perplexity on every held-out evaluation domain (or on ``--data``
+files), a greedy continuation of a fixed prompt and, with ``--tasks``, zero-shot multiple-choice
+accuracy (:mod:`svdkit.tasks`). For a directory
 written by ``svdkit compress``, the model it was compressed from is measured too, side by side,
 unless ``--no-reference``.
 """
@@ -22,8 +23,12 @@ PROMPT = "The for statement in Python"
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="perplexity of a causal LM (and of the model a compressed one came from)")
     parser.add_argument("model", help="a model spec or a directory written by svdkit compress")
-    parser.add_argument("--data", nargs="+", default=["in-domain", "other-domain"],
-                        help="texts to score: in-domain, other-domain, or .txt / .pt files (default: both built-in ones)")
+    parser.add_argument("--data", nargs="+", default=None,
+                        help="texts to score: evaluation domains (in-domain, other-domain, legal-english, math-docs) or .txt / .pt "
+                             "files (default: every domain)")
+    parser.add_argument("--tasks", nargs="*", default=None, metavar="TASK",
+                        help="also score zero-shot multiple-choice tasks: next-sentence, last-word or .jsonl task files "
+                             "(no name: both built-in ones, 200 items each)")
     parser.add_argument("--max-tokens", type=int, default=24 * 512, help="tokens of each text (default 24 x 512)")
     parser.add_argument("--seq-len", type=int, default=None, help="window length (default 512, or the model's context if shorter)")
     parser.add_argument("--stride", type=int, default=None, help="step between windows (default: the window length)")
@@ -39,22 +44,31 @@ def _measure(loaded, args: argparse.Namespace, progress: bool) -> dict[str, Any]
 
     if not loaded.is_causal_lm:
         raise ValueError(f"{loaded.spec!r} is a {loaded.kind} model; svdkit eval measures causal language models (perplexity)")
-    if loaded.tokenizer is None and any(d in ("in-domain", "other-domain") or d.endswith(".txt") for d in args.data):
-        raise ValueError(f"{loaded.spec!r} has no tokenizer: pass --data FILE.pt with token ids")
+    from ..tokens import EVALUATION_DOMAINS
+
+    data = args.data or list(EVALUATION_DOMAINS)
+    if loaded.tokenizer is None and (args.tasks is not None or any(d in EVALUATION_DOMAINS or d.endswith(".txt") for d in data)):
+        raise ValueError(f"{loaded.spec!r} has no tokenizer: pass --data FILE.pt with token ids (and no --tasks)")
     context = loaded.context_length
     if args.seq_len is not None and context is not None and args.seq_len > context:
         raise ValueError(f"--seq-len {args.seq_len} is longer than the context of {loaded.spec!r} ({context} tokens): pass --seq-len {context} or less")
     result: dict[str, Any] = language_model_quality(
-        loaded.module, loaded.tokenizer, data=args.data, max_tokens=args.max_tokens, seq_len=args.seq_len,
+        loaded.module, loaded.tokenizer, data=data, max_tokens=args.max_tokens, seq_len=args.seq_len,
         stride=args.stride, progress=progress,
     )
     if loaded.tokenizer is not None:
         result["continuation"] = greedy_continuation(loaded.module, loaded.tokenizer, PROMPT)
+    if args.tasks is not None:
+        from ..tasks import task_accuracy
+
+        for name, scored in task_accuracy(loaded.module, loaded.tokenizer, args.tasks or None, progress=progress).items():
+            result.update({f"{name} acc": scored.acc, f"{name} acc_norm": scored.acc_norm, f"{name} acc stderr": scored.acc_stderr})
     return result
 
 
 def run(args: argparse.Namespace) -> int:
     from ..compression.io import CONFIG_NAME, read_description
+    from ..eval import worst_ratio
     from ..models import load_model
     from ..tokens import EVALUATION_DOMAINS
 
@@ -64,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stride is not None and not 1 <= args.stride <= (args.seq_len or args.stride):
         raise ValueError(f"--stride must be >= 1 and at most --seq-len, got {args.stride}")
     check_outputs(files=(args.json,))
-    for data in args.data:  # a file that is not there is named before any model is loaded or measured
+    for data in args.data or ():  # a file that is not there is named before any model is loaded or measured
         if data not in EVALUATION_DOMAINS and not Path(data).is_file():
             raise FileNotFoundError(f"--data {data!r}: no such file (use {', '.join(map(repr, EVALUATION_DOMAINS))}, or .txt / .pt files)")
     progress = progress_option(args)
@@ -92,8 +106,10 @@ def run(args: argparse.Namespace) -> int:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=table_stream(args))
     if "source" in results:
         for key in keys:
-            if isinstance(results["model"][key], float):
+            if isinstance(results["model"][key], float) and "stderr" not in key:
                 print(f"{key}: {results['model'][key] / results['source'][key]:.3f}x the source", file=sys.stderr)
+        worst, ratio = worst_ratio({d: results["model"][d] for d in args.data or EVALUATION_DOMAINS}, results["source"])
+        print(f"worst perplexity ratio: {ratio:.3f}x the source, on {worst}", file=sys.stderr)
     write_json(args.json, json.dumps(results, indent=2))
     return 0
 
