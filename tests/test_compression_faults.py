@@ -407,3 +407,17 @@ def test_one_token_windows_are_refused_before_any_work(make_decoder):
         compress(model, CompressConfig(budget=0.8), ones)
     _, report = compress(model, CompressConfig(method="whiten", budget=0.8), ones)  # no curvature: one token is data enough
     assert 0.7 < report.kept_fraction <= 0.8 + 1e-9
+
+
+def test_layers_sharing_a_weight_keep_the_models_tied_embedding_tied(make_decoder, tmp_path):
+    """Two projections that share one weight are factorized once; the embedding and the head,
+    untouched, stay tied in the saved config (the config's tie was dropped before, and loading failed)."""
+    model = make_decoder("llama", causal=True, tied=True)
+    model.model.layers[1].mlp.up_proj.weight = model.model.layers[0].mlp.up_proj.weight
+    small, report = compress(model, CompressConfig(method="svd", rank=4))
+    assert small.config.tie_word_embeddings and small.lm_head.weight is small.model.embed_tokens.weight
+    save_compressed(small, tmp_path / "c", report=report)
+    again = load_compressed(tmp_path / "c")
+    ids = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, small(ids).logits, rtol=0, atol=0)

@@ -304,3 +304,46 @@ def test_a_shared_basis_is_taken_where_it_leaves_less_error_at_equal_parameters(
         reference = model(ids).logits
         assert (out(ids).logits - reference).norm() < (separate(ids).logits - reference).norm()
 
+
+
+def test_a_compressed_mixture_loads_in_plain_transformers_without_svdkit(tmp_path):
+    """The export unfolds the fused experts into the modeling file's own ExpertBank before the
+    factors are read: the same logits and tokens as svdkit's loader, in a process without svdkit."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model = mixtral()
+    out, report = compress(model, CompressConfig(budget=0.7), _batches())
+    save_compressed(out, tmp_path / "moe", report=report)
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["model_type"] == "svdkit_mixtral" and config["svdkit"]["expert_banks"]
+    ids = _batches()[2]
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": out(ids).logits, "tokens": out.generate(ids[:1, :4], max_new_tokens=6, do_sample=False)},
+                   tmp_path / "expected.pt")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "hf-modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    check = subprocess.run([sys.executable, "-I", "-c", _PLAIN_MOE, str(tmp_path / "moe"), str(tmp_path / "expected.pt")],
+                           cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-3000:]
+    assert "same logits and tokens" in check.stdout
+
+
+_PLAIN_MOE = """
+import importlib.util, os, sys
+sys.path[:] = [p for p in sys.path if p and not os.path.isdir(os.path.join(p, "svdkit"))]
+sys.meta_path[:] = [finder for finder in sys.meta_path if "svdkit" not in repr(finder).lower()]
+assert importlib.util.find_spec('svdkit') is None
+import torch, transformers
+directory, expected = sys.argv[1], torch.load(sys.argv[2])
+model = transformers.AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+assert type(model.model.layers[0].mlp.experts).__name__ == 'ExpertBank'
+with torch.no_grad():
+    logits = model(expected['ids']).logits
+    tokens = model.generate(expected['ids'][:1, :4], max_new_tokens=6, do_sample=False)
+assert (logits - expected['logits']).abs().max() <= 1e-6 * expected['logits'].abs().max(), (logits - expected['logits']).abs().max()
+assert torch.equal(tokens, expected['tokens'])
+print('same logits and tokens')
+"""

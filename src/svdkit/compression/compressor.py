@@ -317,12 +317,14 @@ class LayerCompressor:
         followers = tied.followers if tied is not None else {}
         rows: list[LayerReport] = []
         for plan, (row, new) in zip(plans, self.build(plans, ranks)):
+            # a factorized group that holds the embedding (a tied head) unties the config's tie
+            holds_embedding = any(not get_view(out.get_submodule(n)).calibrated for n in [plan.name, *followers.get(plan.name, [])])
             if new is not None:
                 replace_module(out, plan.name, new)
             rows.append(row)
             for follower in followers.get(plan.name, []):
                 rows.append(_tie_follower(out, follower, plan.name, new, row))
-            if new is not None and plan.name in followers:
+            if new is not None and holds_embedding:
                 _untie_in_config(out)
         return rows
 

@@ -6,8 +6,9 @@ model with a head, its base model). ``config.json`` names those classes in ``aut
 
     AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
 
-builds the original architecture and, before its weights are read, puts a :class:`LowRankLinear`
-at every layer that ``config.json`` lists under ``svdkit.low_rank`` (name -> rank). Everything
+builds the original architecture and, before its weights are read, unfolds every mixture-of-experts
+module listed under ``svdkit.expert_banks`` into an :class:`ExpertBank` (one module per expert) and
+puts a :class:`LowRankLinear` at every layer listed under ``svdkit.low_rank`` (name -> rank). Everything
 else (generation with a KV cache, ``save_pretrained``, tied embeddings, each family's quirks) is
 the base class's own. Only torch and transformers' public API are used here: the file must not
 import svdkit.
@@ -22,7 +23,10 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-__all__ = ["LowRankLinear", "LowRankModelMixin", "base_class", "low_rank_targets", "swap_low_rank_layers"]
+__all__ = [
+    "ExpertBank", "ExpertMLP", "LowRankLinear", "LowRankModelMixin", "base_class", "low_rank_targets", "swap_expert_banks",
+    "swap_low_rank_layers",
+]
 
 CONFIG_KEY = "svdkit"
 
@@ -66,6 +70,50 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
+def _default_gate(expert: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    gate, up = out.chunk(2, dim=-1)
+    return expert.act_fn(gate) * up
+
+
+class ExpertMLP(nn.Module):
+    """One expert of an :class:`ExpertBank`: ``down_proj(gate(gate_up_proj(x)))`` with the fused
+    module's gating (its ``_apply_gate``, by default ``act_fn(first half) * second half``)."""
+
+    def __init__(self, hidden: int, intermediate: int, fused: nn.Module, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False, device=device, dtype=dtype)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False, device=device, dtype=dtype)
+        self.act_fn = fused.act_fn
+        for key, value in vars(fused).items():  # what a custom gating reads besides act_fn
+            if not key.startswith("_") and isinstance(value, (bool, int, float)):
+                setattr(self, key, value)
+        self._apply_gate = getattr(type(fused), "_apply_gate", _default_gate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self._apply_gate(self, self.gate_up_proj(x)))
+
+
+class ExpertBank(nn.ModuleList):
+    """A fused experts module (``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)) as one
+    :class:`ExpertMLP` per expert, called as the fused module is:
+    ``bank(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)``."""
+
+    def __init__(self, fused: nn.Module) -> None:
+        experts, two_i, hidden = fused.gate_up_proj.shape
+        factory = {"device": fused.gate_up_proj.device, "dtype": fused.gate_up_proj.dtype}
+        super().__init__(ExpertMLP(hidden, two_i // 2, fused, **factory) for _ in range(experts))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            hit = torch.unique(top_k_index[(top_k_index >= 0) & (top_k_index < len(self))])
+        for e in hit.tolist():
+            token_idx, position = torch.where(top_k_index == e)
+            result = self[e](hidden_states[token_idx])
+            out.index_add_(0, token_idx, (result * top_k_weights[token_idx, position, None]).to(out.dtype))
+        return out
+
+
 def _dense_geometry(name: str, module: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, has_bias) of an ``nn.Linear`` or a transformers ``Conv1D``
     (whose weight is stored transposed, (in, out))."""
@@ -82,25 +130,49 @@ def _dense_geometry(name: str, module: nn.Module) -> tuple[int, int, bool]:
     return int(in_features), int(out_features), getattr(module, "bias", None) is not None
 
 
-def low_rank_targets(model: nn.Module, config: Any) -> dict[str, int]:
-    """The layers of ``model`` that ``config`` makes low-rank: module name -> rank.
+def _saved_names_keeping(model: nn.Module, config: Any, names: Any) -> list[str | None]:
+    """``names`` (of the model that was saved) as names of ``model``: a base model loaded from a
+    saved model with a head (``AutoModel``) drops the head's prefix; a layer of the head, which
+    the base model does not have, becomes None."""
+    saved_prefix = (getattr(config, CONFIG_KEY, None) or {}).get("base_model_prefix") or ""
+    if not saved_prefix or getattr(model, "base_model", model) is not model:
+        return list(names)
+    return [name[len(saved_prefix) + 1:] if name.startswith(saved_prefix + ".") else None for name in names]
 
-    The names in ``config.svdkit["low_rank"]`` are those of the model that was saved; with
-    ``base_model_prefix`` non-empty it had a head and its base model sat under that prefix. A
-    base model loaded from a saved model with a head (``AutoModel``) drops the prefix, and the
-    head's layers.
+
+def _saved_names(model: nn.Module, config: Any, names: Any) -> list[str]:
+    return [name for name in _saved_names_keeping(model, config, names) if name is not None]
+
+
+def swap_expert_banks(model: nn.Module, config: Any) -> None:
+    """Unfold every fused experts module that ``config`` lists (``svdkit.expert_banks``) into an
+    empty :class:`ExpertBank` of its geometry (the weights are read afterwards).
+
+    Raises
+    ------
+    ValueError
+        A listed module the model does not have, or one that holds no fused experts.
     """
     settings = getattr(config, CONFIG_KEY, None) or {}
-    saved_prefix = settings.get("base_model_prefix") or ""
-    is_base = getattr(model, "base_model", model) is model
-    targets = {}
-    for name, rank in (settings.get("low_rank") or {}).items():
-        if saved_prefix and is_base:
-            if not name.startswith(saved_prefix + "."):
-                continue  # a layer of the head, which the base model does not have
-            name = name[len(saved_prefix) + 1:]
-        targets[name] = int(rank)
-    return targets
+    for name in _saved_names(model, config, settings.get("expert_banks") or []):
+        try:
+            fused = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"config.json lists {name!r} as a mixture's experts, but {type(model).__name__} has no such module") from None
+        if isinstance(fused, ExpertBank):
+            continue
+        if not (isinstance(getattr(fused, "gate_up_proj", None), torch.Tensor) and fused.gate_up_proj.ndim == 3):
+            raise ValueError(f"config.json lists {name!r} as a mixture's experts, but it is a {type(fused).__name__} without 3-D gate_up_proj")
+        owner_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner_name) if owner_name else model, attr, ExpertBank(fused))
+
+
+def low_rank_targets(model: nn.Module, config: Any) -> dict[str, int]:
+    """The layers of ``model`` that ``config`` makes low-rank: module name -> rank (the names of
+    the saved model, less the head's prefix and layers for a base model, see :func:`_saved_names`)."""
+    low_rank = (getattr(config, CONFIG_KEY, None) or {}).get("low_rank") or {}
+    saved = list(low_rank)
+    return {name: int(low_rank[old]) for old, name in zip(saved, _saved_names_keeping(model, config, saved)) if name is not None}
 
 
 def swap_low_rank_layers(model: nn.Module, config: Any) -> None:
@@ -130,11 +202,12 @@ def swap_low_rank_layers(model: nn.Module, config: Any) -> None:
 
 
 class LowRankModelMixin:
-    """Put before a transformers model class: its layers listed in the config become low-rank
-    before ``post_init`` (which gathers the model's tied weights and initializes what no
-    checkpoint fills)."""
+    """Put before a transformers model class: its mixtures' experts listed in the config are
+    unfolded and its listed layers become low-rank before ``post_init`` (which gathers the model's
+    tied weights and initializes what no checkpoint fills)."""
 
     def post_init(self) -> None:
+        swap_expert_banks(self, self.config)
         swap_low_rank_layers(self, self.config)
         super().post_init()
 

@@ -105,11 +105,12 @@ def export_blocker(model: nn.Module, layers: Mapping[str, Any]) -> str | None:
         return f"the model is a {type(model).__name__}, not a transformers PreTrainedModel"
     for name, spec in layers.items():
         spec = spec if isinstance(spec, Mapping) else {}
-        other = spec.get("same_as") or spec.get("shares_factors_with")
+        other = spec.get("same_as") or spec.get("shares_factors_with") or ", ".join((spec.get("shares_factor") or {}).values())
         if other:
             return f"layers {other} and {name} share their factors, which the modeling code cannot express"
-        if spec.get("type") != "LowRankLinear":
-            return f"layer {name} is factorized as {spec.get('type')}; the modeling code expresses LowRankLinear (nn.Linear, Conv1D) only"
+        if spec.get("type") not in ("LowRankLinear", "ExpertBank"):
+            return (f"layer {name} is factorized as {spec.get('type')}; the modeling code expresses LowRankLinear (nn.Linear, "
+                    "Conv1D) and a mixture's experts one per module (ExpertBank) only")
     for cls in (type(model), type(model.base_model), type(model.config)):
         if getattr(transformers, cls.__name__, None) is not cls:
             return f"{cls.__name__} is not a class of transformers' public API"
@@ -147,7 +148,8 @@ def export_config_dict(base: Mapping[str, Any], model: nn.Module, layers: Mappin
         "base_model_type": base["model_type"],
         "base_architectures": base.get("architectures"),
         "base_model_prefix": _prefix(model),
-        "low_rank": {name: int(spec["rank"]) for name, spec in layers.items()},
+        "low_rank": {name: int(spec["rank"]) for name, spec in layers.items() if spec.get("type") == "LowRankLinear"},
+        "expert_banks": [name for name, spec in layers.items() if spec.get("type") == "ExpertBank"],
         "svdkit_version": __version__,
         "transformers_version": transformers.__version__,
     }
