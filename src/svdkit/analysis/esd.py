@@ -50,7 +50,6 @@ scaling, this avoids the stalls of spinning BLAS/OpenMP threads on a busy machin
 
 from __future__ import annotations
 
-import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Literal, TypeVar
@@ -58,7 +57,7 @@ from typing import Callable, Iterable, Iterator, Literal, TypeVar
 import numpy as np
 import torch
 
-from ..linalg import gram_eigenvalues, svdvals
+from ..linalg import gram_eigenvalues, single_threaded, svdvals
 
 __all__ = [
     "GRAM32_MIN_FLOPS",
@@ -70,7 +69,6 @@ __all__ = [
     "resolution",
     "resolve_route",
     "sigma_floor",
-    "single_threaded",
 ]
 
 EigenRoute = Literal["auto", "gram", "svd"]
@@ -178,25 +176,6 @@ def eigenvalues(W: torch.Tensor, route: EigenRoute = "auto") -> torch.Tensor:
     G = Wd.mT @ Wd if m >= n else Wd @ Wd.mT
     _check_finite(G, W)
     return gram_eigenvalues(G)
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run torch and (when ``threadpoolctl`` is installed) NumPy's BLAS on one thread inside."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    limits = contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-
-        limits = threadpool_limits(1)
-    except ImportError:  # pragma: no cover - depends on the environment
-        pass
-    try:
-        with limits:
-            yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def iter_eigenvalues(

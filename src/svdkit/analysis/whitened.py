@@ -33,7 +33,7 @@ from ..layers.lowrank import grouped_matrices
 from ..linalg import DEFAULT_VERDICT_ERROR, verdict_rule
 from ..progress import ProgressLike
 from ..views import get_view
-from .esd import single_threaded
+from ..linalg import single_threaded
 from .metrics import verdict_columns
 
 if TYPE_CHECKING:

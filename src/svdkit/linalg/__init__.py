@@ -4,7 +4,7 @@ NumPy arrays in give NumPy arrays out; tensors keep their device. Nothing here i
 ``torch.nn``.
 """
 
-from .gram import gram_eigenvalues, gram_svd, gram_svdvals
+from .gram import SMALL_EIGENSOLVE, gram_eigenvalues, gram_svd, gram_svdvals, single_threaded
 from .randomized import AUTO_MAX_N_ITER, AUTO_TOL, RandomizedSVDInfo, layer_seed, randomized_svd
 from .rank import allocate_ranks, Energy, ErrorTol, ParamRatio, RankLike, RankRatio, RankSpec, rank_from_dict, resolve_rank
 from .spectrum import (
@@ -57,6 +57,7 @@ __all__ = [
     "energy_rank",
     "explained_variance_ratio",
     "frobenius_norm",
+    "SMALL_EIGENSOLVE",
     "gram_eigenvalues",
     "gram_svd",
     "gram_svdvals",
@@ -67,6 +68,7 @@ __all__ = [
     "randomized_svd",
     "rank_from_dict",
     "resolve_rank",
+    "single_threaded",
     "spectral_norm",
     "split_factors",
     "stable_rank",
