@@ -43,7 +43,8 @@ def test_calibration_patches_match_the_convolution(conv):
 
 
 def test_rows_weighted_by_routing_weights_give_the_weighted_gram():
-    from svdkit.calibrate import InputRecorder, row_weights
+    from svdkit.batches import row_weights
+    from svdkit.calibrate import InputRecorder
 
     layer = nn.Linear(3, 2)
     x = torch.randn(6, 3, dtype=torch.float64)
@@ -59,7 +60,7 @@ def test_rows_weighted_by_routing_weights_give_the_weighted_gram():
 
 
 def test_the_output_tensor_of_a_forward_result():
-    from svdkit.calibrate import output_tensor
+    from svdkit.batches import output_tensor
 
     t = torch.ones(2)
     assert output_tensor(t) is t

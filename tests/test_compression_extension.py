@@ -39,7 +39,7 @@ def output_whitening():
 
     @register_curvature("test_output_sum")
     def output_sum(result, batch, probes, generator):
-        from svdkit.calibrate import output_tensor
+        from svdkit.batches import output_tensor
 
         yield output_tensor(result).sum()
 

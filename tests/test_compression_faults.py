@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from svdkit import CompressConfig, compress, load_compressed, save_compressed
-from svdkit.calibrate import NonFiniteData
+from svdkit.batches import NonFiniteData
 from svdkit.cli import main
 from svdkit.layers import LowRankLayer
 from svdkit.linalg import ParamRatio

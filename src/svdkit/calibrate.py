@@ -1,4 +1,4 @@
-"""Stream per-layer Gram statistics from calibration data through hooks, and run batches.
+"""Stream per-layer Gram statistics from calibration data through hooks.
 
 For each target layer the hooks accumulate a :class:`GramStats` over every vector they see:
 
@@ -9,76 +9,33 @@ For each target layer the hooks accumulate a :class:`GramStats` over every vecto
 
 Grams are float64, shape (d, d); memory grows with the layers' widths, never with the number of
 tokens. Padding tokens are left out when the batch carries an attention mask (a dict batch with
-``attention_mask``, or any forward that wraps its call in :func:`token_mask`). Hooks are removed
-on exit. :class:`BatchRunner` runs batches and names the batch and the layer in errors;
-:func:`output_tensor` finds the tensor a forward result stands for.
+``attention_mask``, or any forward that wraps its call in :func:`svdkit.batches.token_mask`).
+Hooks are removed on exit. Batches run through :mod:`svdkit.batches`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import itertools
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .batches import BatchRunner, NonFiniteData, current_row_weights, current_token_mask, token_mask
 from .linalg import cholesky_factor
 from .progress import ProgressLike, track
 from .views import WeightView, get_view, kinds
 
 __all__ = [
-    "BatchRunner",
     "GradientRecorder",
-    "InputRecorder",
     "GramStats",
-    "NonFiniteData",
+    "InputRecorder",
     "check_finite",
     "collect_input_stats",
-    "current_token_mask",
     "layer_inputs",
     "layer_outputs",
-    "output_tensor",
-    "row_weights",
-    "run_batch",
-    "token_mask",
 ]
-
-_TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("svdkit_token_mask", default=None)
-_ROW_WEIGHTS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("svdkit_row_weights", default=None)
-
-
-@contextlib.contextmanager
-def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
-    """Within this context, hooks keep only the tokens where ``mask`` (batch, seq) is nonzero."""
-    handle = _TOKEN_MASK.set(mask)
-    try:
-        yield
-    finally:
-        _TOKEN_MASK.reset(handle)
-
-
-@contextlib.contextmanager
-def row_weights(weights: torch.Tensor | None) -> Iterator[None]:
-    """Within this context, a layer's input rows carry these weights, shape (N,): a mixture of
-    experts' routing weights for the tokens routed to one expert (its output is scaled by them).
-    Recorders that are asked to weigh rows (:class:`InputRecorder` ``weighted=True``) add
-    ``w**2 x x^T``: the Gram of the rows as they reach the layer's output."""
-    handle = _ROW_WEIGHTS.set(weights)
-    try:
-        yield
-    finally:
-        _ROW_WEIGHTS.reset(handle)
-
-
-def current_token_mask() -> torch.Tensor | None:
-    """The mask set by the innermost :func:`token_mask`, or None."""
-    return _TOKEN_MASK.get()
-
 
 GRAM_CHUNK = 4096
 """Rows per float32 product when :meth:`GramStats.update` accumulates narrow input."""
@@ -178,13 +135,13 @@ def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x : Tensor
         The layer's input: (..., d) for Linear/Conv1D, (B, C, H, W) for Conv2d.
     """
-    return _calibrated_view(module).input_rows(module, x, _TOKEN_MASK.get())
+    return _calibrated_view(module).input_rows(module, x, current_token_mask())
 
 
 def layer_outputs(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """The output vectors of a layer (where output gradients are recorded), shape (N, d_out),
     with the current :func:`token_mask` applied."""
-    return _calibrated_view(module).rows_of_output(module, y, _TOKEN_MASK.get())
+    return _calibrated_view(module).rows_of_output(module, y, current_token_mask())
 
 
 def _calibrated_view(module: nn.Module) -> WeightView:
@@ -192,60 +149,6 @@ def _calibrated_view(module: nn.Module) -> WeightView:
     if view is None or not view.calibrated:
         raise TypeError(f"{type(module).__name__} is not a layer applied to input vectors; calibrated kinds: {', '.join(kinds(lambda v: v.calibrated))}")
     return view
-
-
-def output_tensor(result: Any) -> torch.Tensor:
-    """The tensor a forward result stands for: a sentence embedding, logits, the last hidden
-    state, a block's hidden state (a tensor, or the first tensor of a tuple), or the first
-    floating-point tensor found.
-
-    Raises
-    ------
-    TypeError
-        When the result holds no tensor.
-    """
-    if isinstance(result, torch.Tensor):
-        return result
-    if isinstance(result, dict) or hasattr(result, "keys"):
-        for key in ("sentence_embedding", "logits", "last_hidden_state"):
-            if key in result and isinstance(result[key], torch.Tensor):
-                return result[key]
-        for value in result.values():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                return value
-    if isinstance(result, (tuple, list)):
-        for value in result:
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                return value
-    raise TypeError(f"cannot find an output tensor in a {type(result).__name__}")
-
-
-def run_batch(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None) -> Any:
-    """Run one calibration batch: ``forward(model, batch)`` if given, else the model on it.
-
-    A dict batch is passed as keyword arguments (transformers style) with its
-    ``attention_mask`` applied to the hooks; a tensor is passed as is; a tuple or list whose
-    first item is a tensor (a ``DataLoader`` of (inputs, targets)) passes that first item.
-    """
-    if forward is not None:
-        return forward(model, batch)
-    if isinstance(batch, dict):
-        with token_mask(batch.get("attention_mask")):
-            return model(**batch)
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return model(batch[0])
-    raise TypeError(
-        f"cannot feed a calibration batch of type {type(batch).__name__} to the model; "
-        "pass tensors, dicts of tensors, or a forward= function (lists of strings need a model "
-        "loaded with svdkit.models.load_model, whose forward tokenizes them)"
-    )
-
-
-class NonFiniteData(ValueError):
-    """Data produced NaN or infinite values (a calibration batch, or a batch analysed): the
-    message names the batch and the first layer they reached."""
 
 
 def check_finite(increment: "GramStats", name: str, what: str, batch: int | None) -> None:
@@ -349,7 +252,7 @@ class InputRecorder:
             else:
                 _check_input_width(module, x, name, self.batch)
                 rows = layer_inputs(module, x)
-                weights = _ROW_WEIGHTS.get() if self.weighted else None
+                weights = current_row_weights() if self.weighted else None
                 if weights is not None and weights.shape[0] == rows.shape[0]:
                     rows = rows * weights.to(rows.dtype).unsqueeze(1)
                 increment = GramStats.zeros(rows.shape[1], device=rows.device)
@@ -433,66 +336,6 @@ class GradientRecorder:
             mask, batch = current_token_mask(), self.batch
             output.register_hook(lambda grad: record(module, grad, mask, batch))
         return hook
-
-
-_USER_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError)
-
-
-class BatchRunner:
-    """Context manager: forward pre-hooks on the leaf modules remember which one ran last, so an
-    error raised while a batch runs becomes a ``ValueError`` naming the batch index and that layer.
-
-    Parameters
-    ----------
-    module : nn.Module
-    forward : callable, optional
-        ``forward(module, batch) -> output``; default :func:`svdkit.calibrate.run_batch`.
-    what : str
-        How batches are called in messages (``"batch"``, ``"calibration batch"``).
-    first, step : int
-        The index of the first batch and the step between batches (this process's share of a
-        calibration list), as messages name them.
-    """
-
-    def __init__(self, module: nn.Module, forward: Callable[[nn.Module, Any], Any] | None = None, *, what: str = "batch",
-                 first: int = 0, step: int = 1) -> None:
-        self.module, self.what = module, what
-        self._forward = forward
-        self._handles: list = []
-        self._counter = itertools.count(first, step)
-        self.current: str | None = None
-        self.index: int | None = None
-
-    def __enter__(self) -> "BatchRunner":
-        for name, mod in self.module.named_modules():
-            if name and next(iter(mod.children()), None) is None:
-                self._handles.append(mod.register_forward_pre_hook(self._entered(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _entered(self, name: str):
-        def hook(module, inputs):
-            self.current = name
-        return hook
-
-    def __call__(self, batch: Any) -> Any:
-        """Run the next batch (counting from 0); see the class docstring."""
-        self.index = next(self._counter)
-        self.current = None
-        try:
-            return run_batch(self.module, batch, self._forward)
-        except NonFiniteData:
-            raise  # already names the batch and the layer
-        except _USER_ERRORS as exc:
-            where = ""
-            if self.current is not None:
-                layer = self.module.get_submodule(self.current)
-                where = f" in layer {self.current} ({type(layer).__name__})"
-            raise ValueError(f"{self.what} {self.index}{where}: {type(exc).__name__}: {exc}") from exc
 
 
 def collect_input_stats(

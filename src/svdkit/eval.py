@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import output_tensor
+from .batches import output_tensor
 from .progress import ProgressLike, track
 
 __all__ = [

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .calibrate import run_batch, token_mask
+from .batches import run_batch, token_mask
 from .causal_lm import is_causal_lm
 from .checkpoint import checkpoint_files
 from .devices import check_device
@@ -109,7 +109,7 @@ class LoadedModel:
         :func:`svdkit.compress`, :func:`svdkit.add_lora`, :func:`svdkit.analyze_activations`
         and :func:`svdkit.calibrate.collect_input_stats` take.
 
-        Strings are tokenized; dicts and tensors go through as in :func:`svdkit.calibrate.run_batch`.
+        Strings are tokenized; dicts and tensors go through as in :func:`svdkit.batches.run_batch`.
         """
         target = module
         if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], str):

@@ -16,7 +16,7 @@ output shape              ``"tokens"`` (default)      ``"pooled"``
 
 Padding tokens are left out when the batch carries an ``attention_mask`` (dict batches, or
 strings tokenized through a :class:`~svdkit.models.LoadedModel`). A module returning a tuple,
-list, dict or ``ModelOutput`` contributes the tensor :func:`svdkit.calibrate.output_tensor` finds
+list, dict or ``ModelOutput`` contributes the tensor :func:`svdkit.batches.output_tensor` finds
 in it (svdkit's one rule: a sentence embedding, logits or last hidden state by name, else the
 first floating-point tensor).
 
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibrate import BatchRunner, NonFiniteData, output_tensor, run_batch
+from ..batches import BatchRunner, NonFiniteData, output_tensor, run_batch
 from ..linalg import effective_rank, energy_rank, gram_eigenvalues
 from ..progress import ProgressLike, track
 from ..surgery import matches_target

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..calibrate import BatchRunner, current_token_mask, output_tensor, run_batch, token_mask
+from ..batches import BatchRunner, current_token_mask, output_tensor, run_batch, token_mask
 from ..checkpoint import materialize, release
 
 __all__ = ["BlockHome", "BlockInput", "BlockStack", "capture_block_inputs", "find_blocks", "head_loss_gradient", "run_block"]
@@ -143,7 +143,7 @@ def capture_block_inputs(
     model : nn.Module
     stack : BlockStack
     batches : iterable
-        Calibration batches, as :func:`svdkit.calibrate.run_batch` takes them.
+        Calibration batches, as :func:`svdkit.batches.run_batch` takes them.
     forward : callable, optional
         ``forward(module, batch)`` runs the model on a batch.
     device : optional

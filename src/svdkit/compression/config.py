@@ -30,6 +30,20 @@ def _rank_to_json(rank: RankLike) -> Any:
     return rank.to_dict() if isinstance(rank, RankSpec) else rank
 
 
+def _checked_rank_pattern(patterns: Any) -> dict[str, RankLike]:
+    if not isinstance(patterns, Mapping):
+        raise ValueError(f"rank_pattern: expected a mapping of layer pattern -> rank, got {patterns!r}")
+    for name, rank in patterns.items():
+        if not isinstance(name, str):
+            raise ValueError(f"rank_pattern: keys must be strings (layer names or patterns), got {name!r}")
+        try:
+            re.compile(name)
+        except re.error as exc:
+            raise ValueError(f"rank_pattern[{name!r}]: not a valid regular expression ({exc})") from None
+        _check_rank(f"rank_pattern[{name!r}]", rank)
+    return dict(patterns)
+
+
 def _check_rank(field_name: str, rank: Any) -> None:
     if isinstance(rank, bool) or not isinstance(rank, (int, RankSpec)):
         raise ValueError(f"{field_name}: expected an int or a rank spec (Energy, RankRatio, ParamRatio, ErrorTol), got {rank!r}")
@@ -144,12 +158,11 @@ class CompressConfig:
         _check_rank("rank", self.rank)
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1):
             raise ValueError(f"budget: the fraction of parameters kept must be in (0, 1], got {self.budget!r}")
-        if self.curvature != "auto" and self.curvature not in CURVATURES:
-            raise ValueError(f"curvature: expected 'auto' or one of {sorted(CURVATURES)}, got {self.curvature!r}")
-        if self.expert_basis not in ("separate", "shared"):
-            raise ValueError(f"expert_basis: expected 'separate' or 'shared', got {self.expert_basis!r}")
-        if self.pipeline not in ("auto", "model", "blocks"):
-            raise ValueError(f"pipeline: expected 'auto', 'model' or 'blocks', got {self.pipeline!r}")
+        choices = {"curvature": ("auto", *CURVATURES), "expert_basis": ("separate", "shared"),
+                   "pipeline": ("auto", "model", "blocks"), "budget_scope": ("targets", "model")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
         if self.pipeline == "blocks" and self.refit:
             raise ValueError(f"refit: {REFIT_NEEDS_THE_WHOLE_MODEL}; use pipeline='model' (or 'auto') with it")
         if self.gradient_batches is not None and (isinstance(self.gradient_batches, bool) or not isinstance(self.gradient_batches, int) or self.gradient_batches < 1):
@@ -161,19 +174,7 @@ class CompressConfig:
                 torch.device(self.device)
             except (RuntimeError, TypeError) as exc:
                 raise ValueError(f"device: {exc}") from None
-        if self.budget_scope not in ("targets", "model"):
-            raise ValueError(f"budget_scope: expected 'targets' or 'model', got {self.budget_scope!r}")
-        if not isinstance(self.rank_pattern, Mapping):
-            raise ValueError(f"rank_pattern: expected a mapping of layer pattern -> rank, got {self.rank_pattern!r}")
-        for name, rank in self.rank_pattern.items():
-            if not isinstance(name, str):
-                raise ValueError(f"rank_pattern: keys must be strings (layer names or patterns), got {name!r}")
-            try:
-                re.compile(name)
-            except re.error as exc:
-                raise ValueError(f"rank_pattern[{name!r}]: not a valid regular expression ({exc})") from None
-            _check_rank(f"rank_pattern[{name!r}]", rank)
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+        object.__setattr__(self, "rank_pattern", _checked_rank_pattern(self.rank_pattern))
         if self.method not in METHODS:
             raise ValueError(f"method: unknown method {self.method!r}; choose one of {sorted(METHODS)}")
         unknown_options = [o for o in METHODS[self.method].options if o not in {f.name for f in fields(self)}]

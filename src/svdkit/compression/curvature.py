@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..calibrate import output_tensor
+from ..batches import output_tensor
 from ..causal_lm import is_causal_lm
 
 __all__ = ["CURVATURES", "Curvature", "objectives", "register_curvature", "resolve_curvature"]

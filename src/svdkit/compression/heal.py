@@ -18,7 +18,7 @@ from torch import nn
 from ..progress import ProgressLike, track
 
 from ..layers.lowrank import low_rank_types
-from ..calibrate import output_tensor, run_batch
+from ..batches import output_tensor, run_batch
 
 __all__ = ["heal"]
 
@@ -52,7 +52,7 @@ def heal(
     batches : list
         Calibration batches, cycled.
     forward : callable, optional
-        ``forward(module, batch) -> output`` (default :func:`svdkit.calibrate.run_batch`).
+        ``forward(module, batch) -> output`` (default :func:`svdkit.batches.run_batch`).
     steps : int
         Optimizer steps (Adam).
     lr : float

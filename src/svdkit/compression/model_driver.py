@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..calibrate import BatchRunner, NonFiniteData
+from ..batches import BatchRunner, NonFiniteData
 from ..progress import ProgressLike, track
 from ..views import get_view
 from .compressor import LayerCompressor, TiedLayers

@@ -74,7 +74,7 @@ def compress(
         (:meth:`svdkit.models.LoadedModel.forward`).
     forward : callable, optional
         ``forward(module, batch) -> output`` runs a model (the original or the compressed copy)
-        on one batch; defaults to :func:`svdkit.calibrate.run_batch`.
+        on one batch; defaults to :func:`svdkit.batches.run_batch`.
     inplace : bool
         Modify ``model`` itself instead of a deep copy.
     progress : bool or callable

@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..calibrate import GramStats, check_finite, layer_inputs, run_batch
+from ..batches import run_batch
+from ..calibrate import GramStats, check_finite, layer_inputs
 from ..linalg import cholesky_factor
 from ..progress import ProgressLike, track
 from ..surgery import replace_module
@@ -185,7 +186,7 @@ def refit(
     batches : list
         Calibration batches.
     forward : callable, optional
-        ``forward(module, batch)`` runs ``module`` on a batch (default :func:`svdkit.calibrate.run_batch`).
+        ``forward(module, batch)`` runs ``module`` on a batch (default :func:`svdkit.batches.run_batch`).
     damping : float
         Relative damping of ``A~``.
     progress : bool or callable, optional

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..calibrate import row_weights
+from ..batches import row_weights
 from .lowrank.base import LowRankLayer, _field, _mismatch, register_spec_class
 
 __all__ = [
