@@ -39,3 +39,15 @@ class DeadBranch(nn.Module):
         h = torch.nn.functional.gelu(self.a(x))
         return self.b(h + 0.0 * self.dead(h))
 
+
+VOCAB = 100
+
+
+def token_ids(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Random token ids below :data:`VOCAB`, shape ``shape``."""
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def token_batches(n: int = 4, batch: int = 2, length: int = 16, seed: int = 1) -> list[torch.Tensor]:
+    """``n`` batches of ``batch`` random windows of ``length`` tokens."""
+    return list(token_ids(n * batch, length, seed=seed).split(batch))

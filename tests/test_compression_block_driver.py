@@ -8,6 +8,7 @@ import weakref
 import pytest
 import torch
 
+from compression_helpers import VOCAB, token_batches, token_ids
 from svdkit import CompressConfig, compress, load_compressed, save_compressed
 from svdkit.calibrate import GramStats
 from svdkit.compression.blocks import find_blocks
@@ -17,18 +18,6 @@ from svdkit.linalg import ParamRatio
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VOCAB = 100
-
-
-def _ids(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _batches(n: int = 4, batch: int = 2, length: int = 16, seed: int = 1) -> list[torch.Tensor]:
-    return list(_ids(n * batch, length, seed=seed).split(batch))
-
-
-# --- perplexity -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -36,7 +25,7 @@ def test_block_pipeline_runs_on_gqa_decoders_and_keeps_the_tied_head_dense(make_
     model = make_decoder(family, causal=True, tied=True, layers=3)
     assert model.model.layers[0].self_attn.k_proj.out_features < model.model.layers[0].self_attn.k_proj.in_features
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    small, report = compress(model, CompressConfig(method="fisher", budget=0.6), _batches())
+    small, report = compress(model, CompressConfig(method="fisher", budget=0.6), token_batches())
     assert report.pipeline == "blocks" and set(report.timings) == {"curvature", "compression"}
     assert all(name.startswith("model.layers.") for name in (row.name for row in report.layers))
     assert report.kept_fraction <= 0.6 + 1e-9
@@ -50,7 +39,7 @@ def test_block_pipeline_runs_on_gqa_decoders_and_keeps_the_tied_head_dense(make_
 
 def test_first_block_of_the_block_pipeline_equals_whole_model_whitening(make_decoder):
     model = make_decoder("llama", causal=True, layers=3)
-    batches = _batches()
+    batches = token_batches()
     config = dict(method="whiten", rank=4)
     whole, r1 = compress(model, CompressConfig(**config, pipeline="model"), batches)
     blocks, r2 = compress(model, CompressConfig(**config, pipeline="blocks"), batches)
@@ -66,7 +55,7 @@ def test_first_block_of_the_block_pipeline_equals_whole_model_whitening(make_dec
 
 def test_a_one_block_decoder_runs_the_block_pipeline_as_the_whole_model_does(make_decoder):
     model = make_decoder("llama", causal=True, layers=1)
-    batches = _batches()
+    batches = token_batches()
     whole, _ = compress(model, CompressConfig(method="whiten", rank=4, pipeline="model"), batches)
     blocks, report = compress(model, CompressConfig(method="whiten", rank=4, pipeline="blocks"), batches)
     assert report.pipeline == "blocks" and sum(layer.compressed for layer in report.layers) == 7
@@ -101,7 +90,7 @@ def test_block_pipeline_holds_one_blocks_statistics_whatever_the_depth(make_deco
     for layers in (2, 6):
         peak["bytes"] = 0
         model = make_decoder("llama", causal=True, layers=layers)
-        compress(model, CompressConfig(method="fisher", budget=0.6, pipeline="blocks"), _batches(n=2))
+        compress(model, CompressConfig(method="fisher", budget=0.6, pipeline="blocks"), token_batches(n=2))
         peaks.append(peak["bytes"])
     inputs = sum(n * n for n in (64, 64, 64, 112)) * 8  # one block: input Grams (q/k/v share one, gate/up one)
     gradients = sum(n * n for n in (64, 32, 32, 64, 112, 112, 64)) * 8  # its output-gradient Grams
@@ -111,12 +100,12 @@ def test_block_pipeline_holds_one_blocks_statistics_whatever_the_depth(make_deco
 
 def test_save_load_generate_gives_the_same_tokens(make_decoder, tmp_path):
     model = make_decoder("qwen2", causal=True, tied=True, layers=2)
-    small, report = compress(model, CompressConfig(method="whiten", rank=ParamRatio(0.5)), _batches())
+    small, report = compress(model, CompressConfig(method="whiten", rank=ParamRatio(0.5)), token_batches())
     save_compressed(small, tmp_path / "c", report=report)
     assert (tmp_path / "c" / "config.json").exists()
     again = load_compressed(tmp_path / "c")  # rebuilt from the saved config: no base model at hand
     assert again.lm_head.weight is again.model.embed_tokens.weight
-    prompt = _ids(1, 5, seed=9)
+    prompt = token_ids(1, 5, seed=9)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         torch.testing.assert_close(again.generate(prompt, **kwargs), small.generate(prompt, **kwargs), rtol=0, atol=0)
@@ -129,7 +118,7 @@ def test_find_blocks_needs_every_target_inside_one_stack(make_decoder):
     assert stack is not None and stack.name == "model.layers" and len(stack.blocks) == 2
     assert find_blocks(model, ["model.layers.0.mlp.up_proj", "lm_head"]) is None
     with pytest.raises(ValueError, match="pipeline='blocks' needs every target inside one stack"):
-        compress(model, CompressConfig(method="whiten", rank=4, pipeline="blocks", include_head=True), _batches(n=1))
+        compress(model, CompressConfig(method="whiten", rank=4, pipeline="blocks", include_head=True), token_batches(n=1))
 
 
 def test_calibration_ids_outside_the_vocabulary_are_refused(make_decoder):
@@ -153,12 +142,12 @@ def test_a_block_pipeline_sweep_measures_the_curvature_once_and_equals_separate_
 
     monkeypatch.setattr(BlockDriver, "_curvature_pass", counted)
     config = CompressConfig(method="fisher", budget=0.5, pipeline="blocks")
-    swept = compress_sweep(model, config, [0.4, 0.7], _batches())
+    swept = compress_sweep(model, config, [0.4, 0.7], token_batches())
     assert calls["curvature"] == 1
     for budget, (out, report) in zip([0.4, 0.7], swept):
-        alone, alone_report = compress(model, CompressConfig(method="fisher", budget=budget, pipeline="blocks"), _batches())
+        alone, alone_report = compress(model, CompressConfig(method="fisher", budget=budget, pipeline="blocks"), token_batches())
         assert [r.rank for r in report.layers] == [r.rank for r in alone_report.layers]
-        ids = _ids(1, 12, seed=5)
+        ids = token_ids(1, 12, seed=5)
         with torch.no_grad():
             torch.testing.assert_close(out(ids).logits, alone(ids).logits)
 

@@ -12,21 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compression_helpers import VOCAB, token_ids
 from svdkit.eval import _windows, perplexity
 from svdkit.tokens import calibration_tokens, check_token_ids, evaluation_tokens
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VOCAB = 100
-
-
-def _ids(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _batches(n: int = 4, batch: int = 2, length: int = 16, seed: int = 1) -> list[torch.Tensor]:
-    return list(_ids(n * batch, length, seed=seed).split(batch))
 
 
 # --- perplexity -----------------------------------------------------------------------------------
@@ -34,7 +26,7 @@ def _batches(n: int = 4, batch: int = 2, length: int = 16, seed: int = 1) -> lis
 
 def test_perplexity_of_one_window_equals_the_models_own_loss(make_decoder):
     model = make_decoder("llama", causal=True)
-    ids = _ids(40)
+    ids = token_ids(40)
     result = perplexity(model, ids, seq_len=40)
     with torch.no_grad():
         loss = model(input_ids=ids[None], labels=ids[None]).loss
@@ -56,7 +48,7 @@ def _hand_nll(model, ids: torch.Tensor, context: int) -> tuple[float, int]:
 
 def test_sliding_window_scores_each_token_once_with_its_context(make_decoder):
     model = make_decoder("qwen2", causal=True)
-    ids = _ids(30, seed=4)
+    ids = token_ids(30, seed=4)
     # stride == seq_len: disjoint windows, each window's first token unscored.
     disjoint = perplexity(model, ids, seq_len=10)
     assert disjoint.tokens == 27 and disjoint.windows == 3
@@ -81,7 +73,7 @@ def test_perplexity_rejects_bad_input(make_decoder):
     with pytest.raises(ValueError, match="at least two tokens"):
         perplexity(model, torch.tensor([3]))
     with pytest.raises(ValueError, match="stride"):
-        perplexity(model, _ids(20), seq_len=4, stride=5)
+        perplexity(model, token_ids(20), seq_len=4, stride=5)
     with pytest.raises(ValueError, match="integer tensor"):
         perplexity(model, torch.rand(20))
 
