@@ -153,7 +153,7 @@ def test_eval_data_is_checked_before_anything_is_loaded(lm_dir, capsys, monkeypa
 
     monkeypatch.setattr(svdkit.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     assert main(["eval", str(lm_dir), "--data", "in-domain", "missing.txt"]) == 1
-    assert "--data 'missing.txt': no such file (use 'in-domain', 'other-domain', or .txt / .pt files)" in _err(capsys)
+    assert "--data 'missing.txt': no such file (use 'in-domain', 'other-domain', 'legal-english', 'math-docs', or .txt / .pt files)" in _err(capsys)
     # the calibration text is no measure of a model calibrated on it
     assert main(["eval", str(lm_dir), "--data", "builtin"]) == 1
     assert "--data 'builtin': no such file" in _err(capsys)
