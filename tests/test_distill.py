@@ -131,8 +131,12 @@ def test_heal_config_is_validated():
 
 def test_svdkit_heal_heals_a_compressed_directory_and_refuses_bad_inputs(lm_dir, tmp_path, capsys):
     out = tmp_path / "small"
+    # compressed on a calibration mix, healed right away for 2 steps, then healed again by svdkit heal
     assert main(["compress", str(lm_dir), "-o", str(out), "--params", "0.5", "--calib-seqs", "8", "--seq-len", "32",
-                 "--batch-size", "4", "--no-eval", "--no-progress"]) == 0
+                 "--batch-size", "4", "--calib", "stdlib+stdlib-odd", "--heal-steps", "2", "--no-eval", "--no-progress",
+                 "--json", str(tmp_path / "c.json")]) == 0
+    compressed = json.loads((tmp_path / "c.json").read_text())
+    assert compressed["quality"]["healing"].startswith("healed 2 steps") and "healing" in compressed["totals"]["timings"]
     healed = tmp_path / "healed"
     assert main(["heal", str(out), "-o", str(healed), "--steps", "4", "--lr", "1e-3", "--windows", "8", "--held-out", "2",
                  "--seq-len", "32", "--batch-windows", "2", "--no-eval", "--no-progress", "--json", str(tmp_path / "h.json")]) == 0
