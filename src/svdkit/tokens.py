@@ -6,6 +6,8 @@ WikiText-2). svdkit does the same with text that ships with Python (:mod:`svdkit
 
 =====================  ================================================================
 ``"builtin"``          calibration: the even pydoc topics and standard-library files
+a calibration mix      calibration: registered sources joined by ``+`` (``"pydoc+stdlib+
+                       networkx"``, :mod:`svdkit.corpus`)
 ``"in-domain"``        evaluation: the odd pydoc topics (never calibrated on)
 ``"other-domain"``     evaluation: IDLE's manual and change log (another subject, never
                        calibrated on), to see how a calibration generalises
@@ -33,6 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .corpus import CALIBRATION_SOURCES, is_mix, mix_windows
 from .data import calibration_documents, evaluation_documents, evaluation_domains
 from .tensor_file import read_tensor_file
 
@@ -106,7 +109,8 @@ def _source_stream(source: str | Path | torch.Tensor, tokenizer: Any, vocab_size
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(
-            f"no token or text file at {str(source)!r}: use 'builtin' (calibration), an evaluation domain "
+            f"no token or text file at {str(source)!r}: use 'builtin' (calibration), a calibration source or mix of "
+            f"{', '.join(sorted(CALIBRATION_SOURCES))} joined by '+', an evaluation domain "
             f"({', '.join(EVALUATION_DOMAINS)}), a .txt file or a .pt tensor of token ids"
         )
     if path.suffix in (".pt", ".pth"):
@@ -139,9 +143,10 @@ def calibration_tokens(
     Parameters
     ----------
     source : str, Path or Tensor
-        ``"builtin"``, a ``.txt`` file, a ``.pt`` file or a tensor of token ids: a 1-D stream
-        (windows are drawn from it) or an (N, L) tensor (its first ``n_seqs`` rows, cut to
-        ``seq_len`` tokens).
+        ``"builtin"``, a calibration mix (registered sources joined by ``+``, each drawn from
+        alone, see :func:`svdkit.corpus.mix_windows`), a ``.txt`` file, a ``.pt`` file or a
+        tensor of token ids: a 1-D stream (windows are drawn from it) or an (N, L) tensor (its
+        first ``n_seqs`` rows, cut to ``seq_len`` tokens).
     tokenizer : transformers tokenizer, optional
         Needed for text.
     n_seqs, seq_len : int
@@ -157,12 +162,17 @@ def calibration_tokens(
     Raises
     ------
     ValueError
-        If the text is shorter than one sequence, ids fall outside the vocabulary, or the sizes
-        are not positive; the message names the source and the sizes.
+        If the text is shorter than one sequence, ids fall outside the vocabulary, the sizes
+        are not positive, or a mix names an unknown source; the message names the source and
+        the sizes.
     """
     for name, value in (("n_seqs", n_seqs), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if is_mix(source):
+        if tokenizer is None:
+            raise ValueError(f"the calibration mix {source!r} is text: it needs the model's tokenizer")
+        return mix_windows(str(source), tokenizer, n_seqs=n_seqs, seq_len=seq_len, seed=seed, stream=token_stream)
     ids = _source_stream(source, tokenizer, vocab_size)
     what = "the token tensor" if isinstance(source, torch.Tensor) else repr(str(source))
     if ids.ndim == 2:

@@ -18,7 +18,7 @@ from .. import __version__
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS = ("info", "compress", "eval", "lora", "analyze")
+COMMANDS = ("info", "compress", "heal", "eval", "lora", "analyze")
 
 
 def build_parser() -> argparse.ArgumentParser:

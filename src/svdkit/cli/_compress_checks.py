@@ -44,7 +44,8 @@ def check_model_options(args: argparse.Namespace, loaded) -> None:
     """Refuse options that the loaded model would ignore: the token windows and the compute device
     belong to a causal LM's block pipeline; other models are compressed whole, where they are loaded."""
     given = [option for option, value in (("--seq-len", args.seq_len), ("--gradient-seqs", args.gradient_seqs),
-                                          ("--device", args.device)) if value is not None]
+                                          ("--device", args.device), ("--refine-epochs", getattr(args, "refine_epochs", None)),
+                                          ("--heal-steps", getattr(args, "heal_steps", 0) or None)) if value is not None]
     if given and not loaded.is_causal_lm:
         several = len(given) > 1
         raise ValueError(f"{', '.join(given)} {'apply' if several else 'applies'} to causal language models (block by block); "

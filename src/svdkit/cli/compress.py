@@ -43,6 +43,7 @@ SENTENCES = 256
 SENTENCE_BATCH = 32
 LM_SEQS, LM_SEQ_LEN, LM_BATCH = 128, 256, 4
 GRADIENT_SEQS = 64
+HEAL_WINDOWS = 128
 PROMPT = "The for statement in Python"
 
 def register(subparsers) -> None:
@@ -79,6 +80,14 @@ def register(subparsers) -> None:
                         help="read MODEL (a transformers checkpoint directory) one block at a time from disk and write each compressed block as it is done")
     parser.add_argument("--resume", action="store_true", help="continue an unfinished --stream (or language-model) run in OUTPUT")
     parser.add_argument("--refit", type=int, default=0, help="closed-form refit passes after compression (whole-model pipeline)")
+    parser.add_argument("--refine-epochs", type=int, default=None,
+                        help="block refinement of a causal LM: at most this many epochs per block, early-stopped on held-out "
+                             "calibration windows (0: off)")
+    parser.add_argument("--refine-target", choices=("dense", "shifted"), default=None,
+                        help="block refinement reproduces the dense block on the dense model's inputs, or on the compressed model's")
+    parser.add_argument("--heal-steps", type=int, default=0,
+                        help="after compressing a causal LM: distil it toward the dense model for this many steps (see svdkit heal)")
+    parser.add_argument("--heal-lr", type=float, default=5e-5, help="peak learning rate of --heal-steps (default 5e-5)")
     parser.add_argument("--no-eval", action="store_true", help="skip the quality check on held-out text")
     parser.add_argument("--tasks", action="store_true",
                         help="a causal LM's quality check also scores the zero-shot tasks next-sentence and last-word (accuracy before -> after)")
@@ -107,6 +116,9 @@ def _config(args: argparse.Namespace, loaded) -> Any:
             fields["exclude_modules"] = f"(?:{exclude})|" + "|".join(map(re.escape, poolers)) if isinstance(exclude, str) else exclude + poolers
     if args.device is not None:
         fields["device"] = args.device
+    for option in ("refine_epochs", "refine_target"):
+        if getattr(args, option) is not None:
+            fields[option] = getattr(args, option)
     rank = rank_from_options(args)
     if rank is not None:
         fields["rank"] = rank
@@ -126,6 +138,7 @@ def _config(args: argparse.Namespace, loaded) -> Any:
 
 
 def _lm_calibration(args: argparse.Namespace, loaded) -> list:
+    from ..corpus import is_mix
     from ..tokens import calibration_tokens
 
     context = loaded.context_length or LM_SEQ_LEN
@@ -133,7 +146,7 @@ def _lm_calibration(args: argparse.Namespace, loaded) -> list:
     if seq_len > context:
         raise ValueError(f"--seq-len {seq_len} is longer than the model's context ({context} tokens)")
     ids = calibration_tokens(
-        args.calib if args.calib == "builtin" else Path(args.calib), loaded.tokenizer,
+        args.calib if args.calib == "builtin" or is_mix(args.calib) else Path(args.calib), loaded.tokenizer,
         n_seqs=args.calib_seqs or LM_SEQS, seq_len=seq_len, seed=args.calib_seed, vocab_size=loaded.vocab_size,
     )
     return list(ids.split(args.batch_size or LM_BATCH))
@@ -225,6 +238,10 @@ def _check_options(args: argparse.Namespace) -> None:
                          "the curvature uses some of them; raise --calib-seqs or lower --gradient-seqs")
     if args.device is not None:
         check_device(args.device, field="--device")
+    if args.heal_steps < 0 or not args.heal_lr > 0:
+        raise ValueError(f"--heal-steps must be >= 0 and --heal-lr > 0, got {args.heal_steps} and {args.heal_lr}")
+    if args.heal_steps and (args.stream or args.resume):
+        raise ValueError("--heal-steps heals a model held in memory; after --stream or --resume, heal the directory with svdkit heal")
     _config(args, None)  # the method, --uniform, --refit and the rank options
 
 
@@ -262,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
         # A language model's dense quality is measured before: it is compressed in place, so that
         # memory holds one model. A sentence model's quality compares both, so it is copied.
         results = [compress(loaded.module, config, calibration, forward=forward, progress=progress, inplace=loaded.is_causal_lm)]
+    if args.heal_steps and lead:
+        results = [(_heal(args, loaded, compressed, progress, report), report) for compressed, report in results]
     if not lead:  # rank 0 alone measures and writes; the others wait to hear how it went
         with group.checked():
             pass
@@ -269,6 +288,25 @@ def run(args: argparse.Namespace) -> int:
     with group.checked():
         _finish(args, loaded, config, outputs, results, before, progress)
     return 0
+
+
+def _heal(args: argparse.Namespace, loaded, compressed, progress: bool, report):
+    """``--heal-steps``: distil the compressed model toward the dense one (loaded again: it was compressed in place)."""
+    from ..compression.distill import HealConfig, heal_language_model
+    from ..models import load_model
+    from ..tokens import calibration_tokens
+
+    print(f"healing: {args.heal_steps} steps of distillation from {args.model} ...", file=sys.stderr)
+    dense = load_model(args.model)
+    seq_len = args.seq_len or min(LM_SEQ_LEN, loaded.context_length or LM_SEQ_LEN)
+    config = HealConfig(steps=args.heal_steps, lr=args.heal_lr)
+    windows = calibration_tokens(args.calib, loaded.tokenizer, n_seqs=HEAL_WINDOWS + config.held_out, seq_len=seq_len, seed=args.calib_seed + 1,
+                                 vocab_size=loaded.vocab_size)
+    result = heal_language_model(compressed, dense.module, windows, config, progress=progress)
+    report.quality["healing"] = result.summary()
+    report.timings["healing"] = result.seconds
+    del dense
+    return compressed
 
 
 def _run_to_directory(args: argparse.Namespace, group) -> int:

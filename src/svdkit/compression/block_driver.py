@@ -46,6 +46,7 @@ from ..surgery import check_patterns, replace_module
 from ..views import weight_matrix
 from .blocks import BlockHome, BlockInput, BlockStack, capture_block_inputs, head_loss_gradient, run_block
 from .compressor import LayerCompressor, LayerSpectrum, Recording
+from .refine import BlockRefinement, refine_block
 from .report import LayerReport
 from .spill import Spill
 from .statistics import LayerStats
@@ -66,11 +67,14 @@ class BlockRun:
         Calibration batches of pass 1 (0 when it did not run).
     seconds : dict of str -> float
         Wall time of ``"curvature"`` (pass 1) and ``"compression"`` (pass 2).
+    refinement : list of BlockRefinement
+        What block refinement did to each block (empty without it).
     """
 
     blocks: int = 0
     gradient_batches: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    refinement: list[BlockRefinement] = field(default_factory=list)
 
 
 @dataclass
@@ -238,9 +242,11 @@ class BlockDriver:
             tokens[container] = total
 
     def _sweep(self, block: nn.Module, targets: Targets, inputs: list[BlockInput], boundary: list[torch.Tensor],
-               grads: list[torch.Tensor] | None, index: int) -> tuple[Recording, list[torch.Tensor] | None]:
+               grads: list[torch.Tensor] | None, index: int, outputs: list[torch.Tensor] | None = None
+               ) -> tuple[Recording, list[torch.Tensor] | None]:
         """Run block ``index`` on its inputs with the recorders on its targets; with ``grads`` (the
-        gradients at the block's output), also push them back to the block's input and return those."""
+        gradients at the block's output), also push them back to the block's input and return those;
+        without, the block's outputs are appended to ``outputs`` when it is given."""
         new_grads: list[torch.Tensor] = []
         prefix = f"{self.stack.block_name(index)}."
         with self.compressor.recording(targets, gradients=grads is not None) as recording, \
@@ -250,7 +256,9 @@ class BlockDriver:
                 recording.next_batch(item.index)
                 if grads is None:
                     with torch.no_grad():
-                        run_block(block, item, h)
+                        y = run_block(block, item, h)
+                    if outputs is not None:
+                        outputs.append(y)
                     continue
                 with torch.enable_grad():
                     x = h.detach().requires_grad_(True)
@@ -297,7 +305,8 @@ class BlockDriver:
         flags = _frozen(model)
         try:
             start = time.perf_counter()
-            rows = self._compression_pass(out, out_stack, out_by_block, ranks, measured.spill if measured is not None else None, resume)
+            rows = self._compression_pass(out, out_stack, out_by_block, ranks, measured.spill if measured is not None else None, resume,
+                                          run.refinement)
             run.seconds["compression"] = time.perf_counter() - start
         finally:
             _restore(flags)
@@ -306,13 +315,20 @@ class BlockDriver:
         return rows, run
 
     def _compression_pass(self, out: nn.Module, stack: BlockStack, by_block: dict[int, Targets],
-                          ranks: dict[str, int | None] | None, spill: Spill | None, resume: Resume | None) -> list[LayerReport]:
-        group, home = self.group, self.home
+                          ranks: dict[str, int | None] | None, spill: Spill | None, resume: Resume | None,
+                          refinements: list[BlockRefinement]) -> list[LayerReport]:
+        group, home, config = self.group, self.home, self.config
         with group.checked():
             if resume is not None and resume.inputs is not None:
                 inputs = resume.inputs
             else:
                 inputs = capture_block_inputs(out, stack, self.batches, self.forward, device=home.device, first=group.rank, step=group.world)
+        refine = config.refine_epochs > 0
+        if refine and (group.active or (resume is not None and resume.start > 0 and config.refine_target == "dense")):
+            raise ValueError("block refinement runs in one process, and a resumed run cannot refine toward the dense model's "
+                             "outputs (its inputs are gone): use refine_target='shifted', or no refinement")
+        # the dense model's inputs to each block, beside the compressed model's (refinement toward the dense outputs)
+        dense = [item.hidden for item in inputs] if refine and config.refine_target == "dense" else None
         rows: list[LayerReport] = list(resume.rows) if resume is not None else []
         start = resume.start if resume is not None else 0
         last = max(by_block) if by_block else -1  # blocks after the last target need not run
@@ -320,9 +336,13 @@ class BlockDriver:
             targets = by_block.get(index, [])
             with home.visit(stack, index) as block:
                 block_rows = []
+                if dense is not None:  # the block is still dense here
+                    with torch.no_grad():
+                        dense = [run_block(block, item, h) for item, h in zip(inputs, dense)]
                 if targets:
+                    shifted: list[torch.Tensor] | None = [] if refine and dense is None else None
                     with group.checked():
-                        recording, _ = self._sweep(block, targets, inputs, [item.hidden for item in inputs], None, index)
+                        recording, _ = self._sweep(block, targets, inputs, [item.hidden for item in inputs], None, index, shifted)
                     self._sum(recording, targets)
                     with group.checked():
                         built = self._factorize_owned(targets, recording, index, ranks, spill)
@@ -334,6 +354,11 @@ class BlockDriver:
                                 replace_module(out, name, layer)
                             block_rows.append(row)
                     del recording, built
+                    if refine:
+                        refinements.append(refine_block(
+                            block, index, lambda i: run_block(block, inputs[i]), dense if dense is not None else shifted,
+                            epochs=config.refine_epochs, lr=config.refine_lr, held_out=config.refine_held_out, seed=config.seed))
+                    del shifted
                 with group.checked(), torch.no_grad():
                     for item in inputs:
                         item.hidden = run_block(block, item)

@@ -113,6 +113,18 @@ class CompressConfig:
         layer, stage by stage, for the inputs the compressed model actually feeds it, to give the
         dense layer's outputs on the dense model's inputs. Whole-model pipeline only (see
         :data:`REFIT_NEEDS_THE_WHOLE_MODEL`). Methods registered with ``refit=True`` only.
+    refine_epochs : int
+        Block refinement (block pipeline, :mod:`svdkit.compression.refine`): after each block is
+        factorized, train its factors for at most this many epochs so that the block reproduces
+        ``refine_target``, stopping early on the held-out calibration batches; 0: none.
+    refine_target : {"dense", "shifted"}
+        What the refined block reproduces: the dense block's output on the dense model's inputs,
+        or on the compressed model's inputs (see :mod:`svdkit.compression.refine`).
+    refine_lr : float
+        Adam's learning rate for block refinement.
+    refine_held_out : float
+        Fraction of the calibration batches never trained on by block refinement (at least one):
+        its early stopping watches the error on them.
     heal_steps : int
         Distillation steps toward the original after compression (:mod:`svdkit.compression.heal`),
         after either pipeline (the dense model must be kept: not with ``inplace``); 0: none.
@@ -146,6 +158,10 @@ class CompressConfig:
     device: str | None = None
     min_rank: int = 1
     refit: int = 0
+    refine_epochs: int = 0
+    refine_target: Literal["dense", "shifted"] = "dense"
+    refine_lr: float = 1e-4
+    refine_held_out: float = 0.125
     heal_steps: int = 0
     heal_lr: float = 1e-4
     expert_basis: Literal["separate", "shared"] = "separate"
@@ -189,13 +205,21 @@ class CompressConfig:
             unknown = set(self.kinds) - set(registered_kinds())
             if unknown:
                 raise ValueError(f"kinds: unknown layer kinds {sorted(unknown)}; choose from {registered_kinds()}")
+        if self.refine_target not in ("dense", "shifted"):
+            raise ValueError(f"refine_target: expected 'dense' or 'shifted', got {self.refine_target!r}")
+        if isinstance(self.refine_held_out, bool) or not isinstance(self.refine_held_out, (int, float)) or not 0 < self.refine_held_out < 1:
+            raise ValueError(f"refine_held_out: expected a fraction in (0, 1), got {self.refine_held_out!r}")
+        if self.refine_epochs and self.pipeline == "model":
+            raise ValueError("refine_epochs: block refinement runs in the block pipeline (pipeline='blocks' or 'auto'), not with pipeline='model'")
         if isinstance(self.heal_lr, bool) or not isinstance(self.heal_lr, (int, float)) or not self.heal_lr > 0:
             raise ValueError(f"heal_lr: expected a number > 0, got {self.heal_lr!r}")
+        if isinstance(self.refine_lr, bool) or not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
+            raise ValueError(f"refine_lr: expected a number > 0, got {self.refine_lr!r}")
         for name in ("asvd_alpha", "damping", "output_damping"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-        for name, low in (("probes", 1), ("min_rank", 1), ("refit", 0), ("heal_steps", 0)):
+        for name, low in (("probes", 1), ("min_rank", 1), ("refit", 0), ("refine_epochs", 0), ("heal_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")

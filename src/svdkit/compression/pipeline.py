@@ -212,7 +212,8 @@ def _by_blocks(model: nn.Module, stack: BlockStack, targets: list[tuple[str, nn.
         for cfg, driver in zip(configs, drivers):
             out = model if inplace else copy.deepcopy(model)
             rows, run = driver.compress(model, out, measured)
-            report = CompressionReport(method=cfg.method, layers=rows, pipeline="blocks")
+            report = CompressionReport(method=cfg.method, layers=rows, pipeline="blocks",
+                                       refinement=[r.to_dict() for r in run.refinement])
             report.timings.update(run.seconds)
             results.append((out, report))
     finally:

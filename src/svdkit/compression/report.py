@@ -34,6 +34,14 @@ def _memory_note(peak: int | None) -> str:
     return f", peak memory {peak / 2**30:.2f} GiB" if peak else ""
 
 
+def _refinement_totals(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Block refinement over all blocks: blocks changed, epochs, mean held-out error before and after."""
+    mean = lambda key: sum(b[key] for b in blocks) / len(blocks)  # noqa: E731
+    return {"blocks": len(blocks), "blocks_changed": sum(b["best_epoch"] > 0 for b in blocks),
+            "epochs": sum(b["epochs"] for b in blocks), "held_out_before": mean("held_out_before"),
+            "held_out_after": mean("held_out_after"), "train_before": mean("train_before"), "train_after": mean("train_after")}
+
+
 @dataclass
 class LayerReport:
     """One target layer.
@@ -108,6 +116,9 @@ class CompressionReport:
         accelerator's peak allocation is in ``timings`` when one was used).
     quality : dict
         Optional quality figures filled in by the caller (e.g. mean cosine on held-out text).
+    refinement : list of dict
+        Block refinement's record of each block (:class:`svdkit.compression.refine.BlockRefinement`:
+        held-out and training errors before and after, epochs, why it stopped); empty without it.
     """
 
     layers: list[LayerReport] = field(default_factory=list)
@@ -119,6 +130,7 @@ class CompressionReport:
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory: int | None = None
     quality: dict[str, Any] = field(default_factory=dict)
+    refinement: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def target_params_before(self) -> int:
@@ -156,6 +168,7 @@ class CompressionReport:
             "timings": dict(self.timings),
             "peak_memory": self.peak_memory,
             **split,
+            **({"refinement": _refinement_totals(self.refinement)} if self.refinement else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +178,7 @@ class CompressionReport:
             "layers": [dict(asdict(layer), shape=list(layer.shape)) for layer in self.layers],
             "totals": self.totals(),
             "quality": dict(self.quality),
+            **({"refinement": list(self.refinement)} if self.refinement else {}),
         }
 
     def to_json(self, path: str | os.PathLike | None = None, *, indent: int = 2) -> str:
