@@ -36,7 +36,6 @@ of the same kind as ``math-docs``).
 
 from __future__ import annotations
 
-import ast
 import functools
 import importlib.util
 import re
@@ -46,6 +45,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from .data import file_docstrings
 
 __all__ = ["CALIBRATION_SOURCES", "CalibrationSource", "is_mix", "mix_windows", "parse_mix", "source_documents"]
 
@@ -72,20 +73,8 @@ def _docstrings(root: Path, parts: tuple[str, ...] = (), skip: tuple[str, ...] =
     every module, class and function docstring of at least 80 characters, read with ``ast``."""
     skipped = {"test", "tests", "testing", "__pycache__", "_vendor", *skip}
     files = sorted(path for base in ([root / p for p in parts] or [root]) for path in base.rglob("*.py"))
-    documents = []
-    for path in files:
-        if skipped & set(path.relative_to(root).parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
-        except (SyntaxError, ValueError, OSError):
-            continue
-        docs = [ast.get_docstring(node) for node in ast.walk(tree)
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-        kept = [d.strip() for d in docs if d and len(d) >= 80]
-        if kept:
-            documents.append("\n\n".join(kept))
-    return tuple(documents)
+    read = (file_docstrings(path) for path in files if not skipped & set(path.relative_to(root).parts))
+    return tuple("\n\n".join(docs) for _, docs in filter(None, read) if docs)
 
 
 def _package_root(name: str) -> Path:

@@ -46,7 +46,7 @@ from typing import Any, Literal
 
 __all__ = [
     "builtin_documents", "builtin_sentences", "calibration_documents", "calibration_sentences", "evaluation_documents",
-    "evaluation_domains", "sentence_runs", "split_sentences",
+    "evaluation_domains", "file_docstrings", "sentence_runs", "split_sentences",
 ]
 
 Source = Literal["topics", "docstrings", "idle", "licenses", "mpmath"]
@@ -115,16 +115,20 @@ def _stdlib_docstrings() -> tuple[tuple[str | None, tuple[str, ...]], ...]:
     """Per standard-library file (sorted): its module docstring, and every module, class and
     function docstring of at least 80 characters. Read with ``ast``: nothing is imported."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for path in sorted(root.glob("*.py")):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
-        except (SyntaxError, ValueError, OSError):
-            continue
-        docs = [ast.get_docstring(node) for node in ast.walk(tree)
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-        files.append((ast.get_docstring(tree), tuple(d.strip() for d in docs if d and len(d) >= 80)))
-    return tuple(files)
+    return tuple(read for read in map(file_docstrings, sorted(root.glob("*.py"))) if read is not None)
+
+
+def file_docstrings(path: Path, *, min_chars: int = 80) -> tuple[str | None, tuple[str, ...]] | None:
+    """A Python source file's module docstring and every module, class and function docstring of at
+    least ``min_chars`` characters (stripped), read with ``ast``: nothing is imported. None when the
+    file cannot be read or parsed."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+    except (SyntaxError, ValueError, OSError):
+        return None
+    docs = [ast.get_docstring(node) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    return ast.get_docstring(tree), tuple(d.strip() for d in docs if d and len(d) >= min_chars)
 
 
 @functools.lru_cache(maxsize=None)
