@@ -14,6 +14,12 @@ Every (config, ratio) runs in its own process, so its peak RSS is its own.
     python benchmarks/compress_llm.py --ratios 0.8 --configs whiten default --json out.json
     python benchmarks/compress_llm.py --generation                      # + tokens/s, dense vs compressed
     python benchmarks/compress_llm.py --llama-block                     # one LLaMA-7B-shaped block
+    python benchmarks/compress_llm.py --ratios 0.6 --configs default default-refine default-heal --tasks
+    python benchmarks/compress_llm.py --calib 'pydoc+stdlib+networkx+torch' --configs default
+
+``--tasks`` adds the zero-shot accuracy of ``svdkit.tasks`` (next-sentence, last-word; 200 items
+each) beside the perplexities; ``default-heal`` reports its cost (tokens and seconds) apart from
+the compression time.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
     "fisher-labels": ({"method": "fisher", "curvature": "labels", "pipeline": "blocks"}, True),
     "fisher-labels-budget-model": ({"method": "fisher", "curvature": "labels", "pipeline": "model"}, False),
     "default": ({}, False),  # what svdkit compress does: fisher, LM curvature, budget, block by block
+    # block refinement toward the dense block's outputs on the dense inputs (AA-SVD's anchor) or on the compressed inputs
+    "default-refine": ({"refine_epochs": 8}, False),
+    "default-refine-shifted": ({"refine_epochs": 8, "refine_target": "shifted"}, False),
+    # the default, then --heal-steps of distillation toward the dense model (KL on the logits)
+    "default-heal": ({}, False),
 }
 DEFAULT_CONFIGS = ("svd", "asvd", "whiten", "whiten-budget", "fisher-probes-budget", "fisher-labels", "default")
 BATCH = 4
@@ -93,7 +104,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         config = CompressConfig(**fields)
         calibration = None
         if config.needs_data:
-            ids = calibration_tokens("builtin", loaded.tokenizer, n_seqs=args.calib_seqs, seq_len=args.seq_len, seed=0)
+            ids = calibration_tokens(args.calib, loaded.tokenizer, n_seqs=args.calib_seqs, seq_len=args.seq_len, seed=0)
             calibration = list(ids.split(BATCH))
         start = time.perf_counter()
         # In place, as `svdkit compress` does: memory holds one model.
@@ -102,15 +113,38 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         row["pipeline"] = report.pipeline
         row["kept"] = report.kept_fraction
         row["timings"] = report.timings
+        if report.refinement:
+            row["refined_blocks"] = sum(r["best_epoch"] > 0 for r in report.refinement)
+        if args.config == "default-heal":
+            row.update(_heal(module, loaded, args))
     row["peak_rss_gib"] = _peak_rss()
     quality = language_model_quality(module, loaded.tokenizer, max_tokens=args.eval_seqs * 512)
     row.update({key: quality[domain] for key, domain, _ in DOMAINS})
+    if args.tasks:
+        from svdkit.tasks import task_accuracy
+
+        for name, scored in task_accuracy(module, loaded.tokenizer).items():
+            row[f"acc_{name}"], row[f"acc_norm_{name}"], row[f"acc_stderr_{name}"] = scored.acc, scored.acc_norm, scored.acc_stderr
     if args.generation:
         dense = load_model("smollm2").module
         for batch in (1, 8):
             row[f"dense_tok_s_b{batch}"] = _generation_speed(dense, loaded.tokenizer, batch, 32, 3)
             row[f"tok_s_b{batch}"] = _generation_speed(module, loaded.tokenizer, batch, 32, 3)
     return row
+
+
+def _heal(module, loaded, args: argparse.Namespace) -> dict[str, Any]:
+    """Distil the compressed ``module`` toward the dense model on calibration windows other than those
+    it was compressed with (``--heal-steps`` steps); its cost and held-out KL."""
+    from svdkit.compression.distill import HealConfig, heal_language_model
+    from svdkit.models import load_model
+    from svdkit.tokens import calibration_tokens
+
+    config = HealConfig(steps=args.heal_steps)
+    windows = calibration_tokens(args.calib, loaded.tokenizer, n_seqs=args.heal_windows + config.held_out, seq_len=args.seq_len, seed=1)
+    healed = heal_language_model(module, load_model("smollm2").module, windows, config)
+    return {"heal_steps": healed.steps, "heal_tokens": healed.tokens, "heal_seconds": healed.seconds,
+            "heal_kl_before": healed.held_out_kl_before, "heal_kl_after": healed.held_out_kl_after}
 
 
 def llama_block(args: argparse.Namespace) -> dict[str, Any]:
@@ -154,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--gradient-seqs", type=int, default=64)
     parser.add_argument("--eval-seqs", type=int, default=24)
+    parser.add_argument("--calib", default="builtin", help="calibration text: 'builtin' or a mix of svdkit.corpus sources")
+    parser.add_argument("--heal-steps", type=int, default=200, help="distillation steps of the default-heal config")
+    parser.add_argument("--heal-windows", type=int, default=256, help="calibration windows default-heal trains on")
+    parser.add_argument("--tasks", action="store_true", help="also score the zero-shot tasks (accuracy, normalized accuracy)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--generation", action="store_true", help="tokens/s of greedy generation, dense vs compressed, at 0.8 for the default")
     parser.add_argument("--llama-block", action="store_true", help="also time one LLaMA-7B-shaped block")
@@ -171,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(llama_block(args)))
         return 0
     common = ["--calib-seqs", str(args.calib_seqs), "--seq-len", str(args.seq_len), "--gradient-seqs", str(args.gradient_seqs),
-              "--eval-seqs", str(args.eval_seqs), "--threads", str(args.threads)]
+              "--eval-seqs", str(args.eval_seqs), "--threads", str(args.threads), "--calib", args.calib,
+              "--heal-steps", str(args.heal_steps), "--heal-windows", str(args.heal_windows), *(["--tasks"] if args.tasks else [])]
     rows = [_spawn(["--worker", "dense", "1.0", *common], args.threads)]
     dense = rows[0]
     print("dense: " + ", ".join(f"ppl {title} {dense[key]:.3f}" for key, _, title in DOMAINS), file=sys.stderr)
@@ -186,7 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     columns = [("config", "config", ""), ("ratio", "kept", ".1f"), ("pipeline", "pipeline", ""),
                *[c for key, _, title in DOMAINS for c in ((key, f"ppl {title}", ".2f"), (f"{key}_x", "x dense", ".2f"))],
                ("worst_x", "worst x", ".2f"), ("seconds", "compress s", ".0f"), ("peak_rss_gib", "peak RSS GiB", ".2f")]
+    if args.tasks:
+        columns += [c for task in ("next-sentence", "last-word") for c in ((f"acc_{task}", f"acc {task}", ".3f"),
+                                                                          (f"acc_norm_{task}", "acc_norm", ".3f"))]
     print(format_table(rows, columns))
+    for r in rows:
+        if "heal_seconds" in r:
+            print(f"healing ({r['config']} at {r['ratio']}): {r['heal_steps']} steps, {r['heal_tokens']:,} tokens, "
+                  f"{r['heal_seconds']:.0f} s; held-out KL {r['heal_kl_before']:.4f} -> {r['heal_kl_after']:.4f}")
     speed = [r for r in rows if "tok_s_b8" in r]
     for r in speed:
         print(f"\ngeneration, tokens/s ({r['config']} at {r['ratio']}): batch 1 {r['tok_s_b1']:.1f} vs dense {r['dense_tok_s_b1']:.1f}; "
