@@ -225,6 +225,29 @@ def test_the_export_config_keeps_the_base_fields_and_svdkit_reads_it_without_rem
         torch.testing.assert_close(loaded.module(IDS).logits, small(IDS).logits, rtol=0, atol=0)
 
 
+def test_transformers_save_pretrained_of_a_compressed_model_is_refused_naming_save_compressed(llama, tmp_path):
+    # Plain save_pretrained would write the dense class's config beside factors: transformers
+    # would then load random weights in their place, with no error.
+    model, _ = llama
+    with pytest.raises(TypeError, match=r"holds \d+ svdkit low-rank layers.*random weights.*svdkit\.save_compressed\(model, "):
+        model.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+    save_compressed(model, tmp_path / "c")
+    loaded = load_compressed(tmp_path / "c")
+    with pytest.raises(TypeError, match="svdkit.save_compressed"):
+        loaded.save_pretrained(tmp_path / "plain")
+    torch.save(loaded, tmp_path / "whole.pt")  # the guard pickles with the model
+    assert isinstance(torch.load(tmp_path / "whole.pt", weights_only=False).save_pretrained, type(loaded.save_pretrained))
+    dense = svdkit.decompress(copy.deepcopy(loaded))
+    dense.save_pretrained(tmp_path / "dense")  # transformers' own again
+    import transformers
+
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    ids = torch.arange(3, 15).view(1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, loaded(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_a_directory_of_the_format_before_the_export_still_loads(llama, tmp_path):
     small, report = llama
     directory = tmp_path / "old"

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..export.dtype import parse_dtype, weights_dtype
+from ..export.plain_save import guard_plain_save
 from ..files import save_tensors
 from ..layers.lowrank import LowRankLayer, low_rank_from_spec
 from ..surgery import get_module, replace_module
@@ -476,6 +477,7 @@ def load_compressed(
         still_empty = [name for name, p in model.named_parameters() if p.is_meta]
         if still_empty:
             raise ValueError(f"{where} left parameters without values: {still_empty[:5]}")
+    guard_plain_save(model)
     return model
 
 
@@ -484,4 +486,5 @@ def decompress(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     out = model if inplace else copy.deepcopy(model)
     for name, module in [(n, m) for n, m in out.named_modules() if isinstance(m, LowRankLayer)]:
         replace_module(out, name, module.to_dense())
+    guard_plain_save(out)
     return out

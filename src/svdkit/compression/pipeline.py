@@ -19,6 +19,7 @@ from torch import nn
 from ..causal_lm import is_causal_lm
 from ..distributed import current_group, shard
 from ..experts import expert_banks, fold_dense_banks
+from ..export.plain_save import guard_plain_save
 from ..progress import ProgressLike
 from .block_driver import BlockDriver
 from .blocks import BlockHome, BlockStack, find_blocks
@@ -164,6 +165,7 @@ def _compress_all(
             results = _whole_model(model, targets, calibration, configs, forward, inplace, progress)
     for (out, report), cfg in zip(results, configs):
         fold_dense_banks(out)
+        guard_plain_save(out)
         if cfg.heal_steps:
             losses = heal(model, out, calibration, forward, steps=cfg.heal_steps, lr=cfg.heal_lr, progress=progress)
             report.quality["heal loss first/last"] = f"{losses[0]:.4g} -> {losses[-1]:.4g}"

@@ -10,6 +10,7 @@ module                 job
                        config read back without remote code
 ``card``               the ``README.md`` model card
 ``dtype``              the dtype the weights are saved in
+``plain_save``         transformers' ``save_pretrained`` refused on a model holding svdkit's layers
 =====================  ==========================================================================
 
 :mod:`svdkit.compression.saved` calls these when a compressed model is saved.
