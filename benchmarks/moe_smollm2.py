@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer, info = build(args)
     print(f"upcycled SmolLM2-MoE: {info['params']:,} parameters, {info['experts']} experts, {info['steps']} steps "
           f"({info['train_tokens']:,} tokens) in {info['seconds']:.0f} s; perplexity {info['ppl_upcycled']}", file=sys.stderr)
-    dense = language_model_quality(model, tokenizer, max_tokens=args.eval_tokens)
+    dense = language_model_quality(model, tokenizer, data=args.domains, max_tokens=args.eval_tokens)
     calibration = list(calibration_tokens("builtin", tokenizer, n_seqs=args.calib_seqs, seq_len=args.seq_len, seed=0).split(4))
     rows = []
     for ratio in args.ratios:
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             start = time.perf_counter()
             out, report = compress(model, config, calibration, progress=args.progress)
             seconds = time.perf_counter() - start
-            quality = language_model_quality(out, tokenizer, max_tokens=args.eval_tokens)
+            quality = language_model_quality(out, tokenizer, data=args.domains, max_tokens=args.eval_tokens)
             totals = report.totals()
             rows.append({
                 "config": name, "ratio": ratio, "kept": report.kept_fraction,
@@ -205,6 +205,8 @@ def main() -> None:
     parser.add_argument("--calib-seqs", type=int, default=64)
     parser.add_argument("--gradient-seqs", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=8 * 512)
+    parser.add_argument("--domains", nargs="+", default=["in-domain", "other-domain", "legal-english", "math-docs"],
+                        help="held-out domains the compressed models are measured on")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--threads", type=int, default=2)
