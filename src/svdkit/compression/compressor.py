@@ -39,6 +39,7 @@ from .experts import ExpertStatistics
 from .curvature import CURVATURES, objectives, resolve_curvature
 from .methods import METHODS, Transform, factorize, plain_svd, transformed_spectrum
 from .plan import LayerPlan
+from .rank_rules import RankRules
 from .ranks import LayerCost, RankCandidate, choose_ranks
 from .report import LayerReport
 from .shared_basis import best_sharing
@@ -190,6 +191,9 @@ class LayerCompressor:
         The registry entry of ``config.method``.
     curvature : str or None
         The curvature estimate, when the method needs gradients.
+    rules : RankRules
+        Each target's rank multiple and, for a speed-aware compression, its speed cap
+        (:mod:`svdkit.compression.rank_rules`).
     """
 
     def __init__(self, config: CompressConfig, model: nn.Module, targets: Sequence[tuple[str, nn.Module]] = ()) -> None:
@@ -197,6 +201,7 @@ class LayerCompressor:
         self.method = METHODS[config.method]
         self.curvature = resolve_curvature(config.curvature, model) if self.method.needs_gradients else None
         self.experts = ExpertStatistics(model, targets)
+        self.rules = RankRules.for_targets(config, model, targets)
 
     @property
     def needs_inputs(self) -> bool:
@@ -259,8 +264,10 @@ class LayerCompressor:
         return [self.plan(name, module, stats.get(name)) for name, module in track(targets, progress, desc="layers decomposed")]
 
     def choose_ranks(self, candidates: Sequence[RankCandidate], *, other_params: int = 0, check: bool = True) -> list[int | None]:
-        """The rank of each candidate, None for dense (see :func:`~svdkit.compression.ranks.choose_ranks`)."""
-        return choose_ranks(candidates, self.config, other_params=other_params, check=check)
+        """The rank of each candidate, None for dense (see :func:`~svdkit.compression.ranks.choose_ranks`),
+        on each layer's multiple and under its speed cap."""
+        multiples, caps = self.rules.for_candidates(candidates)
+        return choose_ranks(candidates, self.config, other_params=other_params, check=check, multiples=multiples, caps=caps)
 
     def build(self, plans: Sequence[LayerPlan], ranks: Sequence[int | None]) -> list[tuple[LayerReport, nn.Module | None]]:
         """Each plan's report row and rank-``k`` layer (None: it stays dense; the row says why);
@@ -269,6 +276,10 @@ class LayerCompressor:
         built = []
         for plan, k in zip(plans, ranks):
             row = plan.report(k)
+            row.speed_cap = self.rules.caps.get(plan.name)
+            note = self.rules.note(plan.name, row.rank, plan.shape)
+            if note is not None:
+                row.skip_reason = note if row.rank is None else "; ".join(n for n in (row.skip_reason, note) if n)
             built.append((row, plan.build(row.rank) if row.rank is not None else None))
         if self.config.expert_basis == "shared":
             self._share_expert_bases(plans, [row.rank for row, _ in built], built)

@@ -108,6 +108,20 @@ class CompressConfig:
         goes back to where it was (e.g. ``"cuda"`` for a model kept on the CPU).
     min_rank : int
         Smallest rank the budget allocator gives a factorized layer.
+    rank_multiple : int, optional
+        Every rank is a multiple of this (the budget buys ranks this many at a time; a
+        per-layer spec is rounded down, ``Energy`` and ``ErrorTol`` up). None: the device's
+        measured default (:func:`svdkit.speed.default_rank_multiple`: 8 on CPUs and GPUs) on
+        layers whose break-even rank is at least 16 multiples, exact ranks on smaller ones.
+        Quantizing the factors to int4 needs the rank to be a multiple of the group size.
+    speed_aware : {"auto", "on", "off"}
+        ``"on"``: cap each factorized Linear's rank at the largest rank at which it runs faster
+        than the dense layer on the model's device, at decode (1, 8 and 32 tokens) and prefill
+        (4096 tokens), from a cost model measured there and cached
+        (:mod:`svdkit.speed.costs`); a layer that no rank makes faster stays dense, and a
+        global budget gives what capped layers cannot use to the others. ``"auto"``: on for
+        causal language models compressed with a global budget. The report says which layers
+        were capped or kept dense, and why.
     refit : int
         Closed-form refit passes (:mod:`svdkit.compression.refit`): each re-solves every factorized
         layer, stage by stage, for the inputs the compressed model actually feeds it, to give the
@@ -157,6 +171,8 @@ class CompressConfig:
     pipeline: Literal["auto", "model", "blocks"] = "auto"
     device: str | None = None
     min_rank: int = 1
+    rank_multiple: int | None = None
+    speed_aware: Literal["auto", "on", "off"] = "auto"
     refit: int = 0
     refine_epochs: int = 0
     refine_target: Literal["dense", "shifted"] = "dense"
@@ -175,7 +191,8 @@ class CompressConfig:
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1):
             raise ValueError(f"budget: the fraction of parameters kept must be in (0, 1], got {self.budget!r}")
         choices = {"curvature": ("auto", *CURVATURES), "expert_basis": ("separate", "shared"),
-                   "pipeline": ("auto", "model", "blocks"), "budget_scope": ("targets", "model")}
+                   "pipeline": ("auto", "model", "blocks"), "budget_scope": ("targets", "model"),
+                   "speed_aware": ("auto", "on", "off")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
@@ -190,6 +207,8 @@ class CompressConfig:
                 torch.device(self.device)
             except (RuntimeError, TypeError) as exc:
                 raise ValueError(f"device: {exc}") from None
+        if self.rank_multiple is not None and (isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1):
+            raise ValueError(f"rank_multiple: expected an int >= 1 (every rank a multiple of it) or None for the device's default, got {self.rank_multiple!r}")
         object.__setattr__(self, "rank_pattern", _checked_rank_pattern(self.rank_pattern))
         if self.method not in METHODS:
             raise ValueError(f"method: unknown method {self.method!r}; choose one of {sorted(METHODS)}")

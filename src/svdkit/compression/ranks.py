@@ -6,7 +6,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from ..linalg import allocate_ranks, resolve_rank
+from ..linalg import Energy, ErrorTol, RankLike, allocate_ranks, resolve_rank, round_rank
 from ..surgery import check_patterns, pattern_value
 from .config import CompressConfig
 
@@ -52,8 +52,21 @@ class RankCandidate(Protocol):
         """The spectrum the budget compares across layers, shape (r,)."""
 
 
+def _fixed_rank(k: int, spec: RankLike, multiple: int, full: int, cap: int | None) -> int | None:
+    """A per-layer rank on the layer's multiple and under its cap (None: it stays dense). Specs that
+    promise a quality (``Energy``, ``ErrorTol``) round up, the others down."""
+    if isinstance(spec, (Energy, ErrorTol)) and k % multiple:
+        k = min(-(-k // multiple) * multiple, full // multiple * multiple) or k
+    if cap is not None:
+        if cap < multiple:
+            return None
+        k = min(k, cap)
+    return round_rank(k, multiple, full)
+
+
 def choose_ranks(
-    candidates: Sequence[RankCandidate], config: CompressConfig, *, other_params: int = 0, check: bool = True
+    candidates: Sequence[RankCandidate], config: CompressConfig, *, other_params: int = 0, check: bool = True,
+    multiples: Sequence[int] | None = None, caps: Sequence[int | None] | None = None,
 ) -> list[int | None]:
     """The rank of each layer (None: keep it dense).
 
@@ -67,6 +80,12 @@ def choose_ranks(
     check : bool
         Refuse ``rank_pattern`` keys that match none of the candidates (pass False when the
         candidates are a part of the targets, checked by the caller).
+    multiples : sequence of int, optional
+        Each layer's ranks are multiples of this (default 1). A per-layer spec is rounded down
+        to it (``Energy`` and ``ErrorTol`` up, so that they keep their promise).
+    caps : sequence of (int or None), optional
+        The largest rank each layer may take (the largest at which it runs faster than dense);
+        None: no cap. A layer whose cap is below its multiple stays dense.
 
     Raises
     ------
@@ -75,12 +94,15 @@ def choose_ranks(
     """
     if check:
         check_patterns(config.rank_pattern, [c.name for c in candidates], field="rank_pattern")
-    fixed: dict[int, int] = {}
+    multiples = list(multiples) if multiples is not None else [1] * len(candidates)
+    caps = list(caps) if caps is not None else [None] * len(candidates)
+    fixed: dict[int, int | None] = {}
     for i, candidate in enumerate(candidates):
         spec = pattern_value(config.rank_pattern, candidate.name, None)
         if spec is not None or config.budget is None:
             spec = config.rank if spec is None else spec
-            fixed[i] = resolve_rank(candidate.singular_values, spec, candidate.shape)
+            k = resolve_rank(candidate.singular_values, spec, candidate.shape)
+            fixed[i] = _fixed_rank(k, spec, multiples[i], min(candidate.shape), caps[i])
     if config.budget is None:
         return [fixed[i] for i in range(len(candidates))]
     free = [i for i in range(len(candidates)) if i not in fixed]
@@ -89,7 +111,8 @@ def choose_ranks(
         budget = config.budget * (other_params + targeted) - other_params
     else:
         budget = config.budget * targeted
-    budget -= sum(min(k * candidates[i].rank_cost, candidates[i].dense_params) for i, k in fixed.items())
+    budget -= sum(candidates[i].dense_params if k is None else min(k * candidates[i].rank_cost, candidates[i].dense_params)
+                  for i, k in fixed.items())
     if budget <= 0:
         raise ValueError(
             f"budget {config.budget} of the {config.budget_scope} parameters leaves nothing for the targeted layers "
@@ -98,6 +121,7 @@ def choose_ranks(
     allocated = allocate_ranks(
         [candidates[i].spectrum() for i in free], [candidates[i].rank_cost for i in free],
         [candidates[i].dense_params for i in free], int(budget), min_rank=config.min_rank,
+        multiple=[multiples[i] for i in free], max_ranks=[caps[i] for i in free],
     )
     ranks: list[int | None] = [None] * len(candidates)
     for i, k in fixed.items():

@@ -30,6 +30,11 @@ def _tokens_note(layer: LayerReport) -> str:
     return f"{layer.calibration_tokens} calibration tokens routed"
 
 
+def _breakeven(layer: "LayerReport") -> float:
+    m, n = layer.shape
+    return m * n / (m + n)
+
+
 def _memory_note(peak: int | None) -> str:
     return f", peak memory {peak / 2**30:.2f} GiB" if peak else ""
 
@@ -68,6 +73,9 @@ class LayerReport:
         Why the layer stayed dense, or why the method fell back; empty otherwise.
     calibration_tokens : int or None
         For a mixture's expert: the calibration tokens routed to it (None for other layers).
+    speed_cap : int or None
+        For a speed-aware compression: the largest rank at which the layer, factorized, runs
+        faster than dense on the target device (0: none); None when not measured.
     """
 
     name: str
@@ -83,6 +91,7 @@ class LayerReport:
     method: str = ""
     skip_reason: str = ""
     calibration_tokens: int | None = None
+    speed_cap: int | None = None
 
     @property
     def compressed(self) -> bool:
@@ -119,6 +128,10 @@ class CompressionReport:
     refinement : list of dict
         Block refinement's record of each block (:class:`svdkit.compression.refine.BlockRefinement`:
         held-out and training errors before and after, epochs, why it stopped); empty without it.
+    speed : dict
+        Optional speed figures filled in by the caller: a causal LM's decode tokens/s and
+        prefill time against the dense model (:func:`svdkit.speed.generation_speed`), e.g.
+        ``{"decode b1 x": 1.12, "prefill x": 1.05, ...}``.
     """
 
     layers: list[LayerReport] = field(default_factory=list)
@@ -131,6 +144,7 @@ class CompressionReport:
     peak_memory: int | None = None
     quality: dict[str, Any] = field(default_factory=dict)
     refinement: list[dict[str, Any]] = field(default_factory=list)
+    speed: dict[str, Any] = field(default_factory=dict)
 
     @property
     def target_params_before(self) -> int:
@@ -152,6 +166,10 @@ class CompressionReport:
         if experts:
             split = {"expert_layers": len(experts), "expert_params_before": sum(layer.params_before for layer in experts),
                      "expert_params_after": sum(layer.params_after for layer in experts)}
+        capped = [layer for layer in self.layers if layer.speed_cap is not None]
+        if capped:
+            split["speed_capped_layers"] = len(capped)
+            split["dense_for_speed"] = sum(layer.rank is None and layer.speed_cap < _breakeven(layer) for layer in capped)
         return {
             "layers": len(self.layers),
             "compressed": sum(layer.compressed for layer in self.layers),
@@ -179,6 +197,7 @@ class CompressionReport:
             "totals": self.totals(),
             "quality": dict(self.quality),
             **({"refinement": list(self.refinement)} if self.refinement else {}),
+            "speed": dict(self.speed),
         }
 
     def to_json(self, path: str | os.PathLike | None = None, *, indent: int = 2) -> str:
@@ -223,6 +242,8 @@ class CompressionReport:
         body = [line(header), sep, *map(line, rows[:-1]), sep, line(rows[-1])]
         if self.quality:
             body.append("quality: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.quality.items()))
+        if self.speed:
+            body.append("speed: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.speed.items()))
         return "\n".join(body)
 
     def __str__(self) -> str:

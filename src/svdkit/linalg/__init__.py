@@ -6,7 +6,8 @@ NumPy arrays in give NumPy arrays out; tensors keep their device. Nothing here i
 
 from .gram import SMALL_EIGENSOLVE, gram_eigenvalues, gram_svd, gram_svdvals, single_threaded
 from .randomized import AUTO_MAX_N_ITER, AUTO_TOL, RandomizedSVDInfo, layer_seed, randomized_svd
-from .rank import allocate_ranks, Energy, ErrorTol, ParamRatio, RankLike, RankRatio, RankSpec, rank_from_dict, resolve_rank
+from .allocation import allocate_ranks, round_rank
+from .rank import Energy, ErrorTol, ParamRatio, RankLike, RankRatio, RankSpec, rank_from_dict, resolve_rank
 from .spectrum import (
     DEFAULT_VERDICT_ERROR,
     CompressionSuitability,
@@ -68,6 +69,7 @@ __all__ = [
     "randomized_svd",
     "rank_from_dict",
     "resolve_rank",
+    "round_rank",
     "single_threaded",
     "spectral_norm",
     "split_factors",

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ._tensor import Array, to_tensor
+from .allocation import allocate_ranks
 from .spectrum import energy_rank
 
 __all__ = [
@@ -194,77 +195,3 @@ def _error_rank(S: torch.Tensor, tol: float) -> int:
     tails = torch.cat([power.flip(0).cumsum(0).flip(0), power.new_zeros(1)])
     ok = (tails / total).sqrt() <= tol + 8 * torch.finfo(S.dtype).eps
     return int(ok.float().argmax())
-
-
-def allocate_ranks(
-    spectra: Sequence[Array],
-    rank_costs: Sequence[int],
-    dense_costs: Sequence[int],
-    budget: int,
-    *,
-    min_rank: int = 1,
-) -> list[int | None]:
-    """Share a parameter budget among matrices by the error each rank removes per parameter.
-
-    Parameters
-    ----------
-    spectra : sequence of Tensor or ndarray of shape (r_i,)
-        Singular values per matrix, descending, in units that are comparable across matrices
-        (``s**2`` is the error a component removes, e.g. after whitening by the model-output
-        sensitivity).
-    rank_costs : sequence of int
-        Parameters one more rank costs (``m + n`` for a matrix).
-    dense_costs : sequence of int
-        Parameters of the matrix kept dense (``m * n``).
-    budget : int
-        Total parameters allowed over all matrices.
-    min_rank : int
-        Every factorized matrix keeps at least this rank.
-
-    Returns
-    -------
-    list of (int or None)
-        The rank of each matrix, or None where keeping it dense costs no more than its
-        factorization would (then it is exact at no extra cost).
-
-    Raises
-    ------
-    ValueError
-        If the budget cannot even pay for ``min_rank`` everywhere, or the inputs disagree in length.
-
-    Notes
-    -----
-    Greedy on ``s_ij**2 / cost_i`` over all components, taken in that order while the budget
-    lasts (each matrix's components are taken in order because its spectrum descends);
-    components with zero gain are never bought, so the budget may be left partly unspent. Matrices
-    whose rank reaches the break-even point are switched to dense and the freed parameters are
-    shared again, until nothing changes.
-    """
-    count = len(spectra)
-    if not (len(rank_costs) == len(dense_costs) == count):
-        raise ValueError(f"got {count} spectra, {len(rank_costs)} rank costs and {len(dense_costs)} dense costs")
-    gains = [to_tensor(S)[0].detach().to("cpu", torch.float64).square() for S in spectra]
-    dense: set[int] = set()
-    for _ in range(count + 1):
-        active = [i for i in range(count) if i not in dense]
-        remaining = budget - sum(dense_costs[i] for i in dense) - sum(min_rank * rank_costs[i] for i in active)
-        if remaining < 0:
-            raise ValueError(
-                f"a budget of {budget:,} parameters cannot keep rank {min_rank} in all {count} matrices "
-                f"(needs {budget - remaining:,})"
-            )
-        ranks = {i: min(min_rank, len(gains[i])) for i in active}
-        if active:
-            owner = torch.cat([torch.full((max(len(gains[i]) - min_rank, 0),), i, dtype=torch.long) for i in active])
-            value = torch.cat([gains[i][min_rank:] / rank_costs[i] for i in active])
-            cost = torch.tensor([rank_costs[i] for i in owner.tolist()], dtype=torch.float64)
-            order = torch.sort(value, descending=True, stable=True).indices
-            order = order[value[order] > 0]  # a component that removes no error is not worth a parameter
-            affordable = int((cost[order].cumsum(0) <= remaining).sum())
-            for i in owner[order[:affordable]].tolist():
-                ranks[i] += 1
-        newly_dense = {i for i in active if ranks[i] * rank_costs[i] >= dense_costs[i]}
-        if not newly_dense:
-            return [None if i in dense else ranks[i] for i in range(count)]
-        dense |= newly_dense
-    return [None if i in dense else ranks[i] for i in range(count)]  # pragma: no cover
