@@ -118,11 +118,21 @@ def choose_ranks(
             f"budget {config.budget} of the {config.budget_scope} parameters leaves nothing for the targeted layers "
             "once the other parameters and the rank_pattern layers are paid"
         )
-    allocated = allocate_ranks(
-        [candidates[i].spectrum() for i in free], [candidates[i].rank_cost for i in free],
-        [candidates[i].dense_params for i in free], int(budget), min_rank=config.min_rank,
-        multiple=[multiples[i] for i in free], max_ranks=[caps[i] for i in free],
-    )
+    try:
+        allocated = allocate_ranks(
+            [candidates[i].spectrum() for i in free], [candidates[i].rank_cost for i in free],
+            [candidates[i].dense_params for i in free], int(budget), min_rank=config.min_rank,
+            multiple=[multiples[i] for i in free], max_ranks=[caps[i] for i in free],
+        )
+    except ValueError as exc:
+        slow = [candidates[i].name for i in free if caps[i] is not None and caps[i] < max(multiples[i], config.min_rank)]
+        if not slow:
+            raise
+        raise ValueError(
+            f"{exc}: {len(slow)} of these {len(free)} layers must stay dense because no rank of theirs runs faster than the dense "
+            f"layer on this device ({', '.join(slow[:3])}{', ...' if len(slow) > 3 else ''}); raise the budget, or compress with "
+            "speed_aware='off' (svdkit compress --speed-aware off) to factorize them anyway"
+        ) from None
     ranks: list[int | None] = [None] * len(candidates)
     for i, k in fixed.items():
         ranks[i] = k
