@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import torch
 
@@ -67,7 +67,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         raise
 
 
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None) -> None:
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None,
+                 metadata: Mapping[str, str] | None = None, exact: Collection[str] = ()) -> None:
     """Write ``tensors`` to a safetensors file atomically.
 
     Parameters
@@ -78,6 +79,10 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *
         weights) is one object, saved once under its first name.
     dtype : torch.dtype, optional
         Cast the floating-point tensors to this dtype (integer and boolean tensors are kept).
+    metadata : mapping of str -> str, optional
+        The header's metadata (default ``{"format": "pt"}``; ``format`` is always ``pt``).
+    exact : collection of str
+        Keys never cast (a quantized weight's scales).
     """
     from safetensors.torch import save_file
 
@@ -88,7 +93,8 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *
             continue
         seen.add(id(tensor))
         tensor = tensor.detach()
-        if dtype is not None and tensor.is_floating_point():
+        if dtype is not None and tensor.is_floating_point() and key not in exact:
             tensor = tensor.to(dtype)
         kept[key] = tensor.to("cpu").contiguous()
-    write_atomic(path, lambda t: save_file(kept, str(t), metadata={"format": "pt"}))
+    header = {**dict(metadata or {}), "format": "pt"}
+    write_atomic(path, lambda t: save_file(kept, str(t), metadata=header))

@@ -41,6 +41,8 @@ from ..export.plain_save import guard_plain_save
 from ..files import save_tensors
 from ..layers.lowrank import LowRankLayer, low_rank_from_spec
 from ..surgery import get_module, replace_module
+from ..quantization.record import quantization_record, read_quantized, record_mode
+from ..quantization.storage import flatten_state, is_quantized
 from .saved import CONFIG_NAME, FORMAT_VERSION, READABLE_VERSIONS, sha256, write_saved_files
 from .transformers_files import transformers_skeleton
 
@@ -49,6 +51,7 @@ __all__ = [
     "FORMAT_VERSION",
     "INDEX_NAME",
     "PROGRESS_NAME",
+    "SVDKIT_WEIGHTS_NAME",
     "WEIGHTS_NAME",
     "check_save_target",
     "decompress",
@@ -60,6 +63,10 @@ __all__ = [
 ]
 
 WEIGHTS_NAME = "model.safetensors"
+# Quantized weights plain transformers cannot read (see svdkit.quantization.modes) go under another
+# name: transformers then finds no weights and refuses the directory, instead of building the base
+# model with random weights where the quantized parts' names do not match.
+SVDKIT_WEIGHTS_NAME = "svdkit_model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PROGRESS_NAME = "svdkit_progress.json"
 
@@ -176,7 +183,8 @@ def save_compressed(
     dtype : {"float32", "bfloat16", "float16", "float64"} or torch.dtype, optional
         Cast the saved floating-point weights (the model is not changed); default: the model's
         own dtype. Recorded in ``config.json``, so that transformers and
-        :func:`load_compressed` load the model in it.
+        :func:`load_compressed` load the model in it. A model whose weights were quantized
+        (:func:`svdkit.quantization.quantize_weights`) is saved in its own dtype.
 
     Returns
     -------
@@ -188,7 +196,7 @@ def save_compressed(
         ``directory`` exists and ``overwrite`` is False.
     ValueError
         ``directory`` is the current directory (or above it), or exists without being an svdkit
-        output; ``dtype`` is not a floating-point dtype.
+        output; ``dtype`` is not a floating-point dtype, or differs from a quantized model's.
 
     Warns
     -----
@@ -213,13 +221,19 @@ def save_compressed(
     target.parent.mkdir(parents=True, exist_ok=True)
     if source is not None and Path(source).exists():
         source = str(Path(source).resolve())
+    state = model.state_dict(keep_vars=True)
+    quantization = quantization_record(model, state, cast)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    name = WEIGHTS_NAME if quantization is None or record_mode(quantization).transformers is None else SVDKIT_WEIGHTS_NAME
     try:
-        state = model.state_dict(keep_vars=True)
-        save_tensors(staging / WEIGHTS_NAME, state, dtype=cast)
-        write_saved_files(model, staging, weight_files=[WEIGHTS_NAME], layers=factorized_layers(model),
+        if quantization is None:
+            save_tensors(staging / name, state, dtype=cast)
+        else:
+            tensors, header, _ = flatten_state(state)
+            save_tensors(staging / name, tensors, dtype=cast, metadata=header, exact=set(tensors) - set(state))
+        write_saved_files(model, staging, weight_files=[name], layers=factorized_layers(model),
                           dtype=cast or weights_dtype(state.values()), source=source, config=config, report=report,
-                          tokenizer=tokenizer, target=target)
+                          tokenizer=tokenizer, target=target, quantization=quantization)
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -385,21 +399,25 @@ def _reshare(model: nn.Module, groups: list[list[str]]) -> None:
                 module._buffers[attr] = shared
 
 
-def _read_weights(directory: Path, files: list[str]) -> dict[str, torch.Tensor]:
-    """Every tensor of the weight files (one, or the shards an index names)."""
+def _read_weights(directory: Path, files: list[str], meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of the weight files (one, or the shards an index names); quantized weights
+    (the description's ``quantization``) rebuilt from their parts."""
     st = _safetensors()
     state: dict[str, torch.Tensor] = {}
+    header: dict[str, str] = {}
     for name in files:
         path = directory / name
         try:
             tensors = st.torch.load_file(str(path))
+            with st.safe_open(str(path), framework="pt") as handle:
+                header.update(handle.metadata() or {})
         except Exception as exc:  # safetensors raises its own error types for damaged files
             raise ValueError(f"cannot read {path}: {exc}") from exc
         # A tensor read at an odd offset of the file takes other (differently rounded) BLAS
         # kernels than one the model allocated: copy those, so a loaded model computes bit for bit
         # what the saved one computed.
         state.update({key: t.clone() if t.data_ptr() % 64 else t for key, t in tensors.items()})
-    return state
+    return read_quantized(state, header, meta, where=str(directory))
 
 
 def load_compressed(
@@ -456,7 +474,7 @@ def load_compressed(
     expected, groups = _expected_state(model, skeletons)
     files = weight_files(meta)
     where = directory / (files[0] if len(files) == 1 else INDEX_NAME)
-    state = _read_weights(directory, files)
+    state = _read_weights(directory, files, meta)
     for keys in groups:  # a shared tensor is saved under one of its names: give it to all of them
         present = next((k for k in keys if k in state), None)
         if present is not None:
@@ -471,7 +489,11 @@ def load_compressed(
     # Everything is checked: only now is the model changed.
     for name, skeleton in skeletons.items():
         replace_module(model, name, skeleton)
+    quantized = {key: state.pop(key) for key in list(state) if is_quantized(state[key])}
     model.load_state_dict(state, strict=False, assign=built_here)
+    for key, tensor in quantized.items():
+        module_name, _, attr = key.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
     if built_here:
         _reshare(model, groups)
         still_empty = [name for name, p in model.named_parameters() if p.is_meta]

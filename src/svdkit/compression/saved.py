@@ -61,6 +61,7 @@ def write_saved_files(
     report: Any = None,
     tokenizer: Any = None,
     target: Path | None = None,
+    quantization: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write everything but the weights into ``directory`` (see the module docstring).
 
@@ -81,6 +82,8 @@ def write_saved_files(
     target : Path, optional
         Where ``directory`` will be moved when it is a staging directory: the name the warning
         and the model card give.
+    quantization : mapping, optional
+        The quantized weights' record (:func:`svdkit.quantization.record.quantization_record`).
 
     Returns
     -------
@@ -90,7 +93,7 @@ def write_saved_files(
     name = dtype_name(dtype) if dtype is not None else None
     target = target or directory
     write_companions(model, directory, tokenizer, dtype=name)
-    reason = write_remote_code(model, directory, layers, name, weight_files)
+    reason = write_remote_code(model, directory, layers, name, weight_files, quantization)
     if reason is not None and is_transformers_model(model):
         warnings.warn(f"saved {target} for svdkit only: plain transformers cannot load it, because {reason}", UserWarning, stacklevel=3)
     quality = dict(getattr(report, "quality", None) or {})
@@ -101,9 +104,11 @@ def write_saved_files(
         "config": config.to_dict() if hasattr(config, "to_dict") else config,
         "report": report.totals() if hasattr(report, "totals") else None,
         "quality": quality or None,
+        "speed": dict(getattr(report, "speed", None) or {}) or None,
         "dtype": name,
         "transformers": _loading(directory) if reason is None else {"auto_class": None, "reason": reason},
         "layers": dict(layers),
+        "quantization": dict(quantization) if quantization else None,
         "files": {file: sha256(directory / file) for file in weight_files},
     }
     text = json.dumps(meta, indent=2, default=str)

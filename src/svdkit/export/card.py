@@ -52,8 +52,8 @@ def model_card(name: str, description: Mapping[str, Any], quality: Mapping[str, 
         The directory's name (the card's title).
     description : mapping
         The saved description (``svdkit_compressed.json``): its ``source``, ``config``,
-        ``report`` totals, ``layers``, ``dtype`` and ``transformers`` (how plain transformers
-        loads it, or why it cannot).
+        ``report`` totals, ``layers``, ``dtype``, ``transformers`` (how plain transformers
+        loads it, or why it cannot) and, when present, ``quantization`` and ``speed``.
     quality : mapping, optional
         The report's quality figures (a table when given).
     """
@@ -80,6 +80,10 @@ def model_card(name: str, description: Mapping[str, Any], quality: Mapping[str, 
         f"| budget | {_budget(config)} |",
         f"| saved dtype | {description.get('dtype') or 'not recorded'} |",
     ]
+    quantized = description.get("quantization")
+    if quantized:
+        group = f", groups of {quantized['group_size']}" if quantized.get("group_size") else ""
+        lines.append(f"| weight quantization | torchao {quantized.get('mode')} weight-only{group}, {len(quantized.get('tensors', {}))} weights |")
     if totals:
         lines += [
             f"| factorized layers | {totals.get('compressed', 0)} of {totals.get('layers', 0)} targeted |",
@@ -95,6 +99,11 @@ def model_card(name: str, description: Mapping[str, Any], quality: Mapping[str, 
     if quality:
         lines += ["", "## Quality", "", "| measure | value |", "|---|---|"]
         lines += [f"| {_number(key)} | {_number(value)} |" for key, value in quality.items()]
+    speed = description.get("speed")
+    if speed:
+        lines += ["", "## Speed (against the dense model, timed interleaved on the machine that compressed it)", "",
+                  "| measure | value |", "|---|---|"]
+        lines += [f"| {_number(key)} | {_number(value)} |" for key, value in speed.items()]
     lines += ["", "## Loading", "", "With svdkit (`pip install svdkit`):", "", "```python", "import svdkit", "",
               'model = svdkit.load_compressed("path/to/this/directory")', "```", ""]
     if auto_class:

@@ -192,9 +192,10 @@ def is_export_config(config: Mapping[str, Any]) -> bool:
 
 
 def base_config_dict(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The base model's ``config.json`` dict back from an export's (see :func:`export_config_dict`)."""
+    """The base model's ``config.json`` dict back from an export's (see :func:`export_config_dict`);
+    svdkit reads quantized weights itself, so transformers' ``quantization_config`` is left out."""
     settings = config[CONFIG_KEY]
-    out = {key: value for key, value in config.items() if key not in ("auto_map", CONFIG_KEY)}
+    out = {key: value for key, value in config.items() if key not in ("auto_map", CONFIG_KEY, "quantization_config")}
     out["model_type"] = settings["base_model_type"]
     out["architectures"] = settings.get("base_architectures")
     return out
@@ -230,14 +231,21 @@ def base_config(directory: str | Path) -> Any:
         ) from exc
 
 
-def saved_shapes(files: Sequence[Path]) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape in safetensors files, read from their headers."""
+def saved_shapes(files: Sequence[Path], quantized: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in safetensors files, read from their headers; a quantized tensor
+    (``quantized``: name -> its shape) stands for its parts (``<module>._<name>_<part>``)."""
     from safetensors import safe_open
 
     shapes: dict[str, tuple[int, ...]] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
             shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    for key, shape in (quantized or {}).items():
+        module, _, name = key.rpartition(".")
+        prefix = f"{module}._{name}_" if module else f"_{name}_"
+        for part in [k for k in shapes if k.startswith(prefix)]:
+            del shapes[part]
+        shapes[key] = tuple(shape)
     return shapes
 
 
@@ -264,7 +272,7 @@ def _structure_mismatch(cls: type, config: Any, saved: Mapping[str, tuple[int, .
 
 
 def write_remote_code(model: nn.Module, directory: Path, layers: Mapping[str, Any], dtype: str | None,
-                      weight_files: Sequence[str]) -> str | None:
+                      weight_files: Sequence[str], quantization: Mapping[str, Any] | None = None) -> str | None:
     """Turn the base ``config.json`` in ``directory`` into the export's and write the modeling file.
 
     Parameters
@@ -280,6 +288,9 @@ def write_remote_code(model: nn.Module, directory: Path, layers: Mapping[str, An
         The saved weights' dtype.
     weight_files : sequence of str
         The weight files in ``directory``: the modeling code must build exactly their tensors.
+    quantization : mapping, optional
+        The quantized weights' record: transformers reads them through the ``quantization_config``
+        written into ``config.json`` (``TorchAoConfig``), for a mode it can load.
 
     Returns
     -------
@@ -289,6 +300,14 @@ def write_remote_code(model: nn.Module, directory: Path, layers: Mapping[str, An
     reason = export_blocker(model, layers)
     if reason is not None:
         return reason
+    quantization_config = None
+    if quantization:
+        from ..quantization.record import transformers_quantization_config
+
+        try:
+            quantization_config = transformers_quantization_config(quantization)
+        except ValueError as exc:
+            return f"its weights are quantized in {quantization.get('mode')}: {exc}"
     path = directory / "config.json"
     exported = export_config_dict(json.loads(path.read_text(encoding="utf-8")), model, layers, dtype)
     import transformers
@@ -296,9 +315,12 @@ def write_remote_code(model: nn.Module, directory: Path, layers: Mapping[str, An
     fields = base_config_dict(exported)
     config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
     setattr(config, CONFIG_KEY, exported[CONFIG_KEY])
-    reason = _structure_mismatch(type(model), config, saved_shapes([directory / name for name in weight_files]))
+    quantized = {key: entry["shape"] for key, entry in (quantization or {}).get("tensors", {}).items()}
+    reason = _structure_mismatch(type(model), config, saved_shapes([directory / name for name in weight_files], quantized))
     if reason is not None:
         return reason
+    if quantization_config is not None:
+        exported["quantization_config"] = quantization_config
     path.write_text(json.dumps(exported, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (directory / MODELING_FILE).write_text(modeling_source(model), encoding="utf-8")
     return None
