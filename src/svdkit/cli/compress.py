@@ -36,6 +36,7 @@ from ._common import (
     write_json,
 )
 from ._compress_checks import check_model_options, check_targets, factorized_nothing, output_directories
+from ._speed import add_compress_options, check_quantize_platform, measure_speed, quantize, quantize_fields
 
 DEFAULT_PARAMS = 0.6
 DEFAULT_LM_PARAMS = 0.8
@@ -94,6 +95,7 @@ def register(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing svdkit output directory")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="dtype of the saved weights (default: the model's own); transformers loads the model in it")
+    add_compress_options(parser)
     add_output_options(parser, json_help="also write the report as JSON to FILE ('-': standard output)")
     parser.set_defaults(run=run)
 
@@ -105,7 +107,8 @@ def _config(args: argparse.Namespace, loaded) -> Any:
     from ..linalg import ParamRatio
 
     exclude = target_spec(args.exclude, "--exclude") or ()
-    fields: dict[str, Any] = {"method": args.method, "refit": args.refit, "exclude_modules": exclude, "pipeline": args.pipeline}
+    fields: dict[str, Any] = {"method": args.method, "refit": args.refit, "exclude_modules": exclude, "pipeline": args.pipeline,
+                              "rank_multiple": args.rank_multiple, "speed_aware": args.speed_aware, **quantize_fields(args)}
     targets = target_spec(args.targets)
     if targets is not None:
         fields["target_modules"] = targets
@@ -242,7 +245,11 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--heal-steps must be >= 0 and --heal-lr > 0, got {args.heal_steps} and {args.heal_lr}")
     if args.heal_steps and (args.stream or args.resume):
         raise ValueError("--heal-steps heals a model held in memory; after --stream or --resume, heal the directory with svdkit heal")
-    _config(args, None)  # the method, --uniform, --refit and the rank options
+    if (args.stream or args.resume) and (args.quantize or args.speed):
+        raise ValueError("--quantize and --speed work on the compressed model in memory; --stream and --resume write it block by "
+                         "block: compress without --stream, or quantize the saved model with svdkit.quantization.quantize_weights")
+    _config(args, None)  # the method, --uniform, --refit, the rank and quantization options
+    check_quantize_platform(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -361,6 +368,9 @@ def _finish(args: argparse.Namespace, loaded, config, outputs, results, before, 
             print(report.to_table(), file=table_stream(args))
             refused.append(f"{output} is not written: {empty}")
             continue
+        if args.quantize:  # quality and speed are measured on the model as it is saved
+            compressed, quantized = quantize(args, compressed)
+            print(quantized.to_table(), file=table_stream(args))
         if not args.no_eval:
             if loaded.is_sentence_model:
                 report.quality.update(_sentence_quality(loaded, compressed))
@@ -370,9 +380,11 @@ def _finish(args: argparse.Namespace, loaded, config, outputs, results, before, 
                     report.quality[f"{key} (dense -> compressed)"] = _before_after(before[key], after[key])
                 worst, ratio = worst_ratio({k: v for k, v in after.items() if k.startswith("ppl ")}, before)
                 report.quality["worst ppl ratio"] = f"{ratio:.2f}x ({worst[4:]})"
+        if args.speed:
+            report.speed.update(_speed_against_dense(args, loaded, compressed))
         used = config if budget is None else dataclasses.replace(config, budget=budget)
         save_compressed(compressed, output, source=args.model, config=used, tokenizer=loaded.tokenizer, report=report,
-                        overwrite=args.overwrite, dtype=args.dtype)
+                        overwrite=args.overwrite, dtype=None if args.quantize else args.dtype)
         print(report.to_table(), file=table_stream(args))
         print(f"saved to {output} (load with svdkit.load_model({str(output)!r}))", file=table_stream(args))
         reports.append(report.to_dict())
@@ -380,6 +392,17 @@ def _finish(args: argparse.Namespace, loaded, config, outputs, results, before, 
         write_json(args.json, json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     if refused:
         raise ValueError("; ".join(refused))
+
+
+def _speed_against_dense(args: argparse.Namespace, loaded, compressed) -> dict[str, float]:
+    """``--speed``: the compressed model against the dense one (loaded again: it was compressed in
+    place), timed interleaved."""
+    from ..models import load_model
+
+    if not loaded.is_causal_lm:
+        raise ValueError(f"--speed times text generation; {args.model!r} is a {loaded.kind} model: drop --speed")
+    print("timing decoding and prefill against the dense model ...", file=sys.stderr)
+    return measure_speed(compressed, load_model(args.model).module)
 
 
 def _before_after(before: Any, after: Any) -> str:

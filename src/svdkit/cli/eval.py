@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ._common import add_output_options, check_outputs, progress_option, table_stream, write_json
+from ._speed import add_speed_option, time_models
 
 PROMPT = "The for statement in Python"
 
@@ -35,6 +36,7 @@ def register(subparsers) -> None:
     parser.add_argument("--no-reference", action="store_true", help="do not measure the source model of a compressed directory")
     parser.add_argument("--no-verify", action="store_true",
                         help="load a compressed directory whose files do not match the SHA-256 recorded when it was saved")
+    add_speed_option(parser)
     add_output_options(parser, json_help="also write the results as JSON to FILE ('-': standard output)")
     parser.set_defaults(run=run)
 
@@ -96,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
         except (FileNotFoundError, ValueError, ImportError) as exc:
             raise ValueError(f"{_reference_note(source, path)}, cannot be loaded: {exc}; pass --no-reference to measure {path} alone") from exc
         results["source"] = _measure(reference, args, progress)
+    if args.speed:  # both models timed interleaved on the same work, so that their ratio holds on a busy machine
+        print("timing decoding and prefill ...", file=sys.stderr)
+        timed = time_models({"model": loaded.module, **({"source": reference.module} if source else {})})
+        for which, columns in timed.items():
+            results[which].update(columns)
     rows = [("", *results)]
     keys = list(results["model"])
     for key in keys:
