@@ -111,7 +111,7 @@ class CompressConfig:
     rank_multiple : int, optional
         Every rank is a multiple of this (the budget buys ranks this many at a time; a
         per-layer spec is rounded down, ``Energy`` and ``ErrorTol`` up). None: the device's
-        measured default (:func:`svdkit.speed.default_rank_multiple`: 8 on CPUs and GPUs) on
+        default (:func:`svdkit.speed.default_rank_multiple`: 8 on CPUs and GPUs) on
         layers whose break-even rank is at least 16 multiples, exact ranks on smaller ones.
         Quantizing the factors to int4 needs the rank to be a multiple of the group size.
     speed_aware : {"auto", "on", "off"}

@@ -7,13 +7,11 @@ input size is the rank) a multiple of the group size, the output size a multiple
 packing needs. torchao itself skips a misaligned weight with only a log line; svdkit checks
 first (:func:`alignment`) and never skips silently (:mod:`svdkit.quantization.apply`).
 
-Measured with torchao 0.18 and torch 2.13 (docs/benchmarks.md): ``Int4WeightOnlyConfig`` has no
-CPU packing any more (``int4_packing_format="opaque"`` is refused: "Unsupported int4 packing
-format: opaque"); the CPU int4 path is ``torchao.prototype.quantization.int4
+Checked with torchao 0.18 and torch 2.13: ``Int4WeightOnlyConfig`` has no CPU packing any more
+(``int4_packing_format="opaque"`` is refused: "Unsupported int4 packing format: opaque"; its
+default format needs the ``mslk`` package); the CPU int4 path is ``torchao.prototype.quantization.int4
 .PrototypeInt4WeightOnlyConfig`` (``Int4OpaqueTensor`` on ``aten._weight_int4pack_mm_for_cpu``),
-whose packing needs the output size to be a multiple of 16. Its kernel has an AVX-512 path and
-a generic one: with ``ATEN_CPU_CAPABILITY=avx2`` or ``default`` it gives the same results,
-more slowly.
+whose packing needs the output size to be a multiple of 16.
 """
 
 from __future__ import annotations

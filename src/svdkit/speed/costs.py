@@ -62,9 +62,9 @@ logger = logging.getLogger(__name__)
 
 TOKENS = (1, 8, 32, 4096)  # decode at batch 1, 8 and 32; a prefill of 8 x 512 tokens
 DEFAULT_MARGIN = 0.02
-# Measured (docs/benchmarks.md, "Rank multiples"): on this project's CPU (AVX-512, MKL) a prefill
-# product costs ~20 % less per rank at multiples of 8 than at odd ranks, and decode does not care;
-# GPUs' tensor cores want multiples of 8 for 16-bit types (REFERENCES 7.3; not measured here).
+# Odd sizes can run far slower than aligned ones (REFERENCES 7.3; pytorch #146817): 8 suits CPU
+# SIMD widths and GPU tensor cores for 16-bit types. A choice, not a measurement of this
+# repository: benchmarks/speed_llm.py times the models it gives.
 DEFAULT_RANK_MULTIPLE = {"cpu": 8, "cuda": 8}
 RANK_FRACTIONS = (0.3, 0.55, 0.75, 0.9, 1.0)  # of the break-even rank, where the factorized pair is timed
 PREFILL_WORK = 2 ** 32  # m * n * tokens above which a prefill is timed on fewer tokens (compute-bound already)
