@@ -195,6 +195,7 @@ def test_compress_cli_quantizes_and_aligns_ranks(lm_dir, tmp_path, capsys):
         (["--quantize", "int4", "--rank-multiple", "8"], "--quantize int4 needs ranks that are multiples of 32"),
         (["--group-size", "64"], "--group-size applies to --quantize int4"),
         (["--quantize", "int8", "--stream"], "--quantize and --speed work on the compressed model in memory"),
+        (["--quantize", "int4"], "down_proj.weight (64, 112): input size 112 is not a multiple of the group size 32"),
     ]:
         assert main(["compress", str(lm_dir), "-o", str(tmp_path / "bad"), *args, *bad]) == 1
         assert message in capsys.readouterr().err

@@ -66,6 +66,16 @@ def check_quantize_platform(args: argparse.Namespace) -> None:
     check_platform(args.quantize, "cpu", getattr(torch, args.dtype or "float32"), args.group_size)
 
 
+def check_quantize_model(args: argparse.Namespace, model) -> None:
+    """Refuse, once the model is loaded and before it is compressed, dense weights ``--quantize``
+    cannot take (their sizes stay those of the factors' outer sides; the ranks are aligned by
+    the rank multiple)."""
+    if args.quantize is not None:
+        from ..quantization import check_alignment
+
+        check_alignment(model, args.quantize, group_size=args.group_size)
+
+
 def quantize(args: argparse.Namespace, model):
     """``model`` (compressed in place) cast to ``--dtype`` and quantized in place; the quantization's report."""
     import torch

@@ -36,7 +36,7 @@ from ._common import (
     write_json,
 )
 from ._compress_checks import check_model_options, check_targets, factorized_nothing, output_directories
-from ._speed import add_compress_options, check_quantize_platform, measure_speed, quantize, quantize_fields
+from ._speed import add_compress_options, check_quantize_model, check_quantize_platform, measure_speed, quantize, quantize_fields
 
 DEFAULT_PARAMS = 0.6
 DEFAULT_LM_PARAMS = 0.8
@@ -275,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
         check_model_options(args, loaded)
         config = _config(args, loaded)
         check_targets(args, config, loaded.module)
+        check_quantize_model(args, loaded.module)
         calibration = _calibration(args, loaded) if config.needs_data else None
     before = _lm_quality(loaded, loaded.module, progress, args.tasks) if loaded.is_causal_lm and not args.no_eval and lead else None
     if lead:

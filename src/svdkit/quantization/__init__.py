@@ -2,7 +2,7 @@
 layers quantized with torchao's weight-only modes (int8; int4 where this platform has a kernel),
 saved and loaded through svdkit (and plain transformers where torchao's format allows)."""
 
-from .apply import QuantizationReport, QuantizedWeight, quantize_weights, weight_bytes
+from .apply import QuantizationReport, QuantizedWeight, check_alignment, quantize_weights, weight_bytes
 from .modes import MODES, QuantMode, alignment, check_platform, register_mode, required_rank_multiple
 from .storage import QUANTIZED_CLASSES, flatten_state, is_quantized, tensor_bytes, unflatten_state
 
@@ -13,6 +13,7 @@ __all__ = [
     "QuantizationReport",
     "QuantizedWeight",
     "alignment",
+    "check_alignment",
     "check_platform",
     "flatten_state",
     "is_quantized",

@@ -22,10 +22,10 @@ from torch import nn
 from ..exports import json_text
 from ..layers.lowrank import LowRankLayer, LowRankLinear
 from ..views import get_view
-from .modes import QuantMode, alignment, check_platform, required_rank_multiple
+from .modes import MODES, QuantMode, alignment, check_platform, required_rank_multiple
 from .storage import is_quantized, tensor_bytes
 
-__all__ = ["QuantizationReport", "QuantizedWeight", "quantize_weights", "weight_bytes"]
+__all__ = ["QuantizationReport", "QuantizedWeight", "check_alignment", "quantize_weights", "weight_bytes"]
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -175,6 +175,38 @@ def _quantize_one(weight: nn.Parameter, mode: QuantMode, group_size: int | None)
     return holder.weight
 
 
+def check_alignment(model: nn.Module, mode: str, *, group_size: int | None = None) -> None:
+    """Refuse a model whose weights ``mode`` cannot all take: every weight
+    :func:`quantize_weights` would quantize must have an input size that is a multiple of the
+    group size and an output size that is a multiple of what the kernel's packing needs.
+
+    Raises
+    ------
+    ValueError
+        An unknown mode or group size, or misaligned weights: each named (up to five), with the
+        fix (for a low-rank factor, whose input or output size is its rank: the rank multiple).
+    """
+    multiple = required_rank_multiple(mode, group_size)  # checks the mode and the group size
+    record = MODES[mode]
+    size = record.group_size(group_size)
+    bad, by_rank = [], False
+    for weight in _weights(model):
+        if weight.reason or is_quantized(weight.tensor):
+            continue
+        problem = _misaligned(tuple(weight.tensor.shape), record, size)
+        if problem:
+            bad.append(f"{weight.name} {tuple(weight.tensor.shape)}: {problem}")
+            by_rank |= _is_factor(weight)
+    if bad:
+        hint = (f"a low-rank factor's input (u) or output (v) size is its rank: compress with CompressConfig(rank_multiple={multiple}) "
+                "(svdkit compress --rank-multiple), " if by_rank else "")
+        raise ValueError(
+            f"{len(bad)} weight(s) do not fit {mode} weight-only quantization{f' with groups of {size}' if size else ''}: "
+            + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
+            + f". Fix: {hint}choose another group_size, or pass misaligned='keep' to keep them in floating point"
+        )
+
+
 def quantize_weights(
     model: nn.Module,
     mode: str = "int8",
@@ -225,7 +257,6 @@ def quantize_weights(
     dtype, device = floating[0].dtype, floating[0].device
     record = check_platform(mode, device, dtype, group_size)
     size = record.group_size(group_size)
-    bad, by_rank = [], False
     for weight in _weights(model):
         tensor = weight.tensor
         if weight.reason:
@@ -234,19 +265,8 @@ def quantize_weights(
             raise ValueError(f"{weight.name} is quantized already")
         if not tensor.is_floating_point():
             raise ValueError(f"{weight.name} is {tensor.dtype}, not a floating-point weight")
-        problem = _misaligned(tuple(tensor.shape), record, size)
-        if problem:
-            bad.append(f"{weight.name} {tuple(tensor.shape)}: {problem}")
-            by_rank |= _is_factor(weight)
-    if bad and misaligned == "error":
-        multiple = required_rank_multiple(mode, size)
-        hint = (f"a low-rank factor's input (u) or output (v) size is its rank: compress with CompressConfig(rank_multiple={multiple}) "
-                "(svdkit compress --rank-multiple), " if by_rank else "")
-        raise ValueError(
-            f"{len(bad)} weight(s) do not fit {mode} weight-only quantization{f' with groups of {size}' if size else ''}: "
-            + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
-            + f". Fix: {hint}choose another group_size, or pass misaligned='keep' to keep them in floating point"
-        )
+    if misaligned == "error":
+        check_alignment(model, mode, group_size=size)
     out = model if inplace else copy.deepcopy(model)
     report = QuantizationReport(mode, size, model_bytes_before=weight_bytes(out))
     for weight in _weights(out):

@@ -266,6 +266,7 @@ class MeasuredCosts:
     rounds: int = 7
     _entries: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict, repr=False)
     _loaded: bool = field(default=False, repr=False)
+    _warned: bool = field(default=False, repr=False)
 
     @property
     def path(self) -> Path:
@@ -347,7 +348,8 @@ class MeasuredCosts:
         with torch.inference_mode(), threads(self.target.threads if device.type == "cpu" else None):
             best = best_times(fns, self.rounds, device=device)
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        if load is not None and device.type == "cpu" and load > (os.cpu_count() or 1):
+        if load is not None and device.type == "cpu" and load > (os.cpu_count() or 1) and not self._warned:
+            self._warned = True  # once per cost model: every entry records its load average
             logger.warning("timed a %dx%d Linear under a load average of %.1f on %d CPUs: the times are noisy; measure on a quiet "
                            "machine (remove %s to measure again)", m, n, load, os.cpu_count() or 1, self.path)
         return TokenTimes(tokens, measured, best["dense"] / len(dense),
