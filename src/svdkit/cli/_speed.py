@@ -17,7 +17,8 @@ def add_speed_option(parser: argparse.ArgumentParser) -> None:
     """``--speed``: decode tokens/s and prefill time against the dense model (slow: minutes)."""
     parser.add_argument("--speed", action="store_true",
                         help=f"also time greedy decoding (tokens/s at batch {' and '.join(map(str, SPEED_BATCHES))}, 32 tokens after "
-                             f"64) and a {PREFILL[0]} x {PREFILL[1]} prefill against the dense model, interleaved (takes minutes)")
+                             f"64) and a prefill of {PREFILL[0]} x {PREFILL[1]} tokens, interleaved with the dense model it came from "
+                             "(takes minutes)")
 
 
 def add_compress_options(parser: argparse.ArgumentParser) -> None:

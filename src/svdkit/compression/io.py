@@ -223,8 +223,8 @@ def save_compressed(
         source = str(Path(source).resolve())
     state = model.state_dict(keep_vars=True)
     quantization = quantization_record(model, state, cast)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     name = WEIGHTS_NAME if quantization is None or record_mode(quantization).transformers is None else SVDKIT_WEIGHTS_NAME
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         if quantization is None:
             save_tensors(staging / name, state, dtype=cast)
