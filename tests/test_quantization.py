@@ -165,6 +165,8 @@ def test_plain_transformers_loads_int8_and_refuses_int4(tmp_path):
         {"name": "int4", "action": "causal", "directory": str(tmp_path / "int4")},
         {"name": "int4 refuse", "action": "refuse", "directory": str(tmp_path / "int4")},
     ])
+    assert "needs `pip install torchao`" in (tmp_path / "int8" / "README.md").read_text()
+    assert "Plain transformers cannot load this directory: its weights are quantized in int4" in (tmp_path / "int4" / "README.md").read_text()
     int8 = results["int8"]
     assert "error" not in int8, int8
     assert int8["missing"] == [] and int8["unexpected"] == [] and len(int8["low_rank"]) == len(_factors(q8))

@@ -113,6 +113,9 @@ def model_card(name: str, description: Mapping[str, Any], quality: Mapping[str, 
             f"from transformers import {auto_class}", "",
             f'model = {auto_class}.from_pretrained("path/to/this/directory", trust_remote_code=True)', "```",
         ]
+        if quantized:
+            lines += ["", f"The weights are quantized with torchao ({quantized.get('torchao_version')} wrote them): transformers "
+                          "reads them through its `TorchAoConfig` support, which needs `pip install torchao`."]
     else:
         lines.append(f"Plain transformers cannot load this directory: {export.get('reason') or 'not recorded'}.")
     return "\n".join(lines) + "\n"
