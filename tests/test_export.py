@@ -323,6 +323,12 @@ def test_a_model_the_modeling_code_cannot_express_is_saved_for_svdkit_and_says_w
     assert not (tmp_path / "m" / MODELING_FILE).exists()
     card = (tmp_path / "m" / "README.md").read_text()
     assert "Plain transformers cannot load this directory" in card and "library_name" not in card
+    # The weights are not where transformers looks: it refuses instead of loading random weights.
+    assert sorted(meta["files"]) == ["svdkit_model.safetensors"] and not (tmp_path / "m" / "model.safetensors").exists()
+    import transformers
+
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        getattr(transformers, type(small).__name__).from_pretrained(tmp_path / "m")
     if inputs is not None:  # svdkit's own format still round-trips
         again = load_compressed(tmp_path / "m")
         with torch.no_grad():

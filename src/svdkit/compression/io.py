@@ -41,9 +41,9 @@ from ..export.plain_save import guard_plain_save
 from ..files import save_tensors
 from ..layers.lowrank import LowRankLayer, low_rank_from_spec
 from ..surgery import get_module, replace_module
-from ..quantization.record import quantization_record, read_quantized, record_mode
+from ..quantization.record import quantization_record, read_quantized
 from ..quantization.storage import flatten_state, is_quantized
-from .saved import CONFIG_NAME, FORMAT_VERSION, READABLE_VERSIONS, sha256, write_saved_files
+from .saved import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, READABLE_VERSIONS, WEIGHTS_NAME, sha256, write_saved_files
 from .transformers_files import transformers_skeleton
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
     "FORMAT_VERSION",
     "INDEX_NAME",
     "PROGRESS_NAME",
-    "SVDKIT_WEIGHTS_NAME",
     "WEIGHTS_NAME",
     "check_save_target",
     "decompress",
@@ -62,12 +61,6 @@ __all__ = [
     "weight_files",
 ]
 
-WEIGHTS_NAME = "model.safetensors"
-# Quantized weights plain transformers cannot read (see svdkit.quantization.modes) go under another
-# name: transformers then finds no weights and refuses the directory, instead of building the base
-# model with random weights where the quantized parts' names do not match.
-SVDKIT_WEIGHTS_NAME = "svdkit_model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 PROGRESS_NAME = "svdkit_progress.json"
 
 
@@ -223,15 +216,14 @@ def save_compressed(
         source = str(Path(source).resolve())
     state = model.state_dict(keep_vars=True)
     quantization = quantization_record(model, state, cast)
-    name = WEIGHTS_NAME if quantization is None or record_mode(quantization).transformers is None else SVDKIT_WEIGHTS_NAME
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         if quantization is None:
-            save_tensors(staging / name, state, dtype=cast)
+            save_tensors(staging / WEIGHTS_NAME, state, dtype=cast)
         else:
             tensors, header, _ = flatten_state(state)
-            save_tensors(staging / name, tensors, dtype=cast, metadata=header, exact=set(tensors) - set(state))
-        write_saved_files(model, staging, weight_files=[name], layers=factorized_layers(model),
+            save_tensors(staging / WEIGHTS_NAME, tensors, dtype=cast, metadata=header, exact=set(tensors) - set(state))
+        write_saved_files(model, staging, weight_files=[WEIGHTS_NAME], layers=factorized_layers(model),
                           dtype=cast or weights_dtype(state.values()), source=source, config=config, report=report,
                           tokenizer=tokenizer, target=target, quantization=quantization)
         _replace_directory(staging, target)

@@ -7,7 +7,10 @@ directory with :func:`write_saved_files`:
 - the transformers companions (``config.json``, ``generation_config.json``, the tokenizer);
 - for a transformers model whose factorized layers are all ``LowRankLinear``, the export that
   plain transformers loads with ``trust_remote_code=True`` (:mod:`svdkit.export.remote_code`);
-  a transformers model that cannot be exported says why, in a warning and in the description;
+  a transformers model that cannot be exported says why, in a warning and in the description,
+  and its weights are renamed (``svdkit_model.safetensors``, ``svdkit_model.safetensors.index.json``)
+  so that plain transformers finds none and refuses the directory, instead of building the base
+  model with random weights where the factors are;
 - ``svdkit_compressed.json``, the description (see :mod:`svdkit.compression.io`);
 - ``README.md``, the model card;
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,12 +36,19 @@ from ..export.remote_code import write_remote_code
 from ..files import apply_umask, write_atomic
 from .transformers_files import is_transformers_model, write_companions
 
-__all__ = ["CARD_NAME", "CONFIG_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "sha256", "write_saved_files"]
+__all__ = [
+    "CARD_NAME", "CONFIG_NAME", "FORMAT_VERSION", "INDEX_NAME", "READABLE_VERSIONS", "SVDKIT_ONLY_PREFIX", "WEIGHTS_NAME",
+    "sha256", "write_saved_files",
+]
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 CONFIG_NAME = "svdkit_compressed.json"
 CARD_NAME = "README.md"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+# Weights plain transformers must not find (a model it cannot build): their names take this prefix.
+SVDKIT_ONLY_PREFIX = "svdkit_"
 
 
 def sha256(path: Path) -> str:
@@ -47,6 +58,20 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _hide_from_transformers(directory: Path, weight_files: Sequence[str]) -> list[str]:
+    """Rename the files through which transformers would find weights (the single weight file,
+    the shards' index) with :data:`SVDKIT_ONLY_PREFIX`; the weight files' new names."""
+    renamed = []
+    for name in weight_files:
+        if name == WEIGHTS_NAME:
+            os.replace(directory / name, directory / (SVDKIT_ONLY_PREFIX + name))
+            name = SVDKIT_ONLY_PREFIX + name
+        renamed.append(name)
+    if (directory / INDEX_NAME).exists():
+        os.replace(directory / INDEX_NAME, directory / (SVDKIT_ONLY_PREFIX + INDEX_NAME))
+    return renamed
 
 
 def write_saved_files(
@@ -88,13 +113,15 @@ def write_saved_files(
     Returns
     -------
     dict
-        The description written.
+        The description written (its ``files`` name the weight files as they are now: renamed
+        for a transformers model plain transformers cannot load).
     """
     name = dtype_name(dtype) if dtype is not None else None
     target = target or directory
     write_companions(model, directory, tokenizer, dtype=name)
     reason = write_remote_code(model, directory, layers, name, weight_files, quantization)
     if reason is not None and is_transformers_model(model):
+        weight_files = _hide_from_transformers(directory, weight_files)
         warnings.warn(f"saved {target} for svdkit only: plain transformers cannot load it, because {reason}", UserWarning, stacklevel=3)
     quality = dict(getattr(report, "quality", None) or {})
     meta = {
