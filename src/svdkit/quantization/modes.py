@@ -31,7 +31,7 @@ def torchao():
     try:
         import torchao as module
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("weight quantization needs torchao: pip install 'torchao>=0.18'") from exc
+        raise ImportError("weight quantization needs torchao: pip install 'svdkit[quant]' (torchao>=0.18)") from exc
     return module
 
 
