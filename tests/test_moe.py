@@ -9,7 +9,6 @@ from torch import nn
 
 from svdkit import CompressConfig, compress, load_compressed, save_compressed
 from svdkit.analysis import analyze_weights
-from svdkit.calibrate import GramStats
 from svdkit.compression.compressor import Recording
 from svdkit.experts import expert_banks
 from svdkit.layers.experts import ExpertBank, router_names
