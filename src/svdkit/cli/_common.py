@@ -60,7 +60,7 @@ def add_rank_options(parser: argparse.ArgumentParser, *, params: bool, rank_help
                           help="fraction of the targeted parameters to keep; several (0.5,0.6,0.7) write one output each")
     size.add_argument("--rank", type=positive_int, help=rank_help)
     size.add_argument("--energy", type=_fraction, help="per layer: the smallest rank keeping this fraction of the (whitened) spectral energy")
-    size.add_argument("--error", type=_error, help="per layer: the smallest rank whose relative (whitened) error is at most this")
+    size.add_argument("--error", type=relative_error, help="per layer: the smallest rank whose relative (whitened) error is at most this")
     return size
 
 
@@ -181,7 +181,7 @@ def _fractions(value: str) -> tuple[float, ...]:
     return tuple(_fraction(v) for v in parts)
 
 
-def _error(value: str) -> float:
+def relative_error(value: str) -> float:
     number = _number(value)
     if not 0 <= number < 1:
         raise argparse.ArgumentTypeError(f"expected a relative error in [0, 1), got {value!r}")

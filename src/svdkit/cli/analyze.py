@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import _error, add_output_options, add_target_options, check_outputs, progress_option, target_spec, write_json
+from ._common import add_output_options, add_target_options, check_outputs, progress_option, relative_error, target_spec, write_json
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--conv2d", choices=("matrix", "slices", "both"), default="matrix",
                         help="Conv2d as the (out, in*kh*kw) matrix, as WeightWatcher's pooled slices, or both")
     parser.add_argument("--mp-fit", action="store_true", help="add WeightWatcher's Marchenko-Pastur fit (needs scipy)")
-    parser.add_argument("--error", type=_error, default=None,
+    parser.add_argument("--error", type=relative_error, default=None,
                         help="relative Frobenius error of the compression verdict's rule (default 0.2)")
     parser.add_argument("--eigen-route", choices=("auto", "gram", "svd"), default="auto",
                         help="how the eigenvalues are computed: auto (fastest), gram (float64-exact), svd (the reference)")

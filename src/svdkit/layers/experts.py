@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..batches import row_weights
-from .lowrank.base import LowRankLayer, _field, _mismatch, register_spec_class
+from .lowrank.base import LowRankLayer, spec_field, spec_mismatch, register_spec_class
 
 __all__ = [
     "ExpertBank",
@@ -187,10 +187,10 @@ class ExpertBank(LowRankLayer, nn.ModuleList):
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], dense: nn.Module, *, name: str = "") -> "ExpertBank":
-        saved = tuple(_field(spec, key, int, name) for key in ("experts", "hidden", "intermediate"))
+        saved = tuple(spec_field(spec, key, int, name) for key in ("experts", "hidden", "intermediate"))
         base = (dense.gate_up_proj.shape[0], dense.gate_up_proj.shape[2], dense.down_proj.shape[2])
         if saved != base:
-            raise _mismatch(name, spec, f"experts, hidden, intermediate = {saved}", f"{base}", dense)
+            raise spec_mismatch(name, spec, f"experts, hidden, intermediate = {saved}", f"{base}", dense)
         bank = cls._empty(dense)
         for expert in bank:
             expert.to_empty(device=dense.gate_up_proj.device if not dense.gate_up_proj.is_meta else "meta")

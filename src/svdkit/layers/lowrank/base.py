@@ -10,10 +10,14 @@ from torch import nn
 from ...linalg import RankLike, split_factors, truncated_svd
 from ...views import get_view, kinds, view_of_kind, weight_matrix
 
-__all__ = ["LowRankLayer", "grouped_matrices", "low_rank_class", "low_rank_from_spec", "low_rank_types", "register_low_rank", "register_spec_class"]
+__all__ = [
+    "LowRankLayer", "grouped_matrices", "low_rank_class", "low_rank_from_spec", "low_rank_types", "register_low_rank", "register_spec_class",
+    "saving_label", "spec_field", "spec_mismatch",
+]
 
 
-def _saving(dense: int, factored: int) -> str:
+def saving_label(dense: int, factored: int) -> str:
+    """The parameter change of a factorization as a label: ``"-38%"`` (or ``"+12%"`` when it grows)."""
     return f"{1 - factored / dense:+.0%}".replace("+", "-", 1) if factored <= dense else f"+{factored / dense - 1:.0%}"
 
 
@@ -179,7 +183,8 @@ def low_rank_from_spec(spec: Mapping[str, Any], dense: nn.Module, *, name: str =
     return cls.from_spec(spec, dense, name=name)
 
 
-def _field(spec: Mapping[str, Any], key: str, kind: type | tuple[type, ...], name: str) -> Any:
+def spec_field(spec: Mapping[str, Any], key: str, kind: type | tuple[type, ...], name: str) -> Any:
+    """Field ``key`` of layer ``name``'s saved spec, checked to be a ``kind``; a clear error otherwise."""
     if key not in spec:
         raise ValueError(f"saved layer {name} ({spec.get('type')}): missing field {key!r}")
     value = spec[key]
@@ -192,7 +197,8 @@ def _field(spec: Mapping[str, Any], key: str, kind: type | tuple[type, ...], nam
     return value
 
 
-def _mismatch(name: str, spec: Mapping[str, Any], saved: Any, base: Any, dense: nn.Module) -> ValueError:
+def spec_mismatch(name: str, spec: Mapping[str, Any], saved: Any, base: Any, dense: nn.Module) -> ValueError:
+    """The error for a saved layer whose geometry does not fit the base model's layer."""
     return ValueError(
         f"saved layer {name} ({spec.get('type')}, {saved}) does not fit the base model's {type(dense).__name__} ({base})"
     )

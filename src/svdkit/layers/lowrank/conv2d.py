@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .base import LowRankLayer, _field, _mismatch, _saving, register_low_rank
+from .base import LowRankLayer, spec_field, spec_mismatch, saving_label, register_low_rank
 
 __all__ = ["LowRankConv2d"]
 
@@ -98,12 +98,12 @@ class LowRankConv2d(LowRankLayer):
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], dense: nn.Conv2d, *, name: str = "") -> "LowRankConv2d":
-        rank = _field(spec, "rank", int, name)
-        saved = (_field(spec, "in_channels", int, name), _field(spec, "out_channels", int, name),
-                 tuple(_field(spec, "kernel_size", list, name)), _field(spec, "groups", int, name))
+        rank = spec_field(spec, "rank", int, name)
+        saved = (spec_field(spec, "in_channels", int, name), spec_field(spec, "out_channels", int, name),
+                 tuple(spec_field(spec, "kernel_size", list, name)), spec_field(spec, "groups", int, name))
         base = (dense.in_channels, dense.out_channels, tuple(dense.kernel_size), dense.groups)
         if saved != base:
-            raise _mismatch(name, spec, f"in, out, kernel, groups = {saved}", f"{base}", dense)
+            raise spec_mismatch(name, spec, f"in, out, kernel, groups = {saved}", f"{base}", dense)
         return cls(dense, rank)
 
     def to_dense(self) -> nn.Conv2d:
@@ -127,6 +127,6 @@ class LowRankConv2d(LowRankLayer):
         kh, kw = self.reduce.kernel_size
         dense = self.out_channels * (self.in_channels // self.groups) * kh * kw
         factored = sum(p.numel() for p in (self.reduce.weight, self.expand.weight))
-        return f"rank={self.rank}, groups={self.groups}, params={factored:,} vs {dense:,} dense ({_saving(dense, factored)})"
+        return f"rank={self.rank}, groups={self.groups}, params={factored:,} vs {dense:,} dense ({saving_label(dense, factored)})"
 
 

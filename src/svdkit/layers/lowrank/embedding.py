@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LowRankLayer, _field, _mismatch, _saving, register_low_rank
+from .base import LowRankLayer, spec_field, spec_mismatch, saving_label, register_low_rank
 
 __all__ = ["LowRankEmbedding"]
 
@@ -74,10 +74,10 @@ class LowRankEmbedding(LowRankLayer):
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], dense: nn.Embedding, *, name: str = "") -> "LowRankEmbedding":
-        rank = _field(spec, "rank", int, name)
-        saved = (_field(spec, "num_embeddings", int, name), _field(spec, "embedding_dim", int, name))
+        rank = spec_field(spec, "rank", int, name)
+        saved = (spec_field(spec, "num_embeddings", int, name), spec_field(spec, "embedding_dim", int, name))
         if saved != tuple(dense.weight.shape):
-            raise _mismatch(name, spec, f"{saved[0]} x {saved[1]}", tuple(dense.weight.shape), dense)
+            raise spec_mismatch(name, spec, f"{saved[0]} x {saved[1]}", tuple(dense.weight.shape), dense)
         return cls(saved[0], saved[1], rank, dense.padding_idx, device=dense.weight.device, dtype=dense.weight.dtype)
 
     def to_dense(self) -> nn.Embedding:
@@ -91,4 +91,4 @@ class LowRankEmbedding(LowRankLayer):
     def extra_repr(self) -> str:
         dense = self.num_embeddings * self.embedding_dim
         factored = self.rank * (self.num_embeddings + self.embedding_dim)
-        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, params={factored:,} vs {dense:,} dense ({_saving(dense, factored)})"
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, params={factored:,} vs {dense:,} dense ({saving_label(dense, factored)})"

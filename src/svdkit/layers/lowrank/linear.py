@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...views import is_conv1d, weight_matrix
-from .base import LowRankLayer, _field, _mismatch, _saving, register_low_rank
+from .base import LowRankLayer, spec_field, spec_mismatch, saving_label, register_low_rank
 
 __all__ = ["LowRankLinear"]
 
@@ -85,14 +85,14 @@ class LowRankLinear(LowRankLayer):
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], dense: nn.Module, *, name: str = "") -> "LowRankLinear":
-        rank = _field(spec, "rank", int, name)
-        saved = (_field(spec, "out_features", int, name), _field(spec, "in_features", int, name))
+        rank = spec_field(spec, "rank", int, name)
+        saved = (spec_field(spec, "out_features", int, name), spec_field(spec, "in_features", int, name))
         base = tuple(weight_matrix(dense).shape)
         if saved != base:
-            raise _mismatch(name, spec, f"out, in = {saved}", f"out, in = {base}", dense)
-        has_bias = _field(spec, "bias", bool, name)
+            raise spec_mismatch(name, spec, f"out, in = {saved}", f"out, in = {base}", dense)
+        has_bias = spec_field(spec, "bias", bool, name)
         if has_bias != (getattr(dense, "bias", None) is not None):
-            raise _mismatch(name, spec, f"bias={has_bias}", f"bias={not has_bias}", dense)
+            raise spec_mismatch(name, spec, f"bias={has_bias}", f"bias={not has_bias}", dense)
         W = dense.weight
         return cls(saved[1], saved[0], rank, has_bias, source_kind="conv1d" if is_conv1d(dense) else "linear",
                    device=W.device, dtype=W.dtype)
@@ -125,7 +125,7 @@ class LowRankLinear(LowRankLayer):
         factored = self.rank * (self.in_features + self.out_features)
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"bias={self.bias is not None}, params={factored:,} vs {dense:,} dense ({_saving(dense, factored)})"
+            f"bias={self.bias is not None}, params={factored:,} vs {dense:,} dense ({saving_label(dense, factored)})"
         )
 
 
