@@ -110,6 +110,6 @@ def test_the_cli_spells_every_idea_once():
     commands = {path for path, action in options if "--svd-method" in action.option_strings}
     assert commands == {"svdkit lora extract"}
     assert {path for path, action in options if "--lora-alpha" in action.option_strings} == {"svdkit lora extract"}
-    # data that calibrates is --calib, data that is analysed or scored is --data
-    assert {path for path, action in options if "--calib" in action.option_strings} == {"svdkit compress"}
+    # data the compression is fitted to (calibration, healing) is --calib, data analysed or scored is --data
+    assert {path for path, action in options if "--calib" in action.option_strings} == {"svdkit compress", "svdkit heal"}
     assert {path for path, action in options if "--data" in action.option_strings} == {"svdkit analyze", "svdkit eval"}
