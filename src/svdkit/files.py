@@ -9,12 +9,14 @@ readable by their owner alone).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Collection, Mapping
 
 import torch
 
-__all__ = ["apply_umask", "current_umask", "save_tensors", "write_atomic"]
+__all__ = ["apply_umask", "current_umask", "replace_directory", "save_tensors", "write_atomic"]
 
 
 def current_umask() -> int:
@@ -98,3 +100,19 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *
         kept[key] = tensor.to("cpu").contiguous()
     header = {**dict(metadata or {}), "format": "pt"}
     write_atomic(path, lambda t: save_file(kept, str(t), metadata=header))
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Move ``staging`` to ``target``; an existing ``target`` is restored if the move fails."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, retired / target.name)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(retired / target.name, target)
+        shutil.rmtree(retired, ignore_errors=True)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..export.dtype import parse_dtype, weights_dtype
 from ..export.plain_save import guard_plain_save
-from ..files import save_tensors
+from ..files import replace_directory, save_tensors
 from ..layers.lowrank import LowRankLayer, low_rank_from_spec
 from ..surgery import get_module, replace_module
 from ..quantization.record import quantization_record, read_quantized
@@ -129,22 +129,6 @@ def check_save_target(target: Path, overwrite: bool) -> None:
             )
 
 
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target``; an existing ``target`` is restored if the move fails."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, retired / target.name)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(retired / target.name, target)
-        shutil.rmtree(retired, ignore_errors=True)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
-
-
 def save_compressed(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -226,7 +210,7 @@ def save_compressed(
         write_saved_files(model, staging, weight_files=[WEIGHTS_NAME], layers=factorized_layers(model),
                           dtype=cast or weights_dtype(state.values()), source=source, config=config, report=report,
                           tokenizer=tokenizer, target=target, quantization=quantization)
-        _replace_directory(staging, target)
+        replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
