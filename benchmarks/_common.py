@@ -121,7 +121,10 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join([header, rule, *body])
 
 
-def write_json(path: str, payload: dict[str, Any]) -> None:
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON to ``path``; nothing when ``path`` is None."""
+    if path is None:
+        return
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")

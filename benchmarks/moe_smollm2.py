@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "seconds": seconds,
             })
             print(format_table([rows[-1]], _columns(rows[-1])), file=sys.stderr, flush=True)
+            write_json(args.json, {"machine": machine_info(), "upcycling": info, "dense_moe": dense, "rows": rows})
             del out
     return {"machine": machine_info(), "upcycling": info, "dense_moe": dense, "rows": rows}
 
