@@ -26,7 +26,7 @@ from svdkit.data import builtin_sentences
 from svdkit.linalg import ParamRatio
 from svdkit.models import load_model
 
-# name -> (method, global budget?, refit passes, heal steps)
+# name -> (method, global budget?, refit passes, layer-wise distillation steps)
 CONFIGS = {
     "svd": ("svd", False, 0, 0),
     "asvd": ("asvd", False, 0, 0),
@@ -35,16 +35,16 @@ CONFIGS = {
     "whiten-budget": ("whiten", True, 0, 0),
     "fisher-budget": ("fisher", True, 0, 0),
     "fisher-budget-refit": ("fisher", True, 1, 0),
-    "fisher-budget-heal": ("fisher", True, 0, 100),
+    "fisher-budget-distill": ("fisher", True, 0, 100),
 }
 # The encoder's 36 Linear layers shape the sentence embedding; the BERT pooler does not.
 TARGETS = r".*encoder.*"
 
 
 def config_for(name: str, ratio: float) -> CompressConfig:
-    method, budget, refit, heal_steps = CONFIGS[name]
+    method, budget, refit, distill_steps = CONFIGS[name]
     size = {"budget": ratio} if budget else {"rank": ParamRatio(ratio)}
-    return CompressConfig(method=method, target_modules=TARGETS, refit=refit, heal_steps=heal_steps, **size)
+    return CompressConfig(method=method, target_modules=TARGETS, refit=refit, layerwise_distill_steps=distill_steps, **size)
 
 
 def latency_ratio(loaded, module, texts: list[str], repeats: int) -> tuple[float, float]:

@@ -114,6 +114,19 @@ def test_config_json_round_trip():
         CompressConfig.from_dict({"ranks": 3})
 
 
+@pytest.mark.parametrize("old, new, value", [("overrides", "rank_pattern", {}), ("exclude", "exclude_modules", ["x"]),
+                                             ("alpha", "asvd_alpha", 0.25), ("heal_steps", "layerwise_distill_steps", 7),
+                                             ("heal_lr", "layerwise_distill_lr", 3e-3)])
+def test_configs_saved_under_earlier_names_are_read_under_todays_names(old, new, value):
+    with pytest.warns(DeprecationWarning, match=f"{old!r} is now called {new!r}"):
+        config = CompressConfig.from_dict({old: value})
+    assert getattr(config, new) == (tuple(value) if isinstance(value, list) else value)
+    with pytest.raises(ValueError, match=f"gives both {old!r}"):
+        CompressConfig.from_dict({old: value, new: value})
+    with pytest.raises(TypeError):
+        CompressConfig(**{old: value})  # earlier names are read from saved configs only
+
+
 def test_report_table_and_json(tmp_path):
     _, report = compress(mlp(), CompressConfig(method="svd", rank=4))
     table = report.to_table()
@@ -131,19 +144,19 @@ def test_report_table_and_json(tmp_path):
     assert int(frame["params_after"].sum()) == sum(layer.params_after for layer in report.layers)
 
 
-def test_heal_lowers_the_output_error_and_only_trains_the_factorized_layers():
+def test_layerwise_distillation_lowers_the_output_error_and_only_trains_the_factorized_layers():
     model = mlp(2)
     batches = correlated_batches(3)
     X = torch.cat(batches)
     config = dict(method="whiten", rank=3, target_modules=["0", "2"])
     plain, _ = compress(model, CompressConfig(**config), batches)
-    healed, report = compress(model, CompressConfig(**config, heal_steps=60, heal_lr=3e-3), batches)
+    healed, report = compress(model, CompressConfig(**config, layerwise_distill_steps=60, layerwise_distill_lr=3e-3), batches)
     assert (healed(X) - model(X)).norm() < (plain(X) - model(X)).norm()
     torch.testing.assert_close(healed[4].weight, model[4].weight)  # dense layer untouched
-    assert "heal loss" in " ".join(report.quality)
+    assert "layer-wise distillation loss" in " ".join(report.quality)
     assert all(p.requires_grad for p in healed.parameters()) and all(p.grad is None for p in healed.parameters())
     with pytest.raises(ValueError, match="needs calibration data"):
-        compress(model, CompressConfig(method="svd", heal_steps=5))
+        compress(model, CompressConfig(method="svd", layerwise_distill_steps=5))
 
 
 def test_a_budget_sweep_equals_separate_compressions():

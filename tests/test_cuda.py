@@ -80,7 +80,7 @@ def test_refit_heal_and_save_load_on_cuda(tmp_path):
     model = _cnn("cuda")
     batches = [torch.randn(16, 3, 16, 16, device="cuda") for _ in range(4)]
     x = torch.randn(4, 3, 16, 16, device="cuda")
-    out, _ = compress(model, CompressConfig(method="fisher", budget=0.5, refit=1, heal_steps=3), batches)
+    out, _ = compress(model, CompressConfig(method="fisher", budget=0.5, refit=1, layerwise_distill_steps=3), batches)
     assert all(p.is_cuda for p in out.parameters())
     save_compressed(out, tmp_path / "c")
     again = load_compressed(tmp_path / "c", base=copy.deepcopy(model))

@@ -27,7 +27,7 @@ them (in memory, or in a checkpoint read one block at a time) and visit the comp
 while they are processed.
 
 The closed-form refit is not available here (see
-:data:`svdkit.compression.config.REFIT_NEEDS_THE_WHOLE_MODEL`); healing runs after either pipeline.
+:data:`svdkit.compression.config.REFIT_NEEDS_THE_WHOLE_MODEL`); layer-wise distillation runs after either pipeline.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ REFIT_NEEDS_THE_WHOLE_MODEL = (
 )
 
 # Names of fields in configs saved by earlier svdkit versions -> today's names.
-_RENAMED = {"overrides": "rank_pattern", "exclude": "exclude_modules", "alpha": "asvd_alpha"}
+_RENAMED = {"overrides": "rank_pattern", "exclude": "exclude_modules", "alpha": "asvd_alpha",
+            "heal_steps": "layerwise_distill_steps", "heal_lr": "layerwise_distill_lr"}
 
 
 def _rank_to_json(rank: RankLike) -> Any:
@@ -101,7 +102,7 @@ class CompressConfig:
         block's statistics, each block fitted to the inputs the compressed blocks before it
         produce); ``"model"``: the whole model at once (:mod:`svdkit.compression.model_driver`;
         small models; needed by ``refit``); ``"auto"``: blocks for causal language models whose
-        layers sit in a stack of blocks and ask for no refit or healing, the whole model otherwise.
+        layers sit in a stack of blocks and ask for no refit or layer-wise distillation, the whole model otherwise.
         The report says which ran.
     device : str, optional
         Compute device of the block pipeline: each block visits it while it is processed and
@@ -139,11 +140,16 @@ class CompressConfig:
     refine_held_out : float
         Fraction of the calibration batches never trained on by block refinement (at least one):
         its early stopping watches the error on them.
-    heal_steps : int
-        Distillation steps toward the original after compression (:mod:`svdkit.compression.heal`),
-        after either pipeline (the dense model must be kept: not with ``inplace``); 0: none.
-    heal_lr : float
-        Learning rate of the distillation (Adam).
+    layerwise_distill_steps : int
+        Steps of layer-wise distillation toward the original after compression, for any model
+        (:mod:`svdkit.compression.layerwise_distill`: every factorized layer's output and the
+        model's output matched to the original's on the calibration batches), after either
+        pipeline (the dense model must be kept: not with ``inplace``); 0: none. Healing a causal
+        LM by KL distillation on its logits is another step, after compression:
+        :func:`svdkit.compression.distill.heal_language_model` (``svdkit heal``,
+        ``svdkit compress --heal-steps``).
+    layerwise_distill_lr : float
+        Learning rate of the layer-wise distillation (Adam).
     expert_basis : {"separate", "shared"}
         A mixture's experts: each factorized on its own, or (``"shared"``) with one factor shared
         by the experts of a layer and a small one each wherever that leaves less error at the
@@ -178,8 +184,8 @@ class CompressConfig:
     refine_target: Literal["dense", "shifted"] = "dense"
     refine_lr: float = 1e-4
     refine_held_out: float = 0.125
-    heal_steps: int = 0
-    heal_lr: float = 1e-4
+    layerwise_distill_steps: int = 0
+    layerwise_distill_lr: float = 1e-4
     expert_basis: Literal["separate", "shared"] = "separate"
     seed: int = 0
 
@@ -230,15 +236,15 @@ class CompressConfig:
             raise ValueError(f"refine_held_out: expected a fraction in (0, 1), got {self.refine_held_out!r}")
         if self.refine_epochs and self.pipeline == "model":
             raise ValueError("refine_epochs: block refinement runs in the block pipeline (pipeline='blocks' or 'auto'), not with pipeline='model'")
-        if isinstance(self.heal_lr, bool) or not isinstance(self.heal_lr, (int, float)) or not self.heal_lr > 0:
-            raise ValueError(f"heal_lr: expected a number > 0, got {self.heal_lr!r}")
-        if isinstance(self.refine_lr, bool) or not isinstance(self.refine_lr, (int, float)) or not self.refine_lr > 0:
-            raise ValueError(f"refine_lr: expected a number > 0, got {self.refine_lr!r}")
+        for name in ("layerwise_distill_lr", "refine_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}: expected a number > 0, got {value!r}")
         for name in ("asvd_alpha", "damping", "output_damping"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-        for name, low in (("probes", 1), ("min_rank", 1), ("refit", 0), ("refine_epochs", 0), ("heal_steps", 0)):
+        for name, low in (("probes", 1), ("min_rank", 1), ("refit", 0), ("refine_epochs", 0), ("layerwise_distill_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
@@ -248,10 +254,10 @@ class CompressConfig:
 
     @property
     def needs_data(self) -> bool:
-        """Whether the method (or refit, or healing) needs calibration data."""
+        """Whether the method (or refit, or layer-wise distillation) needs calibration data."""
         from .methods import METHODS
 
-        return METHODS[self.method].needs_data or self.refit > 0 or self.heal_steps > 0
+        return METHODS[self.method].needs_data or self.refit > 0 or self.layerwise_distill_steps > 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (rank specs as ``{"kind", "value"}``)."""
@@ -268,8 +274,9 @@ class CompressConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise an error naming them.
 
         Fields under the names of configs saved by earlier versions (``overrides``, ``exclude``,
-        ``alpha``) are read under today's names (``rank_pattern``, ``exclude_modules``,
-        ``asvd_alpha``) with a ``DeprecationWarning``.
+        ``alpha``, ``heal_steps``, ``heal_lr``) are read under today's names (``rank_pattern``,
+        ``exclude_modules``, ``asvd_alpha``, ``layerwise_distill_steps``,
+        ``layerwise_distill_lr``) with a ``DeprecationWarning``.
         """
         if not isinstance(data, Mapping):
             raise ValueError(f"a CompressConfig is a JSON object, got {type(data).__name__}")

@@ -3,7 +3,7 @@
 The entry point of both pipelines: it checks the input (:mod:`svdkit.compression.checks`),
 chooses the pipeline, runs the one :class:`~svdkit.compression.compressor.LayerCompressor`
 through its driver (:mod:`~svdkit.compression.model_driver` or
-:mod:`~svdkit.compression.block_driver`), heals the result when asked, and fills the report.
+:mod:`~svdkit.compression.block_driver`), distils the result layer by layer when asked, and fills the report.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .blocks import BlockHome, BlockStack, find_blocks
 from .checks import calibration_digest, check_same_calibration, check_token_batches, check_weights, reaches_experts, select_targets
 from .compressor import LayerCompressor
 from .config import CompressConfig
-from .heal import heal
+from .layerwise_distill import layerwise_distill
 from .model_driver import apply_plan, plan_model
 from .report import CompressionReport, peak_memory
 
@@ -37,7 +37,7 @@ Forward = Callable[[nn.Module, Any], Any]
 
 def _choose_pipeline(model: nn.Module, targets: list[tuple[str, nn.Module]], config: CompressConfig) -> BlockStack | None:
     """The stack of blocks to compress block by block, or None for the whole-model path."""
-    if config.pipeline == "model" or (config.pipeline == "auto" and (config.refit or config.heal_steps)):
+    if config.pipeline == "model" or (config.pipeline == "auto" and (config.refit or config.layerwise_distill_steps)):
         return None
     stack = find_blocks(model, [name for name, _ in targets])
     if config.pipeline == "blocks":
@@ -166,9 +166,10 @@ def _compress_all(
     for (out, report), cfg in zip(results, configs):
         fold_dense_banks(out)
         guard_plain_save(out)
-        if cfg.heal_steps:
-            losses = heal(model, out, calibration, forward, steps=cfg.heal_steps, lr=cfg.heal_lr, progress=progress)
-            report.quality["heal loss first/last"] = f"{losses[0]:.4g} -> {losses[-1]:.4g}"
+        if cfg.layerwise_distill_steps:
+            losses = layerwise_distill(model, out, calibration, forward, steps=cfg.layerwise_distill_steps,
+                                       lr=cfg.layerwise_distill_lr, progress=progress)
+            report.quality["layer-wise distillation loss first/last"] = f"{losses[0]:.4g} -> {losses[-1]:.4g}"
         report.model_params_before = params_before
         report.model_params_after = sum(p.numel() for p in out.parameters())
         report.seconds = time.perf_counter() - start
@@ -184,11 +185,11 @@ def _prepare(model: nn.Module, config: CompressConfig, calibration: Iterable[Any
     check_weights(targets)
     if config.needs_data and calibration is None:
         raise ValueError(
-            f"method {config.method!r} (refit={config.refit}, heal_steps={config.heal_steps}) needs calibration data; "
-            "pass calibration= or use a method that needs none (method='svd') without refit or healing"
+            f"method {config.method!r} (refit={config.refit}, layerwise_distill_steps={config.layerwise_distill_steps}) needs calibration data; "
+            "pass calibration= or use a method that needs none (method='svd') without refit or layer-wise distillation"
         )
-    if config.heal_steps and inplace:
-        raise ValueError("heal_steps distils the compressed model toward the dense one, which inplace=True does not keep: pass inplace=False")
+    if config.layerwise_distill_steps and inplace:
+        raise ValueError("layerwise_distill_steps distils the compressed model toward the dense one, which inplace=True does not keep: pass inplace=False")
     calibration = list(calibration) if calibration is not None else None
     if calibration is not None:
         check_token_batches(model, calibration)

@@ -275,8 +275,8 @@ def compress_to_directory(
         resumed run differs from the first, or what :func:`svdkit.compress` refuses.
     """
     config = config or CompressConfig()
-    if config.pipeline == "model" or config.refit or config.heal_steps:
-        raise ValueError("compress_to_directory runs the block pipeline: pipeline='model', refit and heal_steps are not available")
+    if config.pipeline == "model" or config.refit or config.layerwise_distill_steps:
+        raise ValueError("compress_to_directory runs the block pipeline: pipeline='model', refit and layerwise_distill_steps are not available")
     if calibration is None:
         raise ValueError("the block pipeline needs calibration data (token-id batches)")
     start_time = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Heal a compressed model: a short distillation of its factors toward the original model.
+"""Layer-wise distillation of a compressed model: a short training of its factors toward the original model.
 
 Each step runs both models on one calibration batch and minimizes, over the parameters of the
 low-rank layers only (factors and biases), the relative squared error of every factorized layer's output against the
@@ -20,7 +20,7 @@ from ..progress import ProgressLike, track
 from ..layers.lowrank import low_rank_types
 from ..batches import output_tensor, run_batch
 
-__all__ = ["heal"]
+__all__ = ["layerwise_distill"]
 
 def _capture_outputs(model: nn.Module, names: list[str], store: dict[str, torch.Tensor]) -> list:
     def hook(module, inputs, output, name):
@@ -33,7 +33,7 @@ def _relative(error: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return error.square().mean() / target.square().mean().clamp_min(1e-12)
 
 
-def heal(
+def layerwise_distill(
     original: nn.Module,
     compressed: nn.Module,
     batches: list[Any],
@@ -66,10 +66,10 @@ def heal(
         The loss at each step.
     """
     if steps < 1 or lr <= 0:
-        raise ValueError(f"heal needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+        raise ValueError(f"layerwise_distill needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
     names = [name for name, module in compressed.named_modules() if isinstance(module, low_rank_types())]
     if not names:
-        raise ValueError("the model has no factorized layers to heal")
+        raise ValueError("the model has no factorized layers to distil")
     factors = [p for name in names for p in compressed.get_submodule(name).parameters()]
     flags = {p: p.requires_grad for p in compressed.parameters()}
     modes = original.training, compressed.training
@@ -86,7 +86,7 @@ def heal(
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(factors, lr=lr)
         cycle = itertools.cycle(batches)
-        for _ in track(range(steps), progress, desc="heal steps"):
+        for _ in track(range(steps), progress, desc="layer-wise distillation steps"):
             batch = next(cycle)
             with torch.no_grad():
                 reference = output_tensor(run_batch(original, batch, forward))
