@@ -47,13 +47,9 @@ def _groups(names: list[str], slices: int) -> dict[str, list[str]]:
 
 def _swap(model, modules: dict[str, Any]) -> dict[str, Any]:
     """Put ``modules`` (name -> module) into ``model``; returns the modules they replaced."""
-    previous = {}
-    for name, module in modules.items():
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        previous[name] = getattr(owner, child)
-        setattr(owner, child, module)
-    return previous
+    from svdkit.surgery import replace_module
+
+    return {name: replace_module(model, name, module) for name, module in modules.items()}
 
 
 def _params(module) -> int:
