@@ -161,7 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"({info['train_tokens']:,} tokens) in {info['seconds']:.0f} s; perplexity {info['ppl_upcycled']}", file=sys.stderr)
     dense = language_model_quality(model, tokenizer, data=args.domains, max_tokens=args.eval_tokens)
     calibration = list(calibration_tokens("builtin", tokenizer, n_seqs=args.calib_seqs, seq_len=args.seq_len, seed=0).split(4))
-    rows = []
+    rows: list[dict[str, Any]] = []
+    result = {"machine": machine_info(), "upcycling": info, "dense_moe": dense, "rows": rows}
     for ratio in args.ratios:
         for name in args.configs:
             fields, uniform = CONFIGS[name]
@@ -184,9 +185,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "seconds": seconds,
             })
             print(format_table([rows[-1]], _columns(rows[-1])), file=sys.stderr, flush=True)
-            write_json(args.json, {"machine": machine_info(), "upcycling": info, "dense_moe": dense, "rows": rows})
+            write_json(args.json, result)  # after every row: a long run keeps what it measured
             del out
-    return {"machine": machine_info(), "upcycling": info, "dense_moe": dense, "rows": rows}
+    return result
 
 
 def _columns(row: dict[str, Any]) -> list[tuple[str, str, str]]:
