@@ -8,15 +8,19 @@ import torch
 from torch import nn
 
 
+@pytest.mark.parametrize("width", [48, 601])  # below and above the width the product is split by halves
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_gram_accumulation_matches_a_float64_reference(dtype):
-    """Narrow input is multiplied in float32 chunks and summed in float64: the Gram stays within
-    float32 rounding of the exact one, however many rows arrive (heavy-tailed, as activations are)."""
-    from svdkit.calibrate import GRAM_CHUNK, GramStats
+def test_gram_accumulation_matches_a_float64_reference(dtype, width):
+    """Narrow input is multiplied in float32 chunks (wide input by halves) and summed in float64:
+    the Gram stays within float32 rounding of the exact one, however many rows arrive
+    (heavy-tailed, as activations are)."""
+    from svdkit.calibrate import GRAM_CHUNK, SYMMETRIC_SPLIT_WIDTH, GramStats
 
+    assert (width >= SYMMETRIC_SPLIT_WIDTH) == (width == 601)
+    torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    rows = [torch.distributions.StudentT(3.0).sample((n, 48)) * torch.rand(48, generator=g) * 10 for n in (7, GRAM_CHUNK + 5, 3000)]
-    stats = GramStats.zeros(48)
+    rows = [torch.distributions.StudentT(3.0).sample((n, width)) * torch.rand(width, generator=g) * 10 for n in (7, GRAM_CHUNK + 5, 3000)]
+    stats = GramStats.zeros(width)
     for X in rows:
         stats.update(X.to(dtype))
     exact = np.concatenate([X.to(dtype).double().numpy() for X in rows])
@@ -24,6 +28,8 @@ def test_gram_accumulation_matches_a_float64_reference(dtype):
     scale = np.abs(exact).T @ np.abs(exact)
     assert stats.count == len(exact)
     assert np.max(np.abs(stats.gram.numpy() - reference) / scale) < (1e-12 if dtype == torch.float64 else 1e-6)
+    h = width // 2
+    np.testing.assert_array_equal(stats.gram.numpy()[:h, h:], stats.gram.numpy()[h:, :h].T)
     np.testing.assert_allclose(stats.abs_sum.numpy(), np.abs(exact).sum(0), rtol=1e-6)
 
 
