@@ -61,7 +61,8 @@ def latency_ratio(loaded, module, texts: list[str], repeats: int) -> tuple[float
 
 def timing(loaded, repeats: int) -> dict:
     """What `svdkit compress minilm` spends compressing (its default: fisher, budget 0.6, 256
-    calibration sentences, the encoder's layers), against plain SVD of the same layers, and a
+    calibration sentences, the encoder's layers), against plain SVD and SVD-LLM-style whitening
+    (uniform ranks at 0.6 of the parameters) of the same layers on the same calibration, and a
     three-budget sweep against one budget; best of ``repeats``, timed alternately."""
     from svdkit.compression import compress_sweep
     from svdkit.data import calibration_sentences
@@ -70,8 +71,10 @@ def timing(loaded, repeats: int) -> dict:
     batches = [texts[i:i + 32] for i in range(0, len(texts), 32)]
     default = CompressConfig(budget=0.6, target_modules=TARGETS)
     plain = CompressConfig(method="svd", budget=0.6, target_modules=TARGETS)
+    whiten = CompressConfig(method="whiten", rank=ParamRatio(0.6), target_modules=TARGETS)
     runs = {
         "svd, budget 0.6": lambda: [compress(loaded.module, plain)],
+        "whiten (SVD-LLM), 0.6": lambda: [compress(loaded.module, whiten, batches, forward=loaded.forward)],
         "default (fisher, budget 0.6)": lambda: [compress(loaded.module, default, batches, forward=loaded.forward)],
         "default, sweep 0.5/0.6/0.7": lambda: compress_sweep(loaded.module, default, [0.5, 0.6, 0.7], batches, forward=loaded.forward),
     }
@@ -88,12 +91,13 @@ def timing(loaded, repeats: int) -> dict:
     for name, outputs in results.items():
         cosines = [embedding_agreement(reference, loaded.encode(held_out, module=m))["mean_cosine"] for m, _ in outputs]
         rows.append({"run": name, "seconds": best[name], "mean_cosine": cosines})
-    base, one = best["svd, budget 0.6"], best["default (fisher, budget 0.6)"]
-    print(f"{'run':<30} {'seconds':>8}  {'x svd':>6}  {'x one budget':>12}  mean cosine (held-out)")
+    base, whitened, one = best["svd, budget 0.6"], best["whiten (SVD-LLM), 0.6"], best["default (fisher, budget 0.6)"]
+    print(f"{'run':<30} {'seconds':>8}  {'x svd':>6}  {'x whiten':>8}  {'x one budget':>12}  mean cosine (held-out)")
     for row in rows:
-        print(f"{row['run']:<30} {row['seconds']:>8.2f}  {row['seconds'] / base:>6.2f}  {row['seconds'] / one:>12.2f}  "
-              + ", ".join(f"{c:.4f}" for c in row["mean_cosine"]))
-    return {"rows": rows, "default_vs_svd": one / base, "sweep_vs_one": best["default, sweep 0.5/0.6/0.7"] / one}
+        print(f"{row['run']:<30} {row['seconds']:>8.2f}  {row['seconds'] / base:>6.2f}  {row['seconds'] / whitened:>8.2f}  "
+              f"{row['seconds'] / one:>12.2f}  " + ", ".join(f"{c:.4f}" for c in row["mean_cosine"]))
+    return {"rows": rows, "default_vs_svd": one / base, "default_vs_whiten": one / whitened,
+            "sweep_vs_one": best["default, sweep 0.5/0.6/0.7"] / one}
 
 
 def main(argv: list[str] | None = None) -> int:
