@@ -27,7 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, machine_info, write_json  # noqa: E402
 from _llm import add_model_options, compressed_smollm2, load_smollm2  # noqa: E402
 
-DOMAINS = ("in-domain", "other-domain", "legal-english", "math-docs")
+from svdkit.tokens import EVALUATION_DOMAINS  # noqa: E402
+
+
+def _block(name: str) -> int | None:
+    """The index of the decoder block that holds layer ``name`` (None outside the blocks)."""
+    match = re.search(r"\.layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
 
 
 def _groups(names: list[str], slices: int) -> dict[str, list[str]]:
@@ -35,13 +41,12 @@ def _groups(names: list[str], slices: int) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(name.rsplit(".", 1)[-1], []).append(name)
-    blocks = sorted({int(m.group(1)) for name in names if (m := re.search(r"\.layers\.(\d+)\.", name))})
+    blocks = sorted({b for b in map(_block, names) if b is not None})
     if blocks:
         size = math.ceil(len(blocks) / slices)
         for start in range(0, len(blocks), size):
             part = blocks[start:start + size]
-            key = f"blocks {part[0]}-{part[-1]}"
-            groups[key] = [name for name in names if (m := re.search(r"\.layers\.(\d+)\.", name)) and int(m.group(1)) in part]
+            groups[f"blocks {part[0]}-{part[-1]}"] = [name for name in names if _block(name) in part]
     return groups
 
 
@@ -101,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser)
     parser.add_argument("--ratio", type=float, default=0.6, help="fraction of the blocks' parameters kept (the default's budget)")
-    parser.add_argument("--domains", nargs="+", default=list(DOMAINS))
+    parser.add_argument("--domains", nargs="+", default=list(EVALUATION_DOMAINS))
     parser.add_argument("--depth-slices", type=int, default=3, help="slices of the stack restored one at a time")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
