@@ -9,11 +9,12 @@ all of them end in ``ForCausalLM``: GPT-2's is ``GPT2LMHeadModel``, CTRL's ``CTR
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 from torch import nn
 
-__all__ = ["causal_lm_class_names", "is_causal_lm"]
+__all__ = ["cache_keyword", "causal_lm_class_names", "is_causal_lm"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,3 +52,9 @@ def is_causal_lm(model_or_config: Any) -> bool:
         return any(_is_causal_name(cls.__name__) for cls in type(model_or_config).__mro__)
     architectures = getattr(model_or_config, "architectures", None) or ()
     return any(_is_causal_name(str(name)) for name in architectures)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name of a causal LM's key/value cache, as its forward takes it and its output holds it:
+    ``"cache"`` from transformers 5 on, ``"past_key_values"`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

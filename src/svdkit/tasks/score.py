@@ -27,7 +27,6 @@ Two ways to compute the scores, equal up to float rounding:
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..causal_lm import cache_keyword
 from ..eval import model_device, model_logits
 from ..progress import ProgressLike, track
 from .items import MultipleChoiceTask
@@ -151,8 +151,7 @@ def _shared_context(model: nn.Module, items: Sequence[list[tuple[list[int], list
     device = model_device(model)
     prefixes = [pairs[0][0][:-1] for pairs in items]
     ids, mask = _padded(prefixes)
-    # transformers 5 names the key/value cache `cache` (argument and output); earlier, `past_key_values`.
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    key = cache_keyword(model)
     cache = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)[key]
     # Row (i, j) reads item i's last context token, then choice j's continuation but its last token.
     rows = sorted(((i, j) for i, pairs in enumerate(items) for j in range(len(pairs))), key=lambda r: len(items[r[0]][r[1]][1]))
