@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from svdkit import CompressConfig, compress, load_compressed, save_compressed
 from svdkit.cli import main
 from svdkit.compression.distill import HealConfig, check_heal_source, heal_language_model, healed_parameters, mean_kl
 from svdkit.linalg import ParamRatio
+from svdkit.sampling import sample_windows, start_token
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,12 +74,15 @@ def test_the_kl_is_the_textbook_one():
     assert mean_kl(s, t, ids) == pytest.approx(expected, rel=1e-5)
 
 
-def test_an_interrupted_healing_resumes_to_the_same_result(pair, tmp_path):
+def test_an_interrupted_healing_resumes_to_the_same_result(pair, tmp_path, monkeypatch):
     dense, compressed = pair
     windows = _windows()
-    config = HealConfig(steps=6, lr=3e-3, batch_windows=2, held_out=4, checkpoint_every=3)
+    # three more training windows written by the dense model itself
+    config = HealConfig(steps=6, lr=3e-3, batch_windows=2, held_out=4, checkpoint_every=3, generated_windows=3, seed=2)
     straight = copy.deepcopy(compressed)
     expected = heal_language_model(straight, dense, windows, config, state_path=tmp_path / "a.safetensors")
+    assert (expected.train_windows, expected.generated_windows) == (8 + 3, 3) and expected.generation_seconds > 0
+    assert "3 of 11 windows written by the dense model" in expected.summary()
 
     class Interrupt(Exception):
         pass
@@ -93,9 +98,23 @@ def test_an_interrupted_healing_resumes_to_the_same_result(pair, tmp_path):
     with pytest.raises(Interrupt):
         heal_language_model(resumed, dense, windows, config, state_path=state, progress=stop_after_four)
     assert state.exists()  # written at step 3; step 4's work is lost and redone
+    from safetensors import safe_open
+
+    with safe_open(str(state), framework="pt") as handle:  # the state keeps the windows the dense model wrote
+        kept = handle.get_tensor("generated")
+    assert torch.equal(kept, sample_windows(dense, 3, 32, start=start_token(dense.config), seed=2))
     again = copy.deepcopy(compressed)  # a new process would start from the saved model, not from the half-trained one
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a resumed run samples its windows again")
+
+    monkeypatch.setattr("svdkit.compression.distill.sample_windows", no_sampling)
+    began = time.perf_counter()
     result = heal_language_model(again, dense, windows, config, state_path=state)
-    assert result.resumed_from == 3 and result.losses[:3] == expected.losses[:3]
+    resumed_seconds = time.perf_counter() - began
+    assert result.resumed_from == 3 and result.losses[:3] == expected.losses[:3] and result.generated_windows == 3
+    # the time before the interruption counts: the state file recorded it, sampling included
+    assert result.seconds > resumed_seconds and result.generation_seconds > 0
     assert result.losses == pytest.approx(expected.losses, rel=1e-5, abs=1e-7)
     for (name, a), (_, b) in zip(healed_parameters(straight), healed_parameters(again)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
@@ -124,7 +143,8 @@ def test_a_dense_model_that_is_not_the_source_is_refused(pair, make_decoder):
 
 
 def test_heal_config_is_validated():
-    for bad in ({"steps": 0}, {"lr": 0.0}, {"held_out": 0}, {"ce_weight": -1.0}, {"temperature": float("nan")}):
+    for bad in ({"steps": 0}, {"lr": 0.0}, {"held_out": 0}, {"ce_weight": -1.0}, {"temperature": float("nan")},
+                {"generated_windows": -1}):
         with pytest.raises(ValueError, match="HealConfig"):
             HealConfig(**bad)
 
@@ -139,9 +159,11 @@ def test_svdkit_heal_heals_a_compressed_directory_and_refuses_bad_inputs(lm_dir,
     assert compressed["quality"]["healing"].startswith("healed 2 steps") and "healing" in compressed["totals"]["timings"]
     healed = tmp_path / "healed"
     assert main(["heal", str(out), "-o", str(healed), "--steps", "4", "--lr", "1e-3", "--windows", "8", "--held-out", "2",
-                 "--seq-len", "32", "--batch-windows", "2", "--no-eval", "--no-progress", "--json", str(tmp_path / "h.json")]) == 0
+                 "--seq-len", "32", "--batch-windows", "2", "--generated", "3", "--no-eval", "--no-progress",
+                 "--json", str(tmp_path / "h.json")]) == 0
     record = json.loads((tmp_path / "h.json").read_text())
     assert record["steps"] == 4 and record["tokens"] == 4 * 2 * 32 and record["held_out_kl_before"] > 0  # lowering it: the test above
+    assert (record["generated_windows"], record["train_windows"]) == (3, 8 + 3) and record["config"]["generated_windows"] == 3
     description = json.loads((healed / "svdkit_compressed.json").read_text())
     assert description["report"]["healing"]["steps"] == 4 and description["source"] == str(lm_dir.resolve())
     assert not (tmp_path / "healed.heal-state.safetensors").exists()
@@ -159,3 +181,5 @@ def test_svdkit_heal_heals_a_compressed_directory_and_refuses_bad_inputs(lm_dir,
     assert main(["heal", str(out), "-o", str(tmp_path / "x"), "--dense", str(other), "--steps", "1", "--no-eval"]) == 1
     assert "not the one this model was compressed from" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    assert main(["heal", str(out), "-o", str(tmp_path / "y"), "--generated", "-1", "--steps", "1", "--no-eval"]) == 1
+    assert "--generated must be >= 0" in capsys.readouterr().err

@@ -36,7 +36,10 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-windows", type=positive_int, default=4, help="windows per step (default 4)")
     parser.add_argument("--ce-weight", type=float, default=0.0, help="weight of the next-token loss beside the KL (default 0)")
     parser.add_argument("--calib", default="builtin", help="text of the windows: 'builtin', a calibration mix, a .txt or .pt file")
-    parser.add_argument("--windows", type=positive_int, default=WINDOWS, help=f"training windows (default {WINDOWS})")
+    parser.add_argument("--windows", type=positive_int, default=WINDOWS, help=f"training windows of --calib text (default {WINDOWS})")
+    parser.add_argument("--generated", type=int, default=0,
+                        help="also train on this many windows written by the dense model itself (sampled from its start token, "
+                             "nucleus 0.95), kept in the resumable state (default 0)")
     parser.add_argument("--held-out", type=positive_int, default=HELD_OUT, help=f"windows never trained on, for the KL before/after (default {HELD_OUT})")
     parser.add_argument("--seq-len", type=positive_int, default=SEQ_LEN, help=f"tokens per window (default {SEQ_LEN})")
     parser.add_argument("--calib-seed", type=int, default=1, help="seed of the windows (default 1: other windows than compression's default 0)")
@@ -88,10 +91,12 @@ def run(args: argparse.Namespace) -> int:
 
     directory = Path(args.directory)
     output = Path(args.output) if args.output else directory
-    config = HealConfig(steps=args.steps, lr=args.lr, batch_windows=args.batch_windows, held_out=args.held_out,
-                        ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every)
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2, got {args.seq_len}")
+    if args.generated < 0:
+        raise ValueError(f"--generated must be >= 0 (windows the dense model writes), got {args.generated}")
+    config = HealConfig(steps=args.steps, lr=args.lr, batch_windows=args.batch_windows, held_out=args.held_out,
+                        ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, generated_windows=args.generated)
     check_outputs(files=(args.json,))
     if output.resolve() != directory.resolve():
         check_save_target(output, args.overwrite)
@@ -114,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     windows = calibration_tokens(args.calib, student.tokenizer, n_seqs=args.windows + args.held_out, seq_len=args.seq_len,
                                  seed=args.calib_seed, vocab_size=student.vocab_size)
     before = None if args.no_eval else language_model_quality(student.module, student.tokenizer, progress=progress)
-    print(f"healing {directory}: {args.steps} steps of {args.batch_windows} x {args.seq_len} tokens ...", file=sys.stderr)
+    written = f" (first sampling {args.generated} windows from the dense model)" if args.generated else ""
+    print(f"healing {directory}: {args.steps} steps of {args.batch_windows} x {args.seq_len} tokens{written} ...", file=sys.stderr)
     result = heal_language_model(student.module, teacher.module, windows, config, state_path=state, progress=progress)
     quality = dict(meta.get("quality") or {})
     quality["healing"] = result.summary()

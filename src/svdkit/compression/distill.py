@@ -11,14 +11,20 @@ embedding, the norms, layers kept dense) stays as it is.
   one window's logits (``seq_len x vocab``) for each model, whatever the batch.
 - **Held out**: the last ``held_out`` windows are never trained on; their mean KL is measured
   before the first step and after the last (:class:`HealResult`).
+- **Text the teacher writes** (``generated_windows``): windows sampled from the dense model itself
+  (:mod:`svdkit.sampling`) join the given training windows, so that healing also teaches the
+  student what the teacher does on text unlike the calibration (LLM-QAT's data-free
+  distillation). They are sampled once, before the first step, and kept in the state file.
 - **Resumable**: every ``checkpoint_every`` steps (and at the end) the trained parameters, Adam's
   moments, the step and the losses are written atomically to a state file (safetensors with a
-  JSON header; never a pickle). A run started again with the same state file, config, windows
-  and model continues where it stopped and ends with the same parameters as an uninterrupted run:
-  the windows of step ``s`` and its learning rate depend on ``s`` and the seed only.
+  JSON header; never a pickle), and once before the first step. A run started again with the same
+  state file, config, windows and model continues where it stopped and ends with the same
+  parameters as an uninterrupted run: the windows of step ``s`` and its learning rate depend on
+  ``s`` and the seed only.
 
 Costs: a step reads ``batch_windows * seq_len`` tokens through both models and back through the
-student (about four forward passes' work); :class:`HealResult` records the tokens and seconds.
+student (about four forward passes' work); sampling a window costs one teacher forward per token
+(with its key/value cache); :class:`HealResult` records the tokens and seconds of both.
 """
 
 from __future__ import annotations
@@ -41,10 +47,11 @@ from torch import nn
 from ..eval import model_logits
 from ..layers.lowrank import low_rank_types
 from ..progress import ProgressLike, track
+from ..sampling import sample_windows, start_token
 
 __all__ = ["HealConfig", "HealResult", "check_heal_source", "heal_language_model", "healed_parameters", "mean_kl"]
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,10 @@ class HealConfig:
     checkpoint_every : int
         Write the state file every this many steps (with a state file).
     seed : int
-        Order of the training windows.
+        Order of the training windows, and the sampling of the generated ones.
+    generated_windows : int
+        Windows sampled from the teacher (nucleus 0.95, from its start-of-text token) added to
+        the training windows; 0: none.
     """
 
     steps: int = 100
@@ -84,9 +94,11 @@ class HealConfig:
     max_grad_norm: float = 1.0
     checkpoint_every: int = 10
     seed: int = 0
+    generated_windows: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("steps", 1), ("batch_windows", 1), ("held_out", 1), ("checkpoint_every", 1), ("seed", 0)):
+        for name, low in (("steps", 1), ("batch_windows", 1), ("held_out", 1), ("checkpoint_every", 1), ("seed", 0),
+                          ("generated_windows", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"HealConfig.{name}: expected an int >= {low}, got {value!r}")
@@ -110,10 +122,15 @@ class HealResult:
     resumed_from : int
         The step the run started at (0: a fresh run).
     train_windows, held_out_windows : int
+        ``train_windows`` counts the generated ones.
+    generated_windows : int
+    generation_seconds : float
+        Wall time of sampling the generated windows.
     tokens : int
         Training tokens read by the student in total (``steps * batch_windows * seq_len``).
     seconds : float
-        Wall time of this run (a resumed run: since it resumed).
+        Wall time of the whole run, sampling included; a resumed run adds the time its state file
+        recorded (up to its last checkpoint: the steps redone after it count once).
     losses : list of float
         The training loss of every step.
     held_out_kl_before, held_out_kl_after : float
@@ -125,6 +142,8 @@ class HealResult:
     resumed_from: int = 0
     train_windows: int = 0
     held_out_windows: int = 0
+    generated_windows: int = 0
+    generation_seconds: float = 0.0
     tokens: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
@@ -135,7 +154,8 @@ class HealResult:
         return dataclasses.asdict(self)
 
     def summary(self) -> str:
-        return (f"healed {self.steps} steps ({self.tokens:,} tokens, {self.seconds:.0f} s): held-out KL "
+        generated = f", {self.generated_windows} of {self.train_windows} windows written by the dense model" if self.generated_windows else ""
+        return (f"healed {self.steps} steps ({self.tokens:,} tokens, {self.seconds:.0f} s{generated}): held-out KL "
                 f"{self.held_out_kl_before:.4f} -> {self.held_out_kl_after:.4f} nats/token")
 
 
@@ -170,6 +190,14 @@ def mean_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, *, te
     return total / max(len(windows), 1)
 
 
+def _teacher_windows(teacher: nn.Module, config: HealConfig, seq_len: int, progress: ProgressLike) -> torch.Tensor:
+    """``config.generated_windows`` windows of ``seq_len`` tokens sampled from the teacher, (n, seq_len)."""
+    if not config.generated_windows:
+        return torch.zeros(0, seq_len, dtype=torch.int64)
+    return sample_windows(teacher, config.generated_windows, seq_len, start=start_token(getattr(teacher, "config", None)),
+                          seed=config.seed, progress=progress)
+
+
 def _learning_rate(config: HealConfig, step: int) -> float:
     """Linear warm-up over 5 % of the steps, then a cosine from ``lr`` down to ``lr / 10``."""
     warmup = max(1, round(0.05 * config.steps))
@@ -199,10 +227,11 @@ def _fingerprint(windows: torch.Tensor, names: list[tuple[str, tuple[int, ...]]]
     return digest.hexdigest()
 
 
-def _save_state(path: Path, params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+def _save_state(path: Path, params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+                generated: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {"generated": generated.contiguous()}
     for i, (_, p) in enumerate(params):
         tensors[f"param.{i}"] = p.detach().cpu().contiguous()
         state = optimizer.state.get(p, {})
@@ -220,7 +249,9 @@ def _save_state(path: Path, params: list[tuple[str, nn.Parameter]], optimizer: t
         raise
 
 
-def _load_state(path: Path, params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer, fingerprint: str) -> dict[str, Any]:
+def _load_state(path: Path, params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+                fingerprint: str) -> tuple[dict[str, Any], torch.Tensor]:
+    """The run's meta data and generated windows; the parameters and Adam's moments are restored in place."""
     from safetensors import safe_open
 
     try:
@@ -246,7 +277,7 @@ def _load_state(path: Path, params: list[tuple[str, nn.Parameter]], optimizer: t
                     "exp_avg": tensors[f"exp_avg.{i}"].to(p.device, p.dtype),
                     "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].to(p.device, p.dtype),
                 }
-    return meta
+    return meta, tensors["generated"]
 
 
 def heal_language_model(
@@ -303,7 +334,7 @@ def heal_language_model(
     teacher_flags = {p: p.requires_grad for p in teacher.parameters()}
     modes = student.training, teacher.training
     result = HealResult(train_windows=len(train), held_out_windows=len(held))
-    start = time.perf_counter()
+    start, earlier = time.perf_counter(), 0.0  # earlier: the seconds a resumed run's state file recorded
     try:
         student.eval()
         teacher.eval()
@@ -315,13 +346,29 @@ def heal_language_model(
             p.requires_grad_(True)
         trained = [p for _, p in params]
         optimizer = torch.optim.Adam(trained, lr=config.lr)
+
+        def save(step: int) -> None:
+            if state is not None:
+                _save_state(state, params, optimizer, {"format": STATE_FORMAT, "step": step, "losses": result.losses,
+                                                       "held_out_kl_before": result.held_out_kl_before, "fingerprint": fingerprint,
+                                                       "seconds": earlier + time.perf_counter() - start,
+                                                       "generation_seconds": result.generation_seconds},
+                            generated)
+
         if state is not None and state.exists():
-            meta = _load_state(state, params, optimizer, fingerprint)
+            meta, generated = _load_state(state, params, optimizer, fingerprint)
             result.resumed_from = int(meta["step"])
             result.losses = list(meta["losses"])
             result.held_out_kl_before = float(meta["held_out_kl_before"])
+            earlier, result.generation_seconds = float(meta["seconds"]), float(meta["generation_seconds"])
         else:
             result.held_out_kl_before = mean_kl(student, teacher, held, temperature=config.temperature)
+            sampling = time.perf_counter()
+            generated = _teacher_windows(teacher, config, windows.shape[1], progress)
+            result.generation_seconds = time.perf_counter() - sampling
+            save(0)
+        train = torch.cat([train, generated.to(train.dtype)])
+        result.train_windows, result.generated_windows = len(train), len(generated)
         step = result.resumed_from
         for step in track(range(result.resumed_from, config.steps), progress, desc="heal steps"):
             for group in optimizer.param_groups:
@@ -346,9 +393,8 @@ def heal_language_model(
             optimizer.step()
             result.losses.append(total)
             done = step + 1
-            if state is not None and (done % config.checkpoint_every == 0 or done == config.steps):
-                _save_state(state, params, optimizer, {"format": STATE_FORMAT, "step": done, "losses": result.losses,
-                                                       "held_out_kl_before": result.held_out_kl_before, "fingerprint": fingerprint})
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                save(done)
         result.steps = config.steps
         result.held_out_kl_after = mean_kl(student, teacher, held, temperature=config.temperature)
     finally:
@@ -360,7 +406,7 @@ def heal_language_model(
         student.train(modes[0])
         teacher.train(modes[1])
     result.tokens = result.steps * config.batch_windows * windows.shape[1]
-    result.seconds = time.perf_counter() - start
+    result.seconds = earlier + time.perf_counter() - start
     return result
 
 
