@@ -194,8 +194,11 @@ def _teacher_windows(teacher: nn.Module, config: HealConfig, seq_len: int, progr
     """``config.generated_windows`` windows of ``seq_len`` tokens sampled from the teacher, (n, seq_len)."""
     if not config.generated_windows:
         return torch.zeros(0, seq_len, dtype=torch.int64)
-    return sample_windows(teacher, config.generated_windows, seq_len, start=start_token(getattr(teacher, "config", None)),
-                          seed=config.seed, progress=progress)
+    model_config = getattr(teacher, "config", None)
+    if model_config is None:
+        raise ValueError(f"generated_windows: the dense model ({type(teacher).__name__}) has no config naming the token its text "
+                         "starts from (a transformers causal LM has one); heal on text windows alone")
+    return sample_windows(teacher, config.generated_windows, seq_len, start=start_token(model_config), seed=config.seed, progress=progress)
 
 
 def _learning_rate(config: HealConfig, step: int) -> float:
