@@ -3,7 +3,8 @@
 Reads a directory written by ``svdkit compress`` (a causal LM), loads its dense source (the model
 spec the directory records, or ``--dense``; checked to be that model: every tensor the compression
 left untouched must be equal in both), trains the factors on the KL divergence of the next-token
-distributions over built-in calibration windows (:mod:`svdkit.compression.distill`), and saves the
+distributions over built-in calibration windows (and, with ``--generated``, windows the dense model
+writes itself; :mod:`svdkit.compression.distill`), and saves the
 healed model like any compressed model (by default back into the directory). The run is
 resumable: its state is written every ``--checkpoint-every`` steps to ``OUTPUT.heal-state.safetensors``
 beside the output, and ``--resume`` continues from it.
