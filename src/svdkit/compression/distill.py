@@ -336,7 +336,7 @@ def heal_language_model(
     flags = {p: p.requires_grad for p in student.parameters()}
     teacher_flags = {p: p.requires_grad for p in teacher.parameters()}
     modes = student.training, teacher.training
-    result = HealResult(train_windows=len(train), held_out_windows=len(held))
+    result = HealResult(held_out_windows=len(held))
     start, earlier = time.perf_counter(), 0.0  # earlier: the seconds a resumed run's state file recorded
     try:
         student.eval()
@@ -372,7 +372,6 @@ def heal_language_model(
             save(0)
         train = torch.cat([train, generated.to(train.dtype)])
         result.train_windows, result.generated_windows = len(train), len(generated)
-        step = result.resumed_from
         for step in track(range(result.resumed_from, config.steps), progress, desc="heal steps"):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, step)
