@@ -4,6 +4,8 @@
 - ``to_dense(from_dense(L))`` gives back ``L`` (same type, geometry, bias, dtype, device);
 - an exactly rank-``r`` weight is recovered exactly at rank ``r``;
 - ``forward`` runs the two thin factors and never rebuilds the dense weight;
+- ``weight`` is the dense weight the layer computes, in its source's layout, so code written for
+  the dense layer that reads it (ViT, T5) runs;
 - the truncation error is the Eckart-Young tail of the singular values (checked against NumPy);
 - bad input fails with an error that says what is wrong.
 """
@@ -24,7 +26,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from svdkit.layers.lowrank import LowRankConv2d, LowRankEmbedding, LowRankLinear
+from svdkit.layers.lowrank import LowRankConv2d, LowRankEmbedding, LowRankLayer, LowRankLinear
 from svdkit.linalg import ErrorTol, ParamRatio
 
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
@@ -75,6 +77,87 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float =
     """Agreement to ``rtol`` of the expected tensor's largest magnitude (fp32 tolerance by default)."""
     scale = float(expected.detach().abs().max()) or 1.0
     torch.testing.assert_close(actual, expected, rtol=0, atol=rtol * scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# ``weight``: the dense weight the layer computes, for code written for the dense layer
+# ---------------------------------------------------------------------------------------------
+
+
+@FAST
+@given(m=st.integers(1, 12), n=st.integers(1, 12), conv1d=st.booleans(), bias=st.booleans(), data=st.data())
+def test_linear_weight_is_what_the_layer_computes(m, n, conv1d, bias, data):
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    dense = Conv1D(m, n) if conv1d else nn.Linear(n, m, bias=bias)
+    low = LowRankLinear.from_dense(dense, data.draw(st.integers(1, min(m, n))))
+    x = torch.randn(3, n)
+    W = low.weight
+    assert W.shape == dense.weight.shape and W.dtype == dense.weight.dtype and W.device == dense.weight.device
+    # the dense layer's own arithmetic with this weight: Conv1D is x @ W + b with W (in, out)
+    expected = x @ W + low.bias if conv1d else nn.functional.linear(x, W, low.bias)
+    _assert_close(expected, low(x))
+
+
+@FAST
+@given(
+    groups=st.sampled_from([1, 2, 3]), cin_per_group=st.integers(1, 4), cout_per_group=st.integers(1, 5),
+    kh=st.integers(1, 3), kw=st.integers(1, 3), stride=st.integers(1, 2), padding_mode=st.sampled_from(["zeros", "reflect"]),
+    bias=st.booleans(), data=st.data(),
+)
+def test_conv2d_weight_is_what_the_layer_computes(groups, cin_per_group, cout_per_group, kh, kw, stride, padding_mode, bias, data):
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    conv = nn.Conv2d(groups * cin_per_group, groups * cout_per_group, (kh, kw), stride=stride, padding=1, groups=groups,
+                     bias=bias, padding_mode=padding_mode)
+    low = LowRankConv2d.from_dense(conv, data.draw(st.integers(1, _full_rank(conv))))
+    x = torch.randn(2, groups * cin_per_group, 6, 7)
+    W = low.weight
+    assert W.shape == conv.weight.shape and W.dtype == conv.weight.dtype
+    # nn.Conv2d's own forward (padding mode, stride, groups) with this kernel
+    _assert_close(conv._conv_forward(x, W, low.expand.bias), low(x))
+
+
+def test_weight_follows_the_factors_and_carries_their_gradients():
+    low = LowRankLinear.from_dense(nn.Linear(6, 5), 2)
+    with torch.no_grad():
+        low.u.mul_(2)
+    torch.testing.assert_close(low.weight, low.u @ low.v)
+    low.weight.square().sum().backward()
+    torch.testing.assert_close(low.u.grad, 2 * (low.u @ low.v) @ low.v.T)
+    with pytest.raises(KeyError, match="already exists"):  # nn.Module refuses: a product, not a parameter
+        low.weight = nn.Parameter(torch.zeros(5, 6))
+
+
+def _swap_back(model: nn.Module) -> nn.Module:
+    """``model`` with every factorized layer replaced by its ``to_dense()`` (an independent forward)."""
+    import copy
+
+    from svdkit.surgery import replace_module
+
+    dense = copy.deepcopy(model)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, (LowRankLinear, LowRankConv2d)):
+            replace_module(dense, name, module.to_dense())
+    return dense
+
+
+def test_models_that_read_a_layer_weight_in_their_forward_run_compressed():
+    """ViT reads its patch projection's ``weight.dtype`` and T5 its ``wo.weight`` in their forward."""
+    from transformers import T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel
+
+    from svdkit import CompressConfig, compress
+
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16,
+                             patch_size=4), add_pooling_layer=False).eval()
+    t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=50)).eval()
+    pixels, ids = torch.randn(2, 3, 16, 16), torch.randint(0, 50, (2, 7))
+    for model, inputs, factorized in ((vit, {"pixel_values": pixels}, "embeddings.patch_embeddings.projection"),
+                                      (t5, {"input_ids": ids, "decoder_input_ids": ids}, "encoder.block.0.layer.1.DenseReluDense.wo")):
+        out, _ = compress(model, CompressConfig(method="svd", rank=4))
+        assert isinstance(out.get_submodule(factorized), LowRankLayer)
+        with torch.no_grad():
+            got, expected = out(**inputs)[0], _swap_back(out)(**inputs)[0]
+        _assert_close(got, expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +356,8 @@ def _forbid_rebuild(monkeypatch):
 
     for cls in (LowRankLinear, LowRankConv2d, LowRankEmbedding):
         monkeypatch.setattr(cls, "to_dense", refuse)
-    monkeypatch.setattr(LowRankLinear, "dense_weight", refuse)
+    for cls in (LowRankLinear, LowRankConv2d):
+        monkeypatch.setattr(cls, "dense_weight", refuse)
 
 
 def test_linear_forward_uses_only_the_factors(monkeypatch):

@@ -108,8 +108,7 @@ def output_head_names(model: nn.Module) -> set[str]:
     for name, module in model.named_modules():
         if head is not None and module is head:
             heads.add(name)
-        weight = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and weight is not None and any(_same_tensor(weight, e) for e in embeddings):
+        if isinstance(module, nn.Linear) and any(_same_tensor(module.weight, e) for e in embeddings):
             heads.add(name)
     return heads
 
@@ -130,8 +129,10 @@ def shared_weight_groups(model: nn.Module) -> list[list[str]]:
     """
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules():
+        if not name or get_view(module) is None:  # a factorized layer's weight is a product: no shared tensor
+            continue
         weight = getattr(module, "weight", None)
-        if name and isinstance(weight, nn.Parameter) and get_view(module) is not None:
+        if isinstance(weight, nn.Parameter):
             owners.setdefault(id(weight), []).append(name)
     return [names for names in owners.values() if len(names) > 1]
 

@@ -29,6 +29,11 @@ class LowRankConv2d(LowRankLayer):
     ----------
     reduce : nn.Conv2d, weight of shape (groups * rank, C_in / groups, kh, kw)
     expand : nn.Conv2d, weight of shape (C_out, rank, 1, 1), with the bias
+    weight : Tensor of shape (C_out, C_in / groups, kh, kw)
+        The dense kernel the pair computes, multiplied out on every read (as a weight under
+        ``torch.nn.utils.parametrize`` is): code written for ``nn.Conv2d`` that reads its weight
+        keeps working (ViT and CLIP read their patch projection's ``weight.dtype`` in their
+        forward), at the cost of one product of the factors per read.
     """
 
     accepts = "nn.Conv2d"
@@ -106,6 +111,19 @@ class LowRankConv2d(LowRankLayer):
             raise spec_mismatch(name, spec, f"in, out, kernel, groups = {saved}", f"{base}", dense)
         return cls(dense, rank)
 
+    def dense_weight(self) -> torch.Tensor:
+        """The dense kernel, shape (C_out, C_in / groups, kh, kw), computed in float32 or wider."""
+        r, g = self.reduce, self.groups
+        work = torch.promote_types(r.weight.dtype, torch.float32)
+        left = self.expand.weight.to(work).reshape(g, self.out_channels // g, self.rank)
+        right = r.weight.to(work).reshape(g, self.rank, -1)
+        shape = (self.out_channels, r.in_channels // g, *r.kernel_size)
+        return (left @ right).reshape(shape).to(r.weight.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dense_weight()
+
     def to_dense(self) -> nn.Conv2d:
         """The equivalent dense ``nn.Conv2d``."""
         r, g = self.reduce, self.groups
@@ -114,11 +132,8 @@ class LowRankConv2d(LowRankLayer):
             groups=g, bias=self.expand.bias is not None, padding_mode=r.padding_mode,
             device=r.weight.device, dtype=r.weight.dtype,
         )
-        work = torch.promote_types(r.weight.dtype, torch.float32)
-        left = self.expand.weight.to(work).reshape(g, self.out_channels // g, self.rank)
-        right = r.weight.to(work).reshape(g, self.rank, -1)
         with torch.no_grad():
-            dense.weight.copy_((left @ right).reshape(dense.weight.shape))
+            dense.weight.copy_(self.dense_weight())
             if self.expand.bias is not None:
                 dense.bias.copy_(self.expand.bias)
         return dense

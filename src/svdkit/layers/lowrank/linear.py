@@ -31,6 +31,11 @@ class LowRankLinear(LowRankLayer):
     u : Parameter of shape (out_features, rank)
     v : Parameter of shape (rank, in_features)
     bias : Parameter of shape (out_features,) or None
+    weight : Tensor of shape (out_features, in_features), or (in_features, out_features) for a Conv1D
+        The dense weight the layer computes, in its source's layout, multiplied out on every
+        read (as a weight under ``torch.nn.utils.parametrize`` is): code written for the dense
+        layer that reads its weight keeps working (T5's feed-forward reads ``wo.weight.dtype``
+        in its forward), at the cost of one ``U V`` product per read.
     """
 
     accepts = "nn.Linear or Conv1D"
@@ -101,6 +106,11 @@ class LowRankLinear(LowRankLayer):
         """The dense matrix ``U V``, shape (out_features, in_features), computed in float32 or wider."""
         work = torch.promote_types(self.u.dtype, torch.float32)
         return (self.u.to(work) @ self.v.to(work)).to(self.u.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        W = self.dense_weight()
+        return W.T if self.source_kind == "conv1d" else W
 
     def to_dense(self) -> nn.Module:
         """The equivalent dense layer: ``nn.Linear``, or transformers ``Conv1D`` if that was the source."""
