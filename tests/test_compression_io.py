@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -64,3 +65,46 @@ def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_compressed(tmp_path / "c", base=mlp())
 
+
+
+@pytest.mark.parametrize("family", ["vit", "bert"])
+def test_a_model_built_without_a_submodule_reloads_without_it(tmp_path, family):
+    """``ViTModel`` / ``BertModel(add_pooling_layer=False)``: the class builds a pooler from the
+    config, the saved model had none; the description records it and loading leaves it out."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "vit":
+        config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                        image_size=16, patch_size=4)
+        model, inputs = transformers.ViTModel(config, add_pooling_layer=False), {"pixel_values": torch.randn(2, 3, 16, 16)}
+    else:
+        config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                         vocab_size=60)
+        model, inputs = transformers.BertModel(config, add_pooling_layer=False), {"input_ids": torch.randint(0, 60, (2, 9))}
+    out, _ = compress(model.eval(), CompressConfig(method="svd", rank=4))
+    with pytest.warns(UserWarning, match="svdkit only") if family == "vit" else contextlib.nullcontext():  # LowRankConv2d
+        save_compressed(out, tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "svdkit_compressed.json").read_text())
+    assert meta["absent_modules"] == ["pooler"]
+    loaded = load_compressed(tmp_path / "c")
+    assert loaded.pooler is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs)[0], out(**inputs)[0])
+
+    meta["absent_modules"] = ["encoder.no_such_module"]
+    (tmp_path / "c" / "svdkit_compressed.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"'encoder.no_such_module' under 'absent_modules'.*no such module"):
+        load_compressed(tmp_path / "c")
+    meta["absent_modules"] = "pooler"
+    (tmp_path / "c" / "svdkit_compressed.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="'absent_modules' must be a list of module names"):
+        load_compressed(tmp_path / "c")
+
+
+def test_a_model_with_every_submodule_records_none_absent(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=60)
+    out, _ = compress(transformers.BertModel(config).eval(), CompressConfig(method="svd", rank=4))
+    save_compressed(out, tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "svdkit_compressed.json").read_text())["absent_modules"] is None
+    assert load_compressed(tmp_path / "c").pooler is not None

@@ -508,3 +508,24 @@ def test_a_compressed_smollm2_loads_in_plain_transformers(tmp_path):
     assert results["svdkit_importable"] is False
     _check_plain_load(expected, results["causal"], results["base"], "torch.float32")
     assert results["tokenize"]["ids"] == ids[0].tolist()
+
+
+def test_a_base_model_built_without_its_pooler_loads_in_plain_transformers(tmp_path):
+    """``BertModel(config, add_pooling_layer=False)``: the export leaves out the pooler its class
+    would build, so plain transformers loads exactly the saved tensors and the same outputs."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=VOCAB)
+    small, _ = compress(transformers.BertModel(config, add_pooling_layer=False).eval(), CompressConfig(method="svd", rank=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exportable: no "saved for svdkit only" warning
+        save_compressed(small, tmp_path / "bert")
+    assert json.loads((tmp_path / "bert" / "config.json").read_text())["svdkit"]["absent_modules"] == ["pooler"]
+    result = _run_plain([{"name": "bert:base", "directory": str(tmp_path / "bert"), "action": "base"}], tmp_path)["bert:base"]
+    assert "error" not in result, result
+    assert result["missing"] == []
+    with torch.no_grad():
+        expected = load_compressed(tmp_path / "bert")(IDS).last_hidden_state
+    torch.testing.assert_close(result["hidden"], expected)

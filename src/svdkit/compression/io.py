@@ -5,7 +5,9 @@ A saved directory holds
 - ``svdkit_compressed.json``: the format version, the factorized layers with their geometry
   (each low-rank class's ``spec()``), the model spec it came from (a path is stored absolute),
   the compression config, the report's totals and quality figures, the saved dtype, how plain
-  transformers loads the directory (or why it cannot), and the SHA-256 of every weight file;
+  transformers loads the directory (or why it cannot), the modules the model's class builds from
+  its config but the model was built without (``absent_modules``: a BERT or ViT without its
+  pooler; left out again on loading), and the SHA-256 of every weight file;
 - ``model.safetensors``: every tensor of the compressed model's state dict (a tied weight once),
   in the dtype asked for;
 - for a transformers model, its ``config.json`` (and ``generation_config.json``), and the
@@ -243,6 +245,9 @@ def read_description(directory: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{directory / CONFIG_NAME} has format version {version!r}; this svdkit reads versions {READABLE_VERSIONS}")
     if not isinstance(meta.get("layers"), dict):
         raise ValueError(f"{directory / CONFIG_NAME} has no 'layers' table")
+    absent = meta.get("absent_modules")
+    if absent is not None and not (isinstance(absent, list) and all(isinstance(a, str) and a for a in absent)):
+        raise ValueError(f"{directory / CONFIG_NAME}: 'absent_modules' must be a list of module names, got {absent!r}")
     files = meta.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise ValueError(f"{directory / CONFIG_NAME}: 'files' must map file names to SHA-256 hex digests")
@@ -396,6 +401,20 @@ def _read_weights(directory: Path, files: list[str], meta: Mapping[str, Any]) ->
     return read_quantized(state, header, meta, where=str(directory))
 
 
+def _drop_absent_modules(model: nn.Module, names: list[str], directory: Path) -> None:
+    """Set to None the modules the saved model was built without (e.g. a ViT without its pooler)."""
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        try:
+            owner = model.get_submodule(parent)
+        except AttributeError:
+            owner = None
+        if owner is None or not isinstance(getattr(owner, attr, None), nn.Module):
+            raise ValueError(f"{directory / CONFIG_NAME} lists {name!r} under 'absent_modules', but the model that config.json "
+                             "describes has no such module: the description does not belong to this config")
+        setattr(owner, attr, None)
+
+
 def load_compressed(
     directory: str | os.PathLike,
     base: nn.Module | None = None,
@@ -442,6 +461,7 @@ def load_compressed(
             hint = f"svdkit.load_model({str(directory)!r}) rebuilds it on its recorded source {source!r}" if source else "pass base="
             raise ValueError(f"{directory} holds no transformers config to rebuild the model from: pass base= (a dense model), or {hint}")
         model = transformers_skeleton(directory)
+        _drop_absent_modules(model, meta.get("absent_modules") or [], directory)
         built_here = True
     else:
         model = base if inplace else copy.deepcopy(base)

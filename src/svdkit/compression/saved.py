@@ -34,7 +34,7 @@ from ..export.card import model_card
 from ..export.dtype import dtype_name
 from ..export.remote_code import write_remote_code
 from ..files import apply_umask, write_atomic
-from .transformers_files import is_transformers_model, write_companions
+from .transformers_files import is_transformers_model, transformers_skeleton, write_companions
 
 __all__ = [
     "CARD_NAME", "CONFIG_NAME", "FORMAT_VERSION", "INDEX_NAME", "READABLE_VERSIONS", "SVDKIT_ONLY_PREFIX", "WEIGHTS_NAME",
@@ -119,7 +119,8 @@ def write_saved_files(
     name = dtype_name(dtype) if dtype is not None else None
     target = target or directory
     write_companions(model, directory, tokenizer, dtype=name)
-    reason = write_remote_code(model, directory, layers, name, weight_files, quantization)
+    absent = _absent_modules(model, directory) if is_transformers_model(model) else []
+    reason = write_remote_code(model, directory, layers, name, weight_files, quantization, absent)
     if reason is not None and is_transformers_model(model):
         weight_files = _hide_from_transformers(directory, weight_files)
         warnings.warn(f"saved {target} for svdkit only: plain transformers cannot load it, because {reason}", UserWarning, stacklevel=3)
@@ -135,6 +136,7 @@ def write_saved_files(
         "dtype": name,
         "transformers": _loading(directory) if reason is None else {"auto_class": None, "reason": reason},
         "layers": dict(layers),
+        "absent_modules": absent or None,
         "quantization": dict(quantization) if quantization else None,
         "files": {file: sha256(directory / file) for file in weight_files},
     }
@@ -144,6 +146,21 @@ def write_saved_files(
     write_atomic(directory / CARD_NAME, lambda t: t.write_text(card, encoding="utf-8"))
     apply_umask(directory)
     return meta
+
+
+def _absent_modules(model: nn.Module, directory: Path) -> list[str]:
+    """The modules that the model's class builds from ``config.json`` but this model was built
+    without (``ViTModel(config, add_pooling_layer=False)`` sets ``pooler`` to None), so that
+    loading builds the model as it was."""
+    present = {name for name, _ in model.named_modules()}
+    absent: list[str] = []
+    for name, _ in transformers_skeleton(directory).named_modules():
+        if name in present or any(name.startswith(a + ".") for a in absent):
+            continue
+        parent, _, attr = name.rpartition(".")
+        if parent in present and getattr(model.get_submodule(parent), attr, 0) is None:
+            absent.append(name)
+    return absent
 
 
 def _loading(directory: Path) -> dict[str, Any]:

@@ -6,7 +6,8 @@ model with a head, its base model). ``config.json`` names those classes in ``aut
 
     AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
 
-builds the original architecture and, before its weights are read, unfolds every mixture-of-experts
+builds the original architecture and, before its weights are read, leaves out the modules the saved
+model was built without (``svdkit.absent_modules``, e.g. a BERT without its pooler), unfolds every mixture-of-experts
 module listed under ``svdkit.expert_banks`` into an :class:`ExpertBank` (one module per expert) and
 puts a :class:`LowRankLinear` at every layer listed under ``svdkit.low_rank`` (name -> rank). Everything
 else (generation with a KV cache, ``save_pretrained``, tied embeddings, each family's quirks) is
@@ -24,8 +25,8 @@ import transformers
 from torch import nn
 
 __all__ = [
-    "ExpertBank", "ExpertMLP", "LowRankLinear", "LowRankModelMixin", "base_class", "low_rank_targets", "swap_expert_banks",
-    "swap_low_rank_layers",
+    "ExpertBank", "ExpertMLP", "LowRankLinear", "LowRankModelMixin", "base_class", "drop_absent_modules", "low_rank_targets",
+    "swap_expert_banks", "swap_low_rank_layers",
 ]
 
 CONFIG_KEY = "svdkit"
@@ -144,6 +145,27 @@ def _saved_names(model: nn.Module, config: Any, names: Any) -> list[str]:
     return [name for name in _saved_names_keeping(model, config, names) if name is not None]
 
 
+def drop_absent_modules(model: nn.Module, config: Any) -> None:
+    """Set to None every module that ``config`` lists under ``svdkit.absent_modules``: the saved
+    model was built without it (``BertModel(config, add_pooling_layer=False)`` has no pooler).
+
+    Raises
+    ------
+    ValueError
+        A listed module the model does not have.
+    """
+    settings = getattr(config, CONFIG_KEY, None) or {}
+    for name in _saved_names(model, config, settings.get("absent_modules") or []):
+        owner_name, _, attr = name.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+        except AttributeError:
+            owner = None
+        if owner is None or not isinstance(getattr(owner, attr, None), nn.Module):
+            raise ValueError(f"config.json lists {name!r} as a module the saved model has not, but {type(model).__name__} has no such module")
+        setattr(owner, attr, None)
+
+
 def swap_expert_banks(model: nn.Module, config: Any) -> None:
     """Unfold every fused experts module that ``config`` lists (``svdkit.expert_banks``) into an
     empty :class:`ExpertBank` of its geometry (the weights are read afterwards).
@@ -202,11 +224,13 @@ def swap_low_rank_layers(model: nn.Module, config: Any) -> None:
 
 
 class LowRankModelMixin:
-    """Put before a transformers model class: its mixtures' experts listed in the config are
-    unfolded and its listed layers become low-rank before ``post_init`` (which gathers the model's
-    tied weights and initializes what no checkpoint fills)."""
+    """Put before a transformers model class: the modules the saved model lacks are left out, its
+    mixtures' experts listed in the config are unfolded and its listed layers become low-rank
+    before ``post_init`` (which gathers the model's tied weights and initializes what no
+    checkpoint fills)."""
 
     def post_init(self) -> None:
+        drop_absent_modules(self, self.config)
         swap_expert_banks(self, self.config)
         swap_low_rank_layers(self, self.config)
         super().post_init()

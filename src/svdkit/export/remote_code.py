@@ -126,13 +126,15 @@ def _prefix(model: nn.Module) -> str:
     return model.base_model_prefix if getattr(model, "base_model", model) is not model else ""
 
 
-def export_config_dict(base: Mapping[str, Any], model: nn.Module, layers: Mapping[str, Any], dtype: str | None) -> dict[str, Any]:
+def export_config_dict(base: Mapping[str, Any], model: nn.Module, layers: Mapping[str, Any], dtype: str | None,
+                       absent_modules: Sequence[str] = ()) -> dict[str, Any]:
     """``config.json`` of the export, from the base model's ``config.json`` (``base``).
 
     The base fields are kept; ``model_type`` becomes ``svdkit_<type>``, ``architectures`` and
     ``auto_map`` name the modeling file's classes, ``dtype`` (and ``torch_dtype``, its older
     name) is the saved weights' dtype, and ``svdkit`` holds the base type and classes and the
-    low-rank layers: ``low_rank`` (name -> rank, names of ``model``) and ``base_model_prefix``.
+    low-rank layers: ``low_rank`` (name -> rank, names of ``model``), ``base_model_prefix``, and
+    ``absent_modules``, the modules the class builds that ``model`` was built without.
     """
     import transformers
 
@@ -150,6 +152,7 @@ def export_config_dict(base: Mapping[str, Any], model: nn.Module, layers: Mappin
         "base_model_prefix": _prefix(model),
         "low_rank": {name: int(spec["rank"]) for name, spec in layers.items() if spec.get("type") == "LowRankLinear"},
         "expert_banks": [name for name, spec in layers.items() if spec.get("type") == "ExpertBank"],
+        "absent_modules": list(absent_modules),
         "svdkit_version": __version__,
         "transformers_version": transformers.__version__,
     }
@@ -272,7 +275,8 @@ def _structure_mismatch(cls: type, config: Any, saved: Mapping[str, tuple[int, .
 
 
 def write_remote_code(model: nn.Module, directory: Path, layers: Mapping[str, Any], dtype: str | None,
-                      weight_files: Sequence[str], quantization: Mapping[str, Any] | None = None) -> str | None:
+                      weight_files: Sequence[str], quantization: Mapping[str, Any] | None = None,
+                      absent_modules: Sequence[str] = ()) -> str | None:
     """Turn the base ``config.json`` in ``directory`` into the export's and write the modeling file.
 
     Parameters
@@ -291,6 +295,8 @@ def write_remote_code(model: nn.Module, directory: Path, layers: Mapping[str, An
     quantization : mapping, optional
         The quantized weights' record: transformers reads them through the ``quantization_config``
         written into ``config.json`` (``TorchAoConfig``), for a mode it can load.
+    absent_modules : sequence of str
+        Modules the model's class builds that ``model`` was built without (left out on loading).
 
     Returns
     -------
@@ -309,7 +315,7 @@ def write_remote_code(model: nn.Module, directory: Path, layers: Mapping[str, An
         except ValueError as exc:
             return f"its weights are quantized in {quantization.get('mode')}: {exc}"
     path = directory / "config.json"
-    exported = export_config_dict(json.loads(path.read_text(encoding="utf-8")), model, layers, dtype)
+    exported = export_config_dict(json.loads(path.read_text(encoding="utf-8")), model, layers, dtype, absent_modules)
     import transformers
 
     fields = base_config_dict(exported)
