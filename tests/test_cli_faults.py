@@ -259,3 +259,25 @@ def test_a_compressed_directory_whose_source_is_gone_says_what_it_needs(factory,
                                          r"'faults_factory:build', which cannot be loaded \(cannot import the factory .*\); restore that "
                                          r"model, or load a copy of it yourself and call svdkit.load_compressed"):
         load_model(str(out))
+
+
+def test_an_os_error_without_a_file_name_says_where_it_came_from(tmp_path, capsys, monkeypatch):
+    """``[Errno 2] No such file or directory`` alone names nothing: the line says the working
+    directory is gone when it is, and where the error was raised otherwise."""
+    import svdkit.cli.info as info
+
+    def lose(args):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(info, "run", lose)  # main builds its parser per call: the patched run is registered
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"svdkit info: error: \[Errno 2\] No such file or directory \(raised in lose, test_cli_faults\.py line \d+\)", err), err
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert "the current working directory was removed while svdkit ran" in err and "--resume" in err

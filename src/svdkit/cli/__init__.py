@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import traceback
+from pathlib import Path
 from typing import Sequence
 
 from .. import __version__
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "error_message", "main"]
 
 COMMANDS = ("info", "compress", "heal", "eval", "lora", "analyze")
 
@@ -47,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status = int(args.run(args) or 0)
     except (ValueError, OSError, ImportError, KeyError) as exc:
-        print(f"svdkit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"svdkit {args.command}: error: {error_message(exc)}", file=sys.stderr)
     except RuntimeError as exc:
         distributed = sys.modules.get("svdkit.distributed")
         if distributed is None or not isinstance(exc, distributed.RankFailure):
@@ -58,6 +61,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if distributed is not None:
             distributed.leave_group(succeeded=status == 0)
     return status
+
+
+def error_message(exc: BaseException) -> str:
+    """The one line the command line prints for ``exc``: an operating-system error that names no
+    file says where it was raised, or that the working directory is gone."""
+    if not isinstance(exc, OSError) or exc.filename is not None:
+        return str(exc)
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return (f"{exc}: the current working directory was removed while svdkit ran; change to an existing directory "
+                "and run the command again (a healing run continues with --resume)")
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return str(exc)
+    return f"{exc} (raised in {frames[-1].name}, {Path(frames[-1].filename).name} line {frames[-1].lineno})"
 
 
 if __name__ == "__main__":  # pragma: no cover
