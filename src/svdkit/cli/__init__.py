@@ -65,8 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def error_message(exc: BaseException) -> str:
     """The one line the command line prints for ``exc``: an operating-system error that names no
-    file says where it was raised, or that the working directory is gone."""
-    if not isinstance(exc, OSError) or exc.filename is not None:
+    file (``[Errno 2] No such file or directory`` alone) says where it was raised, or that the
+    working directory is gone."""
+    if not isinstance(exc, OSError) or exc.errno is None or exc.filename is not None:
         return str(exc)
     try:
         os.getcwd()
