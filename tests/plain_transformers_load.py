@@ -78,7 +78,7 @@ def _resave(directory: str, ids: torch.Tensor, target: str) -> dict:
     again, info = transformers.AutoModelForCausalLM.from_pretrained(target, trust_remote_code=True, output_loading_info=True)
     with torch.no_grad():
         logits = again(ids).logits
-    return {"files": sorted(os.listdir(target)), "missing": sorted(info["missing_keys"]), "logits": logits}
+    return {"files": sorted(os.listdir(target)), "missing": sorted(info["missing_keys"]), "logits": logits, "directory": target}
 
 
 def _tokenize(directory: str, text: str) -> dict:

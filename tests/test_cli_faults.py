@@ -281,3 +281,19 @@ def test_an_os_error_without_a_file_name_says_where_it_came_from(tmp_path, capsy
     assert main(["info"]) == 1
     err = capsys.readouterr().err
     assert "the current working directory was removed while svdkit ran" in err and "--resume" in err
+
+
+def test_an_export_re_saved_without_svdkit_s_description_is_refused_without_running_its_code(tmp_path, monkeypatch):
+    """A directory whose config.json svdkit wrote for plain transformers, but without
+    svdkit_compressed.json (its base model re-saved alone): one line saying how to load it, and
+    never transformers' interactive question about remote code."""
+    from svdkit import CompressConfig, compress, save_compressed
+
+    from export_families import build, token_batches
+
+    small, _ = compress(build("llama"), CompressConfig(budget=0.6, speed_aware="off"), token_batches())
+    save_compressed(small, tmp_path / "m")
+    (tmp_path / "m" / "svdkit_compressed.json").unlink()
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("svdkit asked a question on stdin"))
+    with pytest.raises(ValueError, match=r"exported for plain transformers but not svdkit's description.*runs no code from the directory"):
+        load_model(str(tmp_path / "m"))

@@ -182,9 +182,14 @@ def test_the_tokenizer_saved_beside_loads_in_plain_transformers(plain):
 def test_save_pretrained_of_a_plainly_loaded_model_loads_again(plain, name):
     resaved = plain[1][f"{name}:resave"]
     assert "error" not in resaved, resaved.get("error")
-    assert {"config.json", MODELING_FILE, "model.safetensors"} <= set(resaved["files"])
+    assert {"config.json", MODELING_FILE, "model.safetensors", "svdkit_compressed.json"} <= set(resaved["files"])
     assert resaved["missing"] == []
     assert _relative(resaved["logits"], plain[0][name]["logits"]) <= 1e-6
+    # svdkit loads the re-saved directory as one it saved (its layers, hashes checked), without the directory's code
+    loaded = svdkit.load_model(resaved["directory"])
+    assert sorted(n for n, m in loaded.module.named_modules() if isinstance(m, LowRankLinear)) == plain[0][name]["low_rank"]
+    with torch.no_grad():
+        assert _relative(loaded.module(IDS).logits, plain[0][name]["logits"]) <= 1e-6
 
 
 def test_a_transformers_without_the_base_class_is_an_import_error_naming_it(plain):

@@ -28,6 +28,7 @@ Nothing is downloaded: hub access is switched off while loading.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,7 +194,8 @@ def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False, a
     transformers = _needs("transformers", "hf")
     if any(path.glob("*.safetensors.index.json")):
         checkpoint_files(path)  # a shard the index names but the directory lacks is named, with its tensors
-    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    _refuse_export_without_description(path)
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     causal = is_causal_lm(config)
     if empty:
         from .compression.transformers_files import transformers_skeleton
@@ -201,7 +203,7 @@ def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False, a
         module = transformers_skeleton(path)
     else:
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        module, info = pretrained_with_info(auto, path, local_files_only=True)
+        module, info = pretrained_with_info(auto, path, local_files_only=True, trust_remote_code=False)
         check_loading(path, module, info, allow_missing)
         module.to(device)
     module.eval()
@@ -210,6 +212,25 @@ def _transformers_dir(path: Path, spec: str, device: str, empty: bool = False, a
         tokenizer = _tokenizer(transformers, path, local_files_only=True)
     kind = "causal-lm" if causal else "transformers"
     return LoadedModel(module, spec, kind, tokenizer, getattr(module.config, "max_position_embeddings", None))
+
+
+def _refuse_export_without_description(path: Path) -> None:
+    """A ``config.json`` that svdkit wrote for plain transformers, without svdkit's description
+    beside it, names remote code: svdkit runs none, and says how to load the directory."""
+    from .export.remote_code import is_export_config
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers' own loading names the problem
+    if isinstance(config, dict) and is_export_config(config):
+        raise ValueError(
+            f"{path} holds a model svdkit exported for plain transformers but not svdkit's description of it "
+            "(svdkit_compressed.json: the model's own save_pretrained writes it, unless it saved its base model alone, "
+            "quantized weights or another format); svdkit runs no code from the directory: load it with transformers "
+            f"(AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True)) or re-save it with the "
+            "model's own save_pretrained"
+        )
 
 
 def _gguf(path: Path, spec: str, device: str, allow_missing: bool = False) -> LoadedModel:

@@ -11,12 +11,16 @@ model was built without (``svdkit.absent_modules``, e.g. a BERT without its pool
 module listed under ``svdkit.expert_banks`` into an :class:`ExpertBank` (one module per expert) and
 puts a :class:`LowRankLinear` at every layer listed under ``svdkit.low_rank`` (name -> rank). Everything
 else (generation with a KV cache, ``save_pretrained``, tied embeddings, each family's quirks) is
-the base class's own. Only torch and transformers' public API are used here: the file must not
-import svdkit.
+the base class's own; ``save_pretrained`` also writes svdkit's description of the directory
+(``svdkit_compressed.json``), so that svdkit loads a re-saved model as one it saved itself. Only
+torch and transformers' public API are used here: the file must not import svdkit.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,10 +30,12 @@ from torch import nn
 
 __all__ = [
     "ExpertBank", "ExpertMLP", "LowRankLinear", "LowRankModelMixin", "base_class", "drop_absent_modules", "low_rank_targets",
-    "swap_expert_banks", "swap_low_rank_layers",
+    "swap_expert_banks", "swap_low_rank_layers", "write_description",
 ]
 
 CONFIG_KEY = "svdkit"
+DESCRIPTION_NAME = "svdkit_compressed.json"  # svdkit.compression.saved.CONFIG_NAME
+DESCRIPTION_VERSION = 3  # svdkit.compression.saved.FORMAT_VERSION
 
 
 class LowRankLinear(nn.Module):
@@ -223,6 +229,53 @@ def swap_low_rank_layers(model: nn.Module, config: Any) -> None:
         setattr(model.get_submodule(owner_name) if owner_name else model, attr, layer)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_description(model: nn.Module, directory: Path) -> bool:
+    """Write svdkit's description (``svdkit_compressed.json``) of the safetensors weights that
+    ``save_pretrained`` just wrote into ``directory``: the low-rank layers and expert banks with
+    their geometry, the modules left out, and every weight file's SHA-256.
+
+    Only for what svdkit rebuilds from ``config.json``: the model class the export was written
+    from (not its base model alone), with unquantized weights in safetensors files. Returns
+    whether it was written.
+    """
+    settings = getattr(model.config, CONFIG_KEY, None) or {}
+    architectures = settings.get("base_architectures") or []
+    files = sorted(path.name for path in directory.glob("*.safetensors"))
+    if (not files or not architectures or type(model).__name__ != "Svdkit" + architectures[0]
+            or getattr(model.config, "quantization_config", None) is not None):
+        return False
+    layers: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertBank):
+            expert = module[0]
+            layers[name] = {"type": "ExpertBank", "experts": len(module), "hidden": expert.down_proj.out_features,
+                            "intermediate": expert.down_proj.in_features}
+        elif isinstance(module, LowRankLinear):
+            layers[name] = {"type": "LowRankLinear", "rank": module.rank, "in_features": module.in_features,
+                            "out_features": module.out_features, "bias": module.bias is not None}
+    description = {
+        "format_version": DESCRIPTION_VERSION,
+        "svdkit_version": settings.get("svdkit_version"),
+        "saved_by": f"save_pretrained of {type(model).__name__} (transformers {transformers.__version__})",
+        "source": None,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "layers": layers,
+        "absent_modules": list(settings.get("absent_modules") or []) or None,
+        "quantization": None,
+        "files": {name: _sha256(directory / name) for name in files},
+    }
+    (directory / DESCRIPTION_NAME).write_text(json.dumps(description, indent=2), encoding="utf-8")
+    return True
+
+
 class LowRankModelMixin:
     """Put before a transformers model class: the modules the saved model lacks are left out, its
     mixtures' experts listed in the config are unfolded and its listed layers become low-rank
@@ -234,6 +287,17 @@ class LowRankModelMixin:
         swap_expert_banks(self, self.config)
         swap_low_rank_layers(self, self.config)
         super().post_init()
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``save_pretrained``, then svdkit's description of the directory (see
+        :func:`write_description`; not for a push to the hub, another process, a variant, or
+        weights saved without safetensors)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        main_process = args[0] if args else kwargs.get("is_main_process", True)
+        if (main_process and kwargs.get("safe_serialization", True) and not kwargs.get("variant")
+                and not kwargs.get("push_to_hub")):
+            write_description(self, Path(save_directory))
+        return result
 
 
 def base_class(name: str, written_with: str) -> type:
