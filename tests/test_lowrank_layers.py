@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import re
@@ -121,16 +122,33 @@ def test_weight_follows_the_factors_and_carries_their_gradients():
     with torch.no_grad():
         low.u.mul_(2)
     torch.testing.assert_close(low.weight, low.u @ low.v)
-    low.weight.square().sum().backward()
+    low.weight.square().sum().backward()  # the factors require gradients: autograd sees the product
     torch.testing.assert_close(low.u.grad, 2 * (low.u @ low.v) @ low.v.T)
     with pytest.raises(KeyError, match="already exists"):  # nn.Module refuses: a product, not a parameter
         low.weight = nn.Parameter(torch.zeros(5, 6))
 
 
+@pytest.mark.parametrize("build", [lambda: LowRankLinear.from_dense(nn.Linear(64, 48), 4),
+                                   lambda: LowRankLinear.from_dense(Conv1D(48, 64), 4),
+                                   lambda: LowRankConv2d.from_dense(nn.Conv2d(6, 8, 3, groups=2), 2)])
+def test_reading_the_weight_s_metadata_multiplies_nothing(build, monkeypatch):
+    """T5 checks ``wo.weight.dtype`` three times a call: in inference that must cost no product."""
+    low = build().requires_grad_(False)
+    products = []
+    real = type(low).dense_weight
+    monkeypatch.setattr(type(low), "dense_weight", lambda self: products.append(1) or real(self))
+    W = low.weight
+    assert isinstance(W, torch.Tensor) and W.dtype == torch.float32 and W.device.type == "cpu" and W.ndim in (2, 4)
+    assert W.dtype != torch.int8 and W.shape[0] > 0
+    assert products == []
+    values = W * 1  # an operation that reads the values gives the plain product
+    assert type(values) is torch.Tensor and len(products) == 1
+    torch.testing.assert_close(values, real(low).T if getattr(low, "source_kind", "") == "conv1d" else real(low))
+    assert type(copy.deepcopy(W)) is torch.Tensor
+
+
 def _swap_back(model: nn.Module) -> nn.Module:
     """``model`` with every factorized layer replaced by its ``to_dense()`` (an independent forward)."""
-    import copy
-
     from svdkit.surgery import replace_module
 
     dense = copy.deepcopy(model)
@@ -154,9 +172,16 @@ def test_models_that_read_a_layer_weight_in_their_forward_run_compressed():
     for model, inputs, factorized in ((vit, {"pixel_values": pixels}, "embeddings.patch_embeddings.projection"),
                                       (t5, {"input_ids": ids, "decoder_input_ids": ids}, "encoder.block.0.layer.1.DenseReluDense.wo")):
         out, _ = compress(model, CompressConfig(method="svd", rank=4))
-        assert isinstance(out.get_submodule(factorized), LowRankLayer)
+        layer = out.get_submodule(factorized)
+        assert isinstance(layer, LowRankLayer)
+        products = []
+        layer.dense_weight = lambda: products.append(1)  # an instance attribute: only this layer's calls
         with torch.no_grad():
-            got, expected = out(**inputs)[0], _swap_back(out)(**inputs)[0]
+            got = out(**inputs)[0]
+        assert products == []  # the forward read the weight's dtype only: no product
+        del layer.dense_weight
+        with torch.no_grad():
+            expected = _swap_back(out)(**inputs)[0]
         _assert_close(got, expected)
 
 

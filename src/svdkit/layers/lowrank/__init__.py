@@ -22,7 +22,9 @@ Every class follows one contract, so compression, saving and loading never branc
 - ``spec()`` is the JSON geometry of the layer and ``from_spec(spec, dense)`` an empty layer of
   that geometry for ``dense`` (checked against it), to load saved factors into;
 - ``to_dense()`` gives back the equivalent dense layer; ``forward`` runs the factors and never
-  rebuilds ``W``.
+  rebuilds ``W``; ``LowRankLinear`` and ``LowRankConv2d`` answer ``weight`` (read by code written
+  for the dense layer) with ``W`` multiplied out only when its values are read
+  (:mod:`~svdkit.layers.lowrank.lazy_weight`).
 
 A module type registered with :func:`svdkit.views.register_view` under an existing kind is
 factorized by that kind's class; a new kind needs a class registered with

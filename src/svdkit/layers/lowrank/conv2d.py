@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .base import LowRankLayer, spec_field, spec_mismatch, saving_label, register_low_rank
+from .lazy_weight import lazy_weight
 
 __all__ = ["LowRankConv2d"]
 
@@ -30,10 +31,10 @@ class LowRankConv2d(LowRankLayer):
     reduce : nn.Conv2d, weight of shape (groups * rank, C_in / groups, kh, kw)
     expand : nn.Conv2d, weight of shape (C_out, rank, 1, 1), with the bias
     weight : Tensor of shape (C_out, C_in / groups, kh, kw)
-        The dense kernel the pair computes, multiplied out on every read (as a weight under
-        ``torch.nn.utils.parametrize`` is): code written for ``nn.Conv2d`` that reads its weight
-        keeps working (ViT and CLIP read their patch projection's ``weight.dtype`` in their
-        forward), at the cost of one product of the factors per read.
+        The dense kernel the pair computes, for code written for ``nn.Conv2d`` (ViT and CLIP
+        read their patch projection's ``weight.dtype`` in their forward): the factors are
+        multiplied out only when an operation reads its values (see
+        :mod:`~svdkit.layers.lowrank.lazy_weight`).
     """
 
     accepts = "nn.Conv2d"
@@ -122,7 +123,9 @@ class LowRankConv2d(LowRankLayer):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.dense_weight()
+        r = self.reduce
+        shape = (self.out_channels, r.in_channels // self.groups, *r.kernel_size)
+        return lazy_weight(self.dense_weight, shape, (self.expand.weight, r.weight))
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent dense ``nn.Conv2d``."""

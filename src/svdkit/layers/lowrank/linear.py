@@ -10,6 +10,7 @@ from torch import nn
 
 from ...views import is_conv1d, weight_matrix
 from .base import LowRankLayer, spec_field, spec_mismatch, saving_label, register_low_rank
+from .lazy_weight import lazy_weight
 
 __all__ = ["LowRankLinear"]
 
@@ -32,10 +33,10 @@ class LowRankLinear(LowRankLayer):
     v : Parameter of shape (rank, in_features)
     bias : Parameter of shape (out_features,) or None
     weight : Tensor of shape (out_features, in_features), or (in_features, out_features) for a Conv1D
-        The dense weight the layer computes, in its source's layout, multiplied out on every
-        read (as a weight under ``torch.nn.utils.parametrize`` is): code written for the dense
-        layer that reads its weight keeps working (T5's feed-forward reads ``wo.weight.dtype``
-        in its forward), at the cost of one ``U V`` product per read.
+        The dense weight the layer computes, in its source's layout, for code written for the
+        dense layer (T5's feed-forward reads ``wo.weight.dtype`` in its forward): ``U V`` is
+        multiplied out only when an operation reads its values (see
+        :mod:`~svdkit.layers.lowrank.lazy_weight`).
     """
 
     accepts = "nn.Linear or Conv1D"
@@ -109,8 +110,9 @@ class LowRankLinear(LowRankLayer):
 
     @property
     def weight(self) -> torch.Tensor:
-        W = self.dense_weight()
-        return W.T if self.source_kind == "conv1d" else W
+        conv1d = self.source_kind == "conv1d"
+        shape = (self.in_features, self.out_features) if conv1d else (self.out_features, self.in_features)
+        return lazy_weight(lambda: self.dense_weight().T if conv1d else self.dense_weight(), shape, (self.u, self.v))
 
     def to_dense(self) -> nn.Module:
         """The equivalent dense layer: ``nn.Linear``, or transformers ``Conv1D`` if that was the source."""
