@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..export.dtype import parse_dtype, weights_dtype
+from ..export.modeling_lowrank import drop_modules
 from ..export.plain_save import guard_plain_save
 from ..files import replace_directory, save_tensors
 from ..layers.lowrank import LowRankLayer, low_rank_from_spec
@@ -401,20 +402,6 @@ def _read_weights(directory: Path, files: list[str], meta: Mapping[str, Any]) ->
     return read_quantized(state, header, meta, where=str(directory))
 
 
-def _drop_absent_modules(model: nn.Module, names: list[str], directory: Path) -> None:
-    """Set to None the modules the saved model was built without (e.g. a ViT without its pooler)."""
-    for name in names:
-        parent, _, attr = name.rpartition(".")
-        try:
-            owner = model.get_submodule(parent)
-        except AttributeError:
-            owner = None
-        if owner is None or not isinstance(getattr(owner, attr, None), nn.Module):
-            raise ValueError(f"{directory / CONFIG_NAME} lists {name!r} under 'absent_modules', but the model that config.json "
-                             "describes has no such module: the description does not belong to this config")
-        setattr(owner, attr, None)
-
-
 def load_compressed(
     directory: str | os.PathLike,
     base: nn.Module | None = None,
@@ -461,7 +448,10 @@ def load_compressed(
             hint = f"svdkit.load_model({str(directory)!r}) rebuilds it on its recorded source {source!r}" if source else "pass base="
             raise ValueError(f"{directory} holds no transformers config to rebuild the model from: pass base= (a dense model), or {hint}")
         model = transformers_skeleton(directory)
-        _drop_absent_modules(model, meta.get("absent_modules") or [], directory)
+        try:  # built without them when saved (e.g. a ViT without its pooler)
+            drop_modules(model, meta.get("absent_modules") or [])
+        except ValueError as exc:
+            raise ValueError(f"{directory / CONFIG_NAME} does not belong to the config.json beside it: {exc}") from None
         built_here = True
     else:
         model = base if inplace else copy.deepcopy(base)

@@ -152,9 +152,13 @@ def _absent_modules(model: nn.Module, directory: Path) -> list[str]:
     """The modules that the model's class builds from ``config.json`` but this model was built
     without (``ViTModel(config, add_pooling_layer=False)`` sets ``pooler`` to None), so that
     loading builds the model as it was."""
+    try:
+        skeleton = transformers_skeleton(directory)
+    except Exception:  # noqa: BLE001 - a class svdkit cannot build from its config (remote code): nothing to leave out
+        return []
     present = {name for name, _ in model.named_modules()}
     absent: list[str] = []
-    for name, _ in transformers_skeleton(directory).named_modules():
+    for name, _ in skeleton.named_modules():
         if name in present or any(name.startswith(a + ".") for a in absent):
             continue
         parent, _, attr = name.rpartition(".")

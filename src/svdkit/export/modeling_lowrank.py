@@ -29,7 +29,7 @@ import transformers
 from torch import nn
 
 __all__ = [
-    "ExpertBank", "ExpertMLP", "LowRankLinear", "LowRankModelMixin", "base_class", "drop_absent_modules", "low_rank_targets",
+    "ExpertBank", "ExpertMLP", "LowRankLinear", "LowRankModelMixin", "base_class", "drop_absent_modules", "drop_modules", "low_rank_targets",
     "swap_expert_banks", "swap_low_rank_layers", "write_description",
 ]
 
@@ -151,25 +151,30 @@ def _saved_names(model: nn.Module, config: Any, names: Any) -> list[str]:
     return [name for name in _saved_names_keeping(model, config, names) if name is not None]
 
 
-def drop_absent_modules(model: nn.Module, config: Any) -> None:
-    """Set to None every module that ``config`` lists under ``svdkit.absent_modules``: the saved
-    model was built without it (``BertModel(config, add_pooling_layer=False)`` has no pooler).
+def drop_modules(model: nn.Module, names: Any) -> None:
+    """Set to None every module of ``model`` named in ``names`` (modules the saved model was built
+    without: ``BertModel(config, add_pooling_layer=False)`` has no pooler).
 
     Raises
     ------
     ValueError
-        A listed module the model does not have.
+        A named module the model does not have.
     """
-    settings = getattr(config, CONFIG_KEY, None) or {}
-    for name in _saved_names(model, config, settings.get("absent_modules") or []):
+    for name in names:
         owner_name, _, attr = name.rpartition(".")
         try:
             owner = model.get_submodule(owner_name) if owner_name else model
         except AttributeError:
             owner = None
         if owner is None or not isinstance(getattr(owner, attr, None), nn.Module):
-            raise ValueError(f"config.json lists {name!r} as a module the saved model has not, but {type(model).__name__} has no such module")
+            raise ValueError(f"{name!r} is listed as a module the saved model has not, but {type(model).__name__} has no such module")
         setattr(owner, attr, None)
+
+
+def drop_absent_modules(model: nn.Module, config: Any) -> None:
+    """:func:`drop_modules` for the modules ``config`` lists under ``svdkit.absent_modules``."""
+    settings = getattr(config, CONFIG_KEY, None) or {}
+    drop_modules(model, _saved_names(model, config, settings.get("absent_modules") or []))
 
 
 def swap_expert_banks(model: nn.Module, config: Any) -> None:
