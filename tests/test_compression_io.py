@@ -108,3 +108,26 @@ def test_a_model_with_every_submodule_records_none_absent(tmp_path):
     save_compressed(out, tmp_path / "c")
     assert json.loads((tmp_path / "c" / "svdkit_compressed.json").read_text())["absent_modules"] is None
     assert load_compressed(tmp_path / "c").pooler is not None
+
+
+def test_a_transformers_model_of_a_class_outside_transformers_saves_and_loads_on_its_base(tmp_path):
+    """Its config names a class transformers does not have: the directory loads on a base model of
+    that class, or alone as the transformers model its config describes (without the pooler the
+    saved model lacked)."""
+    transformers = pytest.importorskip("transformers")
+
+    class CustomBert(transformers.BertModel):
+        pass
+
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=60)
+    torch.manual_seed(0)
+    out, _ = compress(CustomBert(config, add_pooling_layer=False).eval(), CompressConfig(method="svd", rank=4))
+    with pytest.warns(UserWarning, match="not a class of transformers' public API"):
+        save_compressed(out, tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "svdkit_compressed.json").read_text())["absent_modules"] == ["pooler"]
+    ids = torch.randint(0, 60, (2, 5))
+    alone = load_compressed(tmp_path / "c")
+    assert type(alone) is transformers.BertModel and alone.pooler is None
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(tmp_path / "c", base=CustomBert(config, add_pooling_layer=False).eval())(ids)[0], out(ids)[0])
+        torch.testing.assert_close(alone(ids)[0], out(ids)[0])
