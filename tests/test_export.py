@@ -32,6 +32,7 @@ from torch import nn
 
 import svdkit
 from svdkit import CompressConfig, compress, load_compressed, save_compressed
+from svdkit.compression.saved import CONFIG_NAME, FORMAT_VERSION
 from svdkit.compression.streaming import compress_to_directory
 from svdkit.export import MODELING_FILE, modeling_lowrank, remote_code
 from svdkit.layers.lowrank import LowRankLinear
@@ -221,6 +222,8 @@ def test_the_export_config_keeps_the_base_fields_and_svdkit_reads_it_without_rem
     ranks = {row.name: row.rank for row in report.layers if row.rank is not None}
     assert config["svdkit"]["low_rank"] == ranks and config["svdkit"]["base_model_prefix"] == "model"
     assert config["svdkit"]["base_model_type"] == "llama" and remote_code.CONFIG_KEY == modeling_lowrank.CONFIG_KEY == "svdkit"
+    # the modeling file cannot import svdkit: the description it writes on save_pretrained names svdkit's
+    assert (modeling_lowrank.DESCRIPTION_NAME, modeling_lowrank.DESCRIPTION_VERSION) == (CONFIG_NAME, FORMAT_VERSION)
     # svdkit never runs the directory's code, never asks whether to: the modeling file is not even needed
     (tmp_path / "m" / MODELING_FILE).unlink()
     monkeypatch.setattr(builtins, "input", lambda *a: pytest.fail("svdkit's loader asked to run remote code"))

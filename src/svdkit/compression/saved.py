@@ -19,7 +19,6 @@ and gives every file and folder the permissions the umask gives.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -32,6 +31,7 @@ from torch import nn
 from .. import __version__
 from ..export.card import model_card
 from ..export.dtype import dtype_name
+from ..export.modeling_lowrank import sha256
 from ..export.remote_code import write_remote_code
 from ..files import apply_umask, write_atomic
 from .transformers_files import is_transformers_model, transformers_skeleton, write_companions
@@ -49,15 +49,6 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 # Weights plain transformers must not find (a model it cannot build): their names take this prefix.
 SVDKIT_ONLY_PREFIX = "svdkit_"
-
-
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _hide_from_transformers(directory: Path, weight_files: Sequence[str]) -> list[str]:

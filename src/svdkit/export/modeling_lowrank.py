@@ -29,8 +29,8 @@ import transformers
 from torch import nn
 
 __all__ = [
-    "ExpertBank", "ExpertMLP", "LowRankLinear", "LowRankModelMixin", "base_class", "drop_absent_modules", "drop_modules", "low_rank_targets",
-    "swap_expert_banks", "swap_low_rank_layers", "write_description",
+    "ExpertBank", "ExpertMLP", "LowRankLinear", "LowRankModelMixin", "base_class", "drop_absent_modules", "drop_modules",
+    "low_rank_targets", "sha256", "swap_expert_banks", "swap_low_rank_layers", "write_description",
 ]
 
 CONFIG_KEY = "svdkit"
@@ -234,7 +234,8 @@ def swap_low_rank_layers(model: nn.Module, config: Any) -> None:
         setattr(model.get_submodule(owner_name) if owner_name else model, attr, layer)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (svdkit's writers use this one too)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -275,7 +276,7 @@ def write_description(model: nn.Module, directory: Path) -> bool:
         "layers": layers,
         "absent_modules": list(settings.get("absent_modules") or []) or None,
         "quantization": None,
-        "files": {name: _sha256(directory / name) for name in files},
+        "files": {name: sha256(directory / name) for name in files},
     }
     (directory / DESCRIPTION_NAME).write_text(json.dumps(description, indent=2), encoding="utf-8")
     return True
