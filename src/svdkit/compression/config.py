@@ -92,8 +92,10 @@ class CompressConfig:
         ``"labels"`` (the gradients of a causal LM's log-likelihood at the true next tokens: the
         empirical Fisher) or ``"sampled"`` (at tokens sampled from the model: the true Fisher).
         ``"auto"``: ``"labels"`` for causal language models, ``"probes"`` otherwise.
-    probes : int
-        Random output directions (or sampled tokens) per batch for the gradient statistics.
+    probes : int, optional
+        Random output directions (or sampled tokens per position) per batch for the gradient
+        statistics, each a backward pass; None: the estimate's default (2 random probes, 1
+        sampled token).
     gradient_batches : int, optional
         Use the first this many calibration batches for the output-gradient statistics of
         ``fisher`` (backward passes cost twice a forward); None: every batch.
@@ -172,7 +174,7 @@ class CompressConfig:
     damping: float = 1e-6
     output_damping: float = 1e-2
     curvature: str = "auto"
-    probes: int = 2
+    probes: int | None = None
     gradient_batches: int | None = None
     pipeline: Literal["auto", "model", "blocks"] = "auto"
     device: str | None = None
@@ -218,6 +220,10 @@ class CompressConfig:
         object.__setattr__(self, "rank_pattern", _checked_rank_pattern(self.rank_pattern))
         if self.method not in METHODS:
             raise ValueError(f"method: unknown method {self.method!r}; choose one of {sorted(METHODS)}")
+        if self.curvature != "auto" and not METHODS[self.method].needs_gradients:
+            curved = sorted(name for name, m in METHODS.items() if m.needs_gradients)
+            raise ValueError(f"curvature: method {self.method!r} measures no curvature (methods that do: {', '.join(curved)}); "
+                             "drop the curvature, or choose such a method")
         unknown_options = [o for o in METHODS[self.method].options if o not in {f.name for f in fields(self)}]
         if unknown_options:
             raise ValueError(f"method {self.method!r} is registered with options {unknown_options} that are no CompressConfig fields")
@@ -246,6 +252,8 @@ class CompressConfig:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
         for name, low in (("probes", 1), ("min_rank", 1), ("refit", 0), ("refine_epochs", 0), ("layerwise_distill_steps", 0)):
             value = getattr(self, name)
+            if name == "probes" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
         if self.refit and not METHODS[self.method].refit:

@@ -10,13 +10,16 @@ gradients at every target's output. Registered estimates:
                 (any model): the Gram of the gradients is ``J J^T``
 ``"labels"``    the summed negative log-likelihood of the true next tokens (causal
                 LMs): the Gram of the gradients is the empirical Fisher
-``"sampled"``   the same at ``probes`` next tokens sampled from the model's own
-                distribution: the true Fisher
+``"sampled"``   the same at ``probes`` next tokens (one by default) sampled from the
+                model's own distribution at each position: the true Fisher
 ==============  =================================================================
 
 ``curvature="auto"`` takes the estimate registered as the default for the model: ``"labels"``
-for causal language models, ``"probes"`` otherwise. Adding an estimate is one function
-decorated with :func:`register_curvature`.
+for causal language models, ``"probes"`` otherwise. Neither Fisher wins everywhere: on SmolLM2,
+with two draws of the calibration windows each, the true Fisher gave lower perplexity on every
+held-out domain at 0.8 of the parameters (1-4.5 %), and higher on seven of eight at 0.6 (up to
+6 %); see ``docs/benchmarks.md``. Adding an estimate is one function decorated with
+:func:`register_curvature`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class Curvature:
         Whether ``curvature="auto"`` picks it for causal language models, or for other models.
     next_token : bool
         It scores next tokens, so each calibration window needs at least two tokens.
+    default_probes : int
+        Objectives per batch (each a backward pass) when the config's ``probes`` is None.
     """
 
     name: str
@@ -55,6 +60,7 @@ class Curvature:
     default_for_causal_lm: bool = False
     default_otherwise: bool = False
     next_token: bool = False
+    default_probes: int = 1
 
     def check_batches(self, batches: list[Any]) -> None:
         """Refuse, before any work, batches this estimate cannot use (windows of one token)."""
@@ -74,13 +80,14 @@ CURVATURES: dict[str, Curvature] = {}
 
 
 def register_curvature(
-    name: str, *, default_for_causal_lm: bool = False, default_otherwise: bool = False, next_token: bool = False
+    name: str, *, default_for_causal_lm: bool = False, default_otherwise: bool = False, next_token: bool = False,
+    default_probes: int = 1,
 ) -> Callable[[ObjectiveFunction], ObjectiveFunction]:
     """Decorator adding ``fn(result, batch, probes, generator) -> iterator of scalars`` to
     :data:`CURVATURES` (see :class:`Curvature`)."""
 
     def decorate(fn: ObjectiveFunction) -> ObjectiveFunction:
-        CURVATURES[name] = Curvature(name, fn, default_for_causal_lm, default_otherwise, next_token)
+        CURVATURES[name] = Curvature(name, fn, default_for_causal_lm, default_otherwise, next_token, default_probes)
         return fn
 
     return decorate
@@ -97,14 +104,16 @@ def resolve_curvature(name: str, model: nn.Module) -> str:
     raise ValueError(f"no curvature estimate is registered as the default for {'causal' if causal else 'other'} models")
 
 
-def objectives(name: str, result: Any, batch: Any, probes: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """The scalars of estimate ``name`` for one forward ``result`` of ``batch``."""
+def objectives(name: str, result: Any, batch: Any, probes: int | None, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The scalars of estimate ``name`` for one forward ``result`` of ``batch`` (``probes`` of
+    them, or the estimate's default number when None)."""
     if name not in CURVATURES:
         raise ValueError(f"unknown curvature {name!r}; choose one of {sorted(CURVATURES)}")
-    return CURVATURES[name].objectives(result, batch, probes, generator)
+    entry = CURVATURES[name]
+    return entry.objectives(result, batch, probes or entry.default_probes, generator)
 
 
-@register_curvature("probes", default_otherwise=True)
+@register_curvature("probes", default_otherwise=True, default_probes=2)
 def random_probes(result: Any, batch: Any, probes: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """``z . f(x)`` for ``probes`` Gaussian ``z`` of the model output's shape."""
     output = output_tensor(result)
