@@ -41,7 +41,8 @@ def _model_and_batches(family: str):
     return model, list(ids.split(2))
 
 
-def _worker(rank: int, world: int, init_file: str, out: str, family: str, fault: str | None, gradient_batches: int | None) -> None:
+def _worker(rank: int, world: int, init_file: str, out: str, family: str, fault: str | None, gradient_batches: int | None,
+            curvature: str = "auto") -> None:
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -54,7 +55,7 @@ def _worker(rank: int, world: int, init_file: str, out: str, family: str, fault:
         elif fault == "other-data-on-rank-1" and rank == 1:
             batches = [b.flip(0) for b in batches]
         try:
-            small, report = compress(model, CompressConfig(**CONFIG, gradient_batches=gradient_batches), batches)
+            small, report = compress(model, CompressConfig(**CONFIG, gradient_batches=gradient_batches, curvature=curvature), batches)
         except Exception as exc:
             Path(out, f"{rank}.err").write_text(f"{type(exc).__name__}: {exc}")
             return
@@ -65,21 +66,24 @@ def _worker(rank: int, world: int, init_file: str, out: str, family: str, fault:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path: Path, family: str, fault: str | None = None, gradient_batches: int | None = None) -> Path:
+def _spawn(tmp_path: Path, family: str, fault: str | None = None, gradient_batches: int | None = None, curvature: str = "auto") -> Path:
     out = tmp_path / "out"
     out.mkdir()
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), family, fault, gradient_batches), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), family, fault, gradient_batches, curvature), nprocs=2, join=True)
     return out
 
 
-@pytest.mark.parametrize("family, gradient_batches", [("llama", None), ("qwen2", 3), ("mixtral", None)])
+@pytest.mark.parametrize("family, gradient_batches, curvature", [
+    ("llama", None, "auto"), ("qwen2", 3, "auto"), ("mixtral", None, "auto"), ("llama", 3, "sampled"),
+])
 @pytest.mark.distributed
-def test_two_processes_give_the_one_process_result(tmp_path, family, gradient_batches):
+def test_two_processes_give_the_one_process_result(tmp_path, family, gradient_batches, curvature):
     """With ``gradient_batches=3`` of 6 the curvature comes from the same three batches (two on
-    rank 0, one on rank 1) as in one process."""
+    rank 0, one on rank 1) as in one process; a random curvature (tokens sampled from the model)
+    draws for each batch what one process draws for it."""
     model, batches = _model_and_batches(family)
-    alone, report = compress(model, CompressConfig(**CONFIG, gradient_batches=gradient_batches), batches)
-    out = _spawn(tmp_path, family, gradient_batches=gradient_batches)
+    alone, report = compress(model, CompressConfig(**CONFIG, gradient_batches=gradient_batches, curvature=curvature), batches)
+    out = _spawn(tmp_path, family, gradient_batches=gradient_batches, curvature=curvature)
     ids = torch.randint(0, 100, (64,), generator=torch.Generator().manual_seed(3))
     reference = perplexity(alone, ids, seq_len=32).perplexity
     for rank in (0, 1):

@@ -203,12 +203,8 @@ class BlockDriver:
                         hidden = [run_block(block, item, h) for item, h in zip(inputs, hidden)]
             grads: list[torch.Tensor] | None = None
             if gradients:
-                generator = self.compressor.generator()
-
-                def objective(result, batch):
-                    return self.compressor.objectives(result, batch, generator)
-
-                grads = [head_loss_gradient(model, stack, batch, h, objective, self.forward) for batch, h in zip(batches, hidden)]
+                grads = [head_loss_gradient(model, stack, batch, h, self._objective(item.index), self.forward)
+                         for batch, item, h in zip(batches, inputs, hidden)]
             del hidden
         spectra: dict[str, LayerSpectrum] = {}
         for index in track(list(reversed(range(first, len(stack.blocks)))), self.progress, desc="curvature: backward"):
@@ -231,6 +227,13 @@ class BlockDriver:
             for part in group.gather_objects(mine):
                 spectra.update(part)
         return spectra
+
+    def _objective(self, index: int) -> Callable[[Any, Any], Any]:
+        """The curvature's objective on calibration batch ``index``: its random draws (sampled
+        tokens, probes) are seeded by the batch's place in the whole list, so that any split of
+        the batches over torchrun ranks draws what one process draws."""
+        generator = self.compressor.generator(index)
+        return lambda result, batch: self.compressor.objectives(result, batch, generator)
 
     def _sum(self, recording: Recording, targets: Targets) -> None:
         """A block's statistics (and its MoE blocks' token counts) summed over the ranks, in place."""

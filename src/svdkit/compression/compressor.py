@@ -31,6 +31,7 @@ from torch import nn
 
 from ..calibrate import GradientRecorder, GramStats, InputRecorder
 from ..layers.lowrank import grouped_matrices, low_rank_class
+from ..linalg import layer_seed
 from ..progress import ProgressLike, track
 from ..surgery import replace_module, shared_weight_groups
 from ..views import get_view
@@ -221,9 +222,11 @@ class LayerCompressor:
         them, or as ``gradients`` says)."""
         return Recording(targets, self.needs_gradients if gradients is None else gradients, self.experts)
 
-    def generator(self) -> torch.Generator:
-        """A fresh generator for :meth:`objectives`, seeded with the config's seed."""
-        return torch.Generator().manual_seed(self.config.seed)
+    def generator(self, batch: int | None = None) -> torch.Generator:
+        """A fresh generator for :meth:`objectives`, seeded with the config's seed (and the index
+        of the calibration batch it is for: :func:`svdkit.linalg.layer_seed`)."""
+        seed = self.config.seed if batch is None else layer_seed(self.config.seed, batch)
+        return torch.Generator().manual_seed(seed)
 
     def objectives(self, result: Any, batch: Any, generator: torch.Generator) -> Iterator[torch.Tensor]:
         """The scalars whose backward passes record the output-gradient Grams (see
