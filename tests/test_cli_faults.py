@@ -135,6 +135,10 @@ def test_options_that_would_be_ignored_are_refused(factory, lm_dir, tmp_path, ca
          f"--stream reads a transformers checkpoint directory (config.json and safetensors) block by block; "
          f"{str(tmp_path / 'inputs.pt')!r} is not one: compress it without --stream", True),
         (["compress", str(lm_dir), "-o", str(tmp_path / "o"), "--method", "nope", *SMALL], "method: unknown method 'nope'", True),
+        (["compress", str(lm_dir), "-o", str(tmp_path / "o"), "--method", "whiten", "--curvature", "sampled", *SMALL],
+         "curvature: method 'whiten' measures no curvature (methods that do: fisher)", True),
+        (["compress", str(lm_dir), "-o", str(tmp_path / "o"), "--curvature", "fishy", *SMALL],
+         "curvature: expected one of 'auto', 'probes', 'labels', 'sampled', got 'fishy'", True),
     ]
     for argv, message, from_options in cases:
         assert main(argv) == 1

@@ -47,6 +47,14 @@ def test_compress_then_eval_a_causal_lm(lm_dir, tmp_path, capsys):
     assert results["model"]["in-domain"] > 1 and results["source"]["other-domain"] > 1
 
 
+@pytest.mark.parametrize("curvature", ["labels", "sampled"])
+def test_the_curvature_option_reaches_the_saved_config(lm_dir, tmp_path, curvature):
+    out = tmp_path / "small"
+    assert main(["compress", str(lm_dir), "-o", str(out), "--params", "0.7", "--calib-seqs", "8", "--seq-len", "32",
+                 "--batch-size", "4", "--curvature", curvature, "--no-eval", "--no-progress"]) == 0
+    assert json.loads((out / "svdkit_compressed.json").read_text())["config"]["curvature"] == curvature
+
+
 def test_compress_errors_are_reported_before_any_work(lm_dir, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.mkdir()

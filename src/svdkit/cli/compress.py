@@ -64,6 +64,10 @@ def register(subparsers) -> None:
     add_rank_options(parser, params=True)
     parser.add_argument("--uniform", action="store_true", help="with --params: the same fraction in every layer instead of a global budget")
     parser.add_argument("--method", default="fisher", help="svd, asvd, whiten or fisher (default: fisher)")
+    parser.add_argument("--curvature", default="auto",
+                        help="the output side of fisher and the budget: 'labels' (a language model's true next tokens: the "
+                             "empirical Fisher), 'sampled' (next tokens sampled from the model: the true Fisher), 'probes' "
+                             "(random output directions); 'auto' (default): labels for a language model, probes otherwise")
     parser.add_argument("--calib", default="builtin",
                         help="'builtin' (English text shipped with Python), a .txt file, or a .pt tensor (token ids for a language model, inputs otherwise)")
     parser.add_argument("--calib-seqs", type=positive_int, default=None,
@@ -107,7 +111,8 @@ def _config(args: argparse.Namespace, loaded) -> Any:
     from ..linalg import ParamRatio
 
     exclude = target_spec(args.exclude, "--exclude") or ()
-    fields: dict[str, Any] = {"method": args.method, "refit": args.refit, "exclude_modules": exclude, "pipeline": args.pipeline,
+    fields: dict[str, Any] = {"method": args.method, "curvature": args.curvature, "refit": args.refit, "exclude_modules": exclude,
+                              "pipeline": args.pipeline,
                               "rank_multiple": args.rank_multiple, "speed_aware": args.speed_aware, **quantize_fields(args)}
     targets = target_spec(args.targets)
     if targets is not None:
