@@ -16,6 +16,10 @@ Every (config, ratio) runs in its own process, so its peak RSS is its own.
     python benchmarks/compress_llm.py --llama-block                     # one LLaMA-7B-shaped block
     python benchmarks/compress_llm.py --ratios 0.6 --configs default default-refine default-heal --tasks
     python benchmarks/compress_llm.py --calib 'pydoc+stdlib+networkx+torch' --configs default
+    python benchmarks/compress_llm.py --ratios 0.8 --configs default-labels default-sampled --seed 1 --tasks
+
+``--seed`` draws other calibration windows (and seeds the compression's own random draws): a
+second seed tells a real difference between two configs from the draw of the windows.
 
 ``--tasks`` adds the zero-shot accuracy of ``svdkit.tasks`` (next-sentence, last-word; 200 items
 each) beside the perplexities; ``default-heal`` reports its cost (tokens and seconds) apart from
@@ -47,6 +51,10 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
     "fisher-labels": ({"method": "fisher", "curvature": "labels", "pipeline": "blocks"}, True),
     "fisher-labels-budget-model": ({"method": "fisher", "curvature": "labels", "pipeline": "model"}, False),
     "default": ({}, False),  # what svdkit compress does: fisher, LM curvature, budget, block by block
+    # the default's curvature chosen: the true Fisher (next tokens sampled from the model, one per
+    # position: the default since 2026-12-07) or the empirical Fisher (the text's next tokens)
+    "default-sampled": ({"curvature": "sampled", "probes": 1}, False),
+    "default-labels": ({"curvature": "labels"}, False),
     # block refinement toward the dense block's outputs on the dense inputs (AA-SVD's anchor) or on the compressed inputs
     "default-refine": ({"refine_epochs": 8}, False),
     "default-refine-shifted": ({"refine_epochs": 8, "refine_target": "shifted"}, False),
@@ -101,10 +109,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         fields = dict(fields)
         fields["rank" if uniform else "budget"] = ParamRatio(args.ratio) if uniform else args.ratio
         fields.setdefault("gradient_batches", -(-args.gradient_seqs // BATCH))
+        fields.setdefault("seed", args.seed)
         config = CompressConfig(**fields)
         calibration = None
         if config.needs_data:
-            ids = calibration_tokens(args.calib, loaded.tokenizer, n_seqs=args.calib_seqs, seq_len=args.seq_len, seed=0)
+            ids = calibration_tokens(args.calib, loaded.tokenizer, n_seqs=args.calib_seqs, seq_len=args.seq_len, seed=args.seed)
             calibration = list(ids.split(BATCH))
         start = time.perf_counter()
         # In place, as `svdkit compress` does: memory holds one model.
@@ -141,7 +150,7 @@ def _heal(module, loaded, args: argparse.Namespace) -> dict[str, Any]:
     from svdkit.tokens import calibration_tokens
 
     config = HealConfig(steps=args.heal_steps)
-    windows = calibration_tokens(args.calib, loaded.tokenizer, n_seqs=args.heal_windows + config.held_out, seq_len=args.seq_len, seed=1)
+    windows = calibration_tokens(args.calib, loaded.tokenizer, n_seqs=args.heal_windows + config.held_out, seq_len=args.seq_len, seed=args.seed + 1)
     healed = heal_language_model(module, load_model("smollm2").module, windows, config)
     return {"heal_steps": healed.steps, "heal_tokens": healed.tokens, "heal_seconds": healed.seconds,
             "heal_kl_before": healed.held_out_kl_before, "heal_kl_after": healed.held_out_kl_after}
@@ -192,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heal-steps", type=int, default=200, help="distillation steps of the default-heal config")
     parser.add_argument("--heal-windows", type=int, default=256, help="calibration windows default-heal trains on")
     parser.add_argument("--tasks", action="store_true", help="also score the zero-shot tasks (accuracy, normalized accuracy)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and of the compression (CompressConfig.seed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--generation", action="store_true", help="tokens/s of greedy generation, dense vs compressed, at 0.8 for the default")
     parser.add_argument("--llama-block", action="store_true", help="also time one LLaMA-7B-shaped block")
@@ -209,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(llama_block(args)))
         return 0
     common = ["--calib-seqs", str(args.calib_seqs), "--seq-len", str(args.seq_len), "--gradient-seqs", str(args.gradient_seqs),
-              "--eval-seqs", str(args.eval_seqs), "--threads", str(args.threads), "--calib", args.calib,
+              "--eval-seqs", str(args.eval_seqs), "--threads", str(args.threads), "--calib", args.calib, "--seed", str(args.seed),
               "--heal-steps", str(args.heal_steps), "--heal-windows", str(args.heal_windows), *(["--tasks"] if args.tasks else [])]
     rows = [_spawn(["--worker", "dense", "1.0", *common], args.threads)]
     dense = rows[0]
