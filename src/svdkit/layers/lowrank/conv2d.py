@@ -112,20 +112,22 @@ class LowRankConv2d(LowRankLayer):
             raise spec_mismatch(name, spec, f"in, out, kernel, groups = {saved}", f"{base}", dense)
         return cls(dense, rank)
 
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The dense kernel's shape, (C_out, C_in / groups, kh, kw)."""
+        return (self.out_channels, self.in_channels // self.groups, *self.reduce.kernel_size)
+
     def dense_weight(self) -> torch.Tensor:
-        """The dense kernel, shape (C_out, C_in / groups, kh, kw), computed in float32 or wider."""
+        """The dense kernel, shape :attr:`kernel_shape`, computed in float32 or wider."""
         r, g = self.reduce, self.groups
         work = torch.promote_types(r.weight.dtype, torch.float32)
         left = self.expand.weight.to(work).reshape(g, self.out_channels // g, self.rank)
         right = r.weight.to(work).reshape(g, self.rank, -1)
-        shape = (self.out_channels, r.in_channels // g, *r.kernel_size)
-        return (left @ right).reshape(shape).to(r.weight.dtype)
+        return (left @ right).reshape(self.kernel_shape).to(r.weight.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
-        r = self.reduce
-        shape = (self.out_channels, r.in_channels // self.groups, *r.kernel_size)
-        return lazy_weight(self.dense_weight, shape, (self.expand.weight, r.weight))
+        return lazy_weight(self.dense_weight, self.kernel_shape, (self.expand.weight, self.reduce.weight))
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent dense ``nn.Conv2d``."""
