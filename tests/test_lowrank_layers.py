@@ -145,6 +145,9 @@ def test_reading_the_weight_s_metadata_multiplies_nothing(build, monkeypatch):
     assert type(values) is torch.Tensor and len(products) == 1
     torch.testing.assert_close(values, real(low).T if getattr(low, "source_kind", "") == "conv1d" else real(low))
     assert type(copy.deepcopy(W)) is torch.Tensor
+    for change in (lambda: W.mul_(2), lambda: nn.init.normal_(W), lambda: W.zero_()):
+        with pytest.raises(RuntimeError, match="in place.*change the factors"):
+            change()
 
 
 def _swap_back(model: nn.Module) -> nn.Module:

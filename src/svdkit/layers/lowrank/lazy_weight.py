@@ -21,8 +21,10 @@ class LazyProduct(torch.Tensor):
     """A tensor whose values are ``product()``, computed each time an operation reads them.
 
     Its shape, dtype and device are known without the product. Every torch operation on it runs
-    on the product and returns plain tensors. It is not a parameter and carries no gradient: when
-    gradients must reach the factors, :func:`lazy_weight` returns the product itself.
+    on the product and returns plain tensors; an operation that would change it in place (``mul_``,
+    ``copy_``, an initializer) is refused, since it could not reach the factors. It is not a
+    parameter and carries no gradient: when gradients must reach the factors, :func:`lazy_weight`
+    returns the product itself.
     """
 
     __torch_function__ = torch._C._disabled_torch_function_impl  # the results are plain tensors
@@ -35,6 +37,9 @@ class LazyProduct(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func._schema.is_mutable:
+            raise RuntimeError(f"{func} would change the weight of a factorized layer in place, which is the product of its "
+                               "factors: change the factors (u and v, or reduce and expand) instead")
         return func(*_computed(args), **_computed(kwargs or {}))
 
     def __deepcopy__(self, memo: dict) -> torch.Tensor:
