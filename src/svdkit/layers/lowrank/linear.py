@@ -110,9 +110,9 @@ class LowRankLinear(LowRankLayer):
 
     @property
     def weight(self) -> torch.Tensor:
-        conv1d = self.source_kind == "conv1d"
-        shape = (self.in_features, self.out_features) if conv1d else (self.out_features, self.in_features)
-        return lazy_weight(lambda: self.dense_weight().T if conv1d else self.dense_weight(), shape, (self.u, self.v))
+        if self.source_kind == "conv1d":  # a Conv1D stores its weight as (in, out)
+            return lazy_weight(lambda: self.dense_weight().T, (self.in_features, self.out_features), (self.u, self.v))
+        return lazy_weight(self.dense_weight, (self.out_features, self.in_features), (self.u, self.v))
 
     def to_dense(self) -> nn.Module:
         """The equivalent dense layer: ``nn.Linear``, or transformers ``Conv1D`` if that was the source."""
