@@ -96,6 +96,39 @@ def test_cholesky_damping_escalates_on_a_singular_gram():
     torch.testing.assert_close(L @ L.T, G + used * 0.25 * torch.eye(4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("damping", [0.0, 1e-6, 0.3, 2.0])
+def test_cholesky_of_a_singular_gram_ends_with_the_damping_asked_for_or_the_next_that_works(damping):
+    # damping 0 used to multiply 0 by 10 forever; a damping above the maximum used to be skipped
+    # (the layer fell back to plain SVD without ever trying it)
+    G = torch.zeros(6, 6, dtype=torch.float64)
+    G[:2, :2] = torch.tensor([[2.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    L, used = cholesky_factor(G, damping=damping)
+    assert used == damping if damping > 0 else 0 < used <= 1e-10
+    scale = float(G.diagonal().mean())
+    torch.testing.assert_close(L @ L.T, G + used * scale * torch.eye(6, dtype=torch.float64))
+
+
+def test_cholesky_of_a_definite_gram_takes_no_damping_when_asked_for_none():
+    A = torch.randn(20, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    L, used = cholesky_factor(A.T @ A, damping=0.0)
+    assert used == 0.0
+    torch.testing.assert_close(L, torch.linalg.cholesky(A.T @ A))
+
+
+@pytest.mark.parametrize("damping", [-1e-3, float("nan"), float("inf")])
+def test_cholesky_refuses_a_damping_that_is_not_a_finite_non_negative_number(damping):
+    with pytest.raises(ValueError, match="damping"):
+        cholesky_factor(torch.eye(3), damping=damping)
+
+
+def test_an_output_damping_above_the_escalation_maximum_is_used_not_dropped():
+    model = mlp()
+    batches = correlated_batches(3)
+    config = CompressConfig(method="fisher", curvature="probes", rank=4, target_modules=["0"], output_damping=0.5)
+    _, report = compress(model, config, batches)
+    assert report.layers[0].method == "fisher", report.layers[0].skip_reason
+
+
 def test_whiten_falls_back_to_svd_when_a_layer_only_sees_zeros():
     model = mlp()
     batches = [torch.zeros(8, 24)]

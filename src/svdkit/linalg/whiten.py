@@ -8,9 +8,15 @@ side with the Gram of output gradients.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["cholesky_factor"]
+__all__ = ["SMALLEST_DAMPING", "cholesky_factor"]
+
+#: The damping tried after a damping of 0 fails: a relative ``1e-12`` lifts a semi-definite Gram's
+#: zero eigenvalues above float64 rounding of its other entries for widths up to a few thousand.
+SMALLEST_DAMPING = 1e-12
 
 
 def cholesky_factor(G: torch.Tensor, *, damping: float, max_damping: float = 1e-1) -> tuple[torch.Tensor, float]:
@@ -21,9 +27,10 @@ def cholesky_factor(G: torch.Tensor, *, damping: float, max_damping: float = 1e-
     G : Tensor of shape (d, d)
         Symmetric positive semi-definite; factorized in float64.
     damping : float
-        First relative damping tried; multiplied by 10 after each failure.
+        First relative damping tried (always tried, even above ``max_damping``); multiplied by 10
+        after each failure (a damping of 0 is followed by :data:`SMALLEST_DAMPING`).
     max_damping : float
-        Give up above this.
+        Give up when the next damping would exceed this (or ``damping``, if larger).
 
     Returns
     -------
@@ -34,10 +41,12 @@ def cholesky_factor(G: torch.Tensor, *, damping: float, max_damping: float = 1e-
     Raises
     ------
     ValueError
-        If ``G`` holds NaN or infinite values.
+        If ``G`` holds NaN or infinite values, or ``damping`` is negative or not finite.
     torch.linalg.LinAlgError
-        If ``G`` is zero, or even ``max_damping`` does not make it positive definite.
+        If ``G`` is zero, or even the largest damping allowed does not make it positive definite.
     """
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
     G = G.to(torch.float64)
     if not bool(torch.isfinite(G).all()):
         raise ValueError(f"the Gram matrix ({G.shape[0]}x{G.shape[1]}) holds {int((~torch.isfinite(G)).sum())} non-finite values")
@@ -45,10 +54,13 @@ def cholesky_factor(G: torch.Tensor, *, damping: float, max_damping: float = 1e-
     if not scale > 0:
         raise torch.linalg.LinAlgError("the Gram matrix is zero: the layer saw only zero inputs")
     eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    largest = max(max_damping, damping) * (1 + 1e-9)
     d = damping
-    while d <= max_damping * (1 + 1e-9):
+    while True:
         L, info = torch.linalg.cholesky_ex(G + d * scale * eye)
         if int(info) == 0:
             return L, d
-        d *= 10
-    raise torch.linalg.LinAlgError(f"Cholesky failed even with damping {max_damping:g}")
+        following = d * 10 if d > 0 else SMALLEST_DAMPING
+        if following > largest:
+            raise torch.linalg.LinAlgError(f"Cholesky failed even with damping {d:g}")
+        d = following
