@@ -83,9 +83,11 @@ class CompressConfig:
     asvd_alpha : float
         ASVD's exponent on the mean absolute input.
     damping : float
-        Relative damping of the input Gram (raised tenfold until Cholesky succeeds).
+        Relative damping of the input Gram, raised tenfold until Cholesky succeeds (from 0 to
+        :data:`svdkit.linalg.whiten.SMALLEST_DAMPING` first) up to 0.1; a larger damping is
+        used as given.
     output_damping : float
-        Relative damping of the output-gradient Gram (``fisher``).
+        Relative damping of the output-gradient Gram (``fisher``), escalated the same way.
     curvature : str
         The output-side statistics of methods that need gradients, a registered estimate (see
         :mod:`svdkit.compression.curvature`): ``"probes"`` (random probes of the model output),
