@@ -18,8 +18,8 @@ gradients at every target's output. Registered estimates:
 for causal language models, ``"probes"`` otherwise. Neither Fisher wins everywhere: on SmolLM2
 the true Fisher gave lower perplexity on every held-out domain at 0.8 of the parameters (0.9-4.5 %,
 three draws of the calibration windows), but higher on every domain at 0.7 (4-21 %, two draws) and
-on seven of eight domain-draw pairs at 0.6 (up to 6 %); see ``docs/benchmarks.md``. Adding an estimate is one function decorated with
-:func:`register_curvature`.
+on seven of eight domain-draw pairs at 0.6 (up to 6 %); see ``docs/benchmarks.md``. Adding an
+estimate is one function decorated with :func:`register_curvature`.
 """
 
 from __future__ import annotations
