@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
 
-@pytest.mark.parametrize("width", [48, 601])  # below and above the width the product is split by halves
+@pytest.mark.parametrize("width", [48, 601, 1155])  # one block, two (halves), three
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_gram_accumulation_matches_a_float64_reference(dtype, width):
-    """Narrow input is multiplied in float32 chunks (wide input by halves) and summed in float64:
-    the Gram stays within float32 rounding of the exact one, however many rows arrive
+    """Narrow input is multiplied in float32 chunks (wide input by column blocks) and summed in
+    float64: the Gram stays within float32 rounding of the exact one, however many rows arrive
     (heavy-tailed, as activations are)."""
-    from svdkit.calibrate import GRAM_CHUNK, SYMMETRIC_SPLIT_WIDTH, GramStats
+    from svdkit.calibrate import GRAM_CHUNK, GramStats, symmetric_blocks
 
-    assert (width >= SYMMETRIC_SPLIT_WIDTH) == (width == 601)
+    assert len(symmetric_blocks(width)) - 1 == {48: 1, 601: 2, 1155: 3}[width]
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     rows = [torch.distributions.StudentT(3.0).sample((n, width)) * torch.rand(width, generator=g) * 10 for n in (7, GRAM_CHUNK + 5, 3000)]
@@ -28,9 +30,23 @@ def test_gram_accumulation_matches_a_float64_reference(dtype, width):
     scale = np.abs(exact).T @ np.abs(exact)
     assert stats.count == len(exact)
     assert np.max(np.abs(stats.gram.numpy() - reference) / scale) < (1e-12 if dtype == torch.float64 else 1e-6)
-    h = width // 2
-    np.testing.assert_array_equal(stats.gram.numpy()[:h, h:], stats.gram.numpy()[h:, :h].T)
+    if dtype != torch.float64:  # blocks below the diagonal are mirrored, not computed again
+        np.testing.assert_array_equal(stats.gram.numpy(), stats.gram.numpy().T)
     np.testing.assert_allclose(stats.abs_sum.numpy(), np.abs(exact).sum(0), rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(width=st.integers(1, 5000))
+def test_symmetric_blocks_cover_the_columns_with_blocks_no_narrower_than_the_block_width(width):
+    from svdkit.calibrate import SYMMETRIC_BLOCK_WIDTH, SYMMETRIC_SPLIT_WIDTH, symmetric_blocks
+
+    edges = symmetric_blocks(width)
+    sizes = np.diff(edges)
+    assert edges[0] == 0 and edges[-1] == width and (sizes > 0).all()
+    if width < SYMMETRIC_SPLIT_WIDTH:
+        assert len(sizes) == 1
+    elif len(sizes) > 2:
+        assert sizes.min() >= SYMMETRIC_BLOCK_WIDTH and sizes.max() - sizes.min() <= 1
 
 
 @pytest.mark.parametrize("conv", [
