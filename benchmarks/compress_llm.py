@@ -52,9 +52,12 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
     "fisher-labels-budget-model": ({"method": "fisher", "curvature": "labels", "pipeline": "model"}, False),
     "default": ({}, False),  # what svdkit compress does: fisher, LM curvature, budget, block by block
     # the default's curvature chosen: the true Fisher (next tokens sampled from the model, one per
-    # position: the default since 2026-12-07) or the empirical Fisher (the text's next tokens)
+    # position) or the empirical Fisher (the text's next tokens: the default)
     "default-sampled": ({"curvature": "sampled", "probes": 1}, False),
     "default-labels": ({"curvature": "labels"}, False),
+    # the default with the curvature shrunk further toward the identity (output damping 1e-2 by default)
+    "default-output-damping-0.1": ({"output_damping": 0.1}, False),
+    "default-output-damping-1": ({"output_damping": 1.0}, False),
     # block refinement toward the dense block's outputs on the dense inputs (AA-SVD's anchor) or on the compressed inputs
     "default-refine": ({"refine_epochs": 8}, False),
     "default-refine-shifted": ({"refine_epochs": 8, "refine_target": "shifted"}, False),

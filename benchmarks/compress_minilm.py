@@ -9,6 +9,7 @@ sentence embeddings, and the overlap of each sentence's 10 nearest neighbours.
     python benchmarks/compress_minilm.py --ratios 0.7 0.5 --configs whiten fisher-budget
     python benchmarks/compress_minilm.py --json results.json
     python benchmarks/compress_minilm.py --timing           # the default's time vs plain SVD, and a budget sweep
+    python benchmarks/compress_minilm.py --probes-study --seeds 3   # the default's curvature: how many probes, which law
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 
 import torch
 
+from svdkit.batches import output_tensor
 from svdkit.compression import CompressConfig, compress, embedding_agreement
 from svdkit.data import builtin_sentences
 from svdkit.linalg import ParamRatio
@@ -100,6 +102,43 @@ def timing(loaded, repeats: int) -> dict:
             "sweep_vs_one": best["default, sweep 0.5/0.6/0.7"] / one}
 
 
+def rademacher_probes(result, batch, probes: int, generator: torch.Generator):
+    """``z . f(x)`` for ``probes`` random sign vectors ``z``: the lowest-variance law of i.i.d. probes
+    (Hutchinson), against the Gaussian probes of svdkit's ``"probes"`` estimate."""
+    output = output_tensor(result)
+    for _ in range(probes):
+        z = torch.randint(0, 2, output.shape, generator=generator).mul_(2).sub_(1).to(output.dtype)
+        yield (output * z.to(output.device)).sum()
+
+
+def probes_study(loaded, seeds: int) -> list[dict]:
+    """The default (fisher, budget 0.6, 256 calibration sentences) with one and two output probes per
+    batch, Gaussian and Rademacher, over ``seeds`` seeds of the probes: held-out cosine and seconds."""
+    from svdkit.compression.curvature import register_curvature
+    from svdkit.data import calibration_sentences
+
+    register_curvature("rademacher", default_probes=2)(rademacher_probes)
+    texts = calibration_sentences(256)
+    batches = [texts[i:i + 32] for i in range(0, len(texts), 32)]
+    held_out, other = builtin_sentences("topics", split="odd")[:512], builtin_sentences("idle")[:512]
+    reference = {"held-out": loaded.encode(held_out), "other": loaded.encode(other)}
+    rows = []
+    print(f"{'probes':<12} {'per batch':>9}  {'seed':>4}  {'seconds':>7}  {'cos':>6}  {'cos other':>9}")
+    for law in ("probes", "rademacher"):
+        for count in (1, 2):
+            for seed in range(seeds):
+                config = CompressConfig(budget=0.6, target_modules=TARGETS, curvature=law, probes=count, seed=seed)
+                start = time.perf_counter()
+                compressed, _ = compress(loaded.module, config, batches, forward=loaded.forward)
+                seconds = time.perf_counter() - start
+                cos = {label: embedding_agreement(reference[label], loaded.encode(texts, module=compressed))["mean_cosine"]
+                       for label, texts in (("held-out", held_out), ("other", other))}
+                rows.append({"law": "gaussian" if law == "probes" else law, "probes": count, "seed": seed, "seconds": seconds,
+                             "mean_cosine": cos["held-out"], "mean_cosine_other": cos["other"]})
+                print(f"{rows[-1]['law']:<12} {count:>9}  {seed:>4}  {seconds:>7.1f}  {cos['held-out']:>6.4f}  {cos['other']:>9.4f}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
@@ -112,9 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--timing", action="store_true", help="only the compression time of the default vs plain SVD, and a sweep")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--probes-study", action="store_true", help="only the default's curvature with 1 and 2 Gaussian or Rademacher probes")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the probes in --probes-study")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.probes_study:
+        rows = probes_study(load_model("minilm"), args.seeds)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"rows": rows, "threads": torch.get_num_threads()}, handle, indent=2)
+        return 0
     if args.timing:
         result = timing(load_model("minilm"), args.repeats)
         if args.json:
