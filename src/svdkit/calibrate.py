@@ -35,6 +35,7 @@ __all__ = [
     "collect_input_stats",
     "layer_inputs",
     "layer_outputs",
+    "symmetric_blocks",
 ]
 
 GRAM_CHUNK = 4096
