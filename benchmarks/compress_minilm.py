@@ -10,6 +10,7 @@ sentence embeddings, and the overlap of each sentence's 10 nearest neighbours.
     python benchmarks/compress_minilm.py --json results.json
     python benchmarks/compress_minilm.py --timing           # the default's time vs plain SVD, and a budget sweep
     python benchmarks/compress_minilm.py --probes-study --seeds 3   # the default's curvature: how many probes, which law
+    python benchmarks/compress_minilm.py --probes-study --seeds 3 --output-damping 0.1
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def rademacher_probes(result, batch, probes: int, generator: torch.Generator):
         yield (output * z.to(output.device)).sum()
 
 
-def probes_study(loaded, seeds: int) -> list[dict]:
+def probes_study(loaded, seeds: int, output_damping: float) -> list[dict]:
     """The default (fisher, budget 0.6, 256 calibration sentences) with one and two output probes per
     batch, Gaussian and Rademacher, over ``seeds`` seeds of the probes: held-out cosine and seconds."""
     from svdkit.compression.curvature import register_curvature
@@ -127,14 +128,15 @@ def probes_study(loaded, seeds: int) -> list[dict]:
     for law in ("probes", "rademacher"):
         for count in (1, 2):
             for seed in range(seeds):
-                config = CompressConfig(budget=0.6, target_modules=TARGETS, curvature=law, probes=count, seed=seed)
+                config = CompressConfig(budget=0.6, target_modules=TARGETS, curvature=law, probes=count, seed=seed,
+                                        output_damping=output_damping)
                 start = time.perf_counter()
                 compressed, _ = compress(loaded.module, config, batches, forward=loaded.forward)
                 seconds = time.perf_counter() - start
                 cos = {label: embedding_agreement(reference[label], loaded.encode(texts, module=compressed))["mean_cosine"]
                        for label, texts in (("held-out", held_out), ("other", other))}
                 rows.append({"law": "gaussian" if law == "probes" else law, "probes": count, "seed": seed, "seconds": seconds,
-                             "mean_cosine": cos["held-out"], "mean_cosine_other": cos["other"]})
+                             "mean_cosine": cos["held-out"], "mean_cosine_other": cos["other"], "output_damping": output_damping})
                 print(f"{rows[-1]['law']:<12} {count:>9}  {seed:>4}  {seconds:>7.1f}  {cos['held-out']:>6.4f}  {cos['other']:>9.4f}", flush=True)
     return rows
 
@@ -153,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--probes-study", action="store_true", help="only the default's curvature with 1 and 2 Gaussian or Rademacher probes")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the probes in --probes-study")
+    parser.add_argument("--output-damping", type=float, default=1e-2, help="the fisher method's output damping in --probes-study")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probes_study:
-        rows = probes_study(load_model("minilm"), args.seeds)
+        rows = probes_study(load_model("minilm"), args.seeds, args.output_damping)
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump({"rows": rows, "threads": torch.get_num_threads()}, handle, indent=2)
