@@ -16,18 +16,22 @@ sentence embeddings, and the overlap of each sentence's 10 nearest neighbours.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from svdkit.batches import output_tensor
 from svdkit.compression import CompressConfig, compress, embedding_agreement
-from svdkit.data import builtin_sentences
+from svdkit.data import builtin_sentences, calibration_sentences
 from svdkit.linalg import ParamRatio
 from svdkit.models import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import write_json  # noqa: E402
 
 # name -> (method, global budget?, refit passes, layer-wise distillation steps)
 CONFIGS = {
@@ -42,6 +46,12 @@ CONFIGS = {
 }
 # The encoder's 36 Linear layers shape the sentence embedding; the BERT pooler does not.
 TARGETS = r".*encoder.*"
+
+
+def default_batches() -> list[list[str]]:
+    """What `svdkit compress minilm` calibrates on: 256 built-in sentences in batches of 32."""
+    texts = calibration_sentences(256)
+    return [texts[i:i + 32] for i in range(0, len(texts), 32)]
 
 
 def config_for(name: str, ratio: float) -> CompressConfig:
@@ -68,10 +78,8 @@ def timing(loaded, repeats: int) -> dict:
     (uniform ranks at 0.6 of the parameters) of the same layers on the same calibration, and a
     three-budget sweep against one budget; best of ``repeats``, timed alternately."""
     from svdkit.compression import compress_sweep
-    from svdkit.data import calibration_sentences
 
-    texts = calibration_sentences(256)
-    batches = [texts[i:i + 32] for i in range(0, len(texts), 32)]
+    batches = default_batches()
     default = CompressConfig(budget=0.6, target_modules=TARGETS)
     plain = CompressConfig(method="svd", budget=0.6, target_modules=TARGETS)
     whiten = CompressConfig(method="whiten", rank=ParamRatio(0.6), target_modules=TARGETS)
@@ -116,11 +124,9 @@ def probes_study(loaded, seeds: int, output_damping: float) -> list[dict]:
     """The default (fisher, budget 0.6, 256 calibration sentences) with one and two output probes per
     batch, Gaussian and Rademacher, over ``seeds`` seeds of the probes: held-out cosine and seconds."""
     from svdkit.compression.curvature import register_curvature
-    from svdkit.data import calibration_sentences
 
     register_curvature("rademacher", default_probes=2)(rademacher_probes)
-    texts = calibration_sentences(256)
-    batches = [texts[i:i + 32] for i in range(0, len(texts), 32)]
+    batches = default_batches()
     held_out, other = builtin_sentences("topics", split="odd")[:512], builtin_sentences("idle")[:512]
     reference = {"held-out": loaded.encode(held_out), "other": loaded.encode(other)}
     rows = []
@@ -161,15 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.probes_study:
         rows = probes_study(load_model("minilm"), args.seeds, args.output_damping)
-        if args.json:
-            with open(args.json, "w") as handle:
-                json.dump({"rows": rows, "threads": torch.get_num_threads()}, handle, indent=2)
+        write_json(args.json, {"rows": rows, "threads": torch.get_num_threads()})
         return 0
     if args.timing:
         result = timing(load_model("minilm"), args.repeats)
-        if args.json:
-            with open(args.json, "w") as handle:
-                json.dump(dict(result, threads=torch.get_num_threads()), handle, indent=2)
+        write_json(args.json, dict(result, threads=torch.get_num_threads()))
         return 0
 
     torch.manual_seed(0)
@@ -207,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['mean_cosine_other']:>9.4f}  {row['top10_overlap_other']:>11.3f}  {seconds:>6.1f}  {lat:>8}", flush=True)
     print(f"\nlatency column: time to embed {len(held_out)} sentences in batches of 64, compressed / dense, "
           f"for {args.latency_config} (medians of {args.latency_repeats} alternating runs)")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"rows": rows, "threads": torch.get_num_threads()}, handle, indent=2)
+    write_json(args.json, {"rows": rows, "threads": torch.get_num_threads()})
     return 0
 
 
