@@ -8,6 +8,7 @@ perplexity within 1e-9 relative. A failure on one process stops both with its me
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -44,6 +45,7 @@ def _model_and_batches(family: str):
 def _worker(rank: int, world: int, init_file: str, out: str, family: str, fault: str | None, gradient_batches: int | None,
             curvature: str = "auto") -> None:
     os.environ["LOCAL_RANK"] = str(rank)
+    faulthandler.enable(all_threads=True)  # a process that aborts shows where each of its threads was
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -134,6 +136,7 @@ def test_owners_share_the_cost_and_shards_are_disjoint():
 
 
 def _analysis_worker(rank: int, world: int, init_file: str, checkpoint: str, out: str) -> None:
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
