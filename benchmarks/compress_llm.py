@@ -58,6 +58,8 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
     # the default with the curvature shrunk further toward the identity (output damping 1e-2 by default)
     "default-output-damping-0.1": ({"output_damping": 0.1}, False),
     "default-output-damping-1": ({"output_damping": 1.0}, False),
+    # both of the above that help at light compression, together
+    "default-sampled-output-damping-0.1": ({"curvature": "sampled", "probes": 1, "output_damping": 0.1}, False),
     # block refinement toward the dense block's outputs on the dense inputs (AA-SVD's anchor) or on the compressed inputs
     "default-refine": ({"refine_epochs": 8}, False),
     "default-refine-shifted": ({"refine_epochs": 8, "refine_target": "shifted"}, False),
