@@ -11,6 +11,7 @@ sentence embeddings, and the overlap of each sentence's 10 nearest neighbours.
     python benchmarks/compress_minilm.py --timing           # the default's time vs plain SVD, and a budget sweep
     python benchmarks/compress_minilm.py --probes-study --seeds 3   # the default's curvature: how many probes, which law
     python benchmarks/compress_minilm.py --probes-study --seeds 3 --output-damping 0.1
+    python benchmarks/compress_minilm.py --damping-study --seeds 3 --output-damping 0.1   # 1e-2 against 0.1 at every budget
 """
 
 from __future__ import annotations
@@ -147,6 +148,29 @@ def probes_study(loaded, seeds: int, output_damping: float) -> list[dict]:
     return rows
 
 
+def damping_study(loaded, seeds: int, output_damping: float, budgets: list[float]) -> list[dict]:
+    """The default (fisher, random output probes) with its output damping (1e-2) and with
+    ``output_damping``, at every budget of ``budgets`` (one sweep, so one curvature pass, per
+    damping and seed), over ``seeds`` seeds of the probes: held-out and IDLE cosine."""
+    from svdkit.compression import compress_sweep
+
+    batches = default_batches()
+    held_out, other = builtin_sentences("topics", split="odd")[:512], builtin_sentences("idle")[:512]
+    reference = {"held-out": loaded.encode(held_out), "other": loaded.encode(other)}
+    rows = []
+    print(f"{'damping':>8}  {'seed':>4}  {'budget':>6}  {'cos':>6}  {'cos other':>9}")
+    for seed in range(seeds):
+        for damping in (CompressConfig().output_damping, output_damping):
+            config = CompressConfig(target_modules=TARGETS, seed=seed, output_damping=damping)
+            for budget, (compressed, _) in zip(budgets, compress_sweep(loaded.module, config, budgets, batches, forward=loaded.forward)):
+                cos = {label: embedding_agreement(reference[label], loaded.encode(texts, module=compressed))["mean_cosine"]
+                       for label, texts in (("held-out", held_out), ("other", other))}
+                rows.append({"output_damping": damping, "seed": seed, "budget": budget,
+                             "mean_cosine": cos["held-out"], "mean_cosine_other": cos["other"]})
+                print(f"{damping:>8g}  {seed:>4}  {budget:>6}  {cos['held-out']:>6.4f}  {cos['other']:>9.4f}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
@@ -160,13 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing", action="store_true", help="only the compression time of the default vs plain SVD, and a sweep")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--probes-study", action="store_true", help="only the default's curvature with 1 and 2 Gaussian or Rademacher probes")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds of the probes in --probes-study")
-    parser.add_argument("--output-damping", type=float, default=1e-2, help="the fisher method's output damping in --probes-study")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the probes in --probes-study and --damping-study")
+    parser.add_argument("--damping-study", action="store_true", help="only the default with its output damping and with --output-damping, at every --ratios budget")
+    parser.add_argument("--output-damping", type=float, default=1e-2, help="the fisher method's output damping in --probes-study and --damping-study")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probes_study:
         rows = probes_study(load_model("minilm"), args.seeds, args.output_damping)
+        write_json(args.json, {"rows": rows, "threads": torch.get_num_threads()})
+        return 0
+    if args.damping_study:
+        rows = damping_study(load_model("minilm"), args.seeds, args.output_damping, sorted(args.ratios))
         write_json(args.json, {"rows": rows, "threads": torch.get_num_threads()})
         return 0
     if args.timing:
