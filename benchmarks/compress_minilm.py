@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -112,6 +113,15 @@ def timing(loaded, repeats: int) -> dict:
             "sweep_vs_one": best["default, sweep 0.5/0.6/0.7"] / one}
 
 
+def cosine_scorer(loaded) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """A function of a compressed copy of ``loaded.module``: the mean cosine of its embeddings to the
+    dense ones on 512 held-out sentences of the calibration's source and 512 of IDLE's text."""
+    texts = {"held-out": builtin_sentences("topics", split="odd")[:512], "other": builtin_sentences("idle")[:512]}
+    reference = {label: loaded.encode(sentences) for label, sentences in texts.items()}
+    return lambda module: {label: embedding_agreement(reference[label], loaded.encode(sentences, module=module))["mean_cosine"]
+                           for label, sentences in texts.items()}
+
+
 def rademacher_probes(result, batch, probes: int, generator: torch.Generator):
     """``z . f(x)`` for ``probes`` random sign vectors ``z``: the lowest-variance law of i.i.d. probes
     (Hutchinson), against the Gaussian probes of svdkit's ``"probes"`` estimate."""
@@ -127,9 +137,7 @@ def probes_study(loaded, seeds: int, output_damping: float) -> list[dict]:
     from svdkit.compression.curvature import register_curvature
 
     register_curvature("rademacher", default_probes=2)(rademacher_probes)
-    batches = default_batches()
-    held_out, other = builtin_sentences("topics", split="odd")[:512], builtin_sentences("idle")[:512]
-    reference = {"held-out": loaded.encode(held_out), "other": loaded.encode(other)}
+    batches, score = default_batches(), cosine_scorer(loaded)
     rows = []
     print(f"{'probes':<12} {'per batch':>9}  {'seed':>4}  {'seconds':>7}  {'cos':>6}  {'cos other':>9}")
     for law in ("probes", "rademacher"):
@@ -140,8 +148,7 @@ def probes_study(loaded, seeds: int, output_damping: float) -> list[dict]:
                 start = time.perf_counter()
                 compressed, _ = compress(loaded.module, config, batches, forward=loaded.forward)
                 seconds = time.perf_counter() - start
-                cos = {label: embedding_agreement(reference[label], loaded.encode(texts, module=compressed))["mean_cosine"]
-                       for label, texts in (("held-out", held_out), ("other", other))}
+                cos = score(compressed)
                 rows.append({"law": "gaussian" if law == "probes" else law, "probes": count, "seed": seed, "seconds": seconds,
                              "mean_cosine": cos["held-out"], "mean_cosine_other": cos["other"], "output_damping": output_damping})
                 print(f"{rows[-1]['law']:<12} {count:>9}  {seed:>4}  {seconds:>7.1f}  {cos['held-out']:>6.4f}  {cos['other']:>9.4f}", flush=True)
@@ -154,17 +161,14 @@ def damping_study(loaded, seeds: int, output_damping: float, budgets: list[float
     damping and seed), over ``seeds`` seeds of the probes: held-out and IDLE cosine."""
     from svdkit.compression import compress_sweep
 
-    batches = default_batches()
-    held_out, other = builtin_sentences("topics", split="odd")[:512], builtin_sentences("idle")[:512]
-    reference = {"held-out": loaded.encode(held_out), "other": loaded.encode(other)}
+    batches, score = default_batches(), cosine_scorer(loaded)
     rows = []
     print(f"{'damping':>8}  {'seed':>4}  {'budget':>6}  {'cos':>6}  {'cos other':>9}")
     for seed in range(seeds):
         for damping in (CompressConfig().output_damping, output_damping):
             config = CompressConfig(target_modules=TARGETS, seed=seed, output_damping=damping)
             for budget, (compressed, _) in zip(budgets, compress_sweep(loaded.module, config, budgets, batches, forward=loaded.forward)):
-                cos = {label: embedding_agreement(reference[label], loaded.encode(texts, module=compressed))["mean_cosine"]
-                       for label, texts in (("held-out", held_out), ("other", other))}
+                cos = score(compressed)
                 rows.append({"output_damping": damping, "seed": seed, "budget": budget,
                              "mean_cosine": cos["held-out"], "mean_cosine_other": cos["other"]})
                 print(f"{damping:>8g}  {seed:>4}  {budget:>6}  {cos['held-out']:>6.4f}  {cos['other']:>9.4f}", flush=True)
