@@ -82,6 +82,10 @@ def test_the_block_pipeline_refines_every_block_and_reports_it(make_decoder, tar
         assert r["held_out_after"] <= r["held_out_before"] and 1 <= r["epochs"] <= 3
     totals = report.totals()["refinement"]
     assert totals["blocks"] == 2 and "refinement" in report.to_dict()
+    assert totals["held_out_before"] == pytest.approx(sum(r["held_out_before"] for r in report.refinement) / 2)
+    # the printed report says what refinement did, not only the JSON
+    assert (f"block refinement: {totals['blocks_changed']} of 2 blocks changed in {totals['epochs']} epochs; mean held-out error of "
+            f"the blocks' outputs {totals['held_out_before']:.4g} -> {totals['held_out_after']:.4g}") in str(report)
     # only the factors moved; the ranks are the same as without refinement
     for (name, a), (_, b) in zip(plain.named_parameters(), refined.named_parameters()):
         assert a.shape == b.shape

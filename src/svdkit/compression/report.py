@@ -240,6 +240,11 @@ class CompressionReport:
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
         sep = "  ".join("-" * w for w in widths)
         body = [line(header), sep, *map(line, rows[:-1]), sep, line(rows[-1])]
+        if self.refinement:
+            r = t["refinement"]
+            body.append(f"block refinement: {r['blocks_changed']} of {r['blocks']} blocks changed in {r['epochs']} epochs; "
+                        f"mean held-out error of the blocks' outputs {r['held_out_before']:.4g} -> {r['held_out_after']:.4g} "
+                        f"(training {r['train_before']:.4g} -> {r['train_after']:.4g})")
         if self.quality:
             body.append("quality: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.quality.items()))
         if self.speed:
