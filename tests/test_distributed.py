@@ -43,7 +43,7 @@ def _model_and_batches(family: str):
 
 
 def _worker(rank: int, world: int, init_file: str, out: str, family: str, fault: str | None, gradient_batches: int | None,
-            curvature: str = "auto") -> None:
+            fields: dict | None = None) -> None:
     os.environ["LOCAL_RANK"] = str(rank)
     faulthandler.enable(all_threads=True)  # a process that aborts shows where each of its threads was
     torch.set_num_threads(1)
@@ -57,40 +57,49 @@ def _worker(rank: int, world: int, init_file: str, out: str, family: str, fault:
         elif fault == "other-data-on-rank-1" and rank == 1:
             batches = [b.flip(0) for b in batches]
         try:
-            small, report = compress(model, CompressConfig(**CONFIG, gradient_batches=gradient_batches, curvature=curvature), batches)
+            small, report = compress(model, CompressConfig(**CONFIG, gradient_batches=gradient_batches, **(fields or {})), batches)
         except Exception as exc:
             Path(out, f"{rank}.err").write_text(f"{type(exc).__name__}: {exc}")
             return
-        torch.save({"state": small.state_dict(), "ranks": [r.rank for r in report.layers]}, Path(out, f"{rank}.pt"))
+        torch.save({"state": small.state_dict(), "ranks": [r.rank for r in report.layers], "refinement": report.refinement},
+                   Path(out, f"{rank}.pt"))
         if rank == 0:
             save_compressed(small, Path(out, "model"))
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path: Path, family: str, fault: str | None = None, gradient_batches: int | None = None, curvature: str = "auto") -> Path:
+def _spawn(tmp_path: Path, family: str, fault: str | None = None, gradient_batches: int | None = None, fields: dict | None = None) -> Path:
     out = tmp_path / "out"
     out.mkdir()
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), family, fault, gradient_batches, curvature), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), family, fault, gradient_batches, fields), nprocs=2, join=True)
     return out
 
 
-@pytest.mark.parametrize("family, gradient_batches, curvature", [
-    ("llama", None, "auto"), ("qwen2", 3, "auto"), ("mixtral", None, "auto"), ("llama", 3, "sampled"),
-])
+@pytest.mark.parametrize("family, gradient_batches, fields", [
+    ("llama", None, {}), ("qwen2", 3, {}), ("mixtral", None, {}), ("llama", 3, {"curvature": "sampled"}),
+    ("qwen2", None, {"refine_epochs": 3, "refine_lr": 1e-5, "refine_held_out": 0.3}),
+], ids=["llama", "qwen2-3-gradient-batches", "mixtral", "llama-sampled", "qwen2-refined"])
 @pytest.mark.distributed
-def test_two_processes_give_the_one_process_result(tmp_path, family, gradient_batches, curvature):
+def test_two_processes_give_the_one_process_result(tmp_path, family, gradient_batches, fields):
     """With ``gradient_batches=3`` of 6 the curvature comes from the same three batches (two on
     rank 0, one on rank 1) as in one process; a random curvature (tokens sampled from the model)
-    draws for each batch what one process draws for it."""
+    draws for each batch what one process draws for it; block refinement takes one process's
+    steps (each on the rank that holds its batch) and holds out the same batches (4 and 5, one on
+    each rank)."""
     model, batches = _model_and_batches(family)
-    alone, report = compress(model, CompressConfig(**CONFIG, gradient_batches=gradient_batches, curvature=curvature), batches)
-    out = _spawn(tmp_path, family, gradient_batches=gradient_batches, curvature=curvature)
+    alone, report = compress(model, CompressConfig(**CONFIG, gradient_batches=gradient_batches, **fields), batches)
+    if "refine_epochs" in fields:
+        assert any(r["best_epoch"] > 0 for r in report.refinement)  # refinement changed something to compare
+    out = _spawn(tmp_path, family, gradient_batches=gradient_batches, fields=fields)
     ids = torch.randint(0, 100, (64,), generator=torch.Generator().manual_seed(3))
     reference = perplexity(alone, ids, seq_len=32).perplexity
     for rank in (0, 1):
         result = torch.load(out / f"{rank}.pt", weights_only=False)
         assert result["ranks"] == [r.rank for r in report.layers]
+        assert [r["epochs"] for r in result["refinement"]] == [r["epochs"] for r in report.refinement]
+        for got, want in zip(result["refinement"], report.refinement):
+            assert got["held_out_after"] == pytest.approx(want["held_out_after"], rel=1e-6)  # a difference of outputs: the sums' order shows more
         for key, value in alone.state_dict().items():
             got = result["state"][key]
             assert float((got - value).norm() / value.norm().clamp_min(1e-300)) <= 1e-10, key

@@ -56,8 +56,15 @@ def test_refinement_lowers_the_held_out_error_when_the_target_generalizes():
     teacher = nn.Linear(8, 8)
     inputs = _data(16, 2)
     targets = [teacher(x).detach() for x in inputs]
-    record = refine_block(block, 3, lambda i: block(inputs[i]), targets, epochs=30, lr=1e-2, held_out=0.25)
+    kept: dict[int, torch.Tensor] = {}
+    record = refine_block(block, 3, lambda i: block(inputs[i]), targets, epochs=30, lr=1e-2, held_out=0.25,
+                          keep_output=kept.__setitem__)
     assert record.block == 3 and record.best_epoch >= 2
+    # every batch's output with the kept factors is handed on (the next block's inputs)
+    assert sorted(kept) == list(range(16))
+    with torch.no_grad():
+        for i, x in enumerate(inputs):
+            assert torch.equal(kept[i], block(x))
     assert record.held_out_after < 0.9 * record.held_out_before and record.train_after < record.train_before
     assert record.held_out_after == pytest.approx(min(record.held_out_curve))
     # the record's held-out error is the error of the kept factors, measured independently
@@ -118,3 +125,11 @@ def test_refinement_options_are_checked():
         CompressConfig(refine_held_out=1.0)
     with pytest.raises(ValueError, match="block pipeline"):
         CompressConfig(refine_epochs=2, pipeline="model")
+
+
+def test_refinement_where_the_whole_model_pipeline_runs_is_refused(make_decoder):
+    """``pipeline="auto"`` takes the whole-model pipeline with refit: refinement would be skipped."""
+    model = make_decoder("llama", causal=True, tied=True, layers=2, vocab=100)
+    assert CompressConfig(method="svd", refine_epochs=2).needs_data  # refinement needs calibration text
+    with pytest.raises(ValueError, match=r"refine_epochs=2: block refinement runs in the block pipeline.*refine_epochs=0"):
+        compress(model, CompressConfig(budget=0.5, refine_epochs=2, refit=1), _batches())

@@ -7,6 +7,7 @@ run killed between blocks must resume to the same result; nothing finished is lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -75,36 +76,60 @@ _KILLED = textwrap.dedent("""
 
     done = streaming._Progress.block_done
 
-    def die_after_block_1(self, index, *args):
-        done(self, index, *args)
+    def die_after_block_1(self, index, *args, **kwargs):
+        done(self, index, *args, **kwargs)
         if index == 1:
             os._exit(3)  # the process is killed between blocks
 
     streaming._Progress.block_done = die_after_block_1
     batches = list(torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(1)).split(2))
-    streaming.compress_to_directory(sys.argv[1], sys.argv[2], CompressConfig(budget=0.6), batches)
+    epochs = int(sys.argv[3])
+    config = CompressConfig(budget=0.6, **({"refine_epochs": epochs, "refine_lr": 1e-5} if epochs else {}))
+    streaming.compress_to_directory(sys.argv[1], sys.argv[2], config, batches)
 """)
 
 
-def test_a_run_killed_between_blocks_resumes_to_the_same_result(checkpoint, tmp_path):
+@pytest.mark.parametrize("refine_epochs", [0, 2], ids=["plain", "refined"])
+def test_a_run_killed_between_blocks_resumes_to_the_same_result(checkpoint, tmp_path, refine_epochs):
+    """Block refinement toward the dense outputs resumes too: the dense model's inputs to the next
+    block are kept beside the compressed model's."""
     model, folder = checkpoint
+    config = CompressConfig(budget=0.6, **({"refine_epochs": refine_epochs, "refine_lr": 1e-5} if refine_epochs else {}))
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, "-c", _KILLED, str(folder), str(out)], capture_output=True, text=True)
+    killed = subprocess.run([sys.executable, "-c", _KILLED, str(folder), str(out), str(refine_epochs)], capture_output=True, text=True)
     assert killed.returncode == 3, killed.stderr[-2000:]
     progress = json.loads((out / PROGRESS_NAME).read_text())
     assert progress["blocks_done"] == 2
     assert (out / "model-block-00001.safetensors").exists() and not (out / "model-block-00002.safetensors").exists()
     with pytest.raises(FileExistsError, match="unfinished compression .2 blocks done.*--resume"):
-        compress_to_directory(folder, out, CONFIG, _batches())
+        compress_to_directory(folder, out, config, _batches())
     with pytest.raises(ValueError, match="its config differs"):
-        compress_to_directory(folder, out, CompressConfig(budget=0.5), _batches(), resume=True)
+        compress_to_directory(folder, out, dataclasses.replace(config, budget=0.5), _batches(), resume=True)
     with pytest.raises(ValueError, match="unfinished compression"):
         load_compressed(out)
-    compress_to_directory(folder, out, CONFIG, _batches(), resume=True)
-    reference, _ = compress(model, CONFIG, _batches())
+    report = compress_to_directory(folder, out, config, _batches(), resume=True)
+    reference, reference_report = compress(model, config, _batches())
+    if refine_epochs:  # the blocks done after the restart were refined, as in one uninterrupted run
+        assert report.refinement == reference_report.refinement  # the blocks before the restart are reported too
+        assert any(r["best_epoch"] > 0 for r in report.refinement[2:])
     _same_outputs(load_compressed(out), reference)
     with pytest.raises(FileExistsError, match="finished compression: there is nothing to resume"):
-        compress_to_directory(folder, out, CONFIG, _batches(), resume=True)
+        compress_to_directory(folder, out, config, _batches(), resume=True)
+
+
+def test_resuming_refinement_without_the_dense_inputs_says_to_start_again(checkpoint, tmp_path):
+    _, folder = checkpoint
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", _KILLED, str(folder), str(out), "2"], capture_output=True, text=True)
+    assert killed.returncode == 3, killed.stderr[-2000:]
+    kept = out / WORK_NAME / "inputs-rank-0.pt"
+    state = torch.load(kept, weights_only=False)
+    assert state["dense"] is not None and len(state["dense"]) == len(state["inputs"])
+    del state["dense"]  # as an unfinished run that kept only the compressed model's inputs
+    torch.save(state, kept)
+    config = CompressConfig(budget=0.6, refine_epochs=2, refine_lr=1e-5)
+    with pytest.raises(ValueError, match="cannot resume at block 2 with block refinement toward the dense model's outputs.*--overwrite"):
+        compress_to_directory(folder, out, config, _batches(), resume=True)
 
 
 def test_nothing_finished_is_touched_without_overwrite(checkpoint, tmp_path):
@@ -153,7 +178,7 @@ def _killed_once(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("killed")
     build_decoder("llama", causal=True, tied=True, layers=4).save_pretrained(root / "ckpt", max_shard_size="40KB")
-    killed = subprocess.run([sys.executable, "-c", _KILLED, str(root / "ckpt"), str(root / "out")], capture_output=True, text=True)
+    killed = subprocess.run([sys.executable, "-c", _KILLED, str(root / "ckpt"), str(root / "out"), "0"], capture_output=True, text=True)
     assert killed.returncode == 3, killed.stderr[-2000:]
     return root
 

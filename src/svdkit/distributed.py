@@ -15,6 +15,7 @@ collective and no rank writes a half result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import os
 from dataclasses import dataclass
@@ -88,6 +89,32 @@ class Group:
         t = torch.tensor(list(values), dtype=torch.int64, device=self.device)
         dist.all_reduce(t)
         return [int(v) for v in t.tolist()]
+
+    def sum_floats(self, values: Sequence[float]) -> list[float]:
+        """Floats summed over the ranks (float64: errors' numerators and denominators)."""
+        if not self.active:
+            return [float(v) for v in values]
+        import torch.distributed as dist
+
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return [float(v) for v in t.tolist()]
+
+    def sum_gradients(self, params: Sequence[torch.Tensor]) -> None:
+        """Each parameter's gradient summed over the ranks, in place (one all-reduce; a rank with
+        no gradient contributes zeros), so that every rank takes the same optimizer step."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        dtype = functools.reduce(torch.promote_types, [g.dtype for g in grads])
+        flat = torch.cat([g.reshape(-1).to(self.device, dtype) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view(g.shape).to(p.device, p.dtype)
+            offset += g.numel()
 
     def broadcast_objects(self, values: list[Any], owner: int) -> list[Any]:
         """``owner``'s list of picklable objects on every rank."""

@@ -113,14 +113,19 @@ class Resume:
         The compressed model's inputs to block ``start`` (None: catch them from the model).
     rows : list of LayerReport
         The report rows of the blocks before ``start``.
+    dense : list of Tensor or None
+        The dense model's inputs to block ``start`` (block refinement toward the dense outputs).
     """
 
     start: int = 0
     inputs: list[BlockInput] | None = None
     rows: list[LayerReport] = field(default_factory=list)
+    dense: list[torch.Tensor] | None = None
 
-    def block_done(self, index: int, block: nn.Module, inputs: list[BlockInput], rows: list[LayerReport]) -> None:
-        """Called while block ``index`` is still in memory, compressed, with the next block's inputs."""
+    def block_done(self, index: int, block: nn.Module, inputs: list[BlockInput], rows: list[LayerReport], *,
+                   dense: list[torch.Tensor] | None, refinement: BlockRefinement | None) -> None:
+        """Called while block ``index`` is still in memory, compressed, with the next block's inputs
+        (and the dense model's, when block refinement needs them) and what refinement did to it."""
 
 
 class BlockDriver:
@@ -327,11 +332,16 @@ class BlockDriver:
             else:
                 inputs = capture_block_inputs(out, stack, self.batches, self.forward, device=home.device, first=group.rank, step=group.world)
         refine = config.refine_epochs > 0
-        if refine and (group.active or (resume is not None and resume.start > 0 and config.refine_target == "dense")):
-            raise ValueError("block refinement runs in one process, and a resumed run cannot refine toward the dense model's "
-                             "outputs (its inputs are gone): use refine_target='shifted', or no refinement")
         # the dense model's inputs to each block, beside the compressed model's (refinement toward the dense outputs)
-        dense = [item.hidden for item in inputs] if refine and config.refine_target == "dense" else None
+        dense = None
+        if refine and config.refine_target == "dense":
+            if resume is not None and resume.start > 0:
+                if resume.dense is None:
+                    raise ValueError(f"cannot resume at block {resume.start} with block refinement toward the dense model's outputs: "
+                                     "the unfinished run kept no dense inputs to that block; start again with --overwrite")
+                dense = resume.dense
+            else:
+                dense = [item.hidden for item in inputs]
         rows: list[LayerReport] = list(resume.rows) if resume is not None else []
         start = resume.start if resume is not None else 0
         last = max(by_block) if by_block else -1  # blocks after the last target need not run
@@ -357,18 +367,22 @@ class BlockDriver:
                                 replace_module(out, name, layer)
                             block_rows.append(row)
                     del recording, built
-                    if refine:
+                    if refine:  # the refined block's outputs become the next block's inputs
                         refinements.append(refine_block(
                             block, index, lambda i: run_block(block, inputs[i]), dense if dense is not None else shifted,
-                            epochs=config.refine_epochs, lr=config.refine_lr, held_out=config.refine_held_out, seed=config.seed))
+                            epochs=config.refine_epochs, lr=config.refine_lr, held_out=config.refine_held_out, seed=config.seed,
+                            batches=[item.index for item in inputs], group=group,
+                            keep_output=lambda i, y: setattr(inputs[i], "hidden", y)))
                     del shifted
-                with group.checked(), torch.no_grad():
-                    for item in inputs:
-                        item.hidden = run_block(block, item)
+                if not (refine and targets):
+                    with group.checked(), torch.no_grad():
+                        for item in inputs:
+                            item.hidden = run_block(block, item)
                 rows.extend(block_rows)
                 if resume is not None:
                     with group.checked():
-                        resume.block_done(index, block, inputs, block_rows)
+                        resume.block_done(index, block, inputs, block_rows, dense=dense,
+                                          refinement=refinements[-1] if refine and targets else None)
         return rows
 
     def _factorize_owned(self, targets: Targets, recording: Recording, index: int, ranks: dict[str, int | None] | None,

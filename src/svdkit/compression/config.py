@@ -264,10 +264,10 @@ class CompressConfig:
 
     @property
     def needs_data(self) -> bool:
-        """Whether the method (or refit, or layer-wise distillation) needs calibration data."""
+        """Whether the method (or refit, layer-wise distillation, block refinement) needs calibration data."""
         from .methods import METHODS
 
-        return METHODS[self.method].needs_data or self.refit > 0 or self.layerwise_distill_steps > 0
+        return METHODS[self.method].needs_data or self.refit > 0 or self.layerwise_distill_steps > 0 or self.refine_epochs > 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (rank specs as ``{"kind", "value"}``)."""

@@ -195,6 +195,12 @@ def _prepare(model: nn.Module, config: CompressConfig, calibration: Iterable[Any
         check_token_batches(model, calibration)
         LayerCompressor(config, model).check_calibration(calibration)
     stack = _choose_pipeline(model, targets, config) if config.needs_data else None
+    if config.refine_epochs and stack is None:
+        raise ValueError(
+            f"refine_epochs={config.refine_epochs}: block refinement runs in the block pipeline, but this model or config takes the "
+            "whole-model one (refit or layer-wise distillation, a model that is not a causal LM, or targets outside one stack of "
+            "blocks): set refine_epochs=0 (--refine-epochs 0), or pipeline='blocks'"
+        )
     if group.active and stack is None:
         raise ValueError(
             f"compressing with {group.world} processes runs the block pipeline, but this model or config takes the "

@@ -20,6 +20,12 @@ trained on. After every epoch the error on them is measured; refinement stops wh
 stops improving by ``1e-4`` relatively), and the factors of the best epoch are kept. The block's
 record (:class:`BlockRefinement`) holds the held-out and training errors before and after, the
 epochs run and why it stopped; a block whose held-out error no epoch lowered is left as it was.
+
+Under torchrun each process holds its share of the batches; the split, the order of the steps and
+the factors kept are those of one process (each step's gradient comes from the rank that holds its
+batch and is summed over the ranks), so the result does not depend on the number of processes,
+though only one of them works at each step. A resumable run keeps the dense model's inputs to the
+next block beside the compressed model's, so that a resumed run refines toward the same target.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..distributed import Group
 from ..layers.lowrank import low_rank_types
 
 __all__ = ["BlockRefinement", "REFINE_TARGETS", "held_out_split", "refine_block"]
@@ -94,15 +101,16 @@ def _factors(block: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _error(run: Callable[[int], torch.Tensor], targets: Sequence[torch.Tensor], rows: Sequence[int]) -> float:
-    """Relative squared error summed over ``rows``: sum ||out - y||^2 / sum ||y||^2."""
+def _error(outputs: Callable[[int], torch.Tensor], targets: Sequence[torch.Tensor], rows: Sequence[int], group: Group) -> float:
+    """Relative squared error over ``rows`` (this rank's) and every other rank's: sum ||out - y||^2 / sum ||y||^2."""
     num = den = 0.0
     with torch.no_grad():
         for i in rows:
             y = targets[i]
-            out = run(i).to(y.dtype)
+            out = outputs(i).to(y.device, y.dtype)
             num += float((out - y).square().sum())
             den += float(y.square().sum())
+    num, den = group.sum_floats([num, den])
     return num / max(den, 1e-30)
 
 
@@ -116,8 +124,16 @@ def refine_block(
     lr: float,
     held_out: float,
     seed: int = 0,
+    batches: Sequence[int] | None = None,
+    group: Group = Group(),
+    keep_output: Callable[[int, torch.Tensor], None] | None = None,
 ) -> BlockRefinement:
     """Train the factors of ``block`` (in place) toward ``targets``, with early stopping.
+
+    With several processes each holds its share of the batches: the split and the order of the
+    steps are those of the whole list, each step's gradient is computed by the rank that holds its
+    batch and summed over the ranks, and the errors are summed, so every rank takes the steps one
+    process takes and keeps the same factors.
 
     Parameters
     ----------
@@ -126,10 +142,10 @@ def refine_block(
     index : int
         Its index (for the record).
     run : callable
-        ``run(i)`` runs the block on calibration batch ``i``'s (compressed-model) input and
-        returns its output, shape (batch, seq, d), with autograd on when it is enabled.
+        ``run(i)`` runs the block on this rank's calibration batch ``i``'s (compressed-model) input
+        and returns its output, shape (batch, seq, d), with autograd on when it is enabled.
     targets : sequence of Tensor
-        The output to reproduce for every batch.
+        The output to reproduce for each of this rank's batches, each of ``run(i)``'s shape.
     epochs : int
         Most epochs over the training batches.
     lr : float
@@ -138,6 +154,13 @@ def refine_block(
         Fraction of the batches held out (see :func:`held_out_split`).
     seed : int
         Order of the training batches in each epoch.
+    batches : sequence of int, optional
+        The place of each of this rank's batches in the whole calibration list (default: 0, 1, ...).
+    group : Group
+        The processes that refine together (:mod:`svdkit.distributed`).
+    keep_output : callable, optional
+        ``keep_output(i, y)`` receives the block's output on each of this rank's batches with the
+        kept factors (the next block's input), from the pass that measures the errors after refinement.
 
     Returns
     -------
@@ -147,11 +170,21 @@ def refine_block(
     params = _factors(block)
     if not params or epochs < 1:
         record.stopped = "nothing to refine"
+        if keep_output is not None:
+            with torch.no_grad():
+                for i in range(len(targets)):
+                    keep_output(i, run(i))
         return record
-    train, held = held_out_split(len(targets), held_out)
+    places = list(range(len(targets))) if batches is None else list(batches)
+    local = {place: i for i, place in enumerate(places)}
+    with group.checked():
+        train, held = held_out_split(group.sum_ints([len(targets)])[0], held_out)
+    held_set = set(held)
+    my_train = [local[g] for g in train if g in local]
+    my_held = [local[g] for g in held if g in local]
     flags = [(p, p.requires_grad) for p in params]
-    record.held_out_before = best = _error(run, targets, held)
-    record.train_before = _error(run, targets, train)
+    record.held_out_before = best = _error(run, targets, my_held, group)
+    record.train_before = _error(run, targets, my_train, group)
     kept = [p.detach().clone() for p in params]
     generator = torch.Generator().manual_seed(seed * 7919 + index)
     try:
@@ -160,16 +193,19 @@ def refine_block(
         optimizer = torch.optim.Adam(params, lr=lr)
         record.stopped = "max epochs"
         for epoch in range(1, epochs + 1):
-            for i in torch.randperm(len(train), generator=generator).tolist():
-                y = targets[train[i]]
-                with torch.enable_grad():
-                    out = run(train[i])
-                    loss = (out - y.to(out.device, out.dtype)).square().sum() / y.square().sum().clamp_min(1e-30)
+            for step in torch.randperm(len(train), generator=generator).tolist():
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                i = local.get(train[step])
+                if i is not None:  # this rank holds the step's batch
+                    y = targets[i]
+                    with torch.enable_grad():
+                        out = run(i)
+                        loss = (out - y.to(out.device, out.dtype)).square().sum() / y.square().sum().clamp_min(1e-30)
+                    loss.backward()
+                group.sum_gradients(params)
                 optimizer.step()
             record.epochs = epoch
-            error = _error(run, targets, held)
+            error = _error(run, targets, my_held, group)
             record.held_out_curve.append(error)
             if error < best * (1 - _MIN_GAIN):
                 best, record.best_epoch = error, epoch
@@ -187,6 +223,17 @@ def refine_block(
         for p, flag in flags:
             p.requires_grad_(flag)
             p.grad = None
-    record.held_out_after = best
-    record.train_after = _error(run, targets, train) if record.best_epoch else record.train_before
+    # one pass with the kept factors: their errors, and each output handed on as soon as it is made
+    sums = {"train": [0.0, 0.0], "held": [0.0, 0.0]}
+    with torch.no_grad():
+        for i, place in enumerate(places):
+            out, y = run(i), targets[i]
+            part = sums["held" if place in held_set else "train"]
+            part[0] += float((out.to(y.device, y.dtype) - y).square().sum())
+            part[1] += float(y.square().sum())
+            if keep_output is not None:
+                keep_output(i, out)
+    train_num, train_den, held_num, held_den = group.sum_floats(sums["train"] + sums["held"])
+    record.train_after = train_num / max(train_den, 1e-30)
+    record.held_out_after = held_num / max(held_den, 1e-30)
     return record

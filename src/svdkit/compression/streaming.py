@@ -43,6 +43,7 @@ from .blocks import BlockHome, BlockInput, BlockStack, find_blocks
 from ..experts import fold_dense_banks, unfold_experts
 from .checks import calibration_digest, check_same_calibration, check_token_batches, check_weights, reaches_experts, select_targets
 from .compressor import LayerCompressor
+from .refine import BlockRefinement
 from .config import CompressConfig
 from .io import CONFIG_NAME, INDEX_NAME, PROGRESS_NAME
 from .report import CompressionReport, LayerReport, peak_memory
@@ -71,9 +72,13 @@ class _Progress(Resume):
         self.directory, self.state, self.stack, self.lead = directory, state, stack, group.rank == 0
         self.inputs_path = directory / WORK_NAME / f"inputs-rank-{group.rank}.pt"
 
-    def block_done(self, index: int, block: nn.Module, inputs: list[BlockInput], rows: list[LayerReport]) -> None:
-        # Every rank keeps its share of the next block's inputs; rank 0 writes the block and the progress.
-        write_atomic(self.inputs_path, lambda t: torch.save({"blocks_done": index + 1, "inputs": inputs}, t))
+    def block_done(self, index: int, block: nn.Module, inputs: list[BlockInput], rows: list[LayerReport], *,
+                   dense: list[torch.Tensor] | None, refinement: BlockRefinement | None) -> None:
+        # Every rank keeps its share of the next block's inputs (the compressed model's, and the dense
+        # model's when block refinement needs them); rank 0 writes the block and the progress.
+        write_atomic(self.inputs_path, lambda t: torch.save({"blocks_done": index + 1, "inputs": inputs, "dense": dense}, t))
+        if refinement is not None:  # the same on every rank
+            self.state.setdefault("refinement", []).append(refinement.to_dict())
         if not self.lead:
             return
         prefix = f"{self.stack.block_name(index)}."
@@ -323,7 +328,8 @@ def compress_to_directory(
         else:
             measured, writer = _reload(driver, directory, state, spill)
         rows, run = driver.compress(model, model, measured, resume=writer)
-        report = CompressionReport(method=config.method, layers=rows, pipeline="blocks", model_params_before=params)
+        report = CompressionReport(method=config.method, layers=rows, pipeline="blocks", model_params_before=params,
+                                   refinement=list(writer.state.get("refinement", [])))
         report.model_params_after = params - report.target_params_before + report.target_params_after
         report.timings.update(run.seconds)
         report.timings["curvature"] = writer.state.get("curvature_seconds", 0.0)
@@ -373,7 +379,7 @@ def _reload(driver: BlockDriver, directory: Path, state: dict[str, Any], spill: 
         if kept["blocks_done"] != state["blocks_done"]:  # the crash came between a block's inputs and its progress
             raise ValueError(f"cannot resume {directory}: its kept inputs are of block {kept['blocks_done']}, its progress "
                              f"of block {state['blocks_done']}; start again with --overwrite")
-        writer.inputs = kept["inputs"]
+        writer.inputs, writer.dense = kept["inputs"], kept.get("dense")
     return measured, writer
 
 
