@@ -14,7 +14,7 @@ Every (config, ratio) runs in its own process, so its peak RSS is its own.
     python benchmarks/compress_llm.py --ratios 0.8 --configs whiten default --json out.json
     python benchmarks/compress_llm.py --generation                      # + tokens/s, dense vs compressed
     python benchmarks/compress_llm.py --llama-block                     # one LLaMA-7B-shaped block
-    python benchmarks/compress_llm.py --ratios 0.6 --configs default default-refine default-heal --tasks
+    python benchmarks/compress_llm.py --ratios 0.6 --configs default default-unrefined default-heal --tasks
     python benchmarks/compress_llm.py --calib 'pydoc+stdlib+networkx+torch' --configs default
     python benchmarks/compress_llm.py --ratios 0.8 --configs default-labels default-sampled --seed 1 --tasks
 
@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import format_table, machine_info, write_json  # noqa: E402
 
+from svdkit.cli.compress import LM_REFINE_EPOCHS  # noqa: E402
+
 # name -> (CompressConfig fields, uniform ranks?)
 CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
     "svd": ({"method": "svd"}, True),
@@ -50,20 +52,25 @@ CONFIGS: dict[str, tuple[dict[str, Any], bool]] = {
     "fisher-probes-budget": ({"method": "fisher", "curvature": "probes", "pipeline": "model"}, False),  # svdkit 0.1's default
     "fisher-labels": ({"method": "fisher", "curvature": "labels", "pipeline": "blocks"}, True),
     "fisher-labels-budget-model": ({"method": "fisher", "curvature": "labels", "pipeline": "model"}, False),
-    "default": ({}, False),  # what svdkit compress does: fisher, LM curvature, budget, block by block
-    # the default's curvature chosen: the true Fisher (next tokens sampled from the model, one per
+    # what svdkit compress does: fisher, LM curvature, budget, block by block, each block refined
+    "default": ({"refine_epochs": LM_REFINE_EPOCHS}, False),
+    # the same without block refinement (svdkit compress --refine-epochs 0; the default before it);
+    # the variants below are of this one, as they were measured
+    "default-unrefined": ({}, False),
+    # its curvature chosen: the true Fisher (next tokens sampled from the model, one per
     # position) or the empirical Fisher (the text's next tokens: the default)
     "default-sampled": ({"curvature": "sampled", "probes": 1}, False),
     "default-labels": ({"curvature": "labels"}, False),
-    # the default with the curvature shrunk further toward the identity (output damping 1e-2 by default)
+    # the curvature shrunk further toward the identity (output damping 1e-2 by default)
     "default-output-damping-0.1": ({"output_damping": 0.1}, False),
     "default-output-damping-1": ({"output_damping": 1.0}, False),
     # both of the above that help at light compression, together
     "default-sampled-output-damping-0.1": ({"curvature": "sampled", "probes": 1, "output_damping": 0.1}, False),
-    # block refinement toward the dense block's outputs on the dense inputs (AA-SVD's anchor) or on the compressed inputs
-    "default-refine": ({"refine_epochs": 8}, False),
+    # block refinement with up to 8 epochs toward the dense block's outputs on the dense inputs (AA-SVD's
+    # anchor, as the default) or on the compressed inputs
+    "default-refine-8": ({"refine_epochs": 8}, False),
     "default-refine-shifted": ({"refine_epochs": 8, "refine_target": "shifted"}, False),
-    # the default, then --heal-steps of distillation toward the dense model (KL on the logits)
+    # without refinement, then --heal-steps of distillation toward the dense model (KL on the logits)
     "default-heal": ({}, False),
 }
 DEFAULT_CONFIGS = ("svd", "asvd", "whiten", "whiten-budget", "fisher-probes-budget", "fisher-labels", "default")

@@ -55,6 +55,29 @@ def test_the_curvature_option_reaches_the_saved_config(lm_dir, tmp_path, curvatu
     assert json.loads((out / "svdkit_compressed.json").read_text())["config"]["curvature"] == curvature
 
 
+@pytest.mark.parametrize("options, epochs", [
+    ([], 4),  # the default: block refinement of every block
+    (["--refine-epochs", "0"], 0),
+    (["--refine-epochs", "2"], 2),
+    (["--method", "svd"], 0),  # a method that needs no calibration is not refined on calibration text by default
+    (["--pipeline", "model"], 0),  # the whole-model pipeline has no blocks to refine
+])
+def test_block_refinement_is_on_by_default_in_the_block_pipeline(lm_dir, tmp_path, options, epochs):
+    out = tmp_path / "small"
+    assert main(["compress", str(lm_dir), "-o", str(out), "--params", "0.7", "--calib-seqs", "8", "--seq-len", "32",
+                 "--batch-size", "2", "--no-eval", "--no-progress", "--json", str(tmp_path / "report.json"), *options]) == 0
+    assert json.loads((out / "svdkit_compressed.json").read_text())["config"]["refine_epochs"] == epochs
+    refinement = json.loads((tmp_path / "report.json").read_text()).get("refinement", [])
+    assert len(refinement) == (2 if epochs else 0)  # one record per block of the 2-block model
+    assert all(1 <= r["epochs"] <= epochs for r in refinement)
+
+
+def test_refinement_asked_of_the_whole_model_pipeline_is_refused(lm_dir, tmp_path, capsys):
+    code = main(["compress", str(lm_dir), "-o", str(tmp_path / "small"), "--params", "0.7", "--calib-seqs", "8",
+                 "--seq-len", "32", "--refine-epochs", "2", "--pipeline", "model", "--no-progress"])
+    assert code != 0 and "block refinement runs in the block pipeline" in capsys.readouterr().err
+
+
 def test_compress_errors_are_reported_before_any_work(lm_dir, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.mkdir()

@@ -44,6 +44,7 @@ SENTENCES = 256
 SENTENCE_BATCH = 32
 LM_SEQS, LM_SEQ_LEN, LM_BATCH = 128, 256, 4
 GRADIENT_SEQS = 64
+LM_REFINE_EPOCHS = 4  # block refinement of a causal LM in the block pipeline (docs/benchmarks.md: better on every domain)
 HEAL_WINDOWS = 128
 PROMPT = "The for statement in Python"
 
@@ -55,7 +56,8 @@ def register(subparsers) -> None:
             "Compress a model's Linear/Conv1D/Conv2d layers into low-rank factors and save it. Default: the fisher "
             "method (input whitening plus the curvature of the model's objective at each layer's output) with a "
             f"global budget of {DEFAULT_LM_PARAMS:.0%} of the targeted parameters for a causal language model (its "
-            f"decoder blocks, compressed block by block) and {DEFAULT_PARAMS:.0%} otherwise, calibrated on built-in "
+            f"decoder blocks, compressed block by block, each block's factors then refined for up to {LM_REFINE_EPOCHS} "
+            f"epochs toward the dense block's outputs) and {DEFAULT_PARAMS:.0%} otherwise, calibrated on built-in "
             "English text."
         ),
     )
@@ -87,7 +89,8 @@ def register(subparsers) -> None:
     parser.add_argument("--refit", type=int, default=0, help="closed-form refit passes after compression (whole-model pipeline)")
     parser.add_argument("--refine-epochs", type=int, default=None,
                         help="block refinement of a causal LM: at most this many epochs per block, early-stopped on held-out "
-                             "calibration windows (0: off)")
+                             f"calibration windows (default {LM_REFINE_EPOCHS} in the block pipeline with a calibrated method; "
+                             "0: off, about 3x faster)")
     parser.add_argument("--refine-target", choices=("dense", "shifted"), default=None,
                         help="block refinement reproduces the dense block on the dense model's inputs, or on the compressed model's")
     parser.add_argument("--heal-steps", type=int, default=0,
@@ -142,7 +145,24 @@ def _config(args: argparse.Namespace, loaded) -> Any:
         batch = args.batch_size or LM_BATCH
         seqs = args.gradient_seqs or min(GRADIENT_SEQS, args.calib_seqs or LM_SEQS)
         fields["gradient_batches"] = max(1, -(-seqs // batch))
+        config = CompressConfig(**fields)
+        if args.refine_epochs is None and config.needs_data and args.pipeline != "model" and not args.refit \
+                and _in_one_stack(config, loaded.module):
+            return dataclasses.replace(config, refine_epochs=LM_REFINE_EPOCHS)
+        return config
     return CompressConfig(**fields)
+
+
+def _in_one_stack(config, module) -> bool:
+    """Whether the config's targets all lie in one stack of blocks (the block pipeline: block
+    refinement's default applies); False too when they cannot be selected (reported later)."""
+    from ..compression.blocks import find_blocks
+    from ..compression.checks import select_targets
+
+    try:
+        return find_blocks(module, [name for name, _ in select_targets(module, config)]) is not None
+    except ValueError:
+        return False
 
 
 def _lm_calibration(args: argparse.Namespace, loaded) -> list:
