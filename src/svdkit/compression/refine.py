@@ -101,15 +101,18 @@ def _factors(block: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _error(outputs: Callable[[int], torch.Tensor], targets: Sequence[torch.Tensor], rows: Sequence[int], group: Group) -> float:
+def _squares(out: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """``||out - y||^2`` and ``||y||^2``."""
+    return float((out.to(y.device, y.dtype) - y).square().sum()), float(y.square().sum())
+
+
+def _error(run: Callable[[int], torch.Tensor], targets: Sequence[torch.Tensor], rows: Sequence[int], group: Group) -> float:
     """Relative squared error over ``rows`` (this rank's) and every other rank's: sum ||out - y||^2 / sum ||y||^2."""
     num = den = 0.0
     with torch.no_grad():
         for i in rows:
-            y = targets[i]
-            out = outputs(i).to(y.device, y.dtype)
-            num += float((out - y).square().sum())
-            den += float(y.square().sum())
+            a, b = _squares(run(i), targets[i])
+            num, den = num + a, den + b
     num, den = group.sum_floats([num, den])
     return num / max(den, 1e-30)
 
@@ -227,10 +230,10 @@ def refine_block(
     sums = {"train": [0.0, 0.0], "held": [0.0, 0.0]}
     with torch.no_grad():
         for i, place in enumerate(places):
-            out, y = run(i), targets[i]
+            out = run(i)
+            a, b = _squares(out, targets[i])
             part = sums["held" if place in held_set else "train"]
-            part[0] += float((out.to(y.device, y.dtype) - y).square().sum())
-            part[1] += float(y.square().sum())
+            part[0], part[1] = part[0] + a, part[1] + b
             if keep_output is not None:
                 keep_output(i, out)
     train_num, train_den, held_num, held_den = group.sum_floats(sums["train"] + sums["held"])
