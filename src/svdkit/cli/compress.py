@@ -90,7 +90,7 @@ def register(subparsers) -> None:
     parser.add_argument("--refine-epochs", type=int, default=None,
                         help="block refinement of a causal LM: at most this many epochs per block, early-stopped on held-out "
                              f"calibration windows (default {LM_REFINE_EPOCHS} in the block pipeline with a calibrated method; "
-                             "0: off, about 3x faster)")
+                             "0: off, about 2.5x faster)")
     parser.add_argument("--refine-target", choices=("dense", "shifted"), default=None,
                         help="block refinement reproduces the dense block on the dense model's inputs, or on the compressed model's")
     parser.add_argument("--heal-steps", type=int, default=0,
@@ -146,21 +146,20 @@ def _config(args: argparse.Namespace, loaded) -> Any:
         seqs = args.gradient_seqs or min(GRADIENT_SEQS, args.calib_seqs or LM_SEQS)
         fields["gradient_batches"] = max(1, -(-seqs // batch))
         config = CompressConfig(**fields)
-        if args.refine_epochs is None and config.needs_data and args.pipeline != "model" and not args.refit \
-                and _in_one_stack(config, loaded.module):
+        if args.refine_epochs is None and config.needs_data and _block_pipeline(config, loaded.module):
             return dataclasses.replace(config, refine_epochs=LM_REFINE_EPOCHS)
         return config
     return CompressConfig(**fields)
 
 
-def _in_one_stack(config, module) -> bool:
-    """Whether the config's targets all lie in one stack of blocks (the block pipeline: block
-    refinement's default applies); False too when they cannot be selected (reported later)."""
-    from ..compression.blocks import find_blocks
+def _block_pipeline(config, module) -> bool:
+    """Whether ``config`` compresses ``module`` block by block (where block refinement's default
+    applies); False too when its targets cannot be selected (that is reported later)."""
     from ..compression.checks import select_targets
+    from ..compression.pipeline import choose_pipeline
 
     try:
-        return find_blocks(module, [name for name, _ in select_targets(module, config)]) is not None
+        return choose_pipeline(module, select_targets(module, config), config) is not None
     except ValueError:
         return False
 

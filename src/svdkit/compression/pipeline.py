@@ -30,13 +30,14 @@ from .layerwise_distill import layerwise_distill
 from .model_driver import apply_plan, plan_model
 from .report import CompressionReport, peak_memory
 
-__all__ = ["compress", "compress_sweep"]
+__all__ = ["choose_pipeline", "compress", "compress_sweep"]
 
 Forward = Callable[[nn.Module, Any], Any]
 
 
-def _choose_pipeline(model: nn.Module, targets: list[tuple[str, nn.Module]], config: CompressConfig) -> BlockStack | None:
-    """The stack of blocks to compress block by block, or None for the whole-model path."""
+def choose_pipeline(model: nn.Module, targets: list[tuple[str, nn.Module]], config: CompressConfig) -> BlockStack | None:
+    """The stack of blocks to compress block by block, or None for the whole-model path (for a config
+    that needs calibration data; ``targets`` as :func:`svdkit.compression.checks.select_targets` gives them)."""
     if config.pipeline == "model" or (config.pipeline == "auto" and (config.refit or config.layerwise_distill_steps)):
         return None
     stack = find_blocks(model, [name for name, _ in targets])
@@ -194,7 +195,7 @@ def _prepare(model: nn.Module, config: CompressConfig, calibration: Iterable[Any
     if calibration is not None:
         check_token_batches(model, calibration)
         LayerCompressor(config, model).check_calibration(calibration)
-    stack = _choose_pipeline(model, targets, config) if config.needs_data else None
+    stack = choose_pipeline(model, targets, config) if config.needs_data else None
     if config.refine_epochs and stack is None:
         raise ValueError(
             f"refine_epochs={config.refine_epochs}: block refinement runs in the block pipeline, but this model or config takes the "
