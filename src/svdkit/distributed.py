@@ -82,23 +82,20 @@ class Group:
 
     def sum_ints(self, values: Sequence[int]) -> list[int]:
         """Integers summed over the ranks (token counts)."""
+        return [int(v) for v in self._summed(values, torch.int64)]
+
+    def sum_floats(self, values: Sequence[float]) -> list[float]:
+        """Floats summed over the ranks (float64: errors' numerators and denominators)."""
+        return [float(v) for v in self._summed(values, torch.float64)]
+
+    def _summed(self, values: Sequence[float], dtype: torch.dtype) -> list:
         if not self.active:
             return list(values)
         import torch.distributed as dist
 
-        t = torch.tensor(list(values), dtype=torch.int64, device=self.device)
+        t = torch.tensor(list(values), dtype=dtype, device=self.device)
         dist.all_reduce(t)
-        return [int(v) for v in t.tolist()]
-
-    def sum_floats(self, values: Sequence[float]) -> list[float]:
-        """Floats summed over the ranks (float64: errors' numerators and denominators)."""
-        if not self.active:
-            return [float(v) for v in values]
-        import torch.distributed as dist
-
-        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return [float(v) for v in t.tolist()]
+        return t.tolist()
 
     def sum_gradients(self, params: Sequence[torch.Tensor]) -> None:
         """Each parameter's gradient summed over the ranks, in place (one all-reduce; a rank with

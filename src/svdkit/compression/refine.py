@@ -117,6 +117,24 @@ def _error(run: Callable[[int], torch.Tensor], targets: Sequence[torch.Tensor], 
     return num / max(den, 1e-30)
 
 
+def _split_errors(run: Callable[[int], torch.Tensor], targets: Sequence[torch.Tensor], places: Sequence[int], held: set[int],
+                  group: Group, keep_output: Callable[[int, torch.Tensor], None] | None = None) -> tuple[float, float]:
+    """The training and held-out errors (as :func:`_error`) in one pass over this rank's batches
+    (``places``: their places in the whole list; ``held``: the held-out places); ``keep_output``
+    receives each output as soon as it is made."""
+    sums = {False: [0.0, 0.0], True: [0.0, 0.0]}
+    with torch.no_grad():
+        for i, place in enumerate(places):
+            out = run(i)
+            a, b = _squares(out, targets[i])
+            part = sums[place in held]
+            part[0], part[1] = part[0] + a, part[1] + b
+            if keep_output is not None:
+                keep_output(i, out)
+    train_num, train_den, held_num, held_den = group.sum_floats(sums[False] + sums[True])
+    return train_num / max(train_den, 1e-30), held_num / max(held_den, 1e-30)
+
+
 def refine_block(
     block: nn.Module,
     index: int,
@@ -183,11 +201,10 @@ def refine_block(
     with group.checked():
         train, held = held_out_split(group.sum_ints([len(targets)])[0], held_out)
     held_set = set(held)
-    my_train = [local[g] for g in train if g in local]
     my_held = [local[g] for g in held if g in local]
     flags = [(p, p.requires_grad) for p in params]
-    record.held_out_before = best = _error(run, targets, my_held, group)
-    record.train_before = _error(run, targets, my_train, group)
+    record.train_before, record.held_out_before = _split_errors(run, targets, places, held_set, group)
+    best = record.held_out_before
     kept = [p.detach().clone() for p in params]
     generator = torch.Generator().manual_seed(seed * 7919 + index)
     try:
@@ -226,17 +243,6 @@ def refine_block(
         for p, flag in flags:
             p.requires_grad_(flag)
             p.grad = None
-    # one pass with the kept factors: their errors, and each output handed on as soon as it is made
-    sums = {"train": [0.0, 0.0], "held": [0.0, 0.0]}
-    with torch.no_grad():
-        for i, place in enumerate(places):
-            out = run(i)
-            a, b = _squares(out, targets[i])
-            part = sums["held" if place in held_set else "train"]
-            part[0], part[1] = part[0] + a, part[1] + b
-            if keep_output is not None:
-                keep_output(i, out)
-    train_num, train_den, held_num, held_den = group.sum_floats(sums["train"] + sums["held"])
-    record.train_after = train_num / max(train_den, 1e-30)
-    record.held_out_after = held_num / max(held_den, 1e-30)
+    # one pass with the kept factors: their errors, and each output handed on
+    record.train_after, record.held_out_after = _split_errors(run, targets, places, held_set, group, keep_output)
     return record
